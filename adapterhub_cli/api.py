@@ -1,0 +1,89 @@
+"""The public Python API: each function orchestrates formats, validation and ops and returns data (no printing)."""
+
+from __future__ import annotations
+
+import inspect as _pyinspect
+from pathlib import Path
+
+from adapterhub_cli.artifact import Adapter
+from adapterhub_cli.base_model import BaseView, open_base
+from adapterhub_cli.errors import InvalidAdapterError
+from adapterhub_cli.formats import detect_format, get_format
+from adapterhub_cli.io import sha256_file
+from adapterhub_cli.report import InspectReport, build_report
+from adapterhub_cli.validate import ValidationReport, validate_against
+
+
+AdapterLike = Adapter | str | Path
+BaseLike = BaseView | str | Path
+
+
+def load(
+    source: AdapterLike, *, format: str | None = None, allow_pickle: bool = False, strict: bool = True
+) -> Adapter:
+    """Read an adapter's config and tensor headers (weights load lazily).
+
+    Args:
+        source: a PEFT adapter folder, a bare adapter ``.safetensors`` file, or an :class:`Adapter` (returned as is).
+        format: a registered format name; by default the format is detected.
+        allow_pickle: accept a legacy ``adapter_model.bin``, loaded with ``torch.load(weights_only=True)``.
+        strict: refuse an adapter whose config disagrees with its tensors (a wrong ``r`` / ``rank_pattern``
+            would silently give every module the wrong scale). ``validate`` reads with ``strict=False`` and
+            reports the same problem as a finding.
+
+    Raises:
+        AdapterNotFoundError, InvalidAdapterError, CorruptFileError, UnsafeFileError, UnknownFormatError.
+    """
+    if isinstance(source, Adapter):
+        return source
+    path = Path(source)
+    fmt = get_format(format) if format else detect_format(path)
+    kwargs = {"allow_pickle": allow_pickle} if "allow_pickle" in _pyinspect.signature(fmt.read).parameters else {}
+    adapter = fmt.read(path, **kwargs)
+    if strict and not adapter.config_inferred:
+        for m in adapter.modules.values():
+            want = adapter.config.rank_for(m.name)
+            if want != m.rank:
+                raise InvalidAdapterError(
+                    f"adapter_config.json says rank {want} for {m.name} but its tensors have rank {m.rank}",
+                    path=path,
+                    module=m.name,
+                    hint="fix r / rank_pattern in adapter_config.json (run `adapters validate` for every finding)",
+                )
+    return adapter
+
+
+def inspect(
+    source: AdapterLike, *, modules: bool = False, spectrum: bool = False, sha256: bool = True
+) -> InspectReport:
+    """Summarise an adapter from its config and headers; ``spectrum`` also loads the factors.
+
+    Args:
+        modules: add one row per module (name, d_out x d_in, rank, alpha, scale, dtype).
+        spectrum: add per-module singular values, Frobenius norm and 90% / 99% effective ranks of the
+            update, computed from the r x r core (never the dense d_out x d_in matrix).
+        sha256: hash the tensor file (cached by file identity and modification time).
+    """
+    adapter = load(source)
+    digest = sha256_file(adapter.tensor_file) if sha256 and adapter.tensor_file else None
+    if adapter.provenance is not None:
+        adapter.provenance.sha256 = digest
+    return build_report(adapter, sha256=digest, modules=modules, spectrum=spectrum)
+
+
+def validate(source: AdapterLike, *, base: BaseLike, check_weights: bool = True) -> ValidationReport:
+    """Check that an adapter fits a base checkpoint (read through config and headers only).
+
+    Args:
+        base: a checkpoint folder (config.json + model.safetensors or shards with their index) or a BaseView.
+        check_weights: also load the adapter's tensors and check they are finite.
+
+    Returns:
+        a report whose ``ok`` is False when an error-level finding was made.
+    """
+    adapter = load(source, strict=False)
+    view = base if isinstance(base, BaseView) else open_base(base)
+    return validate_against(adapter, view, check_weights=check_weights)
+
+
+__all__ = ["inspect", "load", "open_base", "validate"]

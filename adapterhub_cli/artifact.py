@@ -1,0 +1,137 @@
+"""The adapter as an artifact: its config, its modules (read from tensor headers), its provenance.
+
+Building an :class:`Adapter` reads only JSON and safetensors headers. Tensors load when asked for,
+through :meth:`Adapter.tensor` / :meth:`Adapter.factors`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from adapterhub_cli.config import AdapterConfig
+from adapterhub_cli.errors import InvalidAdapterError
+from adapterhub_cli.io import SafetensorsHeader, TensorInfo, load_safetensors
+
+
+if TYPE_CHECKING:
+    import torch
+
+    from lora_ops import LoraFactors
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module, as its tensor headers describe it.
+
+    ``A`` is (rank, d_in) and ``B`` is (d_out, rank) for linear layers; for embeddings ``A`` is
+    (rank, num_embeddings) and ``B`` is (embedding_dim, rank); for convolutions ``A`` is
+    (rank, in_channels, kh, kw) and ``d_in`` counts in_channels * kh * kw.
+    """
+
+    name: str
+    kind: str  # "linear" | "embedding" | "conv"
+    rank: int
+    d_out: int
+    d_in: int
+    alpha: float
+    scale: float
+    A: TensorInfo
+    B: TensorInfo
+    magnitude: TensorInfo | None = None
+
+    @property
+    def dtype(self) -> str:
+        return self.A.dtype if self.A.dtype == self.B.dtype else f"{self.A.dtype}/{self.B.dtype}"
+
+    @property
+    def numel(self) -> int:
+        return self.A.numel + self.B.numel + (self.magnitude.numel if self.magnitude else 0)
+
+
+@dataclass
+class Provenance:
+    """Where an adapter came from and what produced it."""
+
+    source: str
+    sha256: str | None = None
+    operation: str | None = None
+    inputs: list[dict[str, str]] = field(default_factory=list)
+
+
+class TensorSource:
+    """Loads tensors by their stored key: from a checked safetensors file, or from an in-memory state dict."""
+
+    def __init__(
+        self, header: SafetensorsHeader | None = None, tensors: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        self.header = header
+        self._tensors = tensors
+
+    @property
+    def path(self) -> Path | None:
+        return self.header.path if self.header else None
+
+    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        if self._tensors is not None:
+            return {k: self._tensors[k] for k in keys}
+        assert self.header is not None
+        return load_safetensors(self.header.path, keys)
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: config, modules and other saved tensors, provenance, and lazy access to weights.
+
+    Attributes:
+        path: the folder or file it was read from.
+        format: name of the format plugin that read it.
+        config: the (possibly inferred) PEFT config.
+        modules: module name (as in the base model, e.g. ``model.layers.0.self_attn.q_proj``) -> LoraModule.
+        extra_tensors: other saved tensors (modules_to_save copies, biases) by their base-model key.
+        key_prefix: what stored keys carry before the module name (``base_model.model.`` for PEFT).
+        warnings: non-fatal problems found while reading (unknown config keys, inferred values).
+    """
+
+    path: Path
+    format: str
+    config: AdapterConfig
+    modules: dict[str, LoraModule]
+    extra_tensors: dict[str, TensorInfo]
+    source: TensorSource
+    key_prefix: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    provenance: Provenance | None = None
+    config_inferred: bool = False
+
+    @property
+    def tensor_file(self) -> Path | None:
+        return self.source.path
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """Load one stored tensor by its header key."""
+        return self.source.load([key])[key]
+
+    def factors(self, module: str) -> LoraFactors:
+        """The factors of ``module`` as float tensors: A (r, d_in), B (d_out, r) and PEFT's scale."""
+        from lora_ops import LoraFactors
+
+        try:
+            m = self.modules[module]
+        except KeyError:
+            raise InvalidAdapterError(f"no LoRA module named {module!r}", path=self.path, module=module) from None
+        t = self.source.load([m.A.name, m.B.name])
+        a, b = t[m.A.name], t[m.B.name]
+        return LoraFactors(A=a.reshape(a.shape[0], -1), B=b.reshape(b.shape[0], -1), scale=m.scale)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(m.numel for m in self.modules.values()) + sum(t.numel for t in self.extra_tensors.values())
+
+    def all_tensor_infos(self) -> list[TensorInfo]:
+        infos: list[TensorInfo] = []
+        for m in self.modules.values():
+            infos += [m.A, m.B] + ([m.magnitude] if m.magnitude else [])
+        return infos + list(self.extra_tensors.values())

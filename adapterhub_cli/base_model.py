@@ -1,0 +1,126 @@
+"""A view of a base checkpoint: ``config.json`` plus tensor headers (names, shapes, dtypes), no weights.
+
+A local folder holds ``model.safetensors`` or shards listed in ``model.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapterhub_cli.errors import AdapterNotFoundError, CorruptFileError, InvalidAdapterError
+from adapterhub_cli.io import TensorInfo, read_header, read_json
+
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass
+class BaseView:
+    """Config and tensor headers of a base model checkpoint.
+
+    Attributes:
+        path: the checkpoint folder.
+        config: parsed ``config.json`` (empty when the folder has none).
+        tensors: tensor key -> header entry, over all shards.
+        shard_of: tensor key -> the shard file that holds it.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    shard_of: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def name_or_path(self) -> str:
+        return str(self.config.get("_name_or_path") or self.path)
+
+    def find_weight(self, module: str, suffix: str = "weight") -> str | None:
+        """The checkpoint key holding ``module``'s parameter, tolerating a missing or extra leading prefix.
+
+        An adapter trained on ``LlamaForCausalLM`` names ``model.layers.0.self_attn.q_proj``; a checkpoint
+        saved from ``LlamaModel`` stores ``layers.0.self_attn.q_proj.weight``, and the reverse happens too.
+        """
+        key = f"{module}.{suffix}" if suffix else module
+        if key in self.tensors:
+            return key
+        parts = key.split(".")
+        for i in range(1, len(parts) - 1):  # the checkpoint lacks a leading prefix
+            shorter = ".".join(parts[i:])
+            if shorter in self.tensors:
+                return shorter
+        ends = [k for k in self.tensors if k.endswith("." + key)]  # the checkpoint has an extra prefix
+        return ends[0] if len(ends) == 1 else None
+
+    def module_names(self) -> list[str]:
+        """Names of modules with a ``.weight`` of two or more dimensions (linear, conv, embedding)."""
+        return sorted(
+            k[: -len(".weight")] for k, t in self.tensors.items() if k.endswith(".weight") and len(t.shape) >= 2
+        )
+
+
+def open_base(path: str | Path) -> BaseView:
+    """Read a local base checkpoint's config and tensor headers (single safetensors file or sharded).
+
+    Raises:
+        AdapterNotFoundError: the folder does not exist.
+        InvalidAdapterError: the folder holds no safetensors weights.
+        CorruptFileError: a shard or the index is malformed, or the index names a missing shard.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AdapterNotFoundError(path, "base model")
+    if path.is_file() and path.suffix == ".safetensors":
+        header = read_header(path)
+        return BaseView(
+            path=path.parent,
+            config=_config(path.parent),
+            tensors=dict(header.tensors),
+            shard_of=dict.fromkeys(header.tensors, path),
+        )
+    index = path / INDEX_FILE
+    if index.is_file():
+        doc = read_json(index, INDEX_FILE)
+        weight_map = doc.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CorruptFileError("index has no weight_map", path=index)
+        tensors: dict[str, TensorInfo] = {}
+        shard_of: dict[str, Path] = {}
+        for shard_name in sorted(set(weight_map.values())):
+            shard = path / shard_name
+            if not shard.is_file():
+                raise CorruptFileError(
+                    f"the index names {shard_name}, which is missing",
+                    path=index,
+                    hint="the checkpoint is incomplete: download or copy it again",
+                )
+            for key, info in read_header(shard).tensors.items():
+                tensors[key] = info
+                shard_of[key] = shard
+        missing = [k for k in weight_map if k not in tensors]
+        if missing:
+            raise CorruptFileError(
+                f"{len(missing)} tensors in the index are in no shard, e.g. {missing[0]!r}", path=index
+            )
+        return BaseView(path=path, config=_config(path), tensors=tensors, shard_of=shard_of)
+    single = path / SINGLE_FILE
+    if single.is_file():
+        header = read_header(single)
+        return BaseView(
+            path=path,
+            config=_config(path),
+            tensors=dict(header.tensors),
+            shard_of=dict.fromkeys(header.tensors, single),
+        )
+    raise InvalidAdapterError(
+        f"no {SINGLE_FILE} or {INDEX_FILE} here",
+        path=path,
+        hint="point --base at a checkpoint folder saved with save_pretrained (safetensors)",
+    )
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    cfg = folder / "config.json"
+    return read_json(cfg, "config.json") if cfg.is_file() else {}

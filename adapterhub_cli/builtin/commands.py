@@ -1,0 +1,15 @@
+"""Built-in CLI commands, attached to the root group through the ``adapters_register_commands`` hook."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adapterhub_cli.hookspecs import hookimpl
+
+
+@hookimpl
+def adapters_register_commands(cli: Any) -> None:
+    from adapterhub_cli.cli import demo, inspect, plugins, validate
+
+    for cmd in (inspect.inspect_cmd, validate.validate_cmd, plugins.plugins_cmd, demo.demo_cmd):
+        cli.add_command(cmd)

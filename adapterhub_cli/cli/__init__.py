@@ -1,0 +1,1 @@
+"""The `adapters` command line: a thin shell over the public API."""

@@ -1,0 +1,40 @@
+"""Turn known exceptions into a message a user can act on. Unknown exceptions are bugs and keep their traceback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from adapterhub_cli.errors import AdapterNotFoundError, AdaptersError
+
+
+def _adapters_error(e: BaseException) -> str:
+    msg = str(e)
+    hint = getattr(e, "hint", None)
+    return f"{msg}\n  hint: {hint}" if hint else msg
+
+
+def _file_exists(e: BaseException) -> str:
+    return f"{e}\n  hint: choose another output path or pass --overwrite"
+
+
+def _os_error(e: BaseException) -> str:
+    assert isinstance(e, OSError)
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror or e}{where}"
+
+
+#: Ordered: the first matching type wins, so subclasses come before their bases.
+ERROR_FORMATTERS: list[tuple[type[BaseException], Callable[[BaseException], str]]] = [
+    (AdapterNotFoundError, _adapters_error),
+    (AdaptersError, _adapters_error),
+    (FileExistsError, _file_exists),
+    (OSError, _os_error),
+]
+
+
+def format_known_exception(e: BaseException) -> str | None:
+    """The user-facing message for ``e``, or None when ``e`` is not a known user-facing error."""
+    for exc_type, formatter in ERROR_FORMATTERS:
+        if isinstance(e, exc_type):
+            return formatter(e)
+    return None

@@ -1,0 +1,87 @@
+"""The one place that writes to the terminal: rich for people, JSON for scripts, NO_COLOR honoured by rich."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, is_dataclass
+from typing import TYPE_CHECKING, Any
+
+import click
+
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return asdict(obj)
+    return str(obj)
+
+
+class Output:
+    """Renders results; ``json_mode`` prints one JSON document on stdout and nothing else there."""
+
+    def __init__(self) -> None:
+        self._console: Console | None = None
+        self._err: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(highlight=False, soft_wrap=False)
+        return self._console
+
+    @property
+    def err_console(self) -> Console:
+        if self._err is None:
+            from rich.console import Console
+
+            self._err = Console(stderr=True, highlight=False)
+        return self._err
+
+    def json(self, data: Any) -> None:
+        click.echo(json.dumps(data, indent=2, default=_jsonable))
+
+    def print(self, *objects: Any) -> None:
+        self.console.print(*objects)
+
+    def table(self, title: str | None = None, *columns: str) -> Table:
+        from rich.table import Table
+
+        t = Table(title=title, title_justify="left", show_header=bool(columns), header_style="bold")
+        for i, c in enumerate(columns):
+            t.add_column(c, no_wrap=i == 0)  # the first column names a module: never cut it
+        return t
+
+    def key_values(self, rows: list[tuple[str, Any]]) -> Table:
+        from rich.table import Table
+
+        t = Table(show_header=False, box=None, pad_edge=False)
+        t.add_column(style="bold")
+        t.add_column(overflow="fold")
+        for k, v in rows:
+            t.add_row(k, "" if v is None else str(v))
+        return t
+
+    def warn(self, message: str) -> None:
+        self.err_console.print(f"[yellow]warning:[/yellow] {_escape(message)}")
+
+    def error(self, message: str) -> None:
+        if self._err is None and not sys.stderr.isatty():
+            click.echo(f"Error: {message}", err=True)
+            return
+        self.err_console.print(f"[bold red]Error:[/bold red] {_escape(message)}")
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+out = Output()

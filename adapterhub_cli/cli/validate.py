@@ -1,0 +1,49 @@
+"""`adapters validate`."""
+
+from __future__ import annotations
+
+import click
+
+from adapterhub_cli.cli._output import out
+from adapterhub_cli.cli._params import allow_pickle_option, json_option
+
+
+_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
+
+
+@click.command("validate")
+@click.argument("adapter")
+@click.option("--base", required=True, help="Base checkpoint folder (config.json + safetensors, single or sharded).")
+@click.option("--no-weights", is_flag=True, help="Skip loading the adapter's tensors (no NaN / inf check).")
+@allow_pickle_option
+@json_option
+def validate_cmd(adapter: str, base: str, no_weights: bool, allow_pickle: bool, as_json: bool) -> None:
+    """Check that ADAPTER fits the base model: targets, shapes, ranks, modules_to_save, declared base, NaN.
+
+    Reads the base's config and tensor headers only. Exit status 0 when no error was found, 1 when
+    errors were found, 2 for bad input.
+    """
+    from adapterhub_cli import api
+
+    lora = api.load(adapter, allow_pickle=allow_pickle, strict=False)
+    report = api.validate(lora, base=base, check_weights=not no_weights)
+    if as_json:
+        out.json(
+            {
+                "adapter": report.adapter,
+                "base": report.base,
+                "ok": report.ok,
+                "findings": [vars(f) for f in report.findings],
+            }
+        )
+    else:
+        if report.findings:
+            t = out.table(None, "severity", "code", "module", "what to do")
+            for f in report.findings:
+                t.add_row(f"[{_STYLE[f.severity]}]{f.severity}[/]", f.code, f.module or "", f.message)
+            out.print(t)
+        n_err, n_warn = len(report.errors), len(report.warnings)
+        verdict = "[green]OK[/green]: the adapter fits the base" if report.ok else f"[bold red]{n_err} error(s)[/]"
+        out.print(f"{verdict} ({n_warn} warning(s)); {len(lora.modules)} modules checked against {report.base}")
+    if not report.ok:
+        raise click.exceptions.Exit(1)

@@ -1,0 +1,220 @@
+"""PEFT's layout: a folder with ``adapter_config.json`` and ``adapter_model.safetensors`` (or a bare file).
+
+Stored keys look like ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``, with
+``.lora_magnitude_vector`` for DoRA and ``.lora_embedding_A`` / ``.lora_embedding_B`` for embeddings;
+any other key is a saved copy of a base tensor (modules_to_save, biases).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from adapterhub_cli.artifact import Adapter, LoraModule, Provenance, TensorSource
+from adapterhub_cli.config import AdapterConfig
+from adapterhub_cli.errors import AdapterNotFoundError, InvalidAdapterError
+from adapterhub_cli.io import SafetensorsHeader, TensorInfo, load_pickle_safely, read_header, read_json
+
+
+if TYPE_CHECKING:
+    import torch
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?:\.(?!weight$)(?P<adapter_name>[^.]+))?(?:\.weight)?$"
+)
+
+
+class PeftFormat:
+    """The PEFT adapter layout (the default format)."""
+
+    name = "peft"
+    description = "PEFT folder: adapter_config.json + adapter_model.safetensors (or a bare .safetensors file)"
+
+    def sniff(self, path: Path) -> bool:
+        if path.is_dir():
+            return (path / CONFIG_NAME).is_file() or (path / WEIGHTS_NAME).is_file()
+        if path.suffix == ".safetensors" and path.is_file():
+            try:
+                return any(_LORA_KEY.match(k) for k in read_header(path).tensors)
+            except InvalidAdapterError:
+                return True  # ours to report: the error message is more useful than "unknown format"
+        return False
+
+    def read(self, path: Path, *, allow_pickle: bool = False) -> Adapter:
+        """Read a PEFT adapter folder or a bare adapter ``.safetensors`` file (headers only)."""
+        if not path.exists():
+            raise AdapterNotFoundError(path)
+        if path.is_dir():
+            config_path = path / CONFIG_NAME
+            if not config_path.is_file():
+                raise InvalidAdapterError(
+                    f"no {CONFIG_NAME} in this folder",
+                    path=path,
+                    hint="point at a PEFT adapter folder (saved with save_pretrained)",
+                )
+            weights = path / WEIGHTS_NAME
+            if not weights.is_file():
+                legacy = path / LEGACY_WEIGHTS_NAME
+                if legacy.is_file() and allow_pickle:
+                    return self._assemble(path, read_json(config_path, CONFIG_NAME), None, load_pickle_safely(legacy))
+                if legacy.is_file():
+                    raise InvalidAdapterError(
+                        f"only a legacy pickle {LEGACY_WEIGHTS_NAME} is here",
+                        path=path,
+                        hint="pass --allow-pickle (loaded with torch.load(weights_only=True)) or convert it",
+                    )
+                raise InvalidAdapterError(f"no {WEIGHTS_NAME} in this folder", path=path)
+            return self._assemble(path, read_json(config_path, CONFIG_NAME), read_header(weights), None)
+        sibling = path.parent / CONFIG_NAME
+        doc = read_json(sibling, CONFIG_NAME) if sibling.is_file() else None
+        if path.suffix == ".bin":
+            if not allow_pickle:
+                raise InvalidAdapterError(
+                    "legacy pickle file", path=path, hint="pass --allow-pickle to load it safely"
+                )
+            return self._assemble(path, doc, None, load_pickle_safely(path))
+        return self._assemble(path, doc, read_header(path), None)
+
+    def _assemble(
+        self, path: Path, doc: dict | None, header: SafetensorsHeader | None, tensors: dict[str, torch.Tensor] | None
+    ) -> Adapter:
+        infos = header.tensors if header is not None else _infos_from_tensors(tensors or {})
+        parts, extra, prefix = _split_keys(path, infos)
+        warnings: list[str] = []
+        inferred = doc is None
+        if doc is None:
+            doc = _infer_config(parts, header.metadata if header else {})
+            warnings.append(
+                f"no {CONFIG_NAME}: r and targets inferred from the tensors, lora_alpha "
+                f"{doc['lora_alpha']} assumed (scale {doc['lora_alpha'] / doc['r']:g})"
+            )
+        config = AdapterConfig.from_dict(doc, path=path)
+        if config.unknown_keys:
+            warnings.append(
+                "config keys unknown to this PEFT version (written by a newer PEFT?), ignored: "
+                + ", ".join(config.unknown_keys)
+            )
+        modules = {name: _module(path, name, p, config) for name, p in sorted(parts.items())}
+        if not modules:
+            raise InvalidAdapterError("no LoRA tensors (lora_A / lora_B) found", path=path)
+        source = TensorSource(header=header, tensors=tensors)
+        return Adapter(
+            path=path,
+            format=self.name,
+            config=config,
+            modules=modules,
+            extra_tensors=extra,
+            source=source,
+            key_prefix=prefix,
+            metadata=dict(header.metadata) if header else {},
+            warnings=warnings,
+            provenance=Provenance(source=str(path)),
+            config_inferred=inferred,
+        )
+
+
+def _infos_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, TensorInfo]:
+    names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int8": "I8", "uint8": "U8"}
+    return {
+        k: TensorInfo(
+            name=k,
+            dtype=names.get(str(v.dtype).removeprefix("torch."), str(v.dtype)),
+            shape=tuple(v.shape),
+            start=0,
+            end=v.numel() * v.element_size(),
+        )
+        for k, v in tensors.items()
+    }
+
+
+def _split_keys(
+    path: Path, infos: dict[str, TensorInfo]
+) -> tuple[dict[str, dict[str, TensorInfo]], dict[str, TensorInfo], str]:
+    """Group stored keys into {module: {part: info}} and the other tensors; strip PEFT's key prefix."""
+    prefix = PEFT_PREFIX if infos and all(k.startswith(PEFT_PREFIX) for k in infos) else ""
+    parts: dict[str, dict[str, TensorInfo]] = {}
+    extra: dict[str, TensorInfo] = {}
+    for key, info in infos.items():
+        name = key[len(prefix) :]
+        m = _LORA_KEY.match(name)
+        if m is None:
+            extra[name] = info
+            continue
+        part = m["part"].replace("lora_embedding_", "lora_")
+        slot = parts.setdefault(m["module"], {})
+        if part in slot:
+            raise InvalidAdapterError(
+                f"module {m['module']!r} stores {part} twice (several adapter names?)", path=path, module=m["module"]
+            )
+        slot[part] = info
+        if "embedding" in m["part"]:
+            slot["embedding"] = info
+    return parts, extra, prefix
+
+
+def _module(path: Path, name: str, p: dict[str, TensorInfo], config: AdapterConfig) -> LoraModule:
+    a, b = p.get("lora_A"), p.get("lora_B")
+    if a is None or b is None:
+        have, miss = ("lora_A", "lora_B") if b is None else ("lora_B", "lora_A")
+        raise InvalidAdapterError(
+            f"module {name!r} has {have} but no {miss}",
+            path=path,
+            module=name,
+            hint="the file is incomplete or was written by a broken tool",
+        )
+    if len(a.shape) < 2 or len(b.shape) < 2 or a.shape[0] != b.shape[1]:
+        raise InvalidAdapterError(
+            f"module {name!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit (A must be (r, d_in), "
+            "B (d_out, r))",
+            path=path,
+            module=name,
+        )
+    kind = "embedding" if "embedding" in p else ("conv" if len(a.shape) == 4 else "linear")
+    rank = a.shape[0]
+    d_in = 1
+    for d in a.shape[1:]:
+        d_in *= d
+    return LoraModule(
+        name=name,
+        kind=kind,
+        rank=rank,
+        d_out=b.shape[0],
+        d_in=d_in,
+        alpha=config.alpha_for(name),
+        scale=config.scale_for(name, rank),
+        A=a,
+        B=b,
+        magnitude=p.get("lora_magnitude_vector"),
+    )
+
+
+def _infer_config(parts: dict[str, dict[str, TensorInfo]], metadata: dict[str, str]) -> dict:
+    ranks = Counter(p["lora_A"].shape[0] for p in parts.values() if "lora_A" in p)
+    r = ranks.most_common(1)[0][0] if ranks else 8
+    rank_pattern = {
+        name: p["lora_A"].shape[0] for name, p in parts.items() if "lora_A" in p and p["lora_A"].shape[0] != r
+    }
+    alpha: float = r
+    for key in ("lora_alpha", "ss_network_alpha"):
+        try:
+            alpha = float(metadata[key])
+            break
+        except (KeyError, ValueError):
+            continue
+    targets = sorted({name.rsplit(".", 1)[-1] for name in parts})
+    return {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": targets,
+        "rank_pattern": rank_pattern,
+        "use_dora": any("lora_magnitude_vector" in p for p in parts.values()),
+    }

@@ -1,0 +1,304 @@
+"""File access: safetensors headers (read and checked without torch), JSON, hashing, safe pickles, atomic output.
+
+Reading a safetensors header is pure Python: 8 bytes of little-endian header length, then that many
+bytes of JSON mapping tensor names to ``{"dtype", "shape", "data_offsets"}``. We check every entry
+against the file before any tensor is read, so a truncated or crafted file fails with a message that
+names the file and the tensor, not with a crash deep inside a loader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import math
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterhub_cli.errors import AdapterNotFoundError, CorruptFileError, UnsafeFileError
+
+
+if TYPE_CHECKING:
+    import torch
+
+#: Bits per element of each safetensors dtype.
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's header entry: dtype name, shape, and byte range inside the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """What a safetensors file declares, checked against its size."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    header_size: int = 0
+    file_size: int = 0
+
+
+def read_header(path: str | Path) -> SafetensorsHeader:
+    """Read and check the header of a safetensors file without loading any tensor.
+
+    Raises:
+        AdapterNotFoundError: the file does not exist.
+        CorruptFileError: truncated file, header length past the end, header not JSON, unknown dtype,
+            a byte range that disagrees with dtype x shape, out of range or overlapping another tensor.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterNotFoundError(path, "safetensors file")
+    file_size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptFileError(
+                f"truncated safetensors file ({file_size} bytes, no header)",
+                path=path,
+                hint="the file is incomplete: download or copy it again",
+            )
+        (n,) = struct.unpack("<Q", head)
+        if n > file_size - 8:
+            raise CorruptFileError(
+                f"header length {n} is larger than the file ({file_size} bytes): the file is truncated or not "
+                "safetensors",
+                path=path,
+                hint="the file is incomplete: download or copy it again",
+            )
+        if n > _MAX_HEADER:
+            raise CorruptFileError(f"header length {n} exceeds the 100 MB limit", path=path)
+        raw = f.read(n)
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"header is not valid JSON ({e})", path=path) from e
+    if not isinstance(doc, dict):
+        raise CorruptFileError("header is not a JSON object", path=path)
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptFileError("__metadata__ must map strings to strings", path=path)
+    data_size = file_size - 8 - n
+    tensors = {name: _parse_entry(path, name, entry, data_size) for name, entry in doc.items()}
+    _check_no_overlap(path, tensors)
+    return SafetensorsHeader(path=path, tensors=tensors, metadata=dict(metadata), header_size=n, file_size=file_size)
+
+
+def _parse_entry(path: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise CorruptFileError(f"tensor {name!r}: header entry is not an object", path=path, module=name)
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_BITS:
+        raise CorruptFileError(
+            f"tensor {name!r}: unknown dtype {dtype!r}",
+            path=path,
+            module=name,
+            hint=f"known dtypes: {', '.join(sorted(DTYPE_BITS))}",
+        )
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CorruptFileError(f"tensor {name!r}: shape {shape!r} is not a list of sizes", path=path, module=name)
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise CorruptFileError(f"tensor {name!r}: bad data_offsets {offsets!r}", path=path, module=name)
+    start, end = offsets
+    expected = math.ceil(math.prod(shape) * DTYPE_BITS[dtype] / 8)
+    if end - start != expected:
+        raise CorruptFileError(
+            f"tensor {name!r}: {end - start} bytes stored but {dtype} x {shape} needs {expected}",
+            path=path,
+            module=name,
+        )
+    if end > data_size:
+        raise CorruptFileError(
+            f"tensor {name!r}: bytes {start}..{end} lie past the end of the data ({data_size} bytes): "
+            "the file is truncated",
+            path=path,
+            module=name,
+            hint="the file is incomplete: download or copy it again",
+        )
+    return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=start, end=end)
+
+
+def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    spans = sorted((t for t in tensors.values() if t.nbytes), key=lambda t: t.start)
+    for prev, cur in itertools.pairwise(spans):
+        if cur.start < prev.end:
+            raise CorruptFileError(
+                f"tensors {prev.name!r} and {cur.name!r} overlap in the file", path=path, module=cur.name
+            )
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> dict[str, Any]:
+    """Read a JSON object from ``path``; a missing file, bad JSON or a non-object raise typed errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterNotFoundError(path, what)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{what} is not valid JSON ({e})", path=path, hint="fix or regenerate the file") from e
+    if not isinstance(doc, dict):
+        raise CorruptFileError(f"{what} must hold a JSON object", path=path)
+    return doc
+
+
+def _hash_cache_path() -> Path:
+    root = os.environ.get("ADAPTERS_CACHE") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "adapterhub_cli" / "sha256.json"
+
+
+def sha256_file(path: str | Path, *, use_cache: bool = True) -> str:
+    """SHA-256 of a file's bytes, as hex.
+
+    The digest is cached in the user's cache folder keyed by the file's device, inode, size and
+    modification time (as git's index does), so inspecting an unchanged adapter again does not rehash it.
+    """
+    path = Path(path)
+    st = path.stat()
+    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{path.resolve()}"
+    cache_file = _hash_cache_path()
+    cache: dict[str, str] = {}
+    if use_cache:
+        with contextlib.suppress(OSError, ValueError):
+            cache = json.loads(cache_file.read_text())
+        if key in cache:
+            return cache[key]
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        if st.st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                h.update(m)
+    digest = h.hexdigest()
+    if use_cache:
+        cache[key] = digest
+        if len(cache) > 4096:  # keep the cache small: drop the oldest half
+            cache = dict(list(cache.items())[2048:])
+        with contextlib.suppress(OSError):
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            tmp.replace(cache_file)
+    return digest
+
+
+def load_safetensors(path: str | Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Load tensors (all, or ``names``) from a safetensors file whose header was checked first."""
+    from safetensors import safe_open
+
+    header = read_header(path)
+    wanted = list(header.tensors) if names is None else names
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in wanted:
+                out[name] = f.get_tensor(name)
+    except Exception as e:  # the safetensors library raises its own SafetensorError / OSError
+        raise CorruptFileError(f"cannot read tensors: {e}", path=path) from e
+    return out
+
+
+def load_pickle_safely(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a legacy PyTorch ``.bin`` state dict with ``torch.load(weights_only=True)``.
+
+    Only plain tensors and containers are allowed: a pickle that references any other global (the way
+    code-execution payloads do) is refused with :class:`UnsafeFileError`.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterNotFoundError(path, "weights file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeFileError(
+            "refused to load: the pickle needs more than tensors (it may try to run code)",
+            path=path,
+            hint="convert the adapter to safetensors with a trusted tool, or get it from a trusted source",
+        ) from e
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise CorruptFileError(f"cannot read the pickle ({e})", path=path) from e
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CorruptFileError("the pickle does not hold a {name: tensor} state dict", path=path)
+    return obj
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``target``; on success move it into place, on error delete it.
+
+    The temporary folder lives in the same parent so the final ``os.replace`` is a rename on one file
+    system. With ``overwrite`` an existing target is replaced only once the new output is complete.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists (pass overwrite to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".incomplete", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.replace(old)
+            tmp.replace(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.replace(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

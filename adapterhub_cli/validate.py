@@ -1,0 +1,308 @@
+"""Does an adapter fit its base model? Checks on config, tensor headers and (for finiteness) the adapter's weights.
+
+Each problem is a :class:`Finding` with a stable code, a severity, the module and a sentence saying what
+to do. Only the adapter's own (small) tensors are loaded; the base is read through its headers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from adapterhub_cli.artifact import Adapter, LoraModule
+from adapterhub_cli.base_model import BaseView
+from adapterhub_cli.io import TensorInfo
+
+
+Severity = Literal["error", "warning", "info"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One result of validation. ``code`` is stable and meant for scripts."""
+
+    code: str
+    severity: Severity
+    message: str
+    module: str | None = None
+
+
+@dataclass
+class ValidationReport:
+    """All findings for one adapter against one base."""
+
+    adapter: str
+    base: str
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def validate_against(adapter: Adapter, base: BaseView, *, check_weights: bool = True) -> ValidationReport:
+    """Check ``adapter`` against ``base``; return every finding (never raises for a misfit)."""
+    report = ValidationReport(adapter=str(adapter.path), base=str(base.path))
+    add = report.findings.append
+    for w in adapter.warnings:
+        add(Finding("adapter-warning", "warning", w))
+    add_all = report.findings.extend
+    add_all(_check_ranks(adapter))
+    add_all(_check_targets(adapter, base))
+    for m in adapter.modules.values():
+        add_all(_check_module_shape(adapter, base, m))
+    add_all(_check_extra_tensors(adapter, base))
+    add_all(_check_declared_base(adapter, base))
+    if check_weights:
+        add_all(_check_weights(adapter))
+    return report
+
+
+def _check_ranks(adapter: Adapter) -> list[Finding]:
+    out = []
+    cfg = adapter.config
+    for m in adapter.modules.values():
+        want = cfg.rank_for(m.name)
+        if want != m.rank:
+            rule = "rank_pattern" if want != cfg.r else "r"
+            out.append(
+                Finding(
+                    "rank-mismatch",
+                    "error",
+                    f"the tensors have rank {m.rank} but the config ({rule}) says {want}: the scale alpha/r would be "
+                    f"wrong; fix r / rank_pattern in adapter_config.json",
+                    m.name,
+                )
+            )
+    if cfg.use_dora:
+        lacking = [m.name for m in adapter.modules.values() if m.magnitude is None and m.kind != "embedding"]
+        if lacking:
+            out.append(
+                Finding(
+                    "dora-magnitude-missing",
+                    "error",
+                    f"use_dora is set but {len(lacking)} modules have no lora_magnitude_vector "
+                    f"(e.g. {lacking[0]}): re-save the adapter with PEFT",
+                    lacking[0],
+                )
+            )
+    elif any(m.magnitude is not None for m in adapter.modules.values()):
+        out.append(
+            Finding(
+                "dora-flag-missing",
+                "error",
+                "the file holds DoRA magnitude vectors but use_dora is false: set use_dora: true",
+            )
+        )
+    return out
+
+
+def _target_matches(target: str, base_modules: list[str]) -> bool:
+    return any(b == target or b.endswith("." + target) or target.endswith("." + b) for b in base_modules)
+
+
+def _check_targets(adapter: Adapter, base: BaseView) -> list[Finding]:
+    out = []
+    cfg = adapter.config
+    base_modules = base.module_names()
+    if isinstance(cfg.target_modules, list):
+        for t in cfg.target_modules:
+            if not _target_matches(t, base_modules):
+                out.append(
+                    Finding(
+                        "target-missing",
+                        "error",
+                        f"target module {t!r} matches no module of the base: is this adapter for "
+                        "another architecture?",
+                        t,
+                    )
+                )
+    untargeted = [m for m in adapter.modules if not adapter.config_inferred and not cfg.targets(m)]
+    if untargeted:
+        out.append(
+            Finding(
+                "untargeted-tensors",
+                "warning",
+                f"{len(untargeted)} modules have LoRA tensors but target_modules does not select them "
+                f"(e.g. {untargeted[0]}); PEFT will ignore them: add them to target_modules",
+                untargeted[0],
+            )
+        )
+    return out
+
+
+def _expected_shapes(adapter: Adapter, m: LoraModule, w: TensorInfo) -> tuple[bool, bool]:
+    """(fits, fits_only_transposed_against_the_flag) for a LoRA module and its base weight."""
+    if m.kind == "conv":
+        ok = len(w.shape) == 4 and w.shape[0] == m.d_out and w.shape[1:] == m.A.shape[1:]
+        return ok, False
+    if len(w.shape) != 2:
+        return False, False
+    straight = w.shape == (m.d_out, m.d_in)
+    transposed = w.shape == (m.d_in, m.d_out)
+    if m.kind == "embedding":
+        return transposed, False
+    wants_transposed = adapter.config.fan_in_fan_out
+    fits = straight or transposed
+    against_flag = fits and not (transposed if wants_transposed else straight)
+    return fits, against_flag
+
+
+def _check_module_shape(adapter: Adapter, base: BaseView, m: LoraModule) -> list[Finding]:
+    key = base.find_weight(m.name)
+    if key is None:
+        return [
+            Finding(
+                "module-missing",
+                "error",
+                f"the base has no weight for this module ({m.name}.weight): is the adapter for another model?",
+                m.name,
+            )
+        ]
+    w = base.tensors[key]
+    fits, against_flag = _expected_shapes(adapter, m, w)
+    out = []
+    if not fits:
+        out.append(
+            Finding(
+                "shape-mismatch",
+                "error",
+                f"lora_A {list(m.A.shape)} / lora_B {list(m.B.shape)} do not fit the base weight {list(w.shape)}: "
+                "the adapter was trained on a model with other dimensions (hidden size, heads)",
+                m.name,
+            )
+        )
+    elif against_flag:
+        flag = adapter.config.fan_in_fan_out
+        out.append(
+            Finding(
+                "fan-in-fan-out",
+                "warning",
+                f"fan_in_fan_out is {str(flag).lower()} but the base stores this weight "
+                f"{'as (d_out, d_in)' if flag else 'transposed, as (d_in, d_out) (Conv1D)'}; "
+                f"PEFT corrects this with a warning: set fan_in_fan_out to {str(not flag).lower()}",
+                m.name,
+            )
+        )
+    if m.magnitude is not None and m.magnitude.shape != (m.d_out,):
+        out.append(
+            Finding(
+                "magnitude-shape",
+                "error",
+                f"DoRA magnitude has shape {list(m.magnitude.shape)}, expected [{m.d_out}]",
+                m.name,
+            )
+        )
+    return out
+
+
+def _check_extra_tensors(adapter: Adapter, base: BaseView) -> list[Finding]:
+    out = []
+    saved = adapter.config.modules_to_save or []
+    for name, info in adapter.extra_tensors.items():
+        key = base.find_weight(name, suffix="")
+        if key is None:
+            out.append(
+                Finding(
+                    "unexpected-key",
+                    "warning",
+                    f"saved tensor {name!r} has no counterpart in the base; PEFT will report it as an unexpected key",
+                    name,
+                )
+            )
+            continue
+        want = base.tensors[key].shape
+        if info.shape == want:
+            continue
+        if len(want) == 2 and len(info.shape) == 2 and want[1] == info.shape[1] and want[0] != info.shape[0]:
+            hint = (
+                f"the vocabulary or label count differs ({info.shape[0]} rows saved, {want[0]} in the base): "
+                f"resize the base first (model.resize_token_embeddings({info.shape[0]})) or use the matching base"
+            )
+        else:
+            hint = "the adapter was trained on a model with other dimensions"
+        owner = next((s for s in saved if name == s or name.startswith(s + ".") or f".{s}." in f".{name}"), None)
+        out.append(
+            Finding(
+                "modules-to-save-shape" if owner else "extra-tensor-shape",
+                "error",
+                f"saved tensor {name} has shape {list(info.shape)} but the base has {list(want)}: {hint}",
+                name,
+            )
+        )
+    for s in saved:
+        if not any(
+            n == s or n.startswith(s + ".") or f".{s}." in f".{n}" for n in adapter.extra_tensors
+        ) and _target_matches(s, base.module_names()):
+            out.append(
+                Finding(
+                    "modules-to-save-missing",
+                    "warning",
+                    f"modules_to_save names {s!r} but no saved copy is in the file: PEFT will keep the "
+                    "base's (untrained) weights",
+                    s,
+                )
+            )
+    return out
+
+
+def _same_base(declared: str, base: BaseView) -> bool:
+    if Path(declared).exists():
+        return Path(declared).resolve() == base.path.resolve()
+    names = {base.path.name, base.name_or_path, Path(base.name_or_path).name}
+    return declared in names or declared.rstrip("/").split("/")[-1] in {Path(n).name for n in names}
+
+
+def _check_declared_base(adapter: Adapter, base: BaseView) -> list[Finding]:
+    declared = adapter.config.base_model_name_or_path
+    if not declared:
+        return [Finding("base-undeclared", "info", "the adapter does not declare base_model_name_or_path")]
+    if _same_base(declared, base):
+        return []
+    return [
+        Finding(
+            "base-name-mismatch",
+            "warning",
+            f"the adapter declares base {declared!r} but is checked against {base.name_or_path!r}: "
+            "make sure this is the same model (shapes alone cannot tell fine-tunes apart)",
+        )
+    ]
+
+
+def _check_weights(adapter: Adapter) -> list[Finding]:
+    import torch
+
+    out = []
+    keys = [t.name for t in adapter.all_tensor_infos()]
+    tensors = adapter.source.load(keys)
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            out.append(
+                Finding(
+                    "non-finite",
+                    "error",
+                    f"tensor {key} holds {n_nan} NaN and {n_inf} inf values: training diverged or the "
+                    "file is damaged; do not ship it",
+                    key,
+                )
+            )
+    zero = [m.name for m in adapter.modules.values() if not bool(tensors[m.B.name].any())]
+    if zero and len(zero) == len(adapter.modules):
+        out.append(
+            Finding(
+                "untrained", "warning", "every lora_B is zero: the adapter changes nothing (saved before training?)"
+            )
+        )
+    elif zero:
+        out.append(Finding("zero-modules", "info", f"{len(zero)} modules have lora_B = 0 and change nothing", zero[0]))
+    return out
