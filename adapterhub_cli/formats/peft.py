@@ -86,39 +86,56 @@ class PeftFormat:
     def _assemble(
         self, path: Path, doc: dict | None, header: SafetensorsHeader | None, tensors: dict[str, torch.Tensor] | None
     ) -> Adapter:
-        infos = header.tensors if header is not None else _infos_from_tensors(tensors or {})
-        parts, extra, prefix = _split_keys(path, infos)
-        warnings: list[str] = []
-        inferred = doc is None
-        if doc is None:
-            doc = _infer_config(parts, header.metadata if header else {})
-            warnings.append(
-                f"no {CONFIG_NAME}: r and targets inferred from the tensors, lora_alpha "
-                f"{doc['lora_alpha']} assumed (scale {doc['lora_alpha'] / doc['r']:g})"
-            )
-        config = AdapterConfig.from_dict(doc, path=path)
-        if config.unknown_keys:
-            warnings.append(
-                "config keys unknown to this PEFT version (written by a newer PEFT?), ignored: "
-                + ", ".join(config.unknown_keys)
-            )
-        modules = {name: _module(path, name, p, config) for name, p in sorted(parts.items())}
-        if not modules:
-            raise InvalidAdapterError("no LoRA tensors (lora_A / lora_B) found", path=path)
-        source = TensorSource(header=header, tensors=tensors)
-        return Adapter(
-            path=path,
-            format=self.name,
-            config=config,
-            modules=modules,
-            extra_tensors=extra,
-            source=source,
-            key_prefix=prefix,
-            metadata=dict(header.metadata) if header else {},
-            warnings=warnings,
-            provenance=Provenance(source=str(path)),
-            config_inferred=inferred,
+        return assemble_adapter(path, doc, header=header, tensors=tensors, format_name=self.name)
+
+
+def assemble_adapter(
+    path: Path,
+    doc: dict | None,
+    *,
+    header: SafetensorsHeader | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    format_name: str = "peft",
+) -> Adapter:
+    """Build an :class:`Adapter` from a PEFT config dict and PEFT-named tensors (a checked header or a state dict).
+
+    Format plugins that read other layouts rename their keys to PEFT's (``<module>.lora_A.weight`` ...) and
+    call this, so every format shares one notion of modules, ranks and scales. ``doc=None`` infers the config
+    from the tensors (rank from the shapes, lora_alpha from the metadata or equal to r).
+    """
+    infos = header.tensors if header is not None else _infos_from_tensors(tensors or {})
+    parts, extra, prefix = _split_keys(path, infos)
+    warnings: list[str] = []
+    inferred = doc is None
+    if doc is None:
+        doc = _infer_config(parts, header.metadata if header else {})
+        warnings.append(
+            f"no {CONFIG_NAME}: r and targets inferred from the tensors, lora_alpha "
+            f"{doc['lora_alpha']} assumed (scale {doc['lora_alpha'] / doc['r']:g})"
         )
+    config = AdapterConfig.from_dict(doc, path=path)
+    if config.unknown_keys:
+        warnings.append(
+            "config keys unknown to this PEFT version (written by a newer PEFT?), ignored: "
+            + ", ".join(config.unknown_keys)
+        )
+    modules = {name: _module(path, name, p, config) for name, p in sorted(parts.items())}
+    if not modules:
+        raise InvalidAdapterError("no LoRA tensors (lora_A / lora_B) found", path=path)
+    source = TensorSource(header=header, tensors=tensors)
+    return Adapter(
+        path=path,
+        format=format_name,
+        config=config,
+        modules=modules,
+        extra_tensors=extra,
+        source=source,
+        key_prefix=prefix,
+        metadata=dict(header.metadata) if header else {},
+        warnings=warnings,
+        provenance=Provenance(source=str(path)),
+        config_inferred=inferred,
+    )
 
 
 def _infos_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, TensorInfo]:
