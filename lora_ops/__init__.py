@@ -4,19 +4,44 @@ A LoRA update is ``dW = scale * B @ A`` with ``A`` (r, d_in) and ``B`` (d_out, r
 on the factors and never form the dense (d_out, d_in) matrix unless their name says so (:func:`delta`).
 """
 
+from lora_ops.combine import DenseMethod, concat, dense_merge, magnitude_prune_mask, random_prune, rescale
 from lora_ops.errors import LoraOpsError, ShapeMismatchError
 from lora_ops.factors import LoraFactors, check_factors, delta
-from lora_ops.rank import CoreSVD, core_svd, energy_rank, singular_values
+from lora_ops.metrics import cosine, distance, inner, norm, relative_distance, subspace_overlap
+from lora_ops.rank import (
+    CoreSVD,
+    ReducedLora,
+    choose_rank,
+    core_svd,
+    energy_rank,
+    reduce_rank,
+    singular_values,
+)
 
 
 __all__ = [
     "CoreSVD",
+    "DenseMethod",
     "LoraFactors",
     "LoraOpsError",
+    "ReducedLora",
     "ShapeMismatchError",
     "check_factors",
+    "choose_rank",
+    "concat",
     "core_svd",
+    "cosine",
     "delta",
+    "dense_merge",
+    "distance",
     "energy_rank",
+    "inner",
+    "magnitude_prune_mask",
+    "norm",
+    "random_prune",
+    "reduce_rank",
+    "relative_distance",
+    "rescale",
     "singular_values",
+    "subspace_overlap",
 ]
