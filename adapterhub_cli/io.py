@@ -269,8 +269,8 @@ def load_pickle_safely(path: str | Path) -> dict[str, torch.Tensor]:
             path=path,
             hint="convert the adapter to safetensors with a trusted tool, or get it from a trusted source",
         ) from e
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise CorruptFileError(f"cannot read the pickle ({e})", path=path) from e
+    except Exception as e:  # a damaged file makes torch raise RuntimeError, EOFError, KeyError, ...
+        raise CorruptFileError(f"cannot read the pickle ({type(e).__name__}: {e})", path=path) from e
     if not isinstance(obj, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):

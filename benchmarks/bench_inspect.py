@@ -26,7 +26,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.make_tinyllama import ensure_fixture  # noqa: E402
+from benchmarks.make_tinyllama import ensure_fixture
 
 
 PEFT_SCRIPT = """
@@ -59,12 +59,12 @@ def main() -> None:
     warm_cache = tempfile.mkdtemp(prefix="adapters-cache-")
     env = {**os.environ, "ADAPTERS_CACHE": warm_cache}
     commands = {
-        "adapters inspect (warm hash cache)": (adapters_exe() + ["inspect", str(adapter)], lambda: env),
+        "adapters inspect (warm hash cache)": ([*adapters_exe(), "inspect", str(adapter)], lambda: env),
         "adapters inspect (cold: hashes 200 MB)": (
-            adapters_exe() + ["inspect", str(adapter)],
+            [*adapters_exe(), "inspect", str(adapter)],
             lambda: {**os.environ, "ADAPTERS_CACHE": tempfile.mkdtemp(prefix="adapters-cold-")},
         ),
-        "adapters inspect --no-hash": (adapters_exe() + ["inspect", str(adapter), "--no-hash"], lambda: env),
+        "adapters inspect --no-hash": ([*adapters_exe(), "inspect", str(adapter), "--no-hash"], lambda: env),
         "PEFT config + load_file": ([sys.executable, "-c", PEFT_SCRIPT, str(adapter)], lambda: env),
     }
     for cmd, make_env in commands.values():  # warm-up: page cache, the warm hash cache, .pyc files

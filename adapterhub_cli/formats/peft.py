@@ -46,6 +46,8 @@ class PeftFormat:
                 return any(_LORA_KEY.match(k) for k in read_header(path).tensors)
             except InvalidAdapterError:
                 return True  # ours to report: the error message is more useful than "unknown format"
+        if path.suffix == ".bin" and path.is_file():
+            return True  # a legacy pickle: read() refuses it without allow_pickle, or loads it safely
         return False
 
     def read(self, path: Path, *, allow_pickle: bool = False) -> Adapter:

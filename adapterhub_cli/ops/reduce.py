@@ -1,0 +1,129 @@
+"""Rank reduction of a whole adapter: per module, thin QR + r x r SVD, keep the top k (lora_ops.reduce_rank)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapterhub_cli.artifact import Adapter
+from adapterhub_cli.errors import UsageError
+from adapterhub_cli.preflight import require_valid
+from adapterhub_cli.writer import peft_key, provenance, rank_layout, write_peft
+
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ModuleReduction:
+    """What rank reduction did to one module."""
+
+    name: str
+    rank_before: int
+    rank_after: int
+    retained_energy: float
+    rel_error: float
+
+
+@dataclass
+class ReduceResult:
+    """The written adapter and, per module, the kept rank, retained energy and relative Frobenius error."""
+
+    path: Path
+    r: int
+    rank_pattern: dict[str, int]
+    params_before: int
+    params_after: int
+    modules: list[ModuleReduction] = field(default_factory=list)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((m.rel_error for m in self.modules), default=0.0)
+
+
+def _scale_rule(alpha: float, rslora: bool) -> Callable[[int], float]:
+    return (lambda k: alpha / math.sqrt(k)) if rslora else (lambda k: alpha / k)
+
+
+def reduce_adapter(
+    adapter: Adapter,
+    out: str | Path,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    sv_ratio: float | None = None,
+    sv_fro: float | None = None,
+    max_rank: int | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ReduceResult:
+    """Write the optimal reduced-rank version of ``adapter`` to ``out`` (PEFT layout, loads unchanged).
+
+    Exactly one of ``rank`` / ``energy`` / ``sv_ratio`` / ``sv_fro`` chooses k per module (see
+    :func:`lora_ops.choose_rank`); ``max_rank`` caps it. Modules keep their alpha and scale rule (alpha/r or
+    rsLoRA's alpha/sqrt(r)) with the new rank, and the factors absorb the difference, so each output module's
+    update is exactly the truncated SVD of the input's. DoRA magnitude vectors and modules_to_save tensors are
+    copied unchanged. Per-module ranks are written as PEFT's ``r`` + ``rank_pattern``.
+    """
+    from lora_ops import reduce_rank
+
+    if sum(x is not None for x in (rank, energy, sv_ratio, sv_fro)) != 1:
+        raise UsageError("give exactly one of --rank, --energy, --sv-ratio, --sv-fro")
+    require_valid(adapter)
+    cfg = adapter.config
+    tensors: dict[str, Any] = {}
+    rows: list[ModuleReduction] = []
+    names = list(adapter.modules)
+    for i, name in enumerate(names):
+        m = adapter.modules[name]
+        if m.kind != "linear":
+            raise UsageError(f"module {name} is a {m.kind} LoRA; reduce supports linear layers only")
+        red = reduce_rank(
+            adapter.factors(name),
+            rank=rank,
+            energy=energy,
+            sv_ratio=sv_ratio,
+            sv_fro=sv_fro,
+            max_rank=max_rank,
+            scale=_scale_rule(m.alpha, cfg.use_rslora),
+            dtype=_torch_dtype(m.A.dtype),
+        )
+        tensors[peft_key(name, "lora_A")] = red.factors.A
+        tensors[peft_key(name, "lora_B")] = red.factors.B
+        rows.append(ModuleReduction(name, m.rank, red.rank, red.retained_energy, red.rel_error))
+        if progress:
+            progress(i + 1, len(names))
+    magnitudes = {
+        peft_key(m.name, "lora_magnitude_vector"): m.magnitude.name
+        for m in adapter.modules.values()
+        if m.magnitude is not None
+    }
+    extra = {adapter.key_prefix + name: info.name for name, info in adapter.extra_tensors.items()}
+    loaded = adapter.source.load(list(magnitudes.values()) + list(extra.values()))
+    tensors.update({key: loaded[src] for key, src in {**magnitudes, **extra}.items()})
+    r, rank_pattern = rank_layout({row.name: row.rank_after for row in rows})
+    config = dict(cfg.raw)
+    config.update(r=r, rank_pattern=rank_pattern, alpha_pattern=cfg.alpha_pattern, lora_alpha=cfg.lora_alpha)
+    params = {"rank": rank, "energy": energy, "sv_ratio": sv_ratio, "sv_fro": sv_fro, "max_rank": max_rank}
+    prov = provenance("reduce", {k: v for k, v in params.items() if v is not None}, [adapter])
+    path = write_peft(out, config=config, tensors=tensors, provenance=prov, overwrite=overwrite)
+    after = sum(t.numel() for t in tensors.values())
+    return ReduceResult(
+        path=path,
+        r=r,
+        rank_pattern=rank_pattern,
+        params_before=adapter.num_parameters,
+        params_after=after,
+        modules=rows,
+    )
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}.get(
+        name, torch.float32
+    )

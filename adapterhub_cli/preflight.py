@@ -1,0 +1,39 @@
+"""The checks every writing operation runs on its inputs before it writes anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adapterhub_cli.artifact import Adapter
+from adapterhub_cli.base_model import BaseView, open_base
+from adapterhub_cli.errors import IncompatibleBaseError, InvalidAdapterError
+from adapterhub_cli.validate import Finding, _check_ranks, _check_weights, validate_against
+
+
+def _summary(findings: list[Finding]) -> str:
+    first = findings[0]
+    where = f" [{first.module}]" if first.module else ""
+    more = f" (and {len(findings) - 1} more error(s); run `adapters validate` for all)" if len(findings) > 1 else ""
+    return f"{first.code}{where}: {first.message}{more}"
+
+
+def require_valid(adapter: Adapter, *, base: BaseView | str | Path | None = None) -> None:
+    """Raise when ``adapter`` has error-level findings: alone (ranks, finiteness) or against ``base`` if given.
+
+    Raises:
+        InvalidAdapterError: the adapter is inconsistent or holds NaN / inf.
+        IncompatibleBaseError: the adapter does not fit ``base``.
+    """
+    if base is not None:
+        view = base if isinstance(base, BaseView) else open_base(base)
+        errors = validate_against(adapter, view).errors
+        if errors:
+            raise IncompatibleBaseError(
+                f"{adapter.path} does not fit {view.path}: {_summary(errors)}",
+                findings=errors,
+                hint="fix the adapter or choose the base it was trained on",
+            )
+        return
+    errors = [f for f in _check_ranks(adapter) + _check_weights(adapter) if f.severity == "error"]
+    if errors:
+        raise InvalidAdapterError(_summary(errors), path=adapter.path, module=errors[0].module)
