@@ -8,7 +8,7 @@
 Importing this package does not import torch; operations that need weights import it when called.
 """
 
-from adapterhub_cli.api import inspect, load, validate
+from adapterhub_cli.api import inspect, load, reduce, validate
 from adapterhub_cli.artifact import Adapter, LoraModule, Provenance
 from adapterhub_cli.base_model import BaseView, open_base
 from adapterhub_cli.config import AdapterConfig
@@ -55,5 +55,6 @@ __all__ = [
     "inspect",
     "load",
     "open_base",
+    "reduce",
     "validate",
 ]

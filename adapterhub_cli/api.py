@@ -10,6 +10,7 @@ from adapterhub_cli.base_model import BaseView, open_base
 from adapterhub_cli.errors import InvalidAdapterError
 from adapterhub_cli.formats import detect_format, get_format
 from adapterhub_cli.io import sha256_file
+from adapterhub_cli.ops.reduce import Progress, ReduceResult, reduce_adapter
 from adapterhub_cli.report import InspectReport, build_report
 from adapterhub_cli.validate import ValidationReport, validate_against
 
@@ -86,4 +87,36 @@ def validate(source: AdapterLike, *, base: BaseLike, check_weights: bool = True)
     return validate_against(adapter, view, check_weights=check_weights)
 
 
-__all__ = ["inspect", "load", "open_base", "validate"]
+def reduce(
+    source: AdapterLike,
+    out: str | Path,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    sv_ratio: float | None = None,
+    sv_fro: float | None = None,
+    max_rank: int | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ReduceResult:
+    """Reduce every module of an adapter to its optimal rank-k approximation and write it to ``out``.
+
+    Exactly one rule picks k per module: ``rank`` (fixed), ``energy`` (the fewest singular values holding that
+    fraction of ``||dW||_F²``), ``sv_ratio`` (every singular value >= sigma_1 / sv_ratio) or ``sv_fro`` (the fewest
+    holding that fraction of ``||dW||_F``, i.e. energy sv_fro²); ``max_rank`` caps k. The output is a PEFT folder
+    (per-module ranks as rank_pattern) written atomically; inputs are checked first and never modified.
+    """
+    return reduce_adapter(
+        load(source),
+        out,
+        rank=rank,
+        energy=energy,
+        sv_ratio=sv_ratio,
+        sv_fro=sv_fro,
+        max_rank=max_rank,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+__all__ = ["inspect", "load", "open_base", "reduce", "validate"]

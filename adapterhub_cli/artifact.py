@@ -77,7 +77,7 @@ class TensorSource:
         if self._tensors is not None:
             return {k: self._tensors[k] for k in keys}
         assert self.header is not None
-        return load_safetensors(self.header.path, keys)
+        return load_safetensors(self.header.path, keys, header=self.header)
 
 
 @dataclass

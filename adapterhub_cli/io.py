@@ -18,6 +18,7 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,7 +221,9 @@ def sha256_file(path: str | Path, *, use_cache: bool = True) -> str:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
                 h.update(m)
     digest = h.hexdigest()
-    if use_cache:
+    # "racy" files, modified within the last seconds, could change again without a visible mtime change
+    # (as git's index knows): hash them, but do not cache the result
+    if use_cache and time.time() - st.st_mtime > 2.0:
         cache[key] = digest
         if len(cache) > 4096:  # keep the cache small: drop the oldest half
             cache = dict(list(cache.items())[2048:])
@@ -232,11 +235,16 @@ def sha256_file(path: str | Path, *, use_cache: bool = True) -> str:
     return digest
 
 
-def load_safetensors(path: str | Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Load tensors (all, or ``names``) from a safetensors file whose header was checked first."""
+def load_safetensors(
+    path: str | Path, names: list[str] | None = None, *, header: SafetensorsHeader | None = None
+) -> dict[str, torch.Tensor]:
+    """Load tensors (all, or ``names``) from a safetensors file whose header is checked first.
+
+    Pass the ``header`` already read by :func:`read_header` to skip reading it again.
+    """
     from safetensors import safe_open
 
-    header = read_header(path)
+    header = header or read_header(path)
     wanted = list(header.tensors) if names is None else names
     out = {}
     try:

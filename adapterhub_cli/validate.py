@@ -230,7 +230,7 @@ def _check_extra_tensors(adapter: Adapter, base: BaseView) -> list[Finding]:
             )
         else:
             hint = "the adapter was trained on a model with other dimensions"
-        owner = next((s for s in saved if name == s or name.startswith(s + ".") or f".{s}." in f".{name}"), None)
+        owner = next((s for s in saved if _saved_under(name, s)), None)
         out.append(
             Finding(
                 "modules-to-save-shape" if owner else "extra-tensor-shape",
@@ -240,9 +240,10 @@ def _check_extra_tensors(adapter: Adapter, base: BaseView) -> list[Finding]:
             )
         )
     for s in saved:
-        if not any(
-            n == s or n.startswith(s + ".") or f".{s}." in f".{n}" for n in adapter.extra_tensors
-        ) and _target_matches(s, base.module_names()):
+        # ``s`` names a module, often a parent one ("classifier" owns classifier.dense.weight, ...).
+        if not any(_saved_under(n, s) for n in adapter.extra_tensors) and any(
+            _saved_under(k, s) for k in base.tensors
+        ):
             out.append(
                 Finding(
                     "modules-to-save-missing",
@@ -253,6 +254,11 @@ def _check_extra_tensors(adapter: Adapter, base: BaseView) -> list[Finding]:
                 )
             )
     return out
+
+
+def _saved_under(key: str, module: str) -> bool:
+    """Whether tensor ``key`` belongs to module ``module`` (itself, a child, or a suffix match as PEFT matches)."""
+    return key == module or key.startswith(module + ".") or f".{module}." in f".{key}"
 
 
 def _same_base(declared: str, base: BaseView) -> bool:

@@ -39,6 +39,7 @@ def _isolate_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempP
     """Per-test: private HF cache, offline, plain terminal output, no plugins, no debug."""
     hf_home = tmp_path_factory.mktemp("hf_home")
     monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("ADAPTERS_CACHE", str(hf_home / "adapters-cache"))
     monkeypatch.setenv("HF_HUB_CACHE", str(hf_home / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")

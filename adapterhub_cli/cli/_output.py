@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import sys
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, is_dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,14 +69,28 @@ class Output:
             t.add_row(k, "" if v is None else str(v))
         return t
 
+    @contextlib.contextmanager
+    def progress(self, description: str) -> Iterator[Callable[[int, int], None]]:
+        """A progress bar on stderr (shown on terminals only); yields ``update(done, total)``."""
+        from rich.progress import Progress
+
+        with Progress(console=self.err_console, transient=True, disable=not self.err_console.is_terminal) as bar:
+            task = bar.add_task(description, total=None)
+
+            def update(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            yield update
+
     def warn(self, message: str) -> None:
         self.err_console.print(f"[yellow]warning:[/yellow] {_escape(message)}")
 
     def error(self, message: str) -> None:
-        if self._err is None and not sys.stderr.isatty():
+        """Print an error unwrapped (one line per message line), in red on a colour terminal."""
+        if self.err_console.is_terminal and not self.err_console.no_color:
+            click.echo(click.style("Error:", fg="red", bold=True) + f" {message}", err=True)
+        else:
             click.echo(f"Error: {message}", err=True)
-            return
-        self.err_console.print(f"[bold red]Error:[/bold red] {_escape(message)}")
 
 
 def _escape(text: str) -> str:

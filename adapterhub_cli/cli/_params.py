@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import click
 
 
@@ -12,3 +15,11 @@ allow_pickle_option = click.option(
     help="Accept a legacy adapter_model.bin (read with torch.load(weights_only=True), never arbitrary pickles).",
 )
 existing_path = click.Path(path_type=str)
+
+
+def output_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``-o/--output`` (required) and ``--overwrite`` for commands that write an adapter."""
+    f = click.option(
+        "--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete)."
+    )(f)
+    return click.option("-o", "--output", required=True, help="Output folder (written atomically).")(f)
