@@ -10,6 +10,7 @@ from adapterhub_cli.base_model import BaseView, open_base
 from adapterhub_cli.errors import InvalidAdapterError
 from adapterhub_cli.formats import detect_format, get_format
 from adapterhub_cli.io import sha256_file
+from adapterhub_cli.ops.diff import DiffReport, diff_adapters
 from adapterhub_cli.ops.reduce import Progress, ReduceResult, reduce_adapter
 from adapterhub_cli.report import InspectReport, build_report
 from adapterhub_cli.validate import ValidationReport, validate_against
@@ -119,4 +120,14 @@ def reduce(
     )
 
 
-__all__ = ["inspect", "load", "open_base", "reduce", "validate"]
+def diff(a: AdapterLike, b: AdapterLike) -> DiffReport:
+    """Compare two adapters: config changes, modules only in one, and per shared module the norms, cosine,
+    relative distance ``||dW_B - dW_A|| / ||dW_A||`` and top-subspace overlap, all from the factors.
+
+    The verdict is "identical" (every update within the storage dtype's tolerance), "scaled copy" (B's
+    updates are one constant times A's) or "different".
+    """
+    return diff_adapters(load(a), load(b))
+
+
+__all__ = ["diff", "inspect", "load", "open_base", "reduce", "validate"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from adapterhub_cli.errors import AdapterNotFoundError, AdaptersError
@@ -37,4 +38,7 @@ def format_known_exception(e: BaseException) -> str | None:
     for exc_type, formatter in ERROR_FORMATTERS:
         if isinstance(e, exc_type):
             return formatter(e)
+    lora_ops = sys.modules.get("lora_ops")  # never imported here just to check: it imports torch
+    if lora_ops is not None and isinstance(e, lora_ops.LoraOpsError):
+        return str(e)
     return None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, is_dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,7 +36,9 @@ class Output:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(highlight=False, soft_wrap=False)
+            # piped output is read by people too: do not squeeze tables into 80 columns
+            wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+            self._console = Console(highlight=False, soft_wrap=False, width=wide)
         return self._console
 
     @property
@@ -51,12 +55,13 @@ class Output:
     def print(self, *objects: Any) -> None:
         self.console.print(*objects)
 
-    def table(self, title: str | None = None, *columns: str) -> Table:
+    def table(self, title: str | None = None, *columns: str, wrap_last: bool = False) -> Table:
+        """A table whose cells never wrap (names and numbers stay whole), except the last column if asked."""
         from rich.table import Table
 
         t = Table(title=title, title_justify="left", show_header=bool(columns), header_style="bold")
         for i, c in enumerate(columns):
-            t.add_column(c, no_wrap=i == 0)  # the first column names a module: never cut it
+            t.add_column(c, no_wrap=not (wrap_last and i == len(columns) - 1))
         return t
 
     def key_values(self, rows: list[tuple[str, Any]]) -> Table:

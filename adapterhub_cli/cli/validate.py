@@ -38,7 +38,7 @@ def validate_cmd(adapter: str, base: str, no_weights: bool, allow_pickle: bool, 
         )
     else:
         if report.findings:
-            t = out.table(None, "severity", "code", "module", "what to do")
+            t = out.table(None, "severity", "code", "module", "what to do", wrap_last=True)
             for f in report.findings:
                 t.add_row(f"[{_STYLE[f.severity]}]{f.severity}[/]", f.code, f.module or "", f.message)
             out.print(t)

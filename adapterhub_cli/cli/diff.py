@@ -1,0 +1,72 @@
+"""`adapters diff`."""
+
+from __future__ import annotations
+
+import click
+
+from adapterhub_cli.cli._output import out
+from adapterhub_cli.cli._params import json_option
+
+
+def _num(x: float | None, fmt: str = ".4g") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+@click.command("diff")
+@click.argument("a")
+@click.argument("b")
+@click.option(
+    "--top",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Show this many modules, most different first (--json lists all).",
+)
+@click.option("--exit-code", is_flag=True, help="Exit 1 when the adapters are not identical (like git diff).")
+@json_option
+def diff_cmd(a: str, b: str, top: int, exit_code: bool, as_json: bool) -> None:
+    """Compare adapters A and B: config, module sets, and per shared module the norms, cosine similarity,
+    relative distance ||dW_B - dW_A|| / ||dW_A|| and top singular-subspace overlap, computed from the factors.
+    """
+    from adapterhub_cli import api
+
+    report = api.diff(a, b)
+    if as_json:
+        out.json(report.to_dict())
+    else:
+        if report.config_changes:
+            t = out.table("config", "key", "A", "B", wrap_last=True)
+            for c in report.config_changes:
+                t.add_row(c.key, str(c.a), str(c.b))
+            out.print(t)
+        for side, names in (("A", report.only_in_a), ("B", report.only_in_b)):
+            if names:
+                out.print(
+                    f"only in {side} ({len(names)}): " + ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+                )
+        if report.modules:
+            t = out.table(
+                "modules (most different first)",
+                "module",
+                "r A/B",
+                "||dW_A||",
+                "||dW_B||",
+                "cosine",
+                "rel. distance",
+                "overlap",
+            )
+            for m in report.modules[:top]:
+                t.add_row(
+                    m.name,
+                    f"{m.rank_a}/{m.rank_b}",
+                    _num(m.norm_a),
+                    _num(m.norm_b),
+                    _num(m.cosine, ".6f"),
+                    _num(m.rel_distance, ".3e"),
+                    _num(m.subspace_overlap, ".4f"),
+                )
+            out.print(t)
+        style = {"identical": "green", "scaled copy": "yellow"}.get(report.verdict, "red")
+        out.print(f"[{style}]{report.verdict}[/]: {report.summary}")
+    if exit_code and report.verdict != "identical":
+        raise click.exceptions.Exit(1)
