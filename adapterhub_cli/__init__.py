@@ -8,7 +8,7 @@
 Importing this package does not import torch; operations that need weights import it when called.
 """
 
-from adapterhub_cli.api import diff, inspect, load, reduce, validate
+from adapterhub_cli.api import combine, diff, inspect, load, reduce, validate
 from adapterhub_cli.artifact import Adapter, LoraModule, Provenance
 from adapterhub_cli.base_model import BaseView, open_base
 from adapterhub_cli.config import AdapterConfig
@@ -51,6 +51,7 @@ __all__ = [
     "UsageError",
     "ValidationReport",
     "__version__",
+    "combine",
     "diff",
     "hookimpl",
     "inspect",

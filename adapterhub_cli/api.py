@@ -10,6 +10,7 @@ from adapterhub_cli.base_model import BaseView, open_base
 from adapterhub_cli.errors import InvalidAdapterError
 from adapterhub_cli.formats import detect_format, get_format
 from adapterhub_cli.io import sha256_file
+from adapterhub_cli.ops.combine import CombineResult, combine_adapters
 from adapterhub_cli.ops.diff import DiffReport, diff_adapters
 from adapterhub_cli.ops.reduce import Progress, ReduceResult, reduce_adapter
 from adapterhub_cli.report import InspectReport, build_report
@@ -130,4 +131,40 @@ def diff(a: AdapterLike, b: AdapterLike) -> DiffReport:
     return diff_adapters(load(a), load(b))
 
 
-__all__ = ["diff", "inspect", "load", "open_base", "reduce", "validate"]
+def combine(
+    sources: list[AdapterLike],
+    out: str | Path,
+    *,
+    weights: list[float] | None = None,
+    method: str = "cat",
+    rank: int | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    force: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> CombineResult:
+    """Combine adapters into one, module by module, over the union of their modules.
+
+    Methods: ``cat`` (exact ``sum_i w_i dW_i``, rank = sum of ranks), ``linear`` / ``svd`` (that exact sum,
+    compressed to its optimal rank ``rank``, default the largest input rank), ``ties``, ``dare_linear``,
+    ``dare_ties``, ``magnitude_prune`` (element-wise on each module's update with ``density``, seeded, then
+    compressed to rank ``rank``). ``weights`` default to 1 each and may be negative. Inputs must fit
+    together (same shapes; same declared base unless ``force``); nothing is written otherwise.
+    """
+    adapters = [load(s) for s in sources]
+    return combine_adapters(
+        adapters,
+        out,
+        weights=weights or [1.0] * len(adapters),
+        method=method,
+        rank=rank,
+        density=density,
+        seed=seed,
+        force=force,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+__all__ = ["combine", "diff", "inspect", "load", "open_base", "reduce", "validate"]

@@ -256,6 +256,56 @@ def load_safetensors(
     return out
 
 
+_TORCH_TO_ST = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file byte-for-byte reproducibly: keys sorted, metadata sorted, header padded to 8 bytes.
+
+    (The safetensors library's writer orders ``__metadata__`` by hash, so equal inputs can give different bytes;
+    artifacts identified by their sha256 need the same bytes for the same content.)
+    """
+    import torch
+
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        dtype = _TORCH_TO_ST.get(str(t.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with Path(path).open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            t = tensors[name].detach().contiguous().cpu()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
 def load_pickle_safely(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a legacy PyTorch ``.bin`` state dict with ``torch.load(weights_only=True)``.
 

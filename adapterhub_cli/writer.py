@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.card import model_card
 from adapterhub_cli.formats.peft import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME
-from adapterhub_cli.io import atomic_dir, sha256_file
+from adapterhub_cli.io import atomic_dir, save_safetensors, sha256_file
 
 
 if TYPE_CHECKING:
@@ -70,12 +70,10 @@ def write_peft(
         tensors: stored keys (``base_model.model.<module>.lora_A.weight`` ...) to tensors.
         provenance: operation, parameters, inputs; stored as JSON in the safetensors metadata.
     """
-    from safetensors.torch import save_file
-
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         metadata = {"format": "pt", PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)}
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata)
+        save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(model_card(config, provenance))
     return out

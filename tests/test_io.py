@@ -311,3 +311,32 @@ def test_read_json(tmp_path: Path) -> None:
     arr.write_text("[1]")
     with pytest.raises(CorruptFileError, match="must hold a JSON object"):
         read_json(arr)
+
+
+def test_save_safetensors_round_trips_and_is_reproducible(tmp_path: Path) -> None:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from adapterhub_cli.io import save_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.weight": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "a.weight": torch.randn(7, generator=g),
+        "c.half": torch.randn(2, 2, generator=g).half(),
+        "d.int": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "e.empty": torch.zeros(0, 4),
+        "f.view": torch.randn(4, 6, generator=g).T,  # not contiguous
+    }
+    meta = {"z": "1", "format": "pt", "a": "x"}
+    save_safetensors(tensors, tmp_path / "one.safetensors", meta)
+    save_safetensors(dict(reversed(tensors.items())), tmp_path / "two.safetensors", dict(reversed(meta.items())))
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
+    loaded = load_file(tmp_path / "one.safetensors")
+    assert set(loaded) == set(tensors)
+    for k, v in tensors.items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v)
+    with safe_open(tmp_path / "one.safetensors", "pt") as f:
+        assert f.metadata() == meta
+    assert read_header(tmp_path / "one.safetensors").header_size % 8 == 0

@@ -9,13 +9,14 @@ from adapterhub_cli.hookspecs import hookimpl
 
 @hookimpl
 def adapters_register_commands(cli: Any) -> None:
-    from adapterhub_cli.cli import demo, diff, inspect, plugins, reduce, validate
+    from adapterhub_cli.cli import combine, demo, diff, inspect, plugins, reduce, validate
 
     for cmd in (
         inspect.inspect_cmd,
         validate.validate_cmd,
         reduce.reduce_cmd,
         diff.diff_cmd,
+        combine.combine_cmd,
         plugins.plugins_cmd,
         demo.demo_cmd,
     ):
