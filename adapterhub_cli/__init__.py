@@ -8,7 +8,7 @@
 Importing this package does not import torch; operations that need weights import it when called.
 """
 
-from adapterhub_cli.api import combine, diff, inspect, load, reduce, validate
+from adapterhub_cli.api import combine, dequantize, diff, inspect, load, quantize, reduce, validate
 from adapterhub_cli.artifact import Adapter, LoraModule, Provenance
 from adapterhub_cli.base_model import BaseView, open_base
 from adapterhub_cli.config import AdapterConfig
@@ -52,11 +52,13 @@ __all__ = [
     "ValidationReport",
     "__version__",
     "combine",
+    "dequantize",
     "diff",
     "hookimpl",
     "inspect",
     "load",
     "open_base",
+    "quantize",
     "reduce",
     "validate",
 ]

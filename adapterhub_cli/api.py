@@ -12,6 +12,7 @@ from adapterhub_cli.formats import detect_format, get_format
 from adapterhub_cli.io import sha256_file
 from adapterhub_cli.ops.combine import CombineResult, combine_adapters
 from adapterhub_cli.ops.diff import DiffReport, diff_adapters
+from adapterhub_cli.ops.quantize import QuantizeResult, dequantize_adapter, quantize_adapter
 from adapterhub_cli.ops.reduce import Progress, ReduceResult, reduce_adapter
 from adapterhub_cli.report import InspectReport, build_report
 from adapterhub_cli.validate import ValidationReport, validate_against
@@ -167,4 +168,26 @@ def combine(
     )
 
 
-__all__ = ["combine", "diff", "inspect", "load", "open_base", "reduce", "validate"]
+def quantize(
+    source: AdapterLike,
+    out: str | Path,
+    *,
+    scheme: str,
+    block_size: int = 64,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> QuantizeResult:
+    """Store an adapter's factors quantized: ``int8`` / ``fp8`` (one float32 scale per ``block_size`` values),
+    ``nf4`` (bitsandbytes), or a ``bf16`` / ``fp16`` cast. The result is read back by :func:`load` (and every
+    operation) transparently; :func:`dequantize` turns it into a plain PEFT adapter."""
+    return quantize_adapter(
+        load(source), out, scheme=scheme, block_size=block_size, overwrite=overwrite, progress=progress
+    )
+
+
+def dequantize(source: AdapterLike, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a quantized adapter back as a PEFT adapter that ``PeftModel.from_pretrained`` loads."""
+    return dequantize_adapter(load(source), out, overwrite=overwrite)
+
+
+__all__ = ["combine", "dequantize", "diff", "inspect", "load", "open_base", "quantize", "reduce", "validate"]

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from adapterhub_cli.artifact import Adapter
+from adapterhub_cli.writer import read_provenance
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class InspectReport:
     sha256: str | None
     metadata: dict[str, str]
     warnings: list[str]
+    quantization: str | None = None
+    provenance: dict[str, Any] | None = None
     modules: list[ModuleRow] | None = None
     spectrum: list[ModuleSpectrum] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -115,9 +118,16 @@ def build_report(adapter: Adapter, *, sha256: str | None, modules: bool, spectru
         sha256=sha256,
         metadata=adapter.metadata,
         warnings=list(adapter.warnings),
+        quantization=_quantization(adapter),
+        provenance=read_provenance(adapter),
         modules=module_rows(adapter) if modules else None,
         spectrum=module_spectra(adapter) if spectrum else None,
     )
+
+
+def _quantization(adapter: Adapter) -> str | None:
+    q = getattr(adapter.source, "quantization", None)
+    return f"{q.scheme} (blocks of {q.block_size})" if q is not None else None
 
 
 def module_rows(adapter: Adapter) -> list[ModuleRow]:

@@ -62,6 +62,7 @@ def write_peft(
     tensors: dict[str, torch.Tensor],
     provenance: dict[str, Any],
     overwrite: bool = False,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write ``adapter_config.json``, ``adapter_model.safetensors`` and ``README.md`` into ``out``, atomically.
 
@@ -69,11 +70,12 @@ def write_peft(
         config: the full PEFT config (loads in ``PeftConfig.from_pretrained``).
         tensors: stored keys (``base_model.model.<module>.lora_A.weight`` ...) to tensors.
         provenance: operation, parameters, inputs; stored as JSON in the safetensors metadata.
+        metadata: further safetensors metadata (e.g. the quantization description).
     """
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        metadata = {"format": "pt", PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)}
-        save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata)
+        meta = {"format": "pt", PROVENANCE_KEY: json.dumps(provenance, sort_keys=True), **(metadata or {})}
+        save_safetensors(tensors, tmp / WEIGHTS_NAME, meta)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(model_card(config, provenance))
     return out

@@ -8,6 +8,7 @@ from lora_ops.combine import DenseMethod, concat, dense_merge, magnitude_prune_m
 from lora_ops.errors import LoraOpsError, ShapeMismatchError
 from lora_ops.factors import LoraFactors, check_factors, delta
 from lora_ops.metrics import cosine, distance, inner, norm, relative_distance, subspace_overlap
+from lora_ops.quantize import SCHEMES, Quantized, dequantize, quantize
 from lora_ops.rank import (
     CoreSVD,
     ReducedLora,
@@ -20,10 +21,12 @@ from lora_ops.rank import (
 
 
 __all__ = [
+    "SCHEMES",
     "CoreSVD",
     "DenseMethod",
     "LoraFactors",
     "LoraOpsError",
+    "Quantized",
     "ReducedLora",
     "ShapeMismatchError",
     "check_factors",
@@ -33,11 +36,13 @@ __all__ = [
     "cosine",
     "delta",
     "dense_merge",
+    "dequantize",
     "distance",
     "energy_rank",
     "inner",
     "magnitude_prune_mask",
     "norm",
+    "quantize",
     "random_prune",
     "reduce_rank",
     "relative_distance",

@@ -9,7 +9,7 @@ from adapterhub_cli.hookspecs import hookimpl
 
 @hookimpl
 def adapters_register_commands(cli: Any) -> None:
-    from adapterhub_cli.cli import combine, demo, diff, inspect, plugins, reduce, validate
+    from adapterhub_cli.cli import combine, demo, diff, inspect, plugins, quantize, reduce, validate
 
     for cmd in (
         inspect.inspect_cmd,
@@ -17,6 +17,8 @@ def adapters_register_commands(cli: Any) -> None:
         reduce.reduce_cmd,
         diff.diff_cmd,
         combine.combine_cmd,
+        quantize.quantize_cmd,
+        quantize.dequantize_cmd,
         plugins.plugins_cmd,
         demo.demo_cmd,
     ):

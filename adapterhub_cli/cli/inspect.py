@@ -70,6 +70,12 @@ def inspect_cmd(
         ("file", f"{report.tensor_file or '-'}  ({_size(report.file_size)})"),
         ("sha256", report.sha256 or "-"),
     ]
+    if report.quantization:
+        rows.append(("quantization", f"{report.quantization}; `adapters dequantize` gives a PEFT-loadable copy"))
+    if report.provenance:
+        p = report.provenance
+        rows.append(("produced by", f"{p.get('operation')} {p.get('parameters')} with {p.get('tool')}"))
+        rows += [("  input", f"{i.get('source')} (sha256 {str(i.get('sha256'))[:12]})") for i in p.get("inputs", [])]
     out.print(out.key_values(rows))
     if report.modules is not None:
         t = out.table("modules", "module", "d_out x d_in", "r", "alpha", "scale", "dtype", "DoRA")

@@ -105,7 +105,13 @@ def assemble_adapter(
     call this, so every format shares one notion of modules, ranks and scales. ``doc=None`` infers the config
     from the tensors (rank from the shapes, lora_alpha from the metadata or equal to r).
     """
-    infos = header.tensors if header is not None else _infos_from_tensors(tensors or {})
+    from adapterhub_cli.quantized import QuantizedTensorSource, logical_infos, quantization_of
+
+    quantization = quantization_of(header) if header is not None else None
+    if header is not None:
+        infos = logical_infos(header, quantization) if quantization else header.tensors
+    else:
+        infos = _infos_from_tensors(tensors or {})
     parts, extra, prefix = _split_keys(path, infos)
     warnings: list[str] = []
     inferred = doc is None
@@ -124,7 +130,11 @@ def assemble_adapter(
     modules = {name: _module(path, name, p, config) for name, p in sorted(parts.items())}
     if not modules:
         raise InvalidAdapterError("no LoRA tensors (lora_A / lora_B) found", path=path)
-    source = TensorSource(header=header, tensors=tensors)
+    source: TensorSource
+    if quantization is not None and header is not None:
+        source = QuantizedTensorSource(header, quantization)
+    else:
+        source = TensorSource(header=header, tensors=tensors)
     return Adapter(
         path=path,
         format=format_name,

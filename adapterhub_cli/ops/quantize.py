@@ -1,0 +1,138 @@
+"""Quantize an adapter's factors for storage, and turn a quantized adapter back into a PEFT-loadable one."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapterhub_cli.artifact import Adapter
+from adapterhub_cli.errors import UsageError
+from adapterhub_cli.preflight import require_valid
+from adapterhub_cli.quantized import QUANT_KEY, SCALE_SUFFIX
+from adapterhub_cli.writer import provenance, write_peft
+
+
+@dataclass(frozen=True)
+class ModuleQuantization:
+    """Stored bytes of one module's A and B before and after, and the relative error of its update."""
+
+    name: str
+    bytes_before: int
+    bytes_after: int
+    rel_error: float
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    scheme: str
+    block_size: int
+    bytes_before: int
+    bytes_after: int
+    file_size: int
+    modules: list[ModuleQuantization] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((m.rel_error for m in self.modules), default=0.0)
+
+
+def _nbytes(t: Any) -> int:
+    return int(t.numel() * t.element_size())
+
+
+def quantize_adapter(
+    adapter: Adapter,
+    out: str | Path,
+    *,
+    scheme: str,
+    block_size: int = 64,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> QuantizeResult:
+    """Store ``adapter``'s lora_A / lora_B quantized (``int8`` / ``fp8`` with float32 block scales, ``nf4``
+    via bitsandbytes, or a plain ``bf16`` / ``fp16`` cast). Other tensors are copied. The error reported per
+    module is ``||dW_q - dW||_F / ||dW||_F``, from the factors."""
+    from lora_ops import SCHEMES, LoraFactors, dequantize, distance, norm, quantize
+
+    if scheme not in SCHEMES:
+        raise UsageError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if scheme == "nf4":
+        _require_bitsandbytes()
+    if adapter.metadata.get(QUANT_KEY):
+        raise UsageError(f"{adapter.path} is already quantized", hint="dequantize it first")
+    require_valid(adapter)
+    stored: dict[str, Any] = {}
+    described: dict[str, dict[str, Any]] = {}
+    rows = []
+    names = list(adapter.modules)
+    for i, name in enumerate(names):
+        m = adapter.modules[name]
+        loaded = adapter.source.load([m.A.name, m.B.name])
+        before = after = 0
+        restored = {}
+        for key, tensor in loaded.items():
+            q = quantize(tensor, scheme, block_size=block_size)
+            stored[key] = q.data
+            if q.scale is not None:
+                stored[key + SCALE_SUFFIX] = q.scale
+                described[key] = {"dtype": _st_dtype(tensor), "shape": list(tensor.shape)}
+            before += _nbytes(tensor)
+            after += _nbytes(q.data) + (_nbytes(q.scale) if q.scale is not None else 0)
+            restored[key] = dequantize(q, block_size=block_size, scheme=scheme).to(tensor.dtype)
+        original = adapter.factors(name)
+        a_q, b_q = restored[m.A.name], restored[m.B.name]
+        approx = LoraFactors(A=a_q.reshape(a_q.shape[0], -1), B=b_q.reshape(b_q.shape[0], -1), scale=m.scale)
+        n = norm(original)
+        rows.append(ModuleQuantization(name, before, after, distance(original, approx) / n if n > 0 else 0.0))
+        if progress:
+            progress(i + 1, len(names))
+    others = [t.name for t in adapter.all_tensor_infos() if t.name not in stored]
+    stored.update(adapter.source.load(others))
+    prov = provenance("quantize", {"scheme": scheme, "block_size": block_size}, [adapter])
+    meta = (
+        {QUANT_KEY: json.dumps({"scheme": scheme, "block_size": block_size, "tensors": described}, sort_keys=True)}
+        if described
+        else {}
+    )
+    path = write_peft(
+        out, config=dict(adapter.config.raw), tensors=stored, provenance=prov, overwrite=overwrite, metadata=meta
+    )
+    return QuantizeResult(
+        path=path,
+        scheme=scheme,
+        block_size=block_size,
+        bytes_before=sum(r.bytes_before for r in rows),
+        bytes_after=sum(r.bytes_after for r in rows),
+        file_size=(path / "adapter_model.safetensors").stat().st_size,
+        modules=rows,
+    )
+
+
+def dequantize_adapter(adapter: Adapter, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a quantized adapter back as a plain PEFT adapter (factors in their original dtype)."""
+    if not adapter.metadata.get(QUANT_KEY):
+        raise UsageError(f"{adapter.path} is not quantized by this tool; nothing to dequantize")
+    tensors = adapter.source.load([t.name for t in adapter.all_tensor_infos()])
+    prov = provenance("dequantize", {}, [adapter])
+    return write_peft(out, config=dict(adapter.config.raw), tensors=tensors, provenance=prov, overwrite=overwrite)
+
+
+def _st_dtype(t: Any) -> str:
+    return {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float64": "F64"}[
+        str(t.dtype)
+    ]
+
+
+def _require_bitsandbytes() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise UsageError("nf4 needs bitsandbytes", hint="pip install 'adapterhub-cli[quant]'") from e
