@@ -20,11 +20,9 @@ from adapterhub_cli.cli._output import out
 )
 @click.pass_context
 def demo_cmd(ctx: click.Context, directory: Path | None) -> None:
-    """Build a tiny Llama-style base and a LoRA adapter (no download) and run inspect and validate on them."""
+    """Build a tiny Llama-style base and a LoRA adapter (no download) and run the commands on them."""
     import warnings
 
-    from adapterhub_cli.cli.inspect import inspect_cmd
-    from adapterhub_cli.cli.validate import validate_cmd
     from adapterhub_cli.demo import build_demo
 
     root = directory or Path(tempfile.mkdtemp(prefix="adapters-demo-"))
@@ -32,11 +30,33 @@ def demo_cmd(ctx: click.Context, directory: Path | None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base, adapter = build_demo(root)
+    a, reduced = str(adapter), str(root / "reduced")
     steps = [
-        (f"adapters inspect {adapter} --modules --spectrum", inspect_cmd, [str(adapter), "--modules", "--spectrum"]),
-        (f"adapters validate {adapter} --base {base}", validate_cmd, [str(adapter), "--base", str(base)]),
+        ["inspect", a, "--modules", "--spectrum"],
+        ["validate", a, "--base", str(base)],
+        ["reduce", a, "--energy", "0.9", "-o", reduced, "--overwrite"],
+        ["diff", a, reduced, "--top", "3"],
+        [
+            "combine",
+            a,
+            reduced,
+            "--weights",
+            "1,-1",
+            "--method",
+            "svd",
+            "--rank",
+            "2",
+            "-o",
+            str(root / "residual"),
+            "--overwrite",
+        ],
+        ["quantize", a, "--to", "int8", "-o", str(root / "int8"), "--overwrite"],
     ]
-    for title, cmd, args in steps:
-        out.print(f"\n[bold cyan]$ {title}[/bold cyan]")
-        ctx.invoke(cmd, **cmd.make_context(cmd.name, args, parent=ctx).params)
+    group = ctx.parent.command if ctx.parent else None
+    assert isinstance(group, click.Group)
+    for args in steps:
+        out.print(f"\n[bold cyan]$ adapters {' '.join(args)}[/bold cyan]")
+        cmd = group.get_command(ctx, args[0])
+        assert cmd is not None
+        ctx.invoke(cmd, **cmd.make_context(args[0], args[1:], parent=ctx).params)
     out.print(f"\nThe example stays in {root}; try `adapters inspect {adapter} --json`.")
