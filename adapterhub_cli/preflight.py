@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from adapterhub_cli.artifact import Adapter
 from adapterhub_cli.base_model import BaseView, open_base
@@ -17,8 +18,28 @@ def _summary(findings: list[Finding]) -> str:
     return f"{first.code}{where}: {first.message}{more}"
 
 
-def require_valid(adapter: Adapter, *, base: BaseView | str | Path | None = None) -> None:
+def require_finite(adapter: Adapter, tensors: dict[str, Any]) -> None:
+    """Raise :class:`InvalidAdapterError` if any of ``tensors`` (stored key -> tensor) holds NaN or inf.
+
+    Operations that load every tensor anyway call this on what they loaded instead of reading twice.
+    """
+    import torch
+
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InvalidAdapterError(
+                f"non-finite: tensor {key} holds NaN or inf values",
+                path=adapter.path,
+                module=key,
+                hint="training diverged or the file is damaged; do not ship it",
+            )
+
+
+def require_valid(adapter: Adapter, *, base: BaseView | str | Path | None = None, check_weights: bool = True) -> None:
     """Raise when ``adapter`` has error-level findings: alone (ranks, finiteness) or against ``base`` if given.
+
+    ``check_weights=False`` skips loading the tensors for the NaN / inf check (for callers that check what
+    they load with :func:`require_finite`).
 
     Raises:
         InvalidAdapterError: the adapter is inconsistent or holds NaN / inf.
@@ -26,7 +47,7 @@ def require_valid(adapter: Adapter, *, base: BaseView | str | Path | None = None
     """
     if base is not None:
         view = base if isinstance(base, BaseView) else open_base(base)
-        errors = validate_against(adapter, view).errors
+        errors = validate_against(adapter, view, check_weights=check_weights).errors
         if errors:
             raise IncompatibleBaseError(
                 f"{adapter.path} does not fit {view.path}: {_summary(errors)}",
@@ -34,6 +55,7 @@ def require_valid(adapter: Adapter, *, base: BaseView | str | Path | None = None
                 hint="fix the adapter or choose the base it was trained on",
             )
         return
-    errors = [f for f in _check_ranks(adapter) + _check_weights(adapter) if f.severity == "error"]
+    findings = _check_ranks(adapter) + (_check_weights(adapter) if check_weights else [])
+    errors = [f for f in findings if f.severity == "error"]
     if errors:
         raise InvalidAdapterError(_summary(errors), path=adapter.path, module=errors[0].module)

@@ -158,6 +158,14 @@ def choose_rank(
     return max(1, min(k, r))
 
 
+def _well_conditioned(r: torch.Tensor) -> bool:
+    """Whether the triangular factor R (r x r) is safely invertible (|diag| ratio above 1e-8, in float64)."""
+    if r.shape[0] != r.shape[1]:
+        return False
+    d = r.diagonal().abs()
+    return d.numel() > 0 and float(d.min()) > 1e-8 * float(d.max())
+
+
 def reduce_rank(
     f: LoraFactors,
     *,
@@ -187,16 +195,27 @@ def reduce_rank(
         >>> red.factors.A.shape, red.factors.B.shape, red.factors.scale
         (torch.Size([4, 64]), torch.Size([32, 4]), 4.0)
     """
-    c = core_svd(f)
-    k = choose_rank(c.S, rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank)
+    check_factors(f)
+    b64, a64 = f.B.detach().to(torch.float64), f.A.detach().to(torch.float64)
+    r_b = torch.linalg.qr(b64, mode="r").R
+    r_a = torch.linalg.qr(a64.T, mode="r").R
+    u, s, vh = torch.linalg.svd(float(f.scale) * (r_b @ r_a.T), full_matrices=False)
+    k = choose_rank(s, rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank)
     out_scale = float(f.scale if scale is None else scale(k) if callable(scale) else scale)
     if not out_scale > 0:
         raise LoraOpsError(f"the output scale must be positive, got {out_scale}")
-    root = (c.S[:k] / out_scale).sqrt()
-    B = (c.Q_b @ c.U[:, :k]) * root
-    A = root[:, None] * (c.Vh[:k] @ c.Q_a.T)
+    root = (s[:k] / out_scale).sqrt()
+    if _well_conditioned(r_b) and _well_conditioned(r_a):
+        # Q_b = B R_b⁻¹ and Q_aᵀ = R_a⁻ᵀ A: two r x k triangular solves replace forming Q_b and Q_a
+        B = b64 @ torch.linalg.solve_triangular(r_b, u[:, :k] * root, upper=True)
+        A = torch.linalg.solve_triangular(r_a, (root[:, None] * vh[:k]).T, upper=True).T @ a64
+    else:  # rank-deficient B or A: R is singular, form the orthonormal factors explicitly
+        c = core_svd(f)
+        u, s, vh = c.U, c.S, c.Vh
+        B = (c.Q_b @ u[:, :k]) * root
+        A = root[:, None] * (vh[:k] @ c.Q_a.T)
     out_dtype = dtype or f.A.dtype
-    e = c.S.square()
+    e = s.square()
     total = float(e.sum())
     kept = float(e[:k].sum())
     retained = 1.0 if total == 0.0 else kept / total
@@ -204,7 +223,7 @@ def reduce_rank(
     return ReducedLora(
         factors=LoraFactors(A=A.to(out_dtype), B=B.to(out_dtype), scale=out_scale),
         rank=k,
-        singular_values=c.S,
+        singular_values=s,
         retained_energy=retained,
         rel_error=rel_error,
     )

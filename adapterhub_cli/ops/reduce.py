@@ -10,7 +10,8 @@ from typing import Any
 
 from adapterhub_cli.artifact import Adapter
 from adapterhub_cli.errors import UsageError
-from adapterhub_cli.preflight import require_valid
+from adapterhub_cli.parallel import map_modules
+from adapterhub_cli.preflight import require_finite, require_valid
 from adapterhub_cli.writer import peft_key, provenance, rank_layout, write_peft
 
 
@@ -72,17 +73,18 @@ def reduce_adapter(
 
     if sum(x is not None for x in (rank, energy, sv_ratio, sv_fro)) != 1:
         raise UsageError("give exactly one of --rank, --energy, --sv-ratio, --sv-fro")
-    require_valid(adapter)
+    require_valid(adapter, check_weights=False)  # each module's factors are checked as they are loaded
     cfg = adapter.config
-    tensors: dict[str, Any] = {}
-    rows: list[ModuleReduction] = []
-    names = list(adapter.modules)
-    for i, name in enumerate(names):
-        m = adapter.modules[name]
+    for m in adapter.modules.values():
         if m.kind != "linear":
-            raise UsageError(f"module {name} is a {m.kind} LoRA; reduce supports linear layers only")
+            raise UsageError(f"module {m.name} is a {m.kind} LoRA; reduce supports linear layers only")
+
+    def reduce_module(name: str) -> tuple[Any, Any, ModuleReduction]:
+        m = adapter.modules[name]
+        factors = adapter.factors(name)
+        require_finite(adapter, {m.A.name: factors.A, m.B.name: factors.B})
         red = reduce_rank(
-            adapter.factors(name),
+            factors,
             rank=rank,
             energy=energy,
             sv_ratio=sv_ratio,
@@ -91,11 +93,18 @@ def reduce_adapter(
             scale=_scale_rule(m.alpha, cfg.use_rslora),
             dtype=_torch_dtype(m.A.dtype),
         )
-        tensors[peft_key(name, "lora_A")] = red.factors.A
-        tensors[peft_key(name, "lora_B")] = red.factors.B
-        rows.append(ModuleReduction(name, m.rank, red.rank, red.retained_energy, red.rel_error))
-        if progress:
-            progress(i + 1, len(names))
+        return (
+            red.factors.A,
+            red.factors.B,
+            ModuleReduction(name, m.rank, red.rank, red.retained_energy, red.rel_error),
+        )
+
+    tensors: dict[str, Any] = {}
+    rows: list[ModuleReduction] = []
+    for a, b, row in map_modules(reduce_module, list(adapter.modules), progress=progress):
+        tensors[peft_key(row.name, "lora_A")] = a
+        tensors[peft_key(row.name, "lora_B")] = b
+        rows.append(row)
     magnitudes = {
         peft_key(m.name, "lora_magnitude_vector"): m.magnitude.name
         for m in adapter.modules.values()
@@ -103,6 +112,7 @@ def reduce_adapter(
     }
     extra = {adapter.key_prefix + name: info.name for name, info in adapter.extra_tensors.items()}
     loaded = adapter.source.load(list(magnitudes.values()) + list(extra.values()))
+    require_finite(adapter, loaded)
     tensors.update({key: loaded[src] for key, src in {**magnitudes, **extra}.items()})
     r, rank_pattern = rank_layout({row.name: row.rank_after for row in rows})
     config = dict(cfg.raw)

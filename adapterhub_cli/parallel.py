@@ -1,0 +1,56 @@
+"""Module-level parallelism for factor operations: small LAPACK calls run side by side in threads."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@contextlib.contextmanager
+def _single_threaded_torch() -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def map_modules(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
+) -> list[R]:
+    """``[fn(x) for x in items]``, run on a few threads with torch single-threaded inside each.
+
+    A LoRA module's QR and SVD are too small for torch's own threads to pay off (an r x r core, a tall
+    d x r panel); running modules side by side uses the cores instead. Results keep the input order;
+    memory stays bounded by ``workers`` modules at a time.
+    """
+    items = list(items)
+    n = workers or min(len(items), os.cpu_count() or 1, 8)
+    if n <= 1 or len(items) <= 1:
+        out = []
+        for i, x in enumerate(items):
+            out.append(fn(x))
+            if progress:
+                progress(i + 1, len(items))
+        return out
+    with _single_threaded_torch(), ThreadPoolExecutor(n) as pool:
+        results = []
+        for i, r in enumerate(pool.map(fn, items)):
+            results.append(r)
+            if progress:
+                progress(i + 1, len(items))
+        return results
