@@ -10,6 +10,7 @@ from typing import Any
 
 from adapterhub_cli.artifact import Adapter
 from adapterhub_cli.errors import UsageError
+from adapterhub_cli.parallel import map_modules
 from adapterhub_cli.preflight import require_valid
 from adapterhub_cli.quantized import QUANT_KEY, SCALE_SUFFIX
 from adapterhub_cli.writer import provenance, write_peft
@@ -69,31 +70,36 @@ def quantize_adapter(
     if adapter.metadata.get(QUANT_KEY):
         raise UsageError(f"{adapter.path} is already quantized", hint="dequantize it first")
     require_valid(adapter)
-    stored: dict[str, Any] = {}
-    described: dict[str, dict[str, Any]] = {}
-    rows = []
-    names = list(adapter.modules)
-    for i, name in enumerate(names):
+
+    def quantize_module(name: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]], ModuleQuantization]:
         m = adapter.modules[name]
         loaded = adapter.source.load([m.A.name, m.B.name])
+        out: dict[str, Any] = {}
+        described: dict[str, dict[str, Any]] = {}
         before = after = 0
         restored = {}
         for key, tensor in loaded.items():
             q = quantize(tensor, scheme, block_size=block_size)
-            stored[key] = q.data
+            out[key] = q.data
             if q.scale is not None:
-                stored[key + SCALE_SUFFIX] = q.scale
+                out[key + SCALE_SUFFIX] = q.scale
                 described[key] = {"dtype": _st_dtype(tensor), "shape": list(tensor.shape)}
             before += _nbytes(tensor)
             after += _nbytes(q.data) + (_nbytes(q.scale) if q.scale is not None else 0)
             restored[key] = dequantize(q, block_size=block_size, scheme=scheme).to(tensor.dtype)
-        original = adapter.factors(name)
-        a_q, b_q = restored[m.A.name], restored[m.B.name]
+        a, b, a_q, b_q = loaded[m.A.name], loaded[m.B.name], restored[m.A.name], restored[m.B.name]
+        original = LoraFactors(A=a.reshape(a.shape[0], -1), B=b.reshape(b.shape[0], -1), scale=m.scale)
         approx = LoraFactors(A=a_q.reshape(a_q.shape[0], -1), B=b_q.reshape(b_q.shape[0], -1), scale=m.scale)
         n = norm(original)
-        rows.append(ModuleQuantization(name, before, after, distance(original, approx) / n if n > 0 else 0.0))
-        if progress:
-            progress(i + 1, len(names))
+        return out, described, ModuleQuantization(name, before, after, distance(original, approx) / n if n else 0.0)
+
+    stored: dict[str, Any] = {}
+    described: dict[str, dict[str, Any]] = {}
+    rows = []
+    for out_tensors, desc, row in map_modules(quantize_module, list(adapter.modules), progress=progress):
+        stored.update(out_tensors)
+        described.update(desc)
+        rows.append(row)
     others = [t.name for t in adapter.all_tensor_infos() if t.name not in stored]
     stored.update(adapter.source.load(others))
     prov = provenance("quantize", {"scheme": scheme, "block_size": block_size}, [adapter])
