@@ -68,6 +68,7 @@ def reduce_cmd(
                 "rank_pattern": result.rank_pattern,
                 "params_before": result.params_before,
                 "params_after": result.params_after,
+                "seconds": result.seconds,
                 "modules": [asdict(m) for m in result.modules],
             }
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ class ReduceResult:
     params_before: int
     params_after: int
     modules: list[ModuleReduction] = field(default_factory=list)
+    #: wall time of the operation itself (load, compute, write), without interpreter and torch start-up
+    seconds: float = 0.0
 
     @property
     def max_rel_error(self) -> float:
@@ -73,6 +76,7 @@ def reduce_adapter(
 
     if sum(x is not None for x in (rank, energy, sv_ratio, sv_fro)) != 1:
         raise UsageError("give exactly one of --rank, --energy, --sv-ratio, --sv-fro")
+    started = time.perf_counter()
     require_valid(adapter, check_weights=False)  # each module's factors are checked as they are loaded
     cfg = adapter.config
     for m in adapter.modules.values():
@@ -128,6 +132,7 @@ def reduce_adapter(
         params_before=adapter.num_parameters,
         params_after=after,
         modules=rows,
+        seconds=time.perf_counter() - started,
     )
 
 
