@@ -8,7 +8,18 @@
 Importing this package does not import torch; operations that need weights import it when called.
 """
 
-from adapterhub_cli.api import combine, dequantize, diff, inspect, load, quantize, reduce, validate
+from adapterhub_cli.api import (
+    combine,
+    dequantize,
+    diff,
+    inspect,
+    load,
+    merge,
+    quantize,
+    reduce,
+    unmerge,
+    validate,
+)
 from adapterhub_cli.artifact import Adapter, LoraModule, Provenance
 from adapterhub_cli.base_model import BaseView, open_base
 from adapterhub_cli.config import AdapterConfig
@@ -57,8 +68,10 @@ __all__ = [
     "hookimpl",
     "inspect",
     "load",
+    "merge",
     "open_base",
     "quantize",
     "reduce",
+    "unmerge",
     "validate",
 ]

@@ -10,6 +10,7 @@ from adapterhub_cli.base_model import BaseView, open_base
 from adapterhub_cli.errors import InvalidAdapterError
 from adapterhub_cli.formats import detect_format, get_format
 from adapterhub_cli.io import sha256_file
+from adapterhub_cli.merge import MergeResult, run_merge
 from adapterhub_cli.ops.combine import CombineResult, combine_adapters
 from adapterhub_cli.ops.diff import DiffReport, diff_adapters
 from adapterhub_cli.ops.quantize import QuantizeResult, dequantize_adapter, quantize_adapter
@@ -190,4 +191,86 @@ def dequantize(source: AdapterLike, out: str | Path, *, overwrite: bool = False)
     return dequantize_adapter(load(source), out, overwrite=overwrite)
 
 
-__all__ = ["combine", "dequantize", "diff", "inspect", "load", "open_base", "quantize", "reduce", "validate"]
+def merge(
+    adapters: AdapterLike | list[AdapterLike],
+    *,
+    base: BaseLike,
+    out: str | Path,
+    weights: list[float] | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Merge one or more adapters into a base checkpoint, streaming tensor by tensor, into ``out``.
+
+    Each merged tensor equals PEFT's ``merge_and_unload()`` bit for bit on CPU: the update
+    ``transpose(B @ A) * scale * weight`` in float32, added to the weight and rounded once to its dtype (DoRA:
+    rescaled by its magnitude over the unmerged weight's row norm; modules_to_save copies replace the base
+    tensors). Several adapters are merged in the order given, each rounding in turn as PEFT does.
+
+    Args:
+        base: a checkpoint folder (safetensors, single or sharded) or a BaseView.
+        weights: one multiplier per adapter (default 1 each).
+        device: where updates are computed (``cpu``, ``cuda``, ``cuda:1``).
+        dtype: ``auto`` keeps the base's dtypes; ``bf16`` / ``fp16`` / ``fp32`` converts floating tensors first.
+        max_shard_size: largest output shard (e.g. ``"5GB"``, ``"500MB"``).
+    """
+    items = adapters if isinstance(adapters, list) else [adapters]
+    return run_merge(
+        base,
+        [load(a) for a in items],
+        out,
+        weights=weights,
+        device=device,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+def unmerge(
+    adapters: AdapterLike | list[AdapterLike],
+    *,
+    merged: BaseLike,
+    out: str | Path,
+    weights: list[float] | None = None,
+    device: str = "cpu",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Subtract adapters' updates from a merged checkpoint (PEFT's unmerge arithmetic), giving the base back.
+
+    Exact up to the rounding of the stored dtype (in bf16 the result differs from the original base by about
+    one unit in the last place where the update was large); DoRA merges cannot be undone.
+    """
+    items = adapters if isinstance(adapters, list) else [adapters]
+    return run_merge(
+        merged,
+        [load(a) for a in items],
+        out,
+        weights=weights,
+        device=device,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        reverse=True,
+        progress=progress,
+    )
+
+
+__all__ = [
+    "combine",
+    "dequantize",
+    "diff",
+    "inspect",
+    "load",
+    "merge",
+    "open_base",
+    "quantize",
+    "reduce",
+    "unmerge",
+    "validate",
+]

@@ -7,6 +7,7 @@ on the factors and never form the dense (d_out, d_in) matrix unless their name s
 from lora_ops.combine import DenseMethod, concat, dense_merge, magnitude_prune_mask, random_prune, rescale
 from lora_ops.errors import LoraOpsError, ShapeMismatchError
 from lora_ops.factors import LoraFactors, check_factors, delta
+from lora_ops.merge import lora_delta, merge_delta, merge_dora, unmerge_delta
 from lora_ops.metrics import cosine, distance, inner, norm, relative_distance, subspace_overlap
 from lora_ops.quantize import SCHEMES, Quantized, dequantize, quantize
 from lora_ops.rank import (
@@ -40,7 +41,10 @@ __all__ = [
     "distance",
     "energy_rank",
     "inner",
+    "lora_delta",
     "magnitude_prune_mask",
+    "merge_delta",
+    "merge_dora",
     "norm",
     "quantize",
     "random_prune",
@@ -49,4 +53,5 @@ __all__ = [
     "rescale",
     "singular_values",
     "subspace_overlap",
+    "unmerge_delta",
 ]

@@ -9,7 +9,7 @@ from adapterhub_cli.hookspecs import hookimpl
 
 @hookimpl
 def adapters_register_commands(cli: Any) -> None:
-    from adapterhub_cli.cli import combine, demo, diff, inspect, plugins, quantize, reduce, validate
+    from adapterhub_cli.cli import combine, demo, diff, inspect, merge, plugins, quantize, reduce, validate
 
     for cmd in (
         inspect.inspect_cmd,
@@ -19,6 +19,8 @@ def adapters_register_commands(cli: Any) -> None:
         combine.combine_cmd,
         quantize.quantize_cmd,
         quantize.dequantize_cmd,
+        merge.merge_cmd,
+        merge.unmerge_cmd,
         plugins.plugins_cmd,
         demo.demo_cmd,
     ):

@@ -1,0 +1,129 @@
+"""`adapters merge` and `adapters unmerge`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import click
+
+from adapterhub_cli.cli._output import out
+from adapterhub_cli.cli._params import json_option, output_options
+
+
+def _weights(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(w) for w in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+weights_option = click.option(
+    "--weights", callback=_weights, help="Comma-separated multipliers, one per adapter (default 1 each)."
+)
+device_option = click.option(
+    "--device", default="cpu", show_default=True, help="Where updates are computed: cpu, cuda, cuda:N."
+)
+shard_option = click.option(
+    "--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB or 500MB."
+)
+
+
+def _report(result: object, as_json: bool, verb: str) -> None:
+    data = asdict(result)  # type: ignore[call-overload]
+    data["path"] = str(data["path"])
+    if as_json:
+        out.json(data)
+        return
+    for w in data["warnings"]:
+        out.warn(w)
+    out.print(
+        f"{verb} {data['modules']} module updates into {data['tensors_merged']} tensors "
+        f"({data['tensors_replaced']} replaced by saved modules) of {data['tensors']}; wrote {data['path']} "
+        f"({data['shards']} shard(s), {data['bytes_written'] / 1e6:,.1f} MB) in {data['seconds']:.1f} s, "
+        f"peak memory {data['peak_rss_mib']:,.0f} MiB"
+    )
+
+
+@click.command("merge")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--into", "base", required=True, help="Base checkpoint folder (safetensors, single or sharded).")
+@weights_option
+@device_option
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+    default="auto",
+    show_default=True,
+    help="Output dtype of floating tensors (auto keeps the base's).",
+)
+@shard_option
+@output_options
+@json_option
+def merge_cmd(
+    adapters: tuple[str, ...],
+    base: str,
+    weights: list[float] | None,
+    device: str,
+    dtype: str,
+    max_shard_size: str,
+    output: str,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    """Merge ADAPTERS into the base checkpoint, streaming tensor by tensor (PEFT's arithmetic, bit for bit on CPU).
+
+    Every adapter is validated against the base first. Memory stays bounded by a few tensors; the output
+    (shards, index, config, tokenizer files) appears atomically.
+    """
+    from adapterhub_cli import api
+
+    with out.progress("merging (bytes)") as update:
+        result = api.merge(
+            list(adapters),
+            base=base,
+            out=output,
+            weights=weights,
+            device=device,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            progress=update,
+        )
+    _report(result, as_json, "merged")
+
+
+@click.command("unmerge")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--from", "merged", required=True, help="The merged checkpoint folder.")
+@weights_option
+@device_option
+@shard_option
+@output_options
+@json_option
+def unmerge_cmd(
+    adapters: tuple[str, ...],
+    merged: str,
+    weights: list[float] | None,
+    device: str,
+    max_shard_size: str,
+    output: str,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    """Subtract ADAPTERS from a merged checkpoint, giving the base back (exact up to the dtype's rounding)."""
+    from adapterhub_cli import api
+
+    with out.progress("unmerging (bytes)") as update:
+        result = api.unmerge(
+            list(adapters),
+            merged=merged,
+            out=output,
+            weights=weights,
+            device=device,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            progress=update,
+        )
+    _report(result, as_json, "subtracted")

@@ -1,0 +1,422 @@
+"""The streaming merge engine: base checkpoint in, merged checkpoint out, one tensor in memory at a time.
+
+The base is read shard by shard through safetensors headers. Output shards are planned up front from those
+headers (names, dtypes, shapes are known before any weight is read), so each output file's header is
+written first and its tensors stream after it. A tensor no adapter touches is copied byte for byte
+(``os.copy_file_range``); a targeted one is loaded, gets every adapter's update with PEFT's arithmetic
+(:mod:`lora_ops.merge`) and is written. Everything goes into a temporary folder renamed into place only when
+complete. No model class is imported: adapter module names map onto checkpoint tensor names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterhub_cli.artifact import Adapter
+from adapterhub_cli.base_model import INDEX_FILE, SINGLE_FILE, BaseView, open_base
+from adapterhub_cli.errors import UsageError
+from adapterhub_cli.io import DTYPE_BITS, TensorInfo, atomic_dir
+from adapterhub_cli.preflight import require_valid
+
+
+if TYPE_CHECKING:
+    import torch
+
+Progress = Callable[[int, int], None]
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One adapter module's update to one base tensor."""
+
+    adapter: int
+    module: str
+    weight: float
+
+
+@dataclass
+class TensorPlan:
+    """How one output tensor is produced: copied, merged from ``source`` with contributions, or replaced."""
+
+    name: str
+    source: str  # base tensor key read
+    dtype: str  # output dtype (safetensors name)
+    shape: tuple[int, ...]
+    contributions: list[Contribution] = field(default_factory=list)
+    replacement: tuple[int, str] | None = None  # (adapter index, stored key) of a modules_to_save copy
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return (n * DTYPE_BITS[self.dtype] + 7) // 8
+
+    @property
+    def touched(self) -> bool:
+        return bool(self.contributions) or self.replacement is not None
+
+
+@dataclass
+class MergeResult:
+    """Summary of a merge (the ``--json`` output)."""
+
+    path: Path
+    tensors: int
+    tensors_merged: int
+    tensors_replaced: int
+    modules: int
+    shards: int
+    bytes_written: int
+    seconds: float
+    peak_rss_mib: float
+    device: str
+    untied: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _tied_embedding(base: BaseView) -> str | None:
+    """The input-embedding key the output head shares when the model ties them and stores no lm_head."""
+    if not base.config.get("tie_word_embeddings", True) or "lm_head.weight" in base.tensors:
+        return None
+    for suffix in ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight"):
+        hits = [k for k in base.tensors if k == suffix or k.endswith("." + suffix)]
+        if len(hits) == 1:
+            return hits[0]
+    return None
+
+
+def plan_merge(
+    base: BaseView, adapters: list[Adapter], weights: list[float], out_dtype: str | None
+) -> list[TensorPlan]:
+    """Decide, for every output tensor, where it comes from and which updates it receives.
+
+    A model with tied embeddings whose head or embedding an adapter changes is untied: the output stores an
+    explicit ``lm_head.weight`` (the embedding, plus the head's own updates) so neither side silently takes the
+    other's update (transformers#45127).
+    """
+    plans = {
+        key: TensorPlan(name=key, source=key, dtype=_out_dtype(info, out_dtype), shape=info.shape)
+        for key, info in base.tensors.items()
+    }
+    tied = _tied_embedding(base)
+    for i, (adapter, w) in enumerate(zip(adapters, weights, strict=True)):
+        for m in adapter.modules.values():
+            if m.kind == "conv":
+                raise UsageError(
+                    f"{adapter.path}: module {m.name} is a convolution LoRA; merge supports linear and "
+                    "embedding layers"
+                )
+            if tied and m.name.split(".")[-1] == "lm_head":
+                head = plans.setdefault(
+                    "lm_head.weight",
+                    TensorPlan(name="lm_head.weight", source=tied, dtype=plans[tied].dtype, shape=plans[tied].shape),
+                )
+                head.contributions.append(Contribution(i, m.name, w))
+                continue
+            key = base.find_weight(m.name)
+            assert key is not None  # validation ran first
+            plans[key].contributions.append(Contribution(i, m.name, w))
+        for name, info in adapter.extra_tensors.items():
+            key = base.find_weight(name, suffix="")
+            assert key is not None
+            plans[key].replacement = (i, info.name)
+    if tied and plans[tied].touched and "lm_head.weight" not in plans:
+        plans["lm_head.weight"] = TensorPlan(
+            name="lm_head.weight", source=tied, dtype=plans[tied].dtype, shape=plans[tied].shape
+        )
+    return list(plans.values())
+
+
+def _out_dtype(info: TensorInfo, out_dtype: str | None) -> str:
+    if out_dtype is None or info.dtype not in ("F16", "BF16", "F32", "F64"):
+        return info.dtype
+    return out_dtype
+
+
+def plan_shards(plans: list[TensorPlan], max_shard_bytes: int) -> list[list[TensorPlan]]:
+    """Cut the output into shards of at most ``max_shard_bytes`` (a bigger tensor gets a shard of its own)."""
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for p in plans:
+        if shards[-1] and size + p.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += p.nbytes
+    return shards
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"500MB"``, ``"2GiB"``, or a plain number of bytes."""
+    units = {
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "B": 1,
+    }
+    t = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * units[unit])
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise UsageError(f"bad size {text!r}: use e.g. 5GB, 500MB or a number of bytes") from None
+
+
+class _BaseReader:
+    """Reads base tensors one shard at a time (one safetensors handle open), and copies raw byte ranges."""
+
+    def __init__(self, base: BaseView) -> None:
+        self.base = base
+        self._path: Path | None = None
+        self._handle: Any = None
+        self._data_start: dict[Path, int] = {}
+
+    def tensor(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self.base.shard_of[key]
+        if path != self._path:
+            self._handle = safe_open(str(path), framework="pt")
+            self._path = path
+        return self._handle.get_tensor(key)
+
+    def copy_raw(self, key: str, out_fd: int) -> None:
+        path = self.base.shard_of[key]
+        info = self.base.tensors[key]
+        if path not in self._data_start:
+            with path.open("rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+            self._data_start[path] = 8 + n
+        offset, remaining = self._data_start[path] + info.start, info.nbytes
+        with path.open("rb") as src:
+            while remaining:
+                try:
+                    done = os.copy_file_range(src.fileno(), out_fd, remaining, offset)
+                except OSError:
+                    done = 0
+                if done == 0:  # not supported here: fall back to read + write in 64 MiB pieces
+                    src.seek(offset)
+                    while remaining:
+                        chunk = src.read(min(remaining, 64 << 20))
+                        os.write(out_fd, chunk)
+                        remaining -= len(chunk)
+                    return
+                offset += done
+                remaining -= done
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[name]
+
+
+def _fan_in_fan_out(kind: str, flag: bool, stored: tuple[int, ...], update: tuple[int, int]) -> bool:
+    """Whether the stored weight is the transpose of the (d_out, d_in) update: always for embeddings; from the
+    shapes when they tell (PEFT corrects a wrong flag for Conv1D / Linear the same way); else the config flag."""
+    if kind == "embedding":
+        return True
+    if update[0] != update[1]:
+        return stored == (update[1], update[0])
+    return flag
+
+
+class _Merger:
+    """Produces merged tensors: loads factors once per module and applies each adapter's update in order."""
+
+    def __init__(self, adapters: list[Adapter], device: str, reverse: bool = False) -> None:
+        self.adapters = adapters
+        self.device = device
+        self.reverse = reverse
+
+    def apply(self, plan: TensorPlan, weight: torch.Tensor) -> torch.Tensor:
+        from lora_ops import lora_delta, merge_delta, merge_dora, unmerge_delta
+
+        base_weight = weight
+        weight = weight.to(self.device)
+        for c in plan.contributions:
+            adapter = self.adapters[c.adapter]
+            m = adapter.modules[c.module]
+            loaded = adapter.source.load([m.A.name, m.B.name] + ([m.magnitude.name] if m.magnitude else []))
+            a, b = loaded[m.A.name].to(self.device), loaded[m.B.name].to(self.device)
+            fan_in_fan_out = _fan_in_fan_out(
+                m.kind, adapter.config.fan_in_fan_out, tuple(weight.shape), (m.d_out, m.d_in)
+            )
+            scale = m.scale * c.weight
+            delta = lora_delta(a, b, scale, fan_in_fan_out=fan_in_fan_out)
+            if self.reverse:
+                if m.magnitude is not None:
+                    raise UsageError(
+                        f"{adapter.path}: DoRA merges cannot be undone from the merged weights alone "
+                        "(the norm of the original weight is lost)"
+                    )
+                weight = unmerge_delta(weight, delta)
+            elif m.magnitude is not None:
+                magnitude = loaded[m.magnitude.name].to(self.device)
+                weight = merge_dora(
+                    weight, base_weight.to(self.device), delta, magnitude, fan_in_fan_out=fan_in_fan_out
+                )
+            else:
+                weight = merge_delta(weight, delta)
+        return weight.cpu()
+
+
+def _write_shard(path: Path, shard: list[TensorPlan], produce: Callable[[TensorPlan, int], None]) -> int:
+    """Write one safetensors file: header from the plans, then each tensor's bytes via ``produce(plan, fd)``."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for p in shard:
+        header[p.name] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
+        offset += p.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, struct.pack("<Q", len(raw)) + raw)
+        for p in shard:
+            before = os.lseek(fd, 0, os.SEEK_CUR)
+            produce(p, fd)
+            written = os.lseek(fd, 0, os.SEEK_CUR) - before
+            if written != p.nbytes:
+                raise OSError(f"wrote {written} bytes for {p.name}, expected {p.nbytes}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return 8 + len(raw) + offset
+
+
+def _write_tensor(fd: int, t: torch.Tensor) -> None:
+    import torch
+
+    data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    view = memoryview(data.data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _copy_side_files(base: Path, out: Path, config_updates: dict[str, Any]) -> None:
+    for f in sorted(base.iterdir()):
+        if not f.is_file() or f.name.startswith(".") or f.name == INDEX_FILE or f.suffix in WEIGHT_SUFFIXES:
+            continue
+        if f.name == "config.json" and config_updates:
+            cfg = json.loads(f.read_text())
+            cfg.update(config_updates)
+            (out / f.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        else:
+            shutil.copy2(f, out / f.name)
+
+
+def run_merge(
+    base: BaseView | str | Path,
+    adapters: list[Adapter],
+    out: str | Path,
+    *,
+    weights: list[float] | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    reverse: bool = False,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Merge (or with ``reverse``, unmerge) ``adapters`` into ``base``, streaming, into ``out`` atomically.
+
+    Every adapter is validated against the base first; a misfit raises before anything is written.
+    """
+    started = time.perf_counter()
+    view = base if isinstance(base, BaseView) else open_base(base)
+    weights = weights if weights is not None else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise UsageError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    out_dtype = None if dtype == "auto" else DTYPES[dtype]
+    if Path(out).resolve() == view.path.resolve():
+        raise UsageError("the output folder is the base folder: choose another -o (inputs are never modified)")
+    for a in adapters:
+        require_valid(a, base=view)
+    plans = plan_merge(view, adapters, weights, out_dtype)
+    shards = plan_shards(plans, parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size)
+    reader = _BaseReader(view)
+    merger = _Merger(adapters, device, reverse=reverse)
+    total = sum(p.nbytes for p in plans)
+    done = 0
+
+    def produce(p: TensorPlan, fd: int) -> None:
+        nonlocal done
+        source_info = view.tensors[p.source]
+        if not p.touched and p.dtype == source_info.dtype:
+            reader.copy_raw(p.source, fd)
+        else:
+            t = adapters[p.replacement[0]].tensor(p.replacement[1]) if p.replacement else reader.tensor(p.source)
+            if p.dtype in ("F16", "BF16", "F32", "F64"):
+                t = t.to(_torch_dtype(p.dtype))  # as if the base were loaded in the output dtype, then merged
+            if p.contributions:
+                t = merger.apply(p, t)
+            _write_tensor(fd, t)
+        done += p.nbytes
+        if progress:
+            progress(done, total)
+
+    untied = sorted(p.name for p in plans if p.source != p.name)
+    updates: dict[str, Any] = {"tie_word_embeddings": False} if untied else {}
+    if out_dtype:
+        updates["torch_dtype"] = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[out_dtype]
+    written = 0
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        names = (
+            [SINGLE_FILE]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        for name, shard in zip(names, shards, strict=True):
+            written += _write_shard(tmp / name, shard, produce)
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {p.name: name for name, shard in zip(names, shards, strict=True) for p in shard},
+            }
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _copy_side_files(view.path, tmp, updates)
+    return MergeResult(
+        path=Path(out),
+        tensors=len(plans),
+        tensors_merged=sum(bool(p.contributions) for p in plans),
+        tensors_replaced=sum(p.replacement is not None for p in plans),
+        modules=sum(len(p.contributions) for p in plans),
+        shards=len(shards),
+        bytes_written=written,
+        seconds=time.perf_counter() - started,
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        device=device,
+        untied=untied,
+        warnings=[
+            f"untied {', '.join(untied)} from the input embedding: the adapter changes only one side, so "
+            "the output stores both and sets tie_word_embeddings=false"
+        ]
+        if untied
+        else [],
+    )

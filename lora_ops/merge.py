@@ -1,0 +1,92 @@
+"""Adding LoRA updates to base weights with PEFT's exact arithmetic, so merged tensors match PEFT bit for bit.
+
+PEFT (``peft.tuners.lora.layer.Linear.merge`` / ``get_delta_weight``) computes the update in the adapter's
+dtype (float32: adapters load in float32 even on half-precision bases), as
+``transpose(B @ A, fan_in_fan_out) * scale``, and adds it in place: ``W += delta`` promotes to float32 and
+rounds once back to W's dtype. DoRA rescales rows by ``m / ||W + delta||`` (norm of the *unmerged* weight).
+Embeddings store A (r, num_embeddings) and B (embedding_dim, r); their update is always transposed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lora_ops.errors import ShapeMismatchError
+
+
+def _transpose(t: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return t.T if fan_in_fan_out else t
+
+
+def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float, *, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """PEFT's update ``transpose(B @ A, fan_in_fan_out) * scale``.
+
+    Args:
+        A: (r, d_in); B: (d_out, r). Half-precision factors are computed in float32, as PEFT loads them.
+        fan_in_fan_out: the base stores the weight as (d_in, d_out) (GPT-2's Conv1D, embeddings).
+
+    Returns:
+        (d_out, d_in), or (d_in, d_out) with ``fan_in_fan_out``.
+
+    Example:
+        >>> lora_delta(torch.ones(1, 3), torch.ones(2, 1), 0.5).shape
+        torch.Size([2, 3])
+    """
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        raise ShapeMismatchError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit (A (r, d_in), B (d_out, r))")
+    if A.dtype in (torch.float16, torch.bfloat16):
+        A = A.float()
+    if B.dtype in (torch.float16, torch.bfloat16):
+        B = B.float()
+    return _transpose(B @ A, fan_in_fan_out) * scale
+
+
+def merge_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``weight + delta`` computed in the wider dtype and rounded once to ``weight.dtype`` (PEFT's ``W += delta``).
+
+    Example:
+        >>> merge_delta(torch.ones(2, dtype=torch.bfloat16), torch.full((2,), 1e-3)).dtype
+        torch.bfloat16
+    """
+    if weight.shape != delta.shape:
+        raise ShapeMismatchError(f"weight {tuple(weight.shape)} and update {tuple(delta.shape)} differ in shape")
+    out = weight.clone()
+    out += delta
+    return out
+
+
+def unmerge_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """PEFT's unmerge: ``weight - delta.to(weight.dtype)`` (exact in float32 only up to rounding)."""
+    if weight.shape != delta.shape:
+        raise ShapeMismatchError(f"weight {tuple(weight.shape)} and update {tuple(delta.shape)} differ in shape")
+    out = weight.clone()
+    out -= delta.to(weight.dtype)
+    return out
+
+
+def merge_dora(
+    weight: torch.Tensor,
+    base_weight: torch.Tensor,
+    delta: torch.Tensor,
+    magnitude: torch.Tensor,
+    *,
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """PEFT's DoRA merge: ``(m / ||transpose(W0) + delta_t||_row) * (weight + delta)``, rounded to weight.dtype.
+
+    Args:
+        weight: the current weight (base, or base with earlier adapters merged), as stored.
+        base_weight: the unmerged base weight W0 (the norm is taken on it, as PEFT's forward does).
+        delta: :func:`lora_delta` output, in the stored layout.
+        magnitude: (d_out,) DoRA magnitude vector.
+    """
+    lora_weight = _transpose(delta, fan_in_fan_out)
+    w = _transpose(base_weight, fan_in_fan_out)
+    w = w + 1 * lora_weight
+    weight_norm = torch.linalg.norm(w, dim=1).to(w.dtype)
+    factor = magnitude / weight_norm
+    factor = _transpose(factor.view(-1, 1), fan_in_fan_out)
+    return (factor * (weight.data + delta)).to(weight.dtype)
+
+
+__all__ = ["lora_delta", "merge_delta", "merge_dora", "unmerge_delta"]
