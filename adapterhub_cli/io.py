@@ -240,20 +240,44 @@ def load_safetensors(
 ) -> dict[str, torch.Tensor]:
     """Load tensors (all, or ``names``) from a safetensors file whose header is checked first.
 
+    Each tensor is read with ``pread`` into its own buffer rather than through a memory map, so reading a
+    few tensors of a large file keeps only those few in memory (mapped pages would count as resident).
     Pass the ``header`` already read by :func:`read_header` to skip reading it again.
     """
-    from safetensors import safe_open
-
     header = header or read_header(path)
     wanted = list(header.tensors) if names is None else names
+    data_start = 8 + header.header_size
     out = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for name in wanted:
-                out[name] = f.get_tensor(name)
-    except Exception as e:  # the safetensors library raises its own SafetensorError / OSError
-        raise CorruptFileError(f"cannot read tensors: {e}", path=path) from e
+    with Path(path).open("rb") as f:
+        for name in wanted:
+            info = header.tensors.get(name)
+            if info is None:
+                raise CorruptFileError(f"no tensor named {name!r}", path=path, module=name)
+            out[name] = read_tensor(f.fileno(), info, data_start, path=Path(path))
     return out
+
+
+def read_tensor(fd: int, info: TensorInfo, data_start: int, *, path: Path | None = None) -> torch.Tensor:
+    """One tensor (checked header entry ``info``) read from an open safetensors file descriptor."""
+    import torch
+
+    if not _ST_TO_TORCH:
+        _init_st_to_torch()
+    dtype = _ST_TO_TORCH.get(info.dtype)
+    if dtype is None:
+        raise CorruptFileError(
+            f"tensor {info.name!r}: dtype {info.dtype} cannot be loaded", path=path, module=info.name
+        )
+    buf = bytearray(info.nbytes)
+    view, offset = memoryview(buf), data_start + info.start
+    while view:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            raise CorruptFileError(f"tensor {info.name!r}: the file ends early", path=path, module=info.name)
+        view, offset = view[n:], offset + n
+    if not buf:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
 
 _TORCH_TO_ST = {
@@ -270,6 +294,16 @@ _TORCH_TO_ST = {
     "float8_e4m3fn": "F8_E4M3",
     "float8_e5m2": "F8_E5M2",
 }
+
+
+_ST_TO_TORCH: dict[str, Any] = {}
+
+
+def _init_st_to_torch() -> None:
+    import torch
+
+    for torch_name, st in _TORCH_TO_ST.items():
+        _ST_TO_TORCH[st] = getattr(torch, torch_name)
 
 
 def save_safetensors(

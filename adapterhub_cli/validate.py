@@ -288,9 +288,13 @@ def _check_weights(adapter: Adapter) -> list[Finding]:
     import torch
 
     out = []
-    keys = [t.name for t in adapter.all_tensor_infos()]
-    tensors = adapter.source.load(keys)
-    for key, t in tensors.items():
+    zero_b: set[str] = set()
+    b_keys = {m.B.name for m in adapter.modules.values()}
+    for info in adapter.all_tensor_infos():  # one tensor in memory at a time
+        key = info.name
+        t = adapter.source.load([key])[key]
+        if key in b_keys and not bool(t.any()):
+            zero_b.add(key)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
             out.append(
@@ -302,7 +306,7 @@ def _check_weights(adapter: Adapter) -> list[Finding]:
                     key,
                 )
             )
-    zero = [m.name for m in adapter.modules.values() if not bool(tensors[m.B.name].any())]
+    zero = [m.name for m in adapter.modules.values() if m.B.name in zero_b]
     if zero and len(zero) == len(adapter.modules):
         out.append(
             Finding(
