@@ -268,16 +268,17 @@ def read_tensor(fd: int, info: TensorInfo, data_start: int, *, path: Path | None
         raise CorruptFileError(
             f"tensor {info.name!r}: dtype {info.dtype} cannot be loaded", path=path, module=info.name
         )
-    buf = bytearray(info.nbytes)
-    view, offset = memoryview(buf), data_start + info.start
+    # a torch allocation is 64-byte aligned (a bytearray is not, and unaligned tensors compute ~2x slower)
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    if not info.nbytes:
+        return torch.empty(info.shape, dtype=dtype)
+    view, offset = memoryview(buf.numpy().data).cast("B"), data_start + info.start
     while view:
         n = os.preadv(fd, [view], offset)
         if n == 0:
             raise CorruptFileError(f"tensor {info.name!r}: the file ends early", path=path, module=info.name)
         view, offset = view[n:], offset + n
-    if not buf:
-        return torch.empty(info.shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+    return buf.view(dtype).reshape(info.shape)
 
 
 _TORCH_TO_ST = {

@@ -10,11 +10,14 @@ complete. No model class is imported: adapter module names map onto checkpoint t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import queue
 import resource
 import shutil
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 from adapterhub_cli.artifact import Adapter
 from adapterhub_cli.base_model import INDEX_FILE, SINGLE_FILE, BaseView, open_base
 from adapterhub_cli.errors import UsageError
-from adapterhub_cli.io import DTYPE_BITS, TensorInfo, atomic_dir
+from adapterhub_cli.io import DTYPE_BITS, TensorInfo, atomic_dir, read_tensor
+from adapterhub_cli.parallel import single_threaded_torch
 from adapterhub_cli.preflight import require_valid
 
 
@@ -193,23 +197,27 @@ class _BaseReader:
         self._handle: Any = None
         self._data_start: dict[Path, int] = {}
 
-    def tensor(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path = self.base.shard_of[key]
-        if path != self._path:
-            self._handle = safe_open(str(path), framework="pt")
-            self._path = path
-        return self._handle.get_tensor(key)
-
-    def copy_raw(self, key: str, out_fd: int) -> None:
-        path = self.base.shard_of[key]
-        info = self.base.tensors[key]
+    def _start(self, path: Path) -> int:
         if path not in self._data_start:
             with path.open("rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
             self._data_start[path] = 8 + n
-        offset, remaining = self._data_start[path] + info.start, info.nbytes
+        return self._data_start[path]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """Read one tensor into its own buffer (no memory map, so only this tensor is resident)."""
+        path = self.base.shard_of[key]
+        if path != self._path:
+            if self._handle is not None:
+                self._handle.close()
+            self._handle = path.open("rb")
+            self._path = path
+        return read_tensor(self._handle.fileno(), self.base.tensors[key], self._start(path), path=path)
+
+    def copy_raw(self, key: str, out_fd: int) -> None:
+        path = self.base.shard_of[key]
+        info = self.base.tensors[key]
+        offset, remaining = self._start(path) + info.start, info.nbytes
         with path.open("rb") as src:
             while remaining:
                 try:
@@ -220,7 +228,7 @@ class _BaseReader:
                     src.seek(offset)
                     while remaining:
                         chunk = src.read(min(remaining, 64 << 20))
-                        os.write(out_fd, chunk)
+                        _write_all(out_fd, chunk)
                         remaining -= len(chunk)
                     return
                 offset += done
@@ -252,7 +260,7 @@ class _Merger:
         self.reverse = reverse
 
     def apply(self, plan: TensorPlan, weight: torch.Tensor) -> torch.Tensor:
-        from lora_ops import lora_delta, merge_delta, merge_dora, unmerge_delta
+        from lora_ops import lora_delta, merge_dora, merge_lora
 
         base_weight = weight
         weight = weight.to(self.device)
@@ -265,26 +273,68 @@ class _Merger:
                 m.kind, adapter.config.fan_in_fan_out, tuple(weight.shape), (m.d_out, m.d_in)
             )
             scale = m.scale * c.weight
-            delta = lora_delta(a, b, scale, fan_in_fan_out=fan_in_fan_out)
-            if self.reverse:
-                if m.magnitude is not None:
-                    raise UsageError(
-                        f"{adapter.path}: DoRA merges cannot be undone from the merged weights alone "
-                        "(the norm of the original weight is lost)"
-                    )
-                weight = unmerge_delta(weight, delta)
-            elif m.magnitude is not None:
+            if m.magnitude is None:
+                weight = merge_lora(weight, a, b, scale, fan_in_fan_out=fan_in_fan_out, subtract=self.reverse)
+            elif self.reverse:
+                raise UsageError(
+                    f"{adapter.path}: DoRA merges cannot be undone from the merged weights alone "
+                    "(the norm of the original weight is lost)"
+                )
+            else:
+                delta = lora_delta(a, b, scale, fan_in_fan_out=fan_in_fan_out)
                 magnitude = loaded[m.magnitude.name].to(self.device)
                 weight = merge_dora(
                     weight, base_weight.to(self.device), delta, magnitude, fan_in_fan_out=fan_in_fan_out
                 )
-            else:
-                weight = merge_delta(weight, delta)
         return weight.cpu()
 
 
-def _write_shard(path: Path, shard: list[TensorPlan], produce: Callable[[TensorPlan, int], None]) -> int:
-    """Write one safetensors file: header from the plans, then each tensor's bytes via ``produce(plan, fd)``."""
+class _AsyncWriter:
+    """Writes to a file descriptor on a background thread, in submission order, so disk writes overlap the
+    next tensor's read and merge. At most ``depth`` tensors wait in memory."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="adapters-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:
+                    job()
+            except BaseException as e:  # handed to the caller at the next submit or at close
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(job)
+
+    def drain(self) -> None:
+        self._queue.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+def _write_shard(
+    path: Path, shard: list[TensorPlan], produce: Callable[[TensorPlan], Callable[[int], None]], writer: _AsyncWriter
+) -> int:
+    """Write one safetensors file: header from the plans, then each tensor's bytes.
+
+    ``produce(plan)`` does the reading and merging here and returns the job that writes the bytes to a file
+    descriptor; the writer thread runs those jobs in order while the next tensor is produced.
+    """
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for p in shard:
@@ -294,27 +344,31 @@ def _write_shard(path: Path, shard: list[TensorPlan], produce: Callable[[TensorP
     raw += b" " * (-len(raw) % 8)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, struct.pack("<Q", len(raw)) + raw)
+        _write_all(fd, struct.pack("<Q", len(raw)) + raw)
         for p in shard:
-            before = os.lseek(fd, 0, os.SEEK_CUR)
-            produce(p, fd)
-            written = os.lseek(fd, 0, os.SEEK_CUR) - before
-            if written != p.nbytes:
-                raise OSError(f"wrote {written} bytes for {p.name}, expected {p.nbytes}")
+            writer.submit(functools.partial(produce(p), fd))
+        writer.drain()
+        size = os.fstat(fd).st_size
+        if size != 8 + len(raw) + offset:
+            raise OSError(f"{path.name} has {size} bytes, expected {8 + len(raw) + offset}")
         os.fsync(fd)
     finally:
         os.close(fd)
     return 8 + len(raw) + offset
 
 
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
 def _write_tensor(fd: int, t: torch.Tensor) -> None:
     import torch
 
     data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-    view = memoryview(data.data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+    _write_all(fd, memoryview(data.data))
 
 
 def _copy_side_files(base: Path, out: Path, config_updates: dict[str, Any]) -> None:
@@ -365,21 +419,20 @@ def run_merge(
     total = sum(p.nbytes for p in plans)
     done = 0
 
-    def produce(p: TensorPlan, fd: int) -> None:
+    def produce(p: TensorPlan) -> Callable[[int], None]:
         nonlocal done
-        source_info = view.tensors[p.source]
-        if not p.touched and p.dtype == source_info.dtype:
-            reader.copy_raw(p.source, fd)
-        else:
-            t = adapters[p.replacement[0]].tensor(p.replacement[1]) if p.replacement else reader.tensor(p.source)
-            if p.dtype in ("F16", "BF16", "F32", "F64"):
-                t = t.to(_torch_dtype(p.dtype))  # as if the base were loaded in the output dtype, then merged
-            if p.contributions:
-                t = merger.apply(p, t)
-            _write_tensor(fd, t)
         done += p.nbytes
         if progress:
             progress(done, total)
+        source_info = view.tensors[p.source]
+        if not p.touched and p.dtype == source_info.dtype:
+            return lambda fd: reader.copy_raw(p.source, fd)
+        t = adapters[p.replacement[0]].tensor(p.replacement[1]) if p.replacement else reader.tensor(p.source)
+        if p.dtype in ("F16", "BF16", "F32", "F64"):
+            t = t.to(_torch_dtype(p.dtype))  # as if the base were loaded in the output dtype, then merged
+        if p.contributions:
+            t = merger.apply(p, t)
+        return lambda fd: _write_tensor(fd, t)
 
     untied = sorted(p.name for p in plans if p.source != p.name)
     updates: dict[str, Any] = {"tie_word_embeddings": False} if untied else {}
@@ -392,8 +445,15 @@ def run_merge(
             if len(shards) == 1
             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         )
-        for name, shard in zip(names, shards, strict=True):
-            written += _write_shard(tmp / name, shard, produce)
+        writer = _AsyncWriter()
+        # one torch thread computes (small blocked GEMMs lose more to thread hand-offs than they gain), while the
+        # writer thread streams the previous tensor to disk: the two cores stay busy
+        try:
+            with single_threaded_torch():
+                for name, shard in zip(names, shards, strict=True):
+                    written += _write_shard(tmp / name, shard, produce, writer)
+        finally:
+            writer.close()
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": total},

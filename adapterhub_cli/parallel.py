@@ -14,7 +14,7 @@ R = TypeVar("R")
 
 
 @contextlib.contextmanager
-def _single_threaded_torch() -> Iterator[None]:
+def single_threaded_torch() -> Iterator[None]:
     import torch
 
     before = torch.get_num_threads()
@@ -47,7 +47,7 @@ def map_modules(
             if progress:
                 progress(i + 1, len(items))
         return out
-    with _single_threaded_torch(), ThreadPoolExecutor(n) as pool:
+    with single_threaded_torch(), ThreadPoolExecutor(n) as pool:
         results = []
         for i, r in enumerate(pool.map(fn, items)):
             results.append(r)
