@@ -9,6 +9,7 @@ names the file and the tensor, not with a crash deep inside a loader.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import itertools
 import json
@@ -371,6 +372,25 @@ def load_pickle_safely(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _sweep_stale(target: Path) -> None:
+    """Remove temporary folders that earlier runs killed mid-way (SIGKILL, power loss) left beside ``target``.
+
+    They are named ``.<target>.<pid>.<random>.incomplete``; one whose process no longer runs is garbage.
+    """
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.incomplete"):
+        parts = leftover.name[len(target.name) + 2 :].split(".")
+        try:
+            pid = int(parts[0])
+        except (ValueError, IndexError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except PermissionError:  # a live process of another user
+            continue
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``target``; on success move it into place, on error delete it.
@@ -382,7 +402,8 @@ def atomic_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists (pass overwrite to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".incomplete", dir=target.parent))
+    _sweep_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".incomplete", dir=target.parent))
     try:
         yield tmp
         if target.exists():

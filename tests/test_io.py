@@ -340,3 +340,18 @@ def test_save_safetensors_round_trips_and_is_reproducible(tmp_path: Path) -> Non
     with safe_open(tmp_path / "one.safetensors", "pt") as f:
         assert f.metadata() == meta
     assert read_header(tmp_path / "one.safetensors").header_size % 8 == 0
+
+
+def test_atomic_dir_sweeps_folders_left_by_killed_runs(tmp_path: Path) -> None:
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".out.{dead.pid}.abc.incomplete"
+    stale.mkdir()
+    (stale / "half.safetensors").write_bytes(b"x")
+    mine = tmp_path / f".out.{os.getpid()}.xyz.incomplete"  # a live process: left alone
+    mine.mkdir()
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name, "out"]

@@ -51,6 +51,7 @@ def demo_cmd(ctx: click.Context, directory: Path | None) -> None:
             "--overwrite",
         ],
         ["quantize", a, "--to", "int8", "-o", str(root / "int8"), "--overwrite"],
+        ["merge", a, "--into", str(base), "-o", str(root / "merged"), "--overwrite"],
     ]
     group = ctx.parent.command if ctx.parent else None
     assert isinstance(group, click.Group)
