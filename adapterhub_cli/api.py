@@ -10,7 +10,7 @@ from adapterhub_cli.base_model import BaseView, open_base
 from adapterhub_cli.errors import InvalidAdapterError
 from adapterhub_cli.formats import detect_format, get_format
 from adapterhub_cli.io import sha256_file
-from adapterhub_cli.merge import MergeResult, run_merge
+from adapterhub_cli.merge_engine import MergeResult, run_merge
 from adapterhub_cli.ops.combine import CombineResult, combine_adapters
 from adapterhub_cli.ops.diff import DiffReport, diff_adapters
 from adapterhub_cli.ops.quantize import QuantizeResult, dequantize_adapter, quantize_adapter

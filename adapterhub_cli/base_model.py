@@ -37,6 +37,33 @@ class BaseView:
     def name_or_path(self) -> str:
         return str(self.config.get("_name_or_path") or self.path)
 
+    def tied_embedding(self) -> str | None:
+        """The input-embedding key the output head shares when the model ties them and stores no lm_head."""
+        if not self.config.get("tie_word_embeddings", True) or "lm_head.weight" in self.tensors:
+            return None
+        heads = (
+            "ForCausalLM",
+            "LMHeadModel",
+            "ForMaskedLM",
+            "ForConditionalGeneration",
+            "ForSeq2SeqLM",
+            "ForPreTraining",
+        )
+        architectures = self.config.get("architectures") or []
+        if architectures and not any(a.endswith(heads) for a in architectures):
+            return None  # e.g. a sequence classifier: no output head shares the embedding
+        for suffix in (
+            "embed_tokens.weight",
+            "wte.weight",
+            "word_embeddings.weight",
+            "embed_in.weight",
+            "shared.weight",
+        ):
+            hits = [k for k in self.tensors if k == suffix or k.endswith("." + suffix)]
+            if len(hits) == 1:
+                return hits[0]
+        return None
+
     def find_weight(self, module: str, suffix: str = "weight") -> str | None:
         """The checkpoint key holding ``module``'s parameter, tolerating a missing or extra leading prefix.
 
@@ -52,13 +79,18 @@ class BaseView:
             if shorter in self.tensors:
                 return shorter
         ends = [k for k in self.tensors if k.endswith("." + key)]  # the checkpoint has an extra prefix
-        return ends[0] if len(ends) == 1 else None
+        if len(ends) == 1:
+            return ends[0]
+        if key == "lm_head.weight":  # a tied head is stored only as the input embedding
+            return self.tied_embedding()
+        return None
 
     def module_names(self) -> list[str]:
         """Names of modules with a ``.weight`` of two or more dimensions (linear, conv, embedding)."""
-        return sorted(
-            k[: -len(".weight")] for k, t in self.tensors.items() if k.endswith(".weight") and len(t.shape) >= 2
-        )
+        names = {k[: -len(".weight")] for k, t in self.tensors.items() if k.endswith(".weight") and len(t.shape) >= 2}
+        if self.tied_embedding():
+            names.add("lm_head")
+        return sorted(names)
 
 
 def open_base(path: str | Path) -> BaseView:

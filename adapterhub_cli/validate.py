@@ -209,7 +209,7 @@ def _check_extra_tensors(adapter: Adapter, base: BaseView) -> list[Finding]:
     out = []
     saved = adapter.config.modules_to_save or []
     for name, info in adapter.extra_tensors.items():
-        key = base.find_weight(name, suffix="")
+        key = base.find_weight(name.replace(".base_layer.", "."), suffix="")
         if key is None:
             out.append(
                 Finding(

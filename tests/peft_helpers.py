@@ -35,3 +35,54 @@ def dense_delta(layer: LoraLayer, dtype: torch.dtype = torch.float64) -> torch.T
 def logits(model: torch.nn.Module, vocab_size: int = 128) -> torch.Tensor:
     out = model(input_ids=sample_input_ids(vocab_size=vocab_size))
     return out.logits.detach().to(torch.float64)
+
+
+# ----------------------------------------------------------------------- merge comparisons
+
+
+def load_base(base_dir: Path, task: str = "causal-lm", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Like ``fixtures_models.load_base_model`` but in a chosen dtype (None: as stored)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification}[task]
+    model = auto.from_pretrained(str(base_dir), dtype=dtype if dtype is not None else "auto")
+    model.eval()
+    return model
+
+
+def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every ``*.safetensors`` file in ``folder`` (single file or shards), by name."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        part = load_file(str(f))
+        assert not set(part) & set(tensors), f"{f.name} repeats tensors"
+        tensors.update(part)
+    return tensors
+
+
+def tree_sha256(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder``, by relative path (to show inputs are never modified)."""
+    import hashlib
+
+    folder = Path(folder)
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@torch.no_grad()
+def randomize_embedding_lora(model: PeftModel, *, seed: int, scale: float = 0.1) -> None:
+    """Give embedding LoRA layers (``lora_embedding_A`` / ``_B``, left alone by the fixture randomiser) non-zero,
+    deterministic values."""
+    gen = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    for name in sorted(params):
+        p = params[name]
+        if ".lora_embedding_A." in name:
+            p.copy_(torch.randn(p.shape, generator=gen).to(p.dtype))
+        elif ".lora_embedding_B." in name:
+            p.copy_((torch.randn(p.shape, generator=gen) * scale).to(p.dtype))

@@ -91,14 +91,7 @@ class MergeResult:
 
 
 def _tied_embedding(base: BaseView) -> str | None:
-    """The input-embedding key the output head shares when the model ties them and stores no lm_head."""
-    if not base.config.get("tie_word_embeddings", True) or "lm_head.weight" in base.tensors:
-        return None
-    for suffix in ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight"):
-        hits = [k for k in base.tensors if k == suffix or k.endswith("." + suffix)]
-        if len(hits) == 1:
-            return hits[0]
-    return None
+    return base.tied_embedding()
 
 
 def plan_merge(
@@ -133,9 +126,19 @@ def plan_merge(
             assert key is not None  # validation ran first
             plans[key].contributions.append(Contribution(i, m.name, w))
         for name, info in adapter.extra_tensors.items():
-            key = base.find_weight(name, suffix="")
-            assert key is not None
-            plans[key].replacement = (i, info.name)
+            # PEFT saves a targeted embedding / head as `<module>.base_layer.weight` (save_embedding_layers)
+            target = name.replace(".base_layer.", ".")
+            if tied and target.split(".")[-2:] == ["lm_head", "weight"]:
+                plan = plans.setdefault(
+                    "lm_head.weight",
+                    TensorPlan(name="lm_head.weight", source=tied, dtype=plans[tied].dtype, shape=plans[tied].shape),
+                )
+            else:
+                key = base.find_weight(target, suffix="")
+                if key is None:
+                    raise UsageError(f"{adapter.path}: saved tensor {name!r} has no counterpart in the base")
+                plan = plans[key]
+            plan.replacement = (i, info.name)
     if tied and plans[tied].touched and "lm_head.weight" not in plans:
         plans["lm_head.weight"] = TensorPlan(
             name="lm_head.weight", source=tied, dtype=plans[tied].dtype, shape=plans[tied].shape
@@ -437,7 +440,9 @@ def run_merge(
     untied = sorted(p.name for p in plans if p.source != p.name)
     updates: dict[str, Any] = {"tie_word_embeddings": False} if untied else {}
     if out_dtype:
-        updates["torch_dtype"] = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[out_dtype]
+        # transformers >= 4.56 writes and reads "dtype", older versions "torch_dtype": update what the base has
+        keys = [k for k in ("dtype", "torch_dtype") if k in view.config] or ["torch_dtype"]
+        updates.update(dict.fromkeys(keys, {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[out_dtype]))
     written = 0
     with atomic_dir(out, overwrite=overwrite) as tmp:
         names = (

@@ -1,0 +1,170 @@
+"""`merge` under faults: a killed merge or a full disk leaves no output folder, an existing output is replaced only
+with --overwrite, and the inputs are never modified."""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from peft_helpers import read_checkpoint, tree_sha256
+
+import adapterhub_cli as ah
+from adapterhub_cli.cli.main import build_cli
+
+
+ENGINE = importlib.import_module("adapterhub_cli.merge_engine")
+
+
+def cli(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(build_cli(), [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir())
+
+
+# ------------------------------------------------------------------------------- SIGKILL
+
+KILLED_MERGE = textwrap.dedent(
+    """
+    import importlib, sys, time
+    from pathlib import Path
+    import adapterhub_cli as ah
+
+    adapter, base, out, marker = sys.argv[1:]
+    engine = importlib.import_module("adapterhub_cli.merge_engine")
+    write_tensor = engine._write_tensor
+
+    def stalled(fd, t):  # the first merged tensor: announce, then hang until killed
+        Path(marker).touch()
+        time.sleep(120)
+        write_tensor(fd, t)
+
+    engine._write_tensor = stalled
+    ah.merge(adapter, base=base, out=out)
+    """
+)
+
+
+def test_killed_merge_leaves_no_output(llama_base, llama_lora, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    out, marker = work / "merged", tmp_path / "writing"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MERGE, str(llama_lora), str(llama_base), str(out), str(marker)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "the merge never reached its first merged tensor"
+            time.sleep(0.05)
+        temp = list(work.glob(".merged.*.incomplete"))
+        assert len(temp) == 1 and (temp[0] / "model.safetensors").exists()  # mid-way through the shard
+        assert not out.exists()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    # a SIGKILLed process cannot clean up: the only trace is its clearly named temporary folder
+    assert leftovers(work) == [temp[0].name]
+
+    # the next merge to the same OUT is not disturbed by the stale folder
+    ah.merge(llama_lora, base=llama_base, out=out)
+    assert (out / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------- full disk
+
+
+class _FullDisk:
+    """Stands in for the ``os`` module inside the merge engine: ``write`` fails with ENOSPC after ``allowed`` calls;
+    ``copy_file_range`` (raw copies) is refused so those bytes go through ``write`` too."""
+
+    def __init__(self, allowed: int) -> None:
+        self.allowed = allowed
+        self.calls = 0
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+    def write(self, fd: int, data) -> int:
+        self.calls += 1
+        if self.calls > self.allowed:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.write(fd, data)
+
+    def copy_file_range(self, *args, **kwargs) -> int:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+
+@pytest.mark.parametrize("allowed", [0, 5])
+def test_full_disk_gives_clear_error_and_no_output(llama_base_sharded, llama_lora, tmp_path, monkeypatch, allowed):
+    disk = _FullDisk(allowed)
+    monkeypatch.setattr(ENGINE, "os", disk)
+    out = tmp_path / "merged"
+    code, output = cli("merge", llama_lora, "--into", llama_base_sharded, "-o", out, "--max-shard-size", "100KB")
+    assert disk.calls == allowed + 1  # it failed where the disk filled up, and did not go on writing
+    assert code == 2, output
+    assert "No space left" in output and "Traceback" not in output
+    assert leftovers(tmp_path) == []  # no OUT, and the temporary folder is gone
+
+
+# ---------------------------------------------------------------------------- overwrite
+
+
+def test_existing_output_needs_overwrite(llama_base, llama_lora, llama_rslora, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, output = cli("merge", llama_lora, "--into", llama_base, "-o", out)
+    assert code == 2 and "already exists" in output and "--overwrite" in output
+    assert leftovers(out) == ["keep.txt"] and leftovers(tmp_path) == ["merged"]
+
+    code, output = cli("merge", llama_lora, "--into", llama_base, "-o", out, "--overwrite", "--json")
+    assert code == 0, output
+    assert json.loads(output)["path"] == str(out)
+    assert leftovers(out) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert leftovers(tmp_path) == ["merged"]  # no temporary or old folder left behind
+
+    # replacing one merge with another
+    first = read_checkpoint(out)
+    ah.merge(llama_rslora, base=llama_base, out=out, overwrite=True)
+    ah.merge(llama_rslora, base=llama_base, out=tmp_path / "fresh")
+    second, fresh = read_checkpoint(out), read_checkpoint(tmp_path / "fresh")
+    assert all(torch.equal(second[k], fresh[k]) for k in fresh)
+    assert any(not torch.equal(second[k], first[k]) for k in first)
+    with pytest.raises(FileExistsError):
+        ah.merge(llama_lora, base=llama_base, out=out)
+
+
+# -------------------------------------------------------------------------- inputs kept
+
+
+def test_inputs_never_modified(llama_base_sharded, roberta_base, llama_lora, roberta_lora, copy_adapter, tmp_path):
+    cases = [
+        (copy_adapter(llama_lora), copy_adapter(llama_base_sharded), {"max_shard_size": "100KB", "dtype": "bf16"}),
+        (copy_adapter(roberta_lora), copy_adapter(roberta_base), {}),  # modules_to_save copies replace tensors
+    ]
+    for i, (adapter, base, kwargs) in enumerate(cases):
+        before = {p: tree_sha256(p) for p in (adapter, base)}
+        mtimes = {p: p.stat().st_mtime_ns for p in (adapter, base)}
+        ah.merge(adapter, base=base, out=tmp_path / f"m{i}", **kwargs)
+        ah.unmerge(adapter, merged=tmp_path / f"m{i}", out=tmp_path / f"u{i}")
+        assert {p: tree_sha256(p) for p in (adapter, base)} == before
+        assert {p: p.stat().st_mtime_ns for p in (adapter, base)} == mtimes  # nothing added or removed
