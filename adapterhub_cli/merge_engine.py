@@ -415,6 +415,12 @@ def run_merge(
         raise UsageError("the output folder is the base folder: choose another -o (inputs are never modified)")
     for a in adapters:
         require_valid(a, base=view)
+        if reverse and any(m.magnitude is not None for m in a.modules.values()):
+            raise UsageError(
+                f"{a.path}: DoRA merges cannot be undone from the merged weights alone (the norm of "
+                "the original weight is lost)",
+                hint="merge into the original base again instead",
+            )
     plans = plan_merge(view, adapters, weights, out_dtype)
     shards = plan_shards(plans, parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size)
     reader = _BaseReader(view)
