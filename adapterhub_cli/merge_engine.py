@@ -20,6 +20,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -428,15 +429,29 @@ def run_merge(
     total = sum(p.nbytes for p in plans)
     done = 0
 
+    def copied(p: TensorPlan) -> bool:
+        return not p.touched and p.dtype == view.tensors[p.source].dtype
+
+    def fetch(p: TensorPlan) -> torch.Tensor:
+        return adapters[p.replacement[0]].tensor(p.replacement[1]) if p.replacement else reader.tensor(p.source)
+
+    # the next tensor to merge is read on a helper thread while this one is merged (one tensor ahead)
+    to_read = [p for shard in shards for p in shard if not copied(p)]
+    position = {p.name: i for i, p in enumerate(to_read)}
+    pending: dict[str, Future[torch.Tensor]] = {}
+
     def produce(p: TensorPlan) -> Callable[[int], None]:
         nonlocal done
         done += p.nbytes
         if progress:
             progress(done, total)
-        source_info = view.tensors[p.source]
-        if not p.touched and p.dtype == source_info.dtype:
+        if copied(p):
             return lambda fd: reader.copy_raw(p.source, fd)
-        t = adapters[p.replacement[0]].tensor(p.replacement[1]) if p.replacement else reader.tensor(p.source)
+        future = pending.pop(p.name, None) or prefetcher.submit(fetch, p)
+        i = position[p.name] + 1
+        if i < len(to_read) and to_read[i].name not in pending:
+            pending[to_read[i].name] = prefetcher.submit(fetch, to_read[i])
+        t = future.result()
         if p.dtype in ("F16", "BF16", "F32", "F64"):
             t = t.to(_torch_dtype(p.dtype))  # as if the base were loaded in the output dtype, then merged
         if p.contributions:
@@ -457,6 +472,7 @@ def run_merge(
             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         )
         writer = _AsyncWriter()
+        prefetcher = ThreadPoolExecutor(1, thread_name_prefix="adapters-reader")
         # one torch thread computes (small blocked GEMMs lose more to thread hand-offs than they gain), while the
         # writer thread streams the previous tensor to disk: the two cores stay busy
         try:
@@ -465,6 +481,7 @@ def run_merge(
                     written += _write_shard(tmp / name, shard, produce, writer)
         finally:
             writer.close()
+            prefetcher.shutdown(cancel_futures=True)
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": total},
