@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect as _pyinspect
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapterhub_cli.artifact import Adapter
 from adapterhub_cli.base_model import BaseView, open_base
@@ -15,8 +16,15 @@ from adapterhub_cli.ops.combine import CombineResult, combine_adapters
 from adapterhub_cli.ops.diff import DiffReport, diff_adapters
 from adapterhub_cli.ops.quantize import QuantizeResult, dequantize_adapter, quantize_adapter
 from adapterhub_cli.ops.reduce import Progress, ReduceResult, reduce_adapter
+from adapterhub_cli.ref import AdapterRef, is_hub_ref
 from adapterhub_cli.report import InspectReport, build_report
 from adapterhub_cli.validate import ValidationReport, validate_against
+
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
+    from adapterhub_cli.hub import PullResult, PushResult, VersionInfo
 
 
 AdapterLike = Adapter | str | Path
@@ -24,27 +32,50 @@ BaseLike = BaseView | str | Path
 
 
 def load(
-    source: AdapterLike, *, format: str | None = None, allow_pickle: bool = False, strict: bool = True
+    source: AdapterLike | AdapterRef,
+    *,
+    format: str | None = None,
+    allow_pickle: bool = False,
+    strict: bool = True,
+    api: HfApi | None = None,
+    token: str | None = None,
 ) -> Adapter:
     """Read an adapter's config and tensor headers (weights load lazily).
 
     Args:
-        source: a PEFT adapter folder, a bare adapter ``.safetensors`` file, or an :class:`Adapter` (returned as is).
+        source: a PEFT adapter folder, a bare adapter ``.safetensors`` file, an :class:`Adapter` (returned as
+            is), or a Hub ref (``org/name@v1.2.0``, ``org/name@latest``, ``org/name@^1.2``, ``hf://org/name@rev``):
+            its config and the safetensors header are read by HTTP range requests, and the weight file is
+            fetched into the HF cache only when a tensor is first needed.
         format: a registered format name; by default the format is detected.
         allow_pickle: accept a legacy ``adapter_model.bin``, loaded with ``torch.load(weights_only=True)``.
         strict: refuse an adapter whose config disagrees with its tensors (a wrong ``r`` / ``rank_pattern``
             would silently give every module the wrong scale). ``validate`` reads with ``strict=False`` and
             reports the same problem as a finding.
+        api, token: the ``huggingface_hub.HfApi`` (endpoint) and token for a Hub ref; by default ``HfApi()``.
 
     Raises:
-        AdapterNotFoundError, InvalidAdapterError, CorruptFileError, UnsafeFileError, UnknownFormatError.
+        AdapterNotFoundError, InvalidAdapterError, CorruptFileError, UnsafeFileError, UnknownFormatError,
+        HubError (HubNotFoundError, HubAuthError) for a Hub ref.
     """
     if isinstance(source, Adapter):
         return source
-    path = Path(source)
-    fmt = get_format(format) if format else detect_format(path)
-    kwargs = {"allow_pickle": allow_pickle} if "allow_pickle" in _pyinspect.signature(fmt.read).parameters else {}
-    adapter = fmt.read(path, **kwargs)
+    if is_hub_ref(source):
+        from adapterhub_cli.hub_base import open_remote_adapter
+
+        ref = source if isinstance(source, AdapterRef) else AdapterRef.parse(str(source))
+        adapter = open_remote_adapter(ref, api=api, token=token, allow_pickle=allow_pickle)
+        path = adapter.path
+    else:
+        from adapterhub_cli.hub import pulled_from
+
+        path = Path(str(source))
+        fmt = get_format(format) if format else detect_format(path)
+        kwargs = {"allow_pickle": allow_pickle} if "allow_pickle" in _pyinspect.signature(fmt.read).parameters else {}
+        adapter = fmt.read(path, **kwargs)
+        pinned = pulled_from(path) if path.is_dir() else None
+        if pinned and adapter.provenance is not None:
+            adapter.provenance.source = pinned  # pulled from the Hub: keep the pinned commit
     if strict and not adapter.config_inferred:
         for m in adapter.modules.values():
             want = adapter.config.rank_for(m.name)
@@ -200,6 +231,7 @@ def merge(
     device: str = "cpu",
     dtype: str = "auto",
     max_shard_size: str | int = "5GB",
+    quantize: str | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> MergeResult:
@@ -216,6 +248,9 @@ def merge(
         device: where updates are computed (``cpu``, ``cuda``, ``cuda:1``).
         dtype: ``auto`` keeps the base's dtypes; ``bf16`` / ``fp16`` / ``fp32`` converts floating tensors first.
         max_shard_size: largest output shard (e.g. ``"5GB"``, ``"500MB"``).
+        quantize: write the output in bitsandbytes' layout (``"nf4"``, ``"fp4"``, ``"int8"``) that transformers
+            loads with its quantization config. A base saved by transformers with bitsandbytes is read
+            (dequantized weight by weight) either way; without ``quantize`` its merge is written in 16 bits.
     """
     items = adapters if isinstance(adapters, list) else [adapters]
     return run_merge(
@@ -226,6 +261,7 @@ def merge(
         device=device,
         dtype=dtype,
         max_shard_size=max_shard_size,
+        quantize=quantize,
         overwrite=overwrite,
         progress=progress,
     )
@@ -261,6 +297,62 @@ def unmerge(
     )
 
 
+def push(
+    source: str | Path,
+    repo_id: str,
+    *,
+    version: str,
+    private: bool = False,
+    message: str | None = None,
+    force: bool = False,
+    base_model: str | None = None,
+    api: HfApi | None = None,
+    token: str | None = None,
+) -> PushResult:
+    """Validate a local adapter (or merged model) and publish it to the Hub as ``repo_id@v{version}``.
+
+    Validation runs alone and against the declared base when reachable; the model card is written or
+    updated; config, safetensors and card go up in one commit, tagged ``v{version}``. An existing version
+    is never moved; a version lower than the latest is refused unless ``force``. See :func:`hub.push`.
+    """
+    from adapterhub_cli import hub
+
+    return hub.push(
+        source,
+        repo_id,
+        version=version,
+        api=api,
+        token=token,
+        private=private,
+        message=message,
+        force=force,
+        base_model=base_model,
+    )
+
+
+def pull(
+    ref: str | AdapterRef,
+    *,
+    out: str | Path | None = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    api: HfApi | None = None,
+    token: str | None = None,
+) -> PullResult:
+    """Download an adapter's files at the commit ``ref`` resolves to (``@v1.2.0``, ``@latest``, ``@^1.2``,
+    a branch or a commit), sha256-checked against the Hub's LFS metadata, into the HF cache or ``out``."""
+    from adapterhub_cli import hub
+
+    return hub.pull(ref, out=out, api=api, token=token, allow_pickle=allow_pickle, overwrite=overwrite)
+
+
+def versions(repo_id: str, *, api: HfApi | None = None, token: str | None = None) -> list[VersionInfo]:
+    """The published versions (tags) of a Hub repo with their commits, dates and messages, newest first."""
+    from adapterhub_cli import hub
+
+    return hub.versions(repo_id, api=api, token=token)
+
+
 __all__ = [
     "combine",
     "dequantize",
@@ -269,8 +361,11 @@ __all__ = [
     "load",
     "merge",
     "open_base",
+    "pull",
+    "push",
     "quantize",
     "reduce",
     "unmerge",
     "validate",
+    "versions",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import queue
 import resource
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int], None]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+CONV1D_MODEL_TYPES = ("gpt2", "gpt_bigcode", "openai-gpt")
 
 
 @dataclass(frozen=True)
@@ -60,13 +62,22 @@ class TensorPlan:
     shape: tuple[int, ...]
     contributions: list[Contribution] = field(default_factory=list)
     replacement: tuple[int, str] | None = None  # (adapter index, stored key) of a modules_to_save copy
+    #: with bitsandbytes output: the stored tensors (key, dtype, shape) the quantized weight becomes
+    quantized_entries: list[tuple[str, str, tuple[int, ...]]] | None = None
+
+    @property
+    def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        return self.quantized_entries or [(self.name, self.dtype, self.shape)]
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return (n * DTYPE_BITS[self.dtype] + 7) // 8
+        total = 0
+        for _, dtype, shape in self.entries:
+            n = 1
+            for d in shape:
+                n *= d
+            total += (n * DTYPE_BITS[dtype] + 7) // 8
+        return total
 
     @property
     def touched(self) -> bool:
@@ -342,8 +353,10 @@ def _write_shard(
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for p in shard:
-        header[p.name] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
-        offset += p.nbytes
+        for key, dtype, shape in p.entries:
+            n = (math.prod(shape) * DTYPE_BITS[dtype] + 7) // 8
+            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -375,13 +388,15 @@ def _write_tensor(fd: int, t: torch.Tensor) -> None:
     _write_all(fd, memoryview(data.data))
 
 
-def _copy_side_files(base: Path, out: Path, config_updates: dict[str, Any]) -> None:
+def _copy_side_files(base: Path, out: Path, config_updates: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
     for f in sorted(base.iterdir()):
         if not f.is_file() or f.name.startswith(".") or f.name == INDEX_FILE or f.suffix in WEIGHT_SUFFIXES:
             continue
-        if f.name == "config.json" and config_updates:
+        if f.name == "config.json" and (config_updates or drop):
             cfg = json.loads(f.read_text())
             cfg.update(config_updates)
+            for key in drop:
+                cfg.pop(key, None)
             (out / f.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         else:
             shutil.copy2(f, out / f.name)
@@ -398,14 +413,30 @@ def run_merge(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     reverse: bool = False,
+    quantize: str | None = None,
     progress: Progress | None = None,
 ) -> MergeResult:
     """Merge (or with ``reverse``, unmerge) ``adapters`` into ``base``, streaming, into ``out`` atomically.
 
-    Every adapter is validated against the base first; a misfit raises before anything is written.
+    Every adapter is validated against the base first; a misfit raises before anything is written. A base
+    saved by transformers with bitsandbytes (nf4 / fp4 / int8) is dequantized weight by weight; the output is
+    16-bit unless ``quantize`` ("nf4", "fp4" or "int8") asks for the bitsandbytes layout transformers loads.
     """
+    from adapterhub_cli import bnb
+
     started = time.perf_counter()
-    view = base if isinstance(base, BaseView) else open_base(base)
+    stored = base if isinstance(base, BaseView) else open_base(base)
+    scheme_in = bnb.bnb_scheme(stored.config)
+    if quantize is not None and quantize not in bnb.SCHEMES:
+        raise UsageError(f"unknown quantization {quantize!r}; choose one of {', '.join(bnb.SCHEMES)}")
+    if (scheme_in or quantize) and stored.config.get("model_type") in CONV1D_MODEL_TYPES:
+        raise UsageError(
+            f"bitsandbytes checkpoints of {stored.config.get('model_type')} models (Conv1D layers) are "
+            "not supported yet",
+            hint="merge into the 16-bit base without --quantize",
+        )
+    view = bnb.logical_view(stored) if scheme_in else stored
+    quantized_in = bnb.companions(stored) if scheme_in else {}
     weights = weights if weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise UsageError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
@@ -423,17 +454,32 @@ def run_merge(
                 hint="merge into the original base again instead",
             )
     plans = plan_merge(view, adapters, weights, out_dtype)
+    if quantize:
+        for p in plans:
+            wanted = p.source in quantized_in if scheme_in else bnb.should_quantize(p.name, p.shape, view.config)
+            if wanted and len(p.shape) == 2 and p.dtype in ("BF16", "F16", "F32"):
+                shape = (p.shape[0], p.shape[1])
+                p.quantized_entries = bnb.planned_entries(p.name, shape, quantize, compute_dtype=p.dtype)
     shards = plan_shards(plans, parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size)
-    reader = _BaseReader(view)
+    reader = _BaseReader(stored)
     merger = _Merger(adapters, device, reverse=reverse)
     total = sum(p.nbytes for p in plans)
     done = 0
 
     def copied(p: TensorPlan) -> bool:
-        return not p.touched and p.dtype == view.tensors[p.source].dtype
+        return (
+            not p.touched
+            and p.dtype == view.tensors[p.source].dtype
+            and p.source not in quantized_in
+            and p.quantized_entries is None
+        )
 
     def fetch(p: TensorPlan) -> torch.Tensor:
-        return adapters[p.replacement[0]].tensor(p.replacement[1]) if p.replacement else reader.tensor(p.source)
+        if p.replacement:
+            return adapters[p.replacement[0]].tensor(p.replacement[1])
+        if p.source in quantized_in:
+            return bnb.dequantize_weight(reader.tensor, p.source, stored)
+        return reader.tensor(p.source)
 
     # the next tensor to merge is read on a helper thread while this one is merged (one tensor ahead)
     to_read = [p for shard in shards for p in shard if not copied(p)]
@@ -456,6 +502,15 @@ def run_merge(
             t = t.to(_torch_dtype(p.dtype))  # as if the base were loaded in the output dtype, then merged
         if p.contributions:
             t = merger.apply(p, t)
+        if quantize and p.quantized_entries:
+            parts = bnb.quantize_weight(t, p.name, quantize, compute_dtype=t.dtype)
+            order = [key for key, _, _ in p.entries]
+
+            def write_parts(fd: int) -> None:
+                for key in order:
+                    _write_tensor(fd, parts[key])
+
+            return write_parts
         return lambda fd: _write_tensor(fd, t)
 
     untied = sorted(p.name for p in plans if p.source != p.name)
@@ -488,7 +543,14 @@ def run_merge(
                 "weight_map": {p.name: name for name, shard in zip(names, shards, strict=True) for p in shard},
             }
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        _copy_side_files(view.path, tmp, updates)
+        drop: tuple[str, ...] = ()
+        if quantize:
+            dtypes = {p.dtype for p in plans if p.quantized_entries}
+            compute = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtypes.pop() if dtypes else "BF16"]
+            updates["quantization_config"] = bnb.quantization_config(quantize, compute)
+        elif scheme_in:
+            drop = ("quantization_config",)  # written in 16 bits: a plain checkpoint
+        _copy_side_files(view.path, tmp, updates, drop)
     return MergeResult(
         path=Path(out),
         tensors=len(plans),

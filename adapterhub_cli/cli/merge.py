@@ -59,6 +59,13 @@ def _report(result: object, as_json: bool, verb: str) -> None:
     help="Output dtype of floating tensors (auto keeps the base's).",
 )
 @shard_option
+@click.option(
+    "--quantize",
+    type=click.Choice(["nf4", "fp4", "int8"]),
+    default=None,
+    help="Write the merged model in bitsandbytes' layout (loads with transformers). A bitsandbytes base is "
+    "always read; without this flag its merge is written in 16 bits.",
+)
 @output_options
 @json_option
 def merge_cmd(
@@ -68,6 +75,7 @@ def merge_cmd(
     device: str,
     dtype: str,
     max_shard_size: str,
+    quantize: str | None,
     output: str,
     overwrite: bool,
     as_json: bool,
@@ -88,6 +96,7 @@ def merge_cmd(
             device=device,
             dtype=dtype,
             max_shard_size=max_shard_size,
+            quantize=quantize,
             overwrite=overwrite,
             progress=update,
         )
