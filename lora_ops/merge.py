@@ -64,6 +64,7 @@ def merge_lora(
     fan_in_fan_out: bool = False,
     subtract: bool = False,
     rows: int = 256,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``merge_delta(weight, lora_delta(A, B, scale))`` (or PEFT's unmerge with ``subtract``), computed in blocks of
     ``rows`` rows of the stored weight so the float32 update never exists whole and each block stays in cache.
@@ -76,6 +77,7 @@ def merge_lora(
     Args:
         weight: (d_out, d_in), or (d_in, d_out) with ``fan_in_fan_out``.
         A: (r, d_in); B: (d_out, r).
+        out: where to write the result (same shape and dtype as weight); a new tensor by default.
     """
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
         raise ShapeMismatchError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit (A (r, d_in), B (d_out, r))")
@@ -86,7 +88,8 @@ def merge_lora(
         A = A.float()
     if B.dtype in (torch.float16, torch.bfloat16):
         B = B.float()
-    out = torch.empty_like(weight)
+    if out is None:
+        out = torch.empty_like(weight)
     for i in range(0, weight.shape[0], rows):
         j = min(i + rows, weight.shape[0])
         block = (B @ A[:, i:j]).T * scale if fan_in_fan_out else (B[i:j] @ A) * scale

@@ -538,3 +538,18 @@ def test_cli_bad_input_exit_2(llama_base, llama_lora, llama_lora_wide, llama_dor
     code, output = cli("unmerge", llama_dora, "--from", tmp_path / "dora", "-o", tmp_path / "back")
     assert code == 2 and "DoRA" in output and "Traceback" not in output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dora"]
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_threaded_row_split_is_bit_identical_to_one_call(fan_in_fan_out):
+    from lora_ops import merge_lora
+
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(16, 1500, generator=g), torch.randn(3000, 16, generator=g) * 0.01
+    w = (torch.randn(1500, 3000, generator=g) if fan_in_fan_out else torch.randn(3000, 1500, generator=g)).bfloat16()
+    merger = ENGINE._Merger([], "cpu", workers=2)
+    try:
+        got = merger._merge_lora(w, a, b, 1.7, fan_in_fan_out, merge_lora)
+    finally:
+        merger.close()
+    assert torch.equal(got, merge_lora(w, a, b, 1.7, fan_in_fan_out=fan_in_fan_out))
