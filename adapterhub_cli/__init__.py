@@ -15,10 +15,13 @@ from adapterhub_cli.api import (
     inspect,
     load,
     merge,
+    pull,
+    push,
     quantize,
     reduce,
     unmerge,
     validate,
+    versions,
 )
 from adapterhub_cli.artifact import Adapter, LoraModule, Provenance
 from adapterhub_cli.base_model import BaseView, open_base
@@ -27,14 +30,19 @@ from adapterhub_cli.errors import (
     AdapterNotFoundError,
     AdaptersError,
     CorruptFileError,
+    HubAuthError,
+    HubError,
+    HubNotFoundError,
     IncompatibleBaseError,
     InvalidAdapterError,
     PluginError,
     UnknownFormatError,
     UnsafeFileError,
     UsageError,
+    VersionConflictError,
 )
 from adapterhub_cli.hookspecs import hookimpl
+from adapterhub_cli.ref import AdapterRef
 from adapterhub_cli.report import InspectReport, ModuleRow, ModuleSpectrum
 from adapterhub_cli.validate import Finding, ValidationReport
 
@@ -45,10 +53,14 @@ __all__ = [
     "Adapter",
     "AdapterConfig",
     "AdapterNotFoundError",
+    "AdapterRef",
     "AdaptersError",
     "BaseView",
     "CorruptFileError",
     "Finding",
+    "HubAuthError",
+    "HubError",
+    "HubNotFoundError",
     "IncompatibleBaseError",
     "InspectReport",
     "InvalidAdapterError",
@@ -61,6 +73,7 @@ __all__ = [
     "UnsafeFileError",
     "UsageError",
     "ValidationReport",
+    "VersionConflictError",
     "__version__",
     "combine",
     "dequantize",
@@ -70,8 +83,11 @@ __all__ = [
     "load",
     "merge",
     "open_base",
+    "pull",
+    "push",
     "quantize",
     "reduce",
     "unmerge",
     "validate",
+    "versions",
 ]

@@ -94,13 +94,23 @@ class BaseView:
 
 
 def open_base(path: str | Path) -> BaseView:
-    """Read a local base checkpoint's config and tensor headers (single safetensors file or sharded).
+    """Read a base checkpoint's config and tensor headers (single safetensors file or sharded).
+
+    A Hub ref (``org/name``, ``org/name@rev``, ``hf://...``) is read by HTTP range requests, never downloading
+    weights; its shards are fetched one at a time when a merge reads them (see :mod:`adapterhub_cli.hub_base`).
 
     Raises:
         AdapterNotFoundError: the folder does not exist.
         InvalidAdapterError: the folder holds no safetensors weights.
         CorruptFileError: a shard or the index is malformed, or the index names a missing shard.
+        HubError: a Hub ref that cannot be read.
     """
+    from adapterhub_cli.ref import is_hub_ref
+
+    if is_hub_ref(path):
+        from adapterhub_cli.hub_base import open_remote_base
+
+        return open_remote_base(str(path))
     path = Path(path)
     if not path.exists():
         raise AdapterNotFoundError(path, "base model")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 
@@ -33,3 +34,129 @@ def model_card(config: dict[str, Any], provenance: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(front + lines)
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+CARD_START = "<!-- adapterhub-cli:card:start -->"
+CARD_END = "<!-- adapterhub-cli:card:end -->"
+_CARD_TAGS = ["lora", "peft", "adapterhub-cli"]
+
+
+def hub_card(
+    existing: str | None,
+    *,
+    adapter: Any,
+    config: dict[str, Any],
+    relation: str,
+    base_model: str | None,
+    repo_id: str,
+    version: str,
+    sha256: dict[str, str],
+) -> str:
+    """README.md for a Hub push: the existing card (if any) with its Hub metadata set and our section updated.
+
+    Front matter: ``base_model``, ``base_model_relation`` (``adapter`` or ``merge``), ``library_name`` (``peft``
+    for an adapter) and tags. The section between the adapterhub-cli markers (replaced on each push; the rest
+    of a hand-written card is kept) holds usage, the lineage from the provenance, file hashes and, for an
+    adapter, a table of modules and ranks. Nothing secret goes in: the card is built from the artifact only.
+    """
+    from huggingface_hub import ModelCard
+
+    text = existing or ""
+    if not text.startswith("---"):
+        text = "---\n{}\n---\n" + text
+    card = ModelCard(text, ignore_metadata_errors=True)
+    data = card.data
+    if base_model:
+        data["base_model"] = base_model
+    else:  # the Hub accepts only repo ids: drop a local path another tool put there (PEFT writes one)
+        kept = [b for b in _as_list(data.get("base_model")) if _REPO_ID.match(b)]
+        data["base_model"] = (kept[0] if len(kept) == 1 else kept) or None
+    tags = [t for t in data.get("tags") or [] if not t.startswith("base_model:") or _REPO_ID.match(t.split(":")[-1])]
+    data["tags"] = tags
+    data["base_model_relation"] = relation if data.get("base_model") else None  # meaningless without a base
+    data["library_name"] = "peft" if relation == "adapter" else (data.get("library_name") or "transformers")
+    data["tags"] = list(dict.fromkeys([*(data.get("tags") or []), *_CARD_TAGS]))
+    section = _hub_section(adapter, config, relation, base_model, repo_id, version, sha256)
+    body = card.text
+    if CARD_START in body and CARD_END in body:
+        before, rest = body.split(CARD_START, 1)
+        body = before + section + rest.split(CARD_END, 1)[1]
+    elif not body.strip() or body.lstrip().startswith("# LoRA adapter ("):  # empty, or written by model_card()
+        body = section + "\n"
+    else:
+        body = body.rstrip() + "\n\n" + section + "\n"
+    card.text = body
+    return str(card)
+
+
+def _hub_section(
+    adapter: Any,
+    config: dict[str, Any],
+    relation: str,
+    base_model: str | None,
+    repo_id: str,
+    version: str,
+    sha256: dict[str, str],
+) -> str:
+    from adapterhub_cli.writer import read_provenance
+
+    tag = f"v{version}"
+    what = "LoRA adapter" if relation == "adapter" else "model merged with LoRA adapters"
+    base = f" for [`{base_model}`](https://huggingface.co/{base_model})" if base_model else ""
+    lines = [CARD_START, f"# {repo_id} {tag}", "", f"A {what}{base}, published with adapterhub-cli.", ""]
+    if relation == "adapter":
+        use = [
+            "import adapterhub_cli as ah",
+            "from peft import PeftModel",
+            "",
+            f'lora = ah.load("{repo_id}@{tag}")  # config and headers only',
+            f'model = PeftModel.from_pretrained(base, "{repo_id}", revision="{tag}")',
+        ]
+    else:
+        use = [
+            "from transformers import AutoModel",
+            "",
+            f'model = AutoModel.from_pretrained("{repo_id}", revision="{tag}")',
+        ]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        *use,
+        "```",
+        "",
+        f"Pull this exact version: `adapters pull {repo_id}@{tag}`.",
+        "",
+    ]
+    prov = read_provenance(adapter) if adapter is not None else None
+    lines += ["## Lineage", ""]
+    if prov:
+        lines += [f"Produced by `{prov.get('operation', '?')}` with {prov.get('tool', 'adapterhub-cli')}.", ""]
+        params = prov.get("parameters") or {}
+        lines += [f"- `{k}`: `{json.dumps(v)}`" for k, v in params.items()] + ([""] if params else [])
+        inputs = prov.get("inputs") or []
+        if inputs:
+            lines += ["| input | sha256 |", "| --- | --- |"]
+            lines += [f"| `{i.get('source')}` | `{i.get('sha256') or '-'}` |" for i in inputs] + [""]
+    else:
+        lines += ["No recorded operation: trained or written outside adapterhub-cli.", ""]
+    if sha256:
+        lines += ["| file | sha256 |", "| --- | --- |"] + [f"| `{n}` | `{h}` |" for n, h in sha256.items()] + [""]
+    if adapter is not None:
+        rs = " (rsLoRA: alpha / sqrt(r))" if config.get("use_rslora") else ""
+        lines += ["## Modules", "", f"r = {config.get('r')}, lora_alpha = {config.get('lora_alpha')}{rs}.", ""]
+        lines += ["| module | d_out x d_in | rank | alpha | scale |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            f"| `{m.name}` | {m.d_out} x {m.d_in} | {m.rank} | {m.alpha:g} | {m.scale:g} |"
+            for m in adapter.modules.values()
+        ]
+        lines.append("")
+    lines.append(CARD_END)
+    return "\n".join(lines)
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []

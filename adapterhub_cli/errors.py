@@ -70,3 +70,38 @@ class UnknownFormatError(AdaptersError, LookupError):
 
 class UsageError(AdaptersError, ValueError):
     """Raised for arguments that do not make sense together."""
+
+
+class HubError(AdaptersError):
+    """Raised when the Hugging Face Hub refuses or fails a request (after retries for transient failures).
+
+    Attributes:
+        repo_id, revision: what was asked for (revision None for the default branch).
+        status: the HTTP status, when the Hub answered one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        repo_id: str | None = None,
+        revision: str | None = None,
+        status: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.repo_id = repo_id
+        self.revision = revision
+        self.status = status
+        super().__init__(message, hint=hint)
+
+
+class HubAuthError(HubError, PermissionError):
+    """Raised for 401 / 403: the token is missing, wrong, or lacks the permission (the token is never shown)."""
+
+
+class HubNotFoundError(HubError, LookupError):
+    """Raised when a Hub repo, revision, version or file does not exist (or is private to the caller)."""
+
+
+class VersionConflictError(HubError, ValueError):
+    """Raised when a push would move an existing version tag, or publish a version lower than the latest."""

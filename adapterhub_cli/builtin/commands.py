@@ -9,7 +9,7 @@ from adapterhub_cli.hookspecs import hookimpl
 
 @hookimpl
 def adapters_register_commands(cli: Any) -> None:
-    from adapterhub_cli.cli import combine, demo, diff, inspect, merge, plugins, quantize, reduce, validate
+    from adapterhub_cli.cli import combine, demo, diff, hub, inspect, merge, plugins, quantize, reduce, validate
 
     for cmd in (
         inspect.inspect_cmd,
@@ -23,5 +23,8 @@ def adapters_register_commands(cli: Any) -> None:
         merge.unmerge_cmd,
         plugins.plugins_cmd,
         demo.demo_cmd,
+        hub.push_cmd,
+        hub.pull_cmd,
+        hub.versions_cmd,
     ):
         cli.add_command(cmd)

@@ -33,8 +33,30 @@ ERROR_FORMATTERS: list[tuple[type[BaseException], Callable[[BaseException], str]
 ]
 
 
+def _hf_http_error(e: BaseException) -> str | None:
+    """A huggingface_hub HTTP error that escaped :mod:`adapterhub_cli.hub` (it translates the ones it makes)."""
+    hf_errors = sys.modules.get("huggingface_hub.errors")  # loaded only if the Hub was used
+    if hf_errors is None or not isinstance(e, hf_errors.HfHubHTTPError):
+        return None
+    response = getattr(e, "response", None)
+    status = getattr(response, "status_code", None)
+    repo = getattr(e, "repo_id", None)
+    where = f" for {repo}" if repo else ""
+    detail = getattr(e, "server_message", None) or str(e).splitlines()[0]
+    if status == 401:
+        return f"the Hub refused the credentials (401){where}: {detail}\n  hint: check HF_TOKEN / --token"
+    if status == 403:
+        return f"forbidden (403){where}: {detail}\n  hint: use a token with the needed permission"
+    if status == 404:
+        return f"not found on the Hub (404){where}: {detail}\n  hint: check the repo id and revision"
+    return f"the Hub answered {status}{where}: {detail}"
+
+
 def format_known_exception(e: BaseException) -> str | None:
     """The user-facing message for ``e``, or None when ``e`` is not a known user-facing error."""
+    hf_message = _hf_http_error(e)
+    if hf_message is not None:
+        return hf_message
     for exc_type, formatter in ERROR_FORMATTERS:
         if isinstance(e, exc_type):
             return formatter(e)

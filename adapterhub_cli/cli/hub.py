@@ -1,0 +1,123 @@
+"""`adapters push`, `adapters pull`, `adapters versions`: versioned adapters on the Hugging Face Hub."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from adapterhub_cli.cli._output import out
+from adapterhub_cli.cli._params import allow_pickle_option, json_option
+
+
+def token_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--token",
+        default=None,
+        metavar="TOKEN",
+        help="Hub token (default: HF_TOKEN or the saved login). Never printed; prefer HF_TOKEN over the flag.",
+    )(f)
+
+
+@click.command("push")
+@click.argument("path")
+@click.argument("repo_id")
+@click.option("--version", "version", required=True, help="Semantic version to publish, e.g. 1.3.0 (tagged v1.3.0).")
+@click.option("--private", is_flag=True, help="Create the repo private (when it does not exist yet).")
+@click.option("-m", "--message", default=None, help="Commit and tag message.")
+@click.option("--force", is_flag=True, help="Publish a version lower than the latest (an existing tag never moves).")
+@click.option("--base-model", default=None, help="Hub id of the base for the card when the config names a local path.")
+@token_option
+@json_option
+def push_cmd(
+    path: str,
+    repo_id: str,
+    version: str,
+    private: bool,
+    message: str | None,
+    force: bool,
+    base_model: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Validate the adapter (or merged model) in PATH and publish it to REPO_ID as a new version.
+
+    Checks the adapter alone and against its declared base when reachable, writes or updates the model
+    card, uploads config + safetensors + card in one commit and tags it vVERSION.
+    """
+    from adapterhub_cli import api
+
+    result = api.push(
+        path,
+        repo_id,
+        version=version,
+        private=private,
+        message=message,
+        force=force,
+        base_model=base_model,
+        token=token,
+    )
+    if as_json:
+        out.json(result.to_dict())
+        return
+    for w in result.warnings:
+        out.warn(w)
+    checked = f" (validated against {result.validated_against})" if result.validated_against else ""
+    out.print(f"pushed {', '.join(result.files)}{checked}")
+    out.print(f"commit {result.commit}")
+    out.print(result.ref)
+
+
+@click.command("pull")
+@click.argument("ref")
+@click.option(
+    "-o", "--output", default=None, help="Copy the files into this folder (default: keep them in the HF cache)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
+@allow_pickle_option
+@token_option
+@json_option
+def pull_cmd(
+    ref: str, output: str | None, overwrite: bool, allow_pickle: bool, token: str | None, as_json: bool
+) -> None:
+    """Download a Hub adapter at the commit REF pins, hash-checked.
+
+    REF is REPO_ID[@VERSION|@TAG|@BRANCH|@COMMIT|@latest|@^1.2|@~1.2]. Downloads only the adapter's
+    files (safetensors; a .bin only with --allow-pickle), checks their sha256 against the Hub and records
+    the pinned commit in OUTPUT/.adapters-pull.json.
+    """
+    from adapterhub_cli import api
+
+    result = api.pull(ref, out=output, allow_pickle=allow_pickle, overwrite=overwrite, token=token)
+    if as_json:
+        out.json(result.to_dict())
+        return
+    t = out.table(None, "file", "sha256")
+    for name, digest in result.files.items():
+        t.add_row(name, digest)
+    out.print(t)
+    via = f" ({result.tag})" if result.tag else ""
+    out.print(f"{result.pinned}{via}")
+    out.print(str(result.path))
+
+
+@click.command("versions")
+@click.argument("repo_id")
+@token_option
+@json_option
+def versions_cmd(repo_id: str, token: str | None, as_json: bool) -> None:
+    """List the published versions (tags) of REPO_ID with their commits, dates and messages."""
+    from adapterhub_cli import api
+
+    rows = api.versions(repo_id, token=token)
+    if as_json:
+        out.json([v.to_dict() for v in rows])
+        return
+    if not rows:
+        out.print(f"{repo_id} has no versions yet (push one with `adapters push PATH {repo_id} --version 0.1.0`)")
+        return
+    t = out.table(None, "tag", "commit", "date", "message", wrap_last=True)
+    for v in rows:
+        t.add_row(v.tag, v.commit[:12], (v.date or "-")[:19].replace("T", " "), v.message or v.title)
+    out.print(t)

@@ -1,0 +1,227 @@
+"""Hub adapters and Hub base models, read from their config files and safetensors headers only.
+
+The header of a safetensors file on the Hub is read with HTTP range requests
+(``HfApi.parse_safetensors_file_metadata``), so ``inspect`` and ``validate`` of ``org/name@v1.2.0`` never
+download a weight file. Weights are fetched into the HF cache (hash-checked, at the pinned commit) the first
+time an operation needs them: a Hub adapter on its first tensor read, a Hub base one shard at a time as a
+merge reaches it. In offline mode (``HF_HUB_OFFLINE=1``) both are served from the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterhub_cli import hub
+from adapterhub_cli.artifact import Adapter, Provenance, TensorSource
+from adapterhub_cli.base_model import INDEX_FILE, SINGLE_FILE, BaseView, open_base
+from adapterhub_cli.errors import CorruptFileError, HubNotFoundError, InvalidAdapterError
+from adapterhub_cli.formats.peft import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, PeftFormat, assemble_adapter
+from adapterhub_cli.io import SafetensorsHeader, TensorInfo, read_json
+from adapterhub_cli.ref import AdapterRef
+
+
+if TYPE_CHECKING:
+    import torch
+    from huggingface_hub import HfApi
+
+_SIDE_SKIP = {"README.md", ".gitattributes", INDEX_FILE}
+
+
+def _ref(source: AdapterRef | str) -> AdapterRef:
+    ref = source if isinstance(source, AdapterRef) else AdapterRef.parse(source)
+    if not ref.is_hub:
+        ref = AdapterRef.parse("hf://" + str(source))
+    return ref
+
+
+def remote_header(client: hub.Client, resolved: hub.Resolved, name: str) -> SafetensorsHeader:
+    """The header of a safetensors file at the pinned commit, read by range requests (no tensor data)."""
+    meta = client.call(
+        "reading the safetensors header of",
+        "parse_safetensors_file_metadata",
+        resolved.repo_id,
+        name,
+        revision=resolved.commit,
+        shown=resolved.requested,
+        filename=name,
+    )
+    where = Path(resolved.label) / name
+    tensors = {}
+    for key, t in meta.tensors.items():
+        start, end = (int(x) for x in t.data_offsets)
+        tensors[key] = TensorInfo(
+            name=key, dtype=str(t.dtype), shape=tuple(int(d) for d in t.shape), start=start, end=end
+        )
+    size = resolved.files[name].size if name in resolved.files else None
+    data = max((t.end for t in tensors.values()), default=0)
+    if any(not isinstance(v, str) for v in (meta.metadata or {}).values()):
+        raise CorruptFileError("__metadata__ must map strings to strings", path=where)
+    return SafetensorsHeader(
+        path=where,
+        tensors=tensors,
+        metadata=dict(meta.metadata or {}),
+        header_size=(size - 8 - data) if size else 0,
+        file_size=size or 0,
+    )
+
+
+class RemoteTensorSource(TensorSource):
+    """Tensors of a Hub adapter: nothing is downloaded until a tensor is asked for; then the weight file is
+    fetched once into the HF cache (at the pinned commit, hash-checked) and read from there."""
+
+    def __init__(self, header: SafetensorsHeader, fetch: Callable[[], Adapter], quantization: Any = None) -> None:
+        super().__init__(header=header)
+        self._fetch = fetch
+        self._local: Adapter | None = None
+        self.quantization = quantization
+
+    @property
+    def path(self) -> Path | None:
+        """The local weight file once fetched, else None (nothing local to hash or size yet)."""
+        return self._local.source.path if self._local is not None else None
+
+    def local(self) -> Adapter:
+        if self._local is None:
+            self._local = self._fetch()
+        return self._local
+
+    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        return self.local().source.load(keys)
+
+
+def open_remote_adapter(
+    source: AdapterRef | str, *, api: HfApi | None = None, token: str | None = None, allow_pickle: bool = False
+) -> Adapter:
+    """A Hub adapter from its ``adapter_config.json`` and the range-read header of ``adapter_model.safetensors``.
+
+    ``adapter.path`` reads ``org/name@v1.2.0`` (or ``@<commit>`` when not found through a tag) and
+    ``adapter.provenance.source`` is ``hf://org/name@<commit>``.
+    """
+    ref = _ref(source)
+    resolved = hub.resolve(ref, api=api, token=token)
+    client = hub.Client(hub.get_api(api), token, resolved.repo_id)
+    files = resolved.files
+    if hub.offline() or (WEIGHTS_NAME not in files and LEGACY_WEIGHTS_NAME in files):
+        return _pulled(ref, resolved, api=api, token=token, allow_pickle=allow_pickle)
+    if WEIGHTS_NAME not in files:
+        raise HubNotFoundError(
+            f"{resolved.label} holds no {WEIGHTS_NAME}",
+            repo_id=resolved.repo_id,
+            revision=ref.revision,
+            hint="point at a repo holding a PEFT adapter",
+        )
+    doc = (
+        read_json(hub.fetch_file(resolved, CONFIG_NAME, api=api, token=token), CONFIG_NAME)
+        if CONFIG_NAME in files
+        else None
+    )
+    header = remote_header(client, resolved, WEIGHTS_NAME)
+    adapter = assemble_adapter(Path(resolved.label), doc, header=header, format_name="peft")
+
+    def fetch() -> Adapter:
+        names = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if n in files]
+        local = {n: hub.fetch_file(resolved, n, api=api, token=token) for n in names}
+        return PeftFormat().read(local[WEIGHTS_NAME].parent)
+
+    adapter.source = RemoteTensorSource(header, fetch, getattr(adapter.source, "quantization", None))
+    adapter.provenance = Provenance(source=f"hf://{resolved.pinned}")
+    return adapter
+
+
+def _pulled(
+    ref: AdapterRef, resolved: hub.Resolved, *, api: HfApi | None, token: str | None, allow_pickle: bool
+) -> Adapter:
+    """The adapter read from its files in the HF cache (offline mode, or a legacy ``.bin`` that has no header)."""
+    if WEIGHTS_NAME not in resolved.files and LEGACY_WEIGHTS_NAME in resolved.files and not allow_pickle:
+        raise InvalidAdapterError(
+            f"{resolved.label} holds only a legacy pickle {LEGACY_WEIGHTS_NAME}",
+            hint="pass --allow-pickle (loaded with torch.load(weights_only=True))",
+        )
+    names = hub.select_files(resolved, allow_pickle=allow_pickle)
+    local = {n: hub.fetch_file(resolved, n, api=api, token=token) for n in names}
+    adapter = PeftFormat().read(next(iter(local.values())).parent, allow_pickle=allow_pickle)
+    adapter.path = Path(resolved.label)  # as online; the tensors are read from the cached files
+    adapter.provenance = Provenance(source=f"hf://{resolved.pinned}")
+    return adapter
+
+
+class _LazyShards(dict[str, Path]):
+    """Tensor key -> local shard file; a shard is downloaded when a path in it is first handed out."""
+
+    def __init__(self, placeholders: dict[str, Path], fetch: Callable[[str], Path]) -> None:
+        super().__init__(placeholders)
+        self._fetch = fetch
+        self._local: dict[str, Path] = {}
+
+    def __getitem__(self, key: str) -> Path:
+        name = super().__getitem__(key).name
+        if name not in self._local:
+            self._local[name] = self._fetch(name)
+        return self._local[name]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def values(self) -> Any:
+        return {k: self[k] for k in self}.values()
+
+    def items(self) -> Any:
+        return {k: self[k] for k in self}.items()
+
+
+def open_remote_base(source: AdapterRef | str, *, api: HfApi | None = None, token: str | None = None) -> BaseView:
+    """A Hub checkpoint's ``config.json`` and tensor headers (single file or sharded), read by range requests.
+
+    ``path`` reads ``org/name@rev`` until the first shard is fetched; from then on it is the local snapshot
+    folder, which by then also holds the small side files (config, tokenizer) a merge copies.
+    """
+    ref = _ref(source)
+    if hub.offline():
+        return open_base(hub.pull(ref, api=api, token=token).path)
+    resolved = hub.resolve(ref, api=api, token=token)
+    client = hub.Client(hub.get_api(api), token, resolved.repo_id)
+    files = resolved.files
+    config: dict[str, Any] = {}
+    if "config.json" in files:
+        config = read_json(hub.fetch_file(resolved, "config.json", api=api, token=token), "config.json")
+    if INDEX_FILE in files:
+        index = read_json(hub.fetch_file(resolved, INDEX_FILE, api=api, token=token), INDEX_FILE)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CorruptFileError("index has no weight_map", path=Path(resolved.label) / INDEX_FILE)
+        shards = sorted(set(weight_map.values()))
+    elif SINGLE_FILE in files:
+        shards = [SINGLE_FILE]
+    else:
+        raise HubNotFoundError(
+            f"{resolved.label} holds no {SINGLE_FILE} or {INDEX_FILE}",
+            repo_id=resolved.repo_id,
+            revision=ref.revision,
+            hint="point --base at a checkpoint saved with save_pretrained (safetensors)",
+        )
+    tensors: dict[str, TensorInfo] = {}
+    placeholders: dict[str, Path] = {}
+    for shard in shards:
+        if shard not in files:
+            raise CorruptFileError(
+                f"the index names {shard}, which is missing", path=Path(resolved.label) / INDEX_FILE
+            )
+        for key, info in remote_header(client, resolved, shard).tensors.items():
+            tensors[key] = info
+            placeholders[key] = Path(resolved.label) / shard
+    config["_name_or_path"] = resolved.repo_id  # what the adapter's declared base is compared with
+    view = BaseView(path=Path(resolved.label), config=config, tensors=tensors)
+
+    def fetch(shard: str) -> Path:
+        local = hub.fetch_file(resolved, shard, api=api, token=token)
+        if view.path != local.parent:
+            for name in files:
+                if "/" not in name and name not in _SIDE_SKIP and not name.endswith(hub.WEIGHT_SUFFIXES):
+                    hub.fetch_file(resolved, name, api=api, token=token)
+            view.path = local.parent
+        return local
+
+    view.shard_of = _LazyShards(placeholders, fetch)
+    return view

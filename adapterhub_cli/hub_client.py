@@ -1,0 +1,237 @@
+"""Calls to the Hugging Face Hub: retries with backoff for transient failures, and Hub errors translated.
+
+Every call goes through :class:`Client`: an injected ``huggingface_hub.HfApi`` (or the default one) and a
+token bound to one repo. 5xx / 408 / 429 answers and network failures (a dropped connection, a timeout) are
+retried with exponential backoff; what still fails becomes a :class:`HubError` naming the repo and revision
+(401 / 403 -> :class:`HubAuthError`, 404 -> :class:`HubNotFoundError`). The token is handed to
+``huggingface_hub`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from adapterhub_cli.errors import HubAuthError, HubError, HubNotFoundError, UsageError
+from adapterhub_cli.ref import AdapterRef
+
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
+T = TypeVar("T")
+
+#: Attempts after the first for a transient failure, and the first pause (doubled each time, at most 8 s).
+RETRIES = 4
+BACKOFF_SECONDS = 0.5
+CARD_NAME = "README.md"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
+_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+def get_api(api: HfApi | None = None) -> HfApi:
+    """``api``, or a default ``HfApi()`` (endpoint from HF_ENDPOINT, token from HF_TOKEN or the saved login)."""
+    if api is not None:
+        return api
+    from huggingface_hub import HfApi
+
+    return HfApi()
+
+
+def offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.is_offline_mode())
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        cur = stack.pop(0)
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        yield cur
+        stack += [cur.__cause__, cur.__context__]
+
+
+def _status(e: BaseException) -> int | None:
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for name in ("httpx2", "httpx", "requests"):  # whichever transport huggingface_hub uses
+        mod = sys.modules.get(name)
+        for attr in ("TransportError", "ConnectionError", "Timeout"):
+            cls = getattr(mod, attr, None) if mod is not None else None
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                errors.append(cls)
+    return tuple(errors)
+
+
+def is_transient(e: BaseException) -> bool:
+    """A 5xx / 408 / 429 answer or a network failure (dropped connection, timeout), but never offline mode."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    chain = list(_chain(e))
+    if any(isinstance(c, OfflineModeIsEnabled) for c in chain):
+        return False
+    transport = _transport_errors()
+    return any(_status(c) in _TRANSIENT_STATUS or isinstance(c, transport) for c in chain)
+
+
+def hub_error(
+    e: BaseException, *, repo_id: str, revision: str | None, action: str, filename: str | None, endpoint: str
+) -> HubError | None:
+    """The :class:`HubError` a failed Hub call means, or None when ``e`` is not a Hub failure."""
+    from huggingface_hub import errors as hf
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    kw: dict[str, Any] = {"repo_id": repo_id, "revision": revision}
+    chain = list(_chain(e))
+
+    def first(cls: Any) -> BaseException | None:
+        return next((c for c in chain if isinstance(c, cls)), None)
+
+    if first(hf.OfflineModeIsEnabled):
+        return HubError(
+            f"{where} is not in the local cache and offline mode is on (HF_HUB_OFFLINE=1)",
+            hint="unset HF_HUB_OFFLINE, or pull it once while online",
+            **kw,
+        )
+    if (c := first(hf.GatedRepoError)) is not None:
+        return HubAuthError(
+            f"{repo_id} is gated: request access on its Hub page, then use a token of an account that has it",
+            status=_status(c),
+            **kw,
+        )
+    if (c := first(hf.RepositoryNotFoundError)) is not None:
+        return HubNotFoundError(
+            f"repository {repo_id} not found on {endpoint}",
+            hint="check the name (and that no local folder of that name was meant); if the repo is private, "
+            "use a token that can read it (HF_TOKEN or --token)",
+            status=_status(c),
+            **kw,
+        )
+    if (c := first(hf.RevisionNotFoundError)) is not None:
+        return HubNotFoundError(
+            f"revision {revision!r} not found in {repo_id}",
+            hint=f"list the published versions with `adapters versions {repo_id}`",
+            status=_status(c),
+            **kw,
+        )
+    entry_errors = tuple(getattr(hf, n) for n in ("RemoteEntryNotFoundError", "EntryNotFoundError") if hasattr(hf, n))
+    if (c := first(entry_errors)) is not None and _status(c) is not None:
+        return HubNotFoundError(f"{filename or 'the file'} not found in {where}", status=_status(c), **kw)
+    http = first(hf.HfHubHTTPError)
+    status = _status(http) if http is not None else None
+    if status == 401:
+        return HubAuthError(
+            f"the Hub refused the credentials (401 Unauthorized) while {action} {where}",
+            hint="check HF_TOKEN / --token or log in again with `hf auth login` (the token is never shown)",
+            status=401,
+            **kw,
+        )
+    if status == 403:
+        return HubAuthError(
+            f"forbidden (403) while {action} {where}: the token lacks the permission",
+            hint=f"use a token with {'write' if action.startswith(('push', 'tag', 'creat')) else 'read'} access to "
+            f"{repo_id.split('/')[0]}",
+            status=403,
+            **kw,
+        )
+    if status == 404:
+        return HubNotFoundError(f"not found (404) while {action} {where}", status=404, **kw)
+    if is_transient(e):
+        cause = http if http is not None else chain[-1]
+        return HubError(
+            f"the Hub at {endpoint} did not answer while {action} {where} ({RETRIES + 1} attempts; last: "
+            f"{type(cause).__name__}{f' {status}' if status else ''})",
+            hint="check the network and HF_ENDPOINT, then try again",
+            status=status,
+            **kw,
+        )
+    if http is not None:
+        detail = getattr(http, "server_message", None) or str(http).splitlines()[0]
+        return HubError(f"the Hub answered {status} while {action} {where}: {detail}", status=status, **kw)
+    if first(hf.LocalEntryNotFoundError):
+        return HubError(
+            f"{filename or 'a file'} of {where} is not in the cache and the Hub could not be reached", **kw
+        )
+    return None
+
+
+@dataclass
+class Client:
+    """An ``HfApi`` and a token, bound to one repo: every call is retried and its errors translated."""
+
+    api: HfApi
+    token: str | None
+    repo_id: str
+
+    def call(
+        self,
+        action: str,
+        method: str,
+        *args: Any,
+        shown: str | None = None,
+        filename: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``api.<method>(*args, **kwargs)`` with the token; errors name ``shown`` (else ``revision``)."""
+        fn = getattr(self.api, method)
+        revision = shown or kwargs.get("revision")
+        if self.token is not None:
+            kwargs["token"] = self.token
+        return retrying(
+            lambda: fn(*args, **kwargs),
+            lambda e: hub_error(
+                e,
+                repo_id=self.repo_id,
+                revision=revision,
+                action=action,
+                filename=filename,
+                endpoint=self.api.endpoint,
+            ),
+        )
+
+
+def retrying(fn: Callable[[], T], translate: Callable[[BaseException], HubError | None]) -> T:
+    """Run ``fn``, retrying transient failures with exponential backoff; raise a translated error at the end."""
+    delay = BACKOFF_SECONDS
+    for attempt in range(RETRIES + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if attempt < RETRIES and is_transient(e):
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+                continue
+            err = translate(e)
+            if err is None:
+                raise
+            raise err from e
+    raise AssertionError("unreachable")
+
+
+def connect(repo_id: str, api: HfApi | None, token: str | None) -> Client:
+    return Client(get_api(api), token, repo_id)
+
+
+def as_hub_ref(ref: AdapterRef | str) -> AdapterRef:
+    """``ref`` as a Hub ref; a string is one even where a local path of that name exists (pull, push, versions)."""
+    parsed = ref if isinstance(ref, AdapterRef) else AdapterRef.parse(ref)
+    if not parsed.is_hub and isinstance(ref, str):
+        try:
+            parsed = AdapterRef.parse(ref if ref.startswith("hf://") else "hf://" + ref)
+        except UsageError:
+            pass
+    if not parsed.is_hub or parsed.repo_id is None:
+        raise UsageError(f"{ref} is not a Hub repo ref", hint="write ORG/NAME[@VERSION] or hf://ORG/NAME[@REVISION]")
+    return parsed
