@@ -385,7 +385,12 @@ class _AsyncWriter:
 
 
 def _write_shard(
-    path: Path, shard: list[TensorPlan], produce: Callable[[TensorPlan], Callable[[int], None]], writer: _AsyncWriter
+    path: Path,
+    shard: list[TensorPlan],
+    produce: Callable[[TensorPlan], Callable[[int], None]],
+    writer: _AsyncWriter,
+    closer: ThreadPoolExecutor,
+    synced: list[Future[None]],
 ) -> int:
     """Write one safetensors file: header from the plans, then each tensor's bytes.
 
@@ -410,10 +415,18 @@ def _write_shard(
         size = os.fstat(fd).st_size
         if size != 8 + len(raw) + offset:
             raise OSError(f"{path.name} has {size} bytes, expected {8 + len(raw) + offset}")
+    except BaseException:
+        os.close(fd)
+        raise
+    synced.append(closer.submit(_sync_and_close, fd))  # the shard reaches the disk while the next one is produced
+    return 8 + len(raw) + offset
+
+
+def _sync_and_close(fd: int) -> None:
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return 8 + len(raw) + offset
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -569,14 +582,19 @@ def run_merge(
             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         )
         writer = _AsyncWriter()
+        closer = ThreadPoolExecutor(1, thread_name_prefix="adapters-fsync")
+        synced: list[Future[None]] = []
         prefetcher = ThreadPoolExecutor(1, thread_name_prefix="adapters-reader")
         # one torch thread computes (small blocked GEMMs lose more to thread hand-offs than they gain), while the
         # writer thread streams the previous tensor to disk: the two cores stay busy
         try:
             with single_threaded_torch():
                 for name, shard in zip(names, shards, strict=True):
-                    written += _write_shard(tmp / name, shard, produce, writer)
+                    written += _write_shard(tmp / name, shard, produce, writer, closer, synced)
+            for sync in synced:  # every shard on disk before the folder is moved into place
+                sync.result()
         finally:
+            closer.shutdown(wait=True)
             writer.close()
             prefetcher.shutdown(cancel_futures=True)
             merger.close()
