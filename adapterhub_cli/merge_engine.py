@@ -275,7 +275,9 @@ class _Merger:
         self.reverse = reverse
         # one core stays free for the reader and writer threads (measured: on 2 cores, two compute threads
         # lose more to contention with disk I/O than they gain)
-        self.workers = workers or max(1, min((os.cpu_count() or 1) - 1, 8))
+        env = os.environ.get("ADAPTERS_MERGE_THREADS", "")
+        self.workers = workers or (int(env) if env.isdigit() and int(env) > 0 else 0)
+        self.workers = self.workers or max(1, min((os.cpu_count() or 1) - 1, 8))
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="adapters-merge") if self.workers > 1 else None
 
     def close(self) -> None:
