@@ -16,17 +16,15 @@ Usage: python benchmarks/bench_merge.py [--runs 3] [--peft-runs 1] [--shards 500
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import run
 from benchmarks.make_tinyllama import ensure_fixture
 
 
@@ -40,16 +38,6 @@ model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out)
 """
-
-
-def run(cmd: list[str]) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 1024
 
 
 def compare(ours: Path, theirs: Path) -> tuple[int, int]:

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import run
 from benchmarks.make_tinyllama import ensure_fixture
 
 
@@ -51,17 +50,6 @@ with safe_open(adapter + "/adapter_model.safetensors", "pt") as f:
 save_file(result, out + "/adapter_model.safetensors")
 json.dump(errors, open(out + "/errors.json", "w"))
 """
-
-
-def run(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 1024
 
 
 def main() -> None:

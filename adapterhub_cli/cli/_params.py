@@ -23,3 +23,13 @@ def output_options(f: Callable[..., Any]) -> Callable[..., Any]:
         "--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete)."
     )(f)
     return click.option("-o", "--output", required=True, help="Output folder (written atomically).")(f)
+
+
+def parse_weights(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
+    """Click callback: ``"0.7,0.3"`` -> ``[0.7, 0.3]``."""
+    if value is None:
+        return None
+    try:
+        return [float(w) for w in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None

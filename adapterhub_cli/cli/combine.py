@@ -7,24 +7,15 @@ from dataclasses import asdict
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import json_option, output_options
+from adapterhub_cli.cli._params import json_option, output_options, parse_weights
 from adapterhub_cli.ops.combine import METHODS
-
-
-def _weights(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(w) for w in value.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
 
 
 @click.command("combine")
 @click.argument("adapters", nargs=-1, required=True)
 @click.option(
     "--weights",
-    callback=_weights,
+    callback=parse_weights,
     help="Comma-separated weights, one per adapter (default 1 each; negative subtracts).",
 )
 @click.option(

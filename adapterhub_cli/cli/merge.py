@@ -7,20 +7,11 @@ from dataclasses import asdict
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import json_option, output_options
-
-
-def _weights(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(w) for w in value.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+from adapterhub_cli.cli._params import json_option, output_options, parse_weights
 
 
 weights_option = click.option(
-    "--weights", callback=_weights, help="Comma-separated multipliers, one per adapter (default 1 each)."
+    "--weights", callback=parse_weights, help="Comma-separated multipliers, one per adapter (default 1 each)."
 )
 device_option = click.option(
     "--device", default="cpu", show_default=True, help="Where updates are computed: cpu, cuda, cuda:N."
