@@ -101,7 +101,10 @@ def inspect(
         sha256: hash the tensor file (cached by file identity and modification time).
     """
     adapter = load(source)
+    remote = getattr(adapter.source, "remote", None)  # a Hub adapter: the Hub's LFS sha256, nothing downloaded
     digest = sha256_file(adapter.tensor_file) if sha256 and adapter.tensor_file else None
+    if digest is None and sha256 and remote is not None:
+        digest = remote.sha256
     if adapter.provenance is not None:
         adapter.provenance.sha256 = digest
     return build_report(adapter, sha256=digest, modules=modules, spectrum=spectrum)

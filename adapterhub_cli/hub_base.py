@@ -71,9 +71,17 @@ class RemoteTensorSource(TensorSource):
     """Tensors of a Hub adapter: nothing is downloaded until a tensor is asked for; then the weight file is
     fetched once into the HF cache (at the pinned commit, hash-checked) and read from there."""
 
-    def __init__(self, header: SafetensorsHeader, fetch: Callable[[], Adapter], quantization: Any = None) -> None:
+    def __init__(
+        self,
+        header: SafetensorsHeader,
+        fetch: Callable[[], Adapter],
+        quantization: Any = None,
+        remote: hub.RemoteFile | None = None,
+    ) -> None:
         super().__init__(header=header)
         self._fetch = fetch
+        #: the weight file as the Hub lists it (size, LFS sha256): what inspect reports without downloading
+        self.remote = remote
         self._local: Adapter | None = None
         self.quantization = quantization
 
@@ -125,7 +133,9 @@ def open_remote_adapter(
         local = {n: hub.fetch_file(resolved, n, api=api, token=token) for n in names}
         return PeftFormat().read(local[WEIGHTS_NAME].parent)
 
-    adapter.source = RemoteTensorSource(header, fetch, getattr(adapter.source, "quantization", None))
+    adapter.source = RemoteTensorSource(
+        header, fetch, getattr(adapter.source, "quantization", None), remote=files.get(WEIGHTS_NAME)
+    )
     adapter.provenance = Provenance(source=f"hf://{resolved.pinned}")
     return adapter
 

@@ -91,6 +91,7 @@ def build_report(adapter: Adapter, *, sha256: str | None, modules: bool, spectru
     for t in adapter.all_tensor_infos():
         dtypes[t.dtype] += t.numel
     tensor_file = adapter.tensor_file
+    remote = getattr(adapter.source, "remote", None)
     return InspectReport(
         path=str(adapter.path),
         format=adapter.format,
@@ -114,7 +115,7 @@ def build_report(adapter: Adapter, *, sha256: str | None, modules: bool, spectru
         num_parameters=adapter.num_parameters,
         dtypes=dict(dtypes),
         tensor_file=str(tensor_file) if tensor_file else None,
-        file_size=tensor_file.stat().st_size if tensor_file else None,
+        file_size=tensor_file.stat().st_size if tensor_file else getattr(remote, "size", None),
         sha256=sha256,
         metadata=adapter.metadata,
         warnings=list(adapter.warnings),

@@ -244,6 +244,7 @@ def test_remote_inspect_reads_only_headers(hub: FakeHub, big_lora: Path) -> None
     local = ah.inspect(big_lora, modules=True)
     assert (report.r, report.num_modules, report.num_parameters) == (128, 4, local.num_parameters)
     assert report.modules == local.modules and report.path == "org/big@v1.0.0"
+    assert report.sha256 == local.sha256 and report.file_size == local.file_size == size  # from the Hub's listing
     gets = hub.hits("GET", rf"/resolve/.*/{WEIGHTS}$")
     assert gets and all(r["range"] for r in gets)  # range requests only
     assert 0 < hub.served_bytes("org/big", WEIGHTS) < size // 2  # no full weight file went out
