@@ -352,7 +352,7 @@ class _AsyncWriter:
     """Writes to a file descriptor on a background thread, in submission order, so disk writes overlap the
     next tensor's read and merge. At most ``depth`` tensors wait in memory."""
 
-    def __init__(self, depth: int = 2) -> None:
+    def __init__(self, depth: int = 4) -> None:
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="adapters-writer", daemon=True)
