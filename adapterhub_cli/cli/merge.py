@@ -39,7 +39,7 @@ def _report(result: object, as_json: bool, verb: str) -> None:
 
 @click.command("merge")
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("--into", "base", required=True, help="Base checkpoint folder (safetensors, single or sharded).")
+@click.option("--into", "base", required=True, help="Base checkpoint: a folder (safetensors, single or sharded) or a Hub ref.")
 @weights_option
 @device_option
 @click.option(
