@@ -39,7 +39,9 @@ def _report(result: object, as_json: bool, verb: str) -> None:
 
 @click.command("merge")
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("--into", "base", required=True, help="Base checkpoint: a folder (safetensors, single or sharded) or a Hub ref.")
+@click.option(
+    "--into", "base", required=True, help="Base checkpoint: a folder (safetensors, single or sharded) or a Hub ref."
+)
 @weights_option
 @device_option
 @click.option(

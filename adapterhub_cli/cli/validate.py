@@ -13,7 +13,11 @@ _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
 @click.command("validate")
 @click.argument("adapter")
-@click.option("--base", required=True, help="Base checkpoint: a folder (config.json + safetensors, single or sharded) or a Hub ref (org/name@rev).")
+@click.option(
+    "--base",
+    required=True,
+    help="Base checkpoint: a folder (config.json + safetensors, single or sharded) or a Hub ref (org/name@rev).",
+)
 @click.option("--no-weights", is_flag=True, help="Skip loading the adapter's tensors (no NaN / inf check).")
 @allow_pickle_option
 @json_option
