@@ -10,6 +10,7 @@ Importing this package does not import torch; operations that need weights impor
 
 from adapterhub_cli.api import (
     combine,
+    convert,
     dequantize,
     diff,
     inspect,
@@ -76,6 +77,7 @@ __all__ = [
     "VersionConflictError",
     "__version__",
     "combine",
+    "convert",
     "dequantize",
     "diff",
     "hookimpl",

@@ -13,6 +13,7 @@ from adapterhub_cli.formats import detect_format, get_format
 from adapterhub_cli.io import sha256_file
 from adapterhub_cli.merge_engine import MergeResult, run_merge
 from adapterhub_cli.ops.combine import CombineResult, combine_adapters
+from adapterhub_cli.ops.convert import ConvertResult
 from adapterhub_cli.ops.diff import DiffReport, diff_adapters
 from adapterhub_cli.ops.quantize import QuantizeResult, dequantize_adapter, quantize_adapter
 from adapterhub_cli.ops.reduce import Progress, ReduceResult, reduce_adapter
@@ -39,6 +40,7 @@ def load(
     strict: bool = True,
     api: HfApi | None = None,
     token: str | None = None,
+    base: str | Path | None = None,
 ) -> Adapter:
     """Read an adapter's config and tensor headers (weights load lazily).
 
@@ -53,6 +55,8 @@ def load(
             would silently give every module the wrong scale). ``validate`` reads with ``strict=False`` and
             reports the same problem as a finding.
         api, token: the ``huggingface_hub.HfApi`` (endpoint) and token for a Hub ref; by default ``HfApi()``.
+        base: for formats whose module names need the base model (kohya files): a checkpoint folder or file
+            whose tensor names map the file's names to modules (default: ``$ADAPTERS_BASE``); others ignore it.
 
     Raises:
         AdapterNotFoundError, InvalidAdapterError, CorruptFileError, UnsafeFileError, UnknownFormatError,
@@ -71,7 +75,10 @@ def load(
 
         path = Path(str(source))
         fmt = get_format(format) if format else detect_format(path)
-        kwargs = {"allow_pickle": allow_pickle} if "allow_pickle" in _pyinspect.signature(fmt.read).parameters else {}
+        params = _pyinspect.signature(fmt.read).parameters
+        kwargs: dict[str, object] = {"allow_pickle": allow_pickle} if "allow_pickle" in params else {}
+        if base is not None and "base" in params:
+            kwargs["base"] = base
         adapter = fmt.read(path, **kwargs)
         pinned = pulled_from(path) if path.is_dir() else None
         if pinned and adapter.provenance is not None:
@@ -356,8 +363,43 @@ def versions(repo_id: str, *, api: HfApi | None = None, token: str | None = None
     return hub.versions(repo_id, api=api, token=token)
 
 
+def convert(
+    source: AdapterLike,
+    out: str | Path,
+    *,
+    to: str,
+    base: str | Path | None = None,
+    format: str | None = None,
+    overwrite: bool = False,
+    fold_tucker: bool = False,
+    fold_loha: bool = False,
+) -> ConvertResult:
+    """Convert an adapter between layouts: ``to="peft"`` (a folder), ``to="kohya"`` (one ``.safetensors`` file) or
+    ``to="diffusers"`` (a folder with ``pytorch_lora_weights.safetensors``).
+
+    Factors keep their bytes and dtypes and alpha stays its own scalar. Reading a kohya file needs ``base`` (or
+    ``$ADAPTERS_BASE``) to map its names to modules, unless this tool wrote it. Writing kohya with ``base`` checks
+    that every written name maps back to its module through the base. A round trip restores names, alpha dtypes
+    and values, metadata and the PEFT config while the factors are unchanged. DoRA, modules_to_save, biases and
+    embeddings cannot be written as kohya and are refused. ``fold_tucker`` reads a LyCORIS LoCon-Tucker file
+    (``lora_mid``) as the LoRA it equals exactly, at the same rank; ``fold_loha`` a LyCORIS LoHa file as the LoRA
+    of rank r1·r2 it equals exactly (needs ``base``).
+    """
+    from adapterhub_cli.formats.kohya import KohyaFormat
+    from adapterhub_cli.ops.convert import convert_adapter
+
+    if isinstance(source, Adapter):
+        adapter = source
+    elif fold_tucker or fold_loha:
+        adapter = KohyaFormat().read(Path(str(source)), base=base, fold_tucker=fold_tucker, fold_loha=fold_loha)
+    else:
+        adapter = load(source, format=format, base=base)
+    return convert_adapter(adapter, out, to=to, base=base, overwrite=overwrite)
+
+
 __all__ = [
     "combine",
+    "convert",
     "dequantize",
     "diff",
     "inspect",

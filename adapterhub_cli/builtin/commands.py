@@ -9,7 +9,19 @@ from adapterhub_cli.hookspecs import hookimpl
 
 @hookimpl
 def adapters_register_commands(cli: Any) -> None:
-    from adapterhub_cli.cli import combine, demo, diff, hub, inspect, merge, plugins, quantize, reduce, validate
+    from adapterhub_cli.cli import (
+        combine,
+        convert,
+        demo,
+        diff,
+        hub,
+        inspect,
+        merge,
+        plugins,
+        quantize,
+        reduce,
+        validate,
+    )
 
     for cmd in (
         inspect.inspect_cmd,
@@ -17,6 +29,7 @@ def adapters_register_commands(cli: Any) -> None:
         reduce.reduce_cmd,
         diff.diff_cmd,
         combine.combine_cmd,
+        convert.convert_cmd,
         quantize.quantize_cmd,
         quantize.dequantize_cmd,
         merge.merge_cmd,

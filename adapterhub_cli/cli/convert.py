@@ -1,0 +1,80 @@
+"""`adapters convert`."""
+
+from __future__ import annotations
+
+import click
+
+from adapterhub_cli.cli._output import out
+from adapterhub_cli.cli._params import json_option
+
+
+@click.command("convert")
+@click.argument("adapter")
+@click.option("--to", "to", type=click.Choice(["peft", "kohya", "diffusers"]), required=True, help="Layout to write.")
+@click.option(
+    "--base",
+    help="Base checkpoint whose tensor names map kohya names to modules (a diffusers pipeline folder, a component "
+    "folder, or a single-file checkpoint); needed to read a kohya file not written by this tool.",
+)
+@click.option("--format", "fmt", help="Read ADAPTER as this format instead of detecting it.")
+@click.option(
+    "--fold-tucker",
+    is_flag=True,
+    help="Read a LyCORIS LoCon-Tucker file (lora_mid) as the LoRA it equals exactly, at the same rank.",
+)
+@click.option(
+    "--fold-loha",
+    is_flag=True,
+    help="Read a LyCORIS LoHa file (hada_w1_a ...) as the LoRA of rank r1·r2 it equals exactly (needs --base).",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    help="Output: a folder for peft and diffusers, a .safetensors file for kohya (written atomically).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
+@json_option
+def convert_cmd(
+    adapter: str,
+    to: str,
+    base: str | None,
+    fmt: str | None,
+    fold_tucker: bool,
+    fold_loha: bool,
+    output: str,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    """Convert ADAPTER between PEFT, kohya (sd-scripts) and diffusers layouts, losslessly.
+
+    Factors keep their bytes and dtypes and alpha stays its own scalar; names are mapped through the base
+    model's own tensor names, checked by shape. `--to kohya` writes one .safetensors file; `--to peft` and
+    `--to diffusers` write a folder.
+    """
+    from adapterhub_cli import api
+
+    result = api.convert(
+        adapter,
+        output,
+        to=to,
+        base=base,
+        format=fmt,
+        overwrite=overwrite,
+        fold_tucker=fold_tucker,
+        fold_loha=fold_loha,
+    )
+    if as_json:
+        out.json(
+            {
+                "path": str(result.path),
+                "to": result.to,
+                "from": result.source_format,
+                "modules": result.modules,
+                "warnings": result.warnings,
+            }
+        )
+        return
+    for w in result.warnings:
+        out.warn(w)
+    out.print(f"wrote {result.path} ({result.to}, {result.modules} modules, from {result.source_format})")

@@ -1,0 +1,217 @@
+"""diffusers LoRA files: ``pytorch_lora_weights.safetensors`` with ``<component>.<module>.lora_A|lora_B.weight``.
+
+Components are ``unet``, ``text_encoder``, ``text_encoder_2``, ``text_encoder_3``, ``transformer``; module names
+are the component's own, so no name mapping (and no base) is needed. There are no alpha tensors: r and alpha
+live in the header key ``lora_adapter_metadata`` (each component's ``LoraConfig.to_dict()`` with its keys
+prefixed, ``"unet.lora_alpha"``). Without it diffusers assumes alpha = r, and so do we, with a warning.
+Our modules are named ``<component>.<module>``. The legacy layout (``...processor.to_q_lora.down.weight``,
+``lora_linear_layer``) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterhub_cli.config import AdapterConfig
+from adapterhub_cli.errors import InvalidAdapterError
+from adapterhub_cli.io import read_header
+
+
+if TYPE_CHECKING:
+    from adapterhub_cli.artifact import Adapter
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+METADATA_KEY = "lora_adapter_metadata"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
+_KEY = re.compile(
+    r"^(?P<comp>unet|text_encoder|text_encoder_2|text_encoder_3|transformer)\.(?P<module>[\w.]+?)"
+    r"\.(?P<part>lora_A|lora_B|lora_magnitude_vector)\.weight$"
+)
+_LEGACY = re.compile(r"(\.processor\.|_lora\.(down|up)\.|lora_linear_layer|\.lora\.(down|up)\.)")
+
+
+def _weights_file(path: Path) -> Path | None:
+    if path.is_dir():
+        f = path / WEIGHTS_NAME
+        return f if f.is_file() and not (path / "adapter_config.json").is_file() else None
+    return path if path.is_file() and path.suffix == ".safetensors" else None
+
+
+def component_of(module: str) -> tuple[str, str]:
+    """(component, name inside it) for one of our module names; a bare name goes to the UNet, or to the text
+    encoder when it starts with ``text_model.``."""
+    first, _, rest = module.partition(".")
+    if first in COMPONENTS and rest:
+        return first, rest
+    return ("text_encoder" if module.startswith("text_model.") else "unet"), module
+
+
+class DiffusersFormat:
+    """diffusers ``pytorch_lora_weights.safetensors`` (``save_lora_weights`` / ``load_lora_weights``)."""
+
+    name = "diffusers"
+    description = "diffusers LoRA file: pytorch_lora_weights.safetensors with unet./text_encoder. keys"
+
+    def sniff(self, path: Path) -> bool:
+        f = _weights_file(path)
+        if f is None:
+            return False
+        try:
+            keys = list(read_header(f).tensors)
+        except InvalidAdapterError:
+            return False
+        if not keys or not all(k.split(".", 1)[0] in COMPONENTS for k in keys):
+            return False
+        return all(_KEY.match(k) for k in keys) or any(_LEGACY.search(k) for k in keys)
+
+    def read(self, path: Path) -> Adapter:
+        from adapterhub_cli.formats.peft import assemble_adapter
+
+        f = _weights_file(Path(path))
+        if f is None:
+            raise InvalidAdapterError(f"no {WEIGHTS_NAME} here", path=path)
+        header = read_header(f)
+        legacy = sorted(k for k in header.tensors if _LEGACY.search(k))
+        if legacy:
+            raise InvalidAdapterError(
+                f"legacy diffusers attention-processor LoRA keys ({legacy[0]}, ...) are not supported",
+                path=f,
+                hint="load it in diffusers and save it again with save_lora_weights (PEFT layout)",
+            )
+        bad = sorted(k for k in header.tensors if not _KEY.match(k))
+        if bad:
+            raise InvalidAdapterError(f"keys that are not diffusers LoRA tensors: {', '.join(bad[:10])}", path=f)
+        configs, warnings = _component_configs(f, header.metadata)
+        ranks: dict[str, int] = {}
+        alphas: dict[str, float] = {}
+        rslora: set[bool] = set()
+        for key, info in header.tensors.items():
+            m = _KEY.match(key)
+            assert m is not None
+            if m["part"] != "lora_A":
+                continue
+            comp, inner, name = m["comp"], m["module"], f"{m['comp']}.{m['module']}"
+            rank = info.shape[0]
+            ranks[name] = rank
+            cfg = configs.get(comp)
+            if cfg is None:
+                alphas[name] = float(rank)
+                rslora.add(False)
+                continue
+            if cfg.rank_for(inner) != rank:
+                raise InvalidAdapterError(
+                    f"{METADATA_KEY} gives {name} rank {cfg.rank_for(inner)} but its tensors have rank {rank}",
+                    path=f,
+                    module=name,
+                )
+            alphas[name] = float(cfg.alpha_for(inner))
+            rslora.add(cfg.use_rslora)
+        if len(rslora) > 1:
+            raise InvalidAdapterError("components disagree on use_rslora; cannot be read as one adapter", path=f)
+        missing = sorted({n.split(".", 1)[0] for n in ranks} - set(configs))
+        if missing:
+            warnings.append(
+                f"no r / lora_alpha for {', '.join(missing)} in {METADATA_KEY}: alpha = r (scale 1) assumed, "
+                "as diffusers does"
+            )
+        r, rank_pattern = _layout(ranks)
+        lora_alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else float(r)
+        doc: dict[str, Any] = {
+            "peft_type": "LORA",
+            "r": r,
+            "lora_alpha": lora_alpha,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": {n: a for n, a in sorted(alphas.items()) if a != lora_alpha},
+            "target_modules": sorted(ranks),
+            "use_rslora": rslora == {True},
+            "use_dora": any(cfg.use_dora for cfg in configs.values()),
+        }
+        adapter = assemble_adapter(f, doc, header=header, format_name=self.name)
+        adapter.path = Path(path)
+        adapter.warnings += warnings
+        for mod in adapter.modules.values():
+            if mod.alpha != alphas[mod.name]:
+                raise InvalidAdapterError(f"internal: alpha of {mod.name} does not resolve", path=f, module=mod.name)
+        return adapter
+
+
+def _layout(ranks: dict[str, int]) -> tuple[int, dict[str, int]]:
+    from adapterhub_cli.writer import rank_layout
+
+    return rank_layout(ranks)
+
+
+def _component_configs(path: Path, metadata: dict[str, str]) -> tuple[dict[str, AdapterConfig], list[str]]:
+    raw = metadata.get(METADATA_KEY)
+    if raw is None:
+        return {}, []
+    try:
+        packed = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InvalidAdapterError(f"{METADATA_KEY} is not JSON ({e})", path=path) from e
+    if not isinstance(packed, dict):
+        raise InvalidAdapterError(f"{METADATA_KEY} is not a JSON object", path=path)
+    docs: dict[str, dict[str, Any]] = {}
+    for key, value in packed.items():
+        comp, _, field = str(key).partition(".")
+        if comp in COMPONENTS and field:
+            docs.setdefault(comp, {})[field] = value
+    return {c: AdapterConfig.from_dict(d, path=path) for c, d in docs.items()}, []
+
+
+def write_diffusers(
+    adapter: Adapter, out: str | Path, *, provenance: dict[str, Any] | None = None, overwrite: bool = False
+) -> Path:
+    """Write ``adapter`` as a diffusers LoRA folder (``pytorch_lora_weights.safetensors``), atomically.
+
+    Factors keep their bytes and dtypes; per component, r, lora_alpha, rank_pattern and alpha_pattern go to
+    ``lora_adapter_metadata`` so ``load_lora_weights`` gives every module its own scale.
+    """
+    from adapterhub_cli.formats.kohya import check_convertible
+    from adapterhub_cli.io import atomic_dir, save_safetensors
+    from adapterhub_cli.writer import PROVENANCE_KEY, rank_layout
+
+    check_convertible(adapter, "diffusers")
+    keys = [k for m in adapter.modules.values() for k in (m.A.name, m.B.name)]
+    loaded = adapter.source.load(keys)
+    tensors = {}
+    per_comp: dict[str, dict[str, tuple[int, float]]] = {}
+    for m in adapter.modules.values():
+        comp, inner = component_of(m.name)
+        tensors[f"{comp}.{inner}.lora_A.weight"] = loaded[m.A.name]
+        tensors[f"{comp}.{inner}.lora_B.weight"] = loaded[m.B.name]
+        per_comp.setdefault(comp, {})[inner] = (m.rank, m.alpha)
+    packed: dict[str, Any] = {}
+    for comp, mods in sorted(per_comp.items()):
+        r, rank_pattern = rank_layout({n: rk for n, (rk, _) in mods.items()})
+        alpha = Counter(a for _, a in mods.values()).most_common(1)[0][0]
+        doc: dict[str, Any] = {
+            "peft_type": "LORA",
+            "r": r,
+            "lora_alpha": alpha,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": {n: a for n, (_, a) in sorted(mods.items()) if a != alpha},
+            "target_modules": sorted(mods),
+            "use_rslora": adapter.config.use_rslora,
+            "use_dora": False,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "init_lora_weights": True,
+        }
+        check = AdapterConfig.from_dict(doc)
+        for n, (rk, a) in mods.items():
+            if check.rank_for(n) != rk or check.alpha_for(n) != a or not math.isfinite(a):
+                raise InvalidAdapterError(f"internal: {comp}.{n} would not resolve to rank {rk}, alpha {a}")
+        packed.update({f"{comp}.{k}": v for k, v in doc.items()})
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
+    if provenance is not None:
+        metadata[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
+    out = Path(out)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata)
+    return out

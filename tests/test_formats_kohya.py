@@ -1,0 +1,635 @@
+"""kohya sd-scripts LoRA files: reading against a tiny real UNet + CLIP text encoder, alpha rules, name
+mapping errors, LyCORIS refusals, `adapters convert` round trips, and diffusers' own loader as the reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fixtures_diffusion as fd
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+import adapterhub_cli as ah
+from adapterhub_cli.cli.main import build_cli
+from adapterhub_cli.formats import detect_format
+from adapterhub_cli.io import load_safetensors, read_header, save_safetensors
+
+
+def run_cli(*args: str) -> Result:
+    return CliRunner().invoke(build_cli(), list(args))
+
+
+@pytest.fixture(scope="module")
+def sd_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fd.build_tiny_sd(tmp_path_factory.mktemp("diffusion") / "tiny-sd")
+
+
+def update(adapter: ah.Adapter, module: str) -> torch.Tensor:
+    f = adapter.factors(module)
+    return f.scale * (f.B.double() @ f.A.double())
+
+
+def test_read_matches_dense_reference(sd_base: Path, tmp_path: Path) -> None:
+    path = tmp_path / "k1.safetensors"
+    alphas = {
+        "unet.down_blocks.0.resnets.0.conv1": 0.5,
+        "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj": torch.tensor(0.3, dtype=torch.bfloat16),
+        "text_encoder.text_model.encoder.layers.0.mlp.fc1": 8.0,
+    }
+    sd = fd.make_kohya(path, sd_base, alpha=alphas)
+    assert detect_format(path).name == "kohya"
+    a = ah.load(path, base=sd_base)
+    assert a.format == "kohya"
+    assert sorted(a.modules) == sorted(m for m, _ in fd.SD_TARGETS)
+    kinds = {m.name: m.kind for m in a.modules.values()}
+    assert kinds["unet.conv_in"] == "conv" and kinds["unet.down_blocks.0.attentions.0.proj_in"] == "conv"
+    assert kinds["unet.down_blocks.0.resnets.0.time_emb_proj"] == "linear"
+    for module, rank in fd.SD_TARGETS:
+        m = a.modules[module]
+        assert m.rank == rank
+        ref = fd.dense_reference(sd, fd.kohya_name(module))
+        torch.testing.assert_close(update(a, module), ref, rtol=0, atol=1e-12)
+    assert a.modules["unet.mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"].alpha == 0.30078125  # bf16
+    assert a.modules["unet.down_blocks.0.resnets.0.conv1"].scale == 0.5
+    # factors stay fp16 and lazy: the raw tensors come back with their stored dtype and shapes
+    m = a.modules["unet.conv_in"]
+    assert m.A.dtype == "F16" and m.A.shape == (2, 4, 3, 3) and m.B.shape == (8, 2, 1, 1)
+    assert a.warnings == []
+    report = ah.inspect(a, modules=True)
+    assert report.format == "kohya" and report.num_modules == len(fd.SD_TARGETS)
+
+
+def test_same_unet_output_as_diffusers_loader(sd_base: Path, tmp_path: Path) -> None:
+    """diffusers' own kohya conversion + PEFT loading gives the same UNet output as our per-module updates."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    path = tmp_path / "k.safetensors"
+    fd.make_kohya(path, sd_base, dtype=torch.float32, alpha={"unet.down_blocks.0.resnets.0.conv1": 0.25})
+    state, alphas = StableDiffusionPipeline.lora_state_dict(load_file(path), unet_config=None)
+    theirs = UNet2DConditionModel.from_pretrained(sd_base / "unet").double().eval()
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, theirs)
+    ours = UNet2DConditionModel.from_pretrained(sd_base / "unet").double().eval()
+    a = ah.load(path, base=sd_base)
+    params = dict(ours.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
+    enc = torch.randn(1, 5, 12, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        plain = ours(x, torch.tensor([3]), encoder_hidden_states=enc).sample
+        for name in a.modules:
+            if name.startswith("unet."):
+                w = params[name.removeprefix("unet.") + ".weight"]
+                w += update(a, name).reshape(w.shape)
+        y_ours = ours(x, torch.tensor([3]), encoder_hidden_states=enc).sample
+        y_theirs = theirs(x, torch.tensor([3]), encoder_hidden_states=enc).sample
+    assert (y_ours - plain).abs().max() > 1e-2  # the LoRA does something
+    torch.testing.assert_close(y_ours, y_theirs, rtol=0, atol=1e-10)
+
+
+def test_needs_a_base_or_env(sd_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "k.safetensors"
+    fd.make_kohya(path, sd_base)
+    with pytest.raises(ah.InvalidAdapterError, match="without the base model") as e:
+        ah.load(path)
+    assert "ADAPTERS_BASE" in str(getattr(e.value, "hint", ""))
+    r = run_cli("inspect", str(path))
+    assert r.exit_code != 0 and "base" in r.output and "Traceback" not in r.output
+    monkeypatch.setenv("ADAPTERS_BASE", str(sd_base))
+    assert len(ah.load(path).modules) == len(fd.SD_TARGETS)
+    r = run_cli("inspect", str(path), "--json", "--no-hash")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["format"] == "kohya" and doc["num_modules"] == len(fd.SD_TARGETS)
+
+
+def test_alpha_edge_cases(sd_base: Path, tmp_path: Path) -> None:
+    path = tmp_path / "k4.safetensors"
+    targets = fd.SD_TARGETS[:4]
+    q, k, o, p = (m for m, _ in targets)
+    fd.make_kohya(
+        path,
+        sd_base,
+        targets,
+        alpha={
+            q: None,  # missing: alpha = r
+            k: 0.0,  # zero: alpha = r (sd-scripts' trainer), reported
+            o: torch.tensor(1, dtype=torch.int64),  # diffusers' convert_state_dict_to_kohya writes int64
+            p: torch.tensor([4.0], dtype=torch.float32),  # shape [1]
+        },
+    )
+    a = ah.load(path, base=sd_base)
+    assert a.modules[q].scale == 1.0 and a.modules[q].alpha == 2
+    assert a.modules[k].scale == 1.0
+    assert a.modules[o].alpha == 1.0 and a.modules[o].scale == 0.5
+    assert a.modules[p].alpha == 4.0 and a.modules[p].scale == 2.0
+    text = " ".join(a.warnings)
+    assert "store no alpha" in text and fd.kohya_name(q) in text
+    assert "alpha 0" in text and fd.kohya_name(k) in text
+
+
+def test_unmapped_and_misfit_keys_are_errors(sd_base: Path, tmp_path: Path) -> None:
+    path = tmp_path / "bad.safetensors"
+    sd = fd.make_kohya(path, sd_base, fd.SD_TARGETS[:2])
+    sd["lora_unet_conv_inn.lora_down.weight"] = torch.zeros(2, 4, 3, 3, dtype=torch.float16)
+    sd["lora_unet_conv_inn.lora_up.weight"] = torch.zeros(8, 2, 1, 1, dtype=torch.float16)
+    sd["lora_te_text_model_no_such_layer.lora_down.weight"] = torch.zeros(2, 12, dtype=torch.float16)
+    sd["lora_te_text_model_no_such_layer.lora_up.weight"] = torch.zeros(12, 2, dtype=torch.float16)
+    save_safetensors(sd, path)
+    with pytest.raises(ah.InvalidAdapterError) as e:
+        ah.load(path, base=sd_base)
+    msg = str(e.value)
+    assert "2 key(s) name no module" in msg and "lora_unet_conv_inn" in msg and "no_such_layer" in msg
+    # a name that exists but a shape that does not fit (a Linear LoRA on the 3x3 conv_in)
+    sd = fd.make_kohya(path, sd_base, fd.SD_TARGETS[:1])
+    sd["lora_unet_conv_in.lora_down.weight"] = torch.zeros(2, 36, dtype=torch.float16)
+    sd["lora_unet_conv_in.lora_up.weight"] = torch.zeros(8, 2, dtype=torch.float16)
+    save_safetensors(sd, path)
+    with pytest.raises(ah.InvalidAdapterError, match="do not fit") as e:
+        ah.load(path, base=sd_base)
+    assert "lora_unet_conv_in" in str(e.value)
+
+
+def test_name_collision_is_an_error_unless_shapes_decide(tmp_path: Path) -> None:
+    base = tmp_path / "base.safetensors"
+    save_safetensors({"a.b_c.weight": torch.zeros(4, 4), "a_b.c.weight": torch.zeros(4, 4)}, base)
+    lora = tmp_path / "lora.safetensors"
+    save_safetensors(
+        {"lora_unet_a_b_c.lora_down.weight": torch.ones(1, 4), "lora_unet_a_b_c.lora_up.weight": torch.ones(4, 1)},
+        lora,
+    )
+    with pytest.raises(ah.InvalidAdapterError, match="match two modules") as e:
+        ah.load(lora, base=base)
+    assert "a.b_c" in str(e.value) and "a_b.c" in str(e.value)
+    save_safetensors({"a.b_c.weight": torch.zeros(4, 4), "a_b.c.weight": torch.zeros(6, 4)}, base)
+    a = ah.load(lora, base=base)
+    assert list(a.modules) == ["a.b_c"]
+
+
+@pytest.mark.parametrize(
+    ("part", "what"),
+    [
+        ("hada_w1_a", "LoHa"),
+        ("lokr_w1", "LoKr"),
+        ("lora_mid.weight", "Tucker"),
+        ("oft_blocks", "OFT"),
+        ("on_input", "(IA)³"),
+        ("a1.weight", "GLoRA"),
+        ("diff", "full fine-tune"),
+        ("dora_scale", "DoRA"),
+    ],
+)
+def test_lycoris_refused_by_name(tmp_path: Path, part: str, what: str) -> None:
+    path = tmp_path / "lyco.safetensors"
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_safetensors(
+        {
+            f"{name}.lora_down.weight": torch.ones(2, 8),
+            f"{name}.lora_up.weight": torch.ones(8, 2),
+            f"{name}.{part}": torch.ones(2, 2),
+            f"{name}.alpha": torch.tensor(1.0),
+        },
+        path,
+    )
+    assert detect_format(path).name == "lycoris"
+    with pytest.raises(ah.InvalidAdapterError, match="LyCORIS") as e:
+        ah.load(path)
+    assert what in str(e.value)
+    with pytest.raises(ah.InvalidAdapterError, match="LyCORIS"):
+        ah.load(path, format="kohya", base=tmp_path)
+
+
+def test_lycoris_algo_from_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "lyco.safetensors"
+    save_safetensors(
+        {"lora_unet_x.lora_down.weight": torch.ones(2, 8), "lora_unet_x.lora_up.weight": torch.ones(8, 2)},
+        path,
+        {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "glora"})},
+    )
+    with pytest.raises(ah.InvalidAdapterError, match="'glora'"):
+        ah.load(path)
+
+
+def test_kohya_peft_kohya_round_trip(sd_base: Path, tmp_path: Path) -> None:
+    src = tmp_path / "k.safetensors"
+    targets = fd.SD_TARGETS
+    alphas = {
+        targets[0][0]: None,
+        targets[1][0]: torch.tensor(0.3, dtype=torch.bfloat16),
+        targets[2][0]: torch.tensor(2, dtype=torch.int64),
+        targets[3][0]: 0.0,
+    }
+    meta = {
+        "ss_training_comment": "hello",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "sshs_model_hash": "x",
+    }
+    fd.make_kohya(src, sd_base, targets, dtype=torch.bfloat16, alpha=alphas, metadata=meta)
+    peft_dir = tmp_path / "peft"
+    r = run_cli("convert", str(src), "--to", "peft", "--base", str(sd_base), "-o", str(peft_dir), "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["modules"] == len(targets)
+    p = ah.load(peft_dir)
+    k = ah.load(src, base=sd_base)
+    assert p.format == "peft" and sorted(p.modules) == sorted(k.modules)
+    for name, m in k.modules.items():
+        assert (p.modules[name].rank, p.modules[name].scale) == (m.rank, m.scale)
+        torch.testing.assert_close(update(p, name), update(k, name), rtol=0, atol=0)
+    back = tmp_path / "back.safetensors"
+    r = run_cli("convert", str(peft_dir), "--to", "kohya", "-o", str(back))
+    assert r.exit_code == 0, r.output
+    orig, again = load_safetensors(src), load_safetensors(back)
+    assert sorted(orig) == sorted(again)
+    for key, t in orig.items():
+        assert again[key].dtype == t.dtype and again[key].shape == t.shape, key
+        assert torch.equal(again[key], t), key
+    assert read_header(back).metadata == read_header(src).metadata
+
+
+def test_peft_kohya_peft_round_trip(sd_base: Path, tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model
+
+    unet = UNet2DConditionModel.from_pretrained(sd_base / "unet")
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["to_q", "to_k", "proj_in", "conv1", "time_emb_proj"],
+        rank_pattern={"conv1": 2},
+        alpha_pattern={"to_k": 3},
+        use_rslora=True,
+    )
+    model = get_peft_model(unet, cfg)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, prm in model.named_parameters():
+            if "lora_" in n:
+                prm.copy_(torch.randn(prm.shape, generator=g))
+    model = model.to(torch.float16)
+    src = tmp_path / "peft"
+    model.save_pretrained(src)
+    a = ah.load(src)
+    kohya = tmp_path / "k.safetensors"
+    res = ah.convert(a, kohya, to="kohya", base=sd_base / "unet")
+    assert res.modules == len(a.modules)
+    keys = read_header(kohya).tensors
+    assert "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight" in keys
+    # readable back without a base (names stored), and by the base-derived table too
+    k = ah.load(kohya)
+    k2 = ah.load(kohya, base=sd_base / "unet")
+    assert sorted(k.modules) == sorted(k2.modules) == sorted(a.modules)
+    back = tmp_path / "back"
+    ah.convert(kohya, back, to="peft")
+    b = ah.load(back)
+    ta, tb = load_safetensors(src / "adapter_model.safetensors"), load_safetensors(back / "adapter_model.safetensors")
+    assert sorted(ta) == sorted(tb)
+    for key in ta:
+        assert ta[key].dtype == tb[key].dtype == torch.float16 and torch.equal(ta[key], tb[key]), key
+    for name, m in a.modules.items():
+        assert (b.modules[name].rank, b.modules[name].scale) == (m.rank, m.scale)
+        assert k2.modules[name].rank == m.rank
+        assert k2.modules[name].scale == pytest.approx(m.scale, rel=1e-12)  # rsLoRA stored as alpha·√r
+    assert b.config.use_rslora and b.config.alpha_pattern == a.config.alpha_pattern
+
+
+def test_convert_refuses_what_kohya_cannot_hold(sd_base: Path, tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model
+
+    unet = UNet2DConditionModel.from_pretrained(sd_base / "unet")
+    model = get_peft_model(unet, LoraConfig(r=2, target_modules=["to_q"], use_dora=True))
+    model.save_pretrained(tmp_path / "dora")
+    r = run_cli("convert", str(tmp_path / "dora"), "--to", "kohya", "-o", str(tmp_path / "x.safetensors"))
+    assert r.exit_code != 0 and "DoRA" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_merge_kohya_into_unet_matches_dense(sd_base: Path, tmp_path: Path) -> None:
+    """A kohya LoRA read against the UNet component merges like the dense reference (linear layers; the merge
+    engine refuses conv LoRA)."""
+    linear = [
+        (m, r) for m, r in fd.SD_TARGETS if m.startswith("unet.") and ("to_" in m or m.endswith(("proj", "_proj")))
+    ]
+    path = tmp_path / "k.safetensors"
+    sd = fd.make_kohya(path, sd_base, linear, dtype=torch.float32, alpha={linear[0][0]: 0.5})
+    a = ah.load(path, base=sd_base / "unet")
+    assert sorted(a.modules) == sorted(m.removeprefix("unet.") for m, _ in linear)
+    unet_file = sd_base / "unet" / "diffusion_pytorch_model.safetensors"
+    ah.merge(base=unet_file, adapters=[a], out=tmp_path / "merged")
+    before, after = load_safetensors(unet_file), load_safetensors(tmp_path / "merged" / "model.safetensors")
+    for module, _ in linear:
+        key = module.removeprefix("unet.") + ".weight"
+        want = before[key].double() + fd.dense_reference(sd, fd.kohya_name(module))
+        torch.testing.assert_close(after[key].double(), want, rtol=0, atol=1e-6)
+    untouched = "down_blocks.0.resnets.0.conv1.weight"
+    assert torch.equal(after[untouched], before[untouched])
+
+
+# ------------------------------------------------------------------------------------------------ diffusers
+
+
+def _unet_output(unet, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
+    enc = torch.randn(1, 5, 12, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        return unet(x, torch.tensor([3]), encoder_hidden_states=enc).sample
+
+
+def _diffusers_saved(sd_base: Path, out: Path, *, with_metadata: bool) -> Path:
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(sd_base / "unet")
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["to_q", "conv1"], rank_pattern={"conv1": 2}, alpha_pattern={"to_q": 3}
+    )
+    unet.add_adapter(cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, prm in unet.named_parameters():
+            if "lora_" in n:
+                prm.copy_(torch.randn(prm.shape, generator=g))
+    meta = {"unet_lora_adapter_metadata": cfg.to_dict()} if with_metadata else {}
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet), **meta)
+    return out
+
+
+def test_diffusers_file_with_metadata(sd_base: Path, tmp_path: Path) -> None:
+    path = _diffusers_saved(sd_base, tmp_path / "d", with_metadata=True)
+    assert detect_format(path).name == "diffusers"
+    a = ah.load(path)
+    assert a.format == "diffusers" and a.warnings == []
+    q = a.modules["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+    c = a.modules["unet.down_blocks.0.resnets.0.conv1"]
+    assert (q.rank, q.alpha, q.scale) == (4, 3, 0.75)
+    assert (c.rank, c.alpha, c.scale, c.kind) == (2, 8, 4.0, "conv")
+
+
+def test_diffusers_file_without_metadata_assumes_alpha_r(sd_base: Path, tmp_path: Path) -> None:
+    a = ah.load(_diffusers_saved(sd_base, tmp_path / "d", with_metadata=False) / "pytorch_lora_weights.safetensors")
+    assert a.format == "diffusers"
+    assert all(m.scale == 1.0 for m in a.modules.values())
+    assert any("alpha = r" in w for w in a.warnings)
+
+
+def test_diffusers_legacy_layout_refused(tmp_path: Path) -> None:
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora"
+    save_safetensors({f"{key}.down.weight": torch.ones(2, 8), f"{key}.up.weight": torch.ones(8, 2)}, path)
+    with pytest.raises(ah.InvalidAdapterError, match="legacy"):
+        ah.load(path)
+
+
+def test_kohya_to_diffusers_loads_in_diffusers(sd_base: Path, tmp_path: Path) -> None:
+    """kohya -> diffusers with per-module alphas: diffusers' loader gives the UNet the same output as our reading."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    src = tmp_path / "k.safetensors"
+    targets = [(m, r) for m, r in fd.SD_TARGETS if m.startswith("unet.")]
+    fd.make_kohya(src, sd_base, targets, dtype=torch.float32, alpha={targets[0][0]: 0.5, targets[4][0]: 3.0})
+    out = tmp_path / "d"
+    r = run_cli("convert", str(src), "--to", "diffusers", "--base", str(sd_base), "-o", str(out))
+    assert r.exit_code == 0, r.output
+    k, d = ah.load(src, base=sd_base), ah.load(out)
+    assert d.format == "diffusers" and sorted(d.modules) == sorted(k.modules)
+    for name, m in k.modules.items():
+        assert (d.modules[name].rank, d.modules[name].scale) == (m.rank, m.scale)
+        torch.testing.assert_close(update(d, name), update(k, name), rtol=0, atol=0)
+    state, alphas, meta = StableDiffusionPipeline.lora_state_dict(out, return_lora_metadata=True)
+    theirs = UNet2DConditionModel.from_pretrained(sd_base / "unet").double().eval()
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, theirs, metadata=meta)
+    ours = UNet2DConditionModel.from_pretrained(sd_base / "unet").double().eval()
+    params = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name in k.modules:
+            w = params[name.removeprefix("unet.") + ".weight"]
+            w += update(k, name).reshape(w.shape)
+    torch.testing.assert_close(_unet_output(ours), _unet_output(theirs), rtol=0, atol=1e-10)
+    # and back to PEFT: the same factor bytes
+    ah.convert(out, tmp_path / "p", to="peft")
+    p = ah.load(tmp_path / "p")
+    for name, m in d.modules.items():
+        assert torch.equal(p.tensor(p.modules[name].A.name), d.tensor(m.A.name))
+        assert p.modules[name].scale == m.scale
+
+
+def test_sdxl_text_encoders_and_reduce_back_to_kohya(sd_base: Path, tmp_path: Path) -> None:
+    """lora_te1 / lora_te2 map to text_encoder / text_encoder_2; after `reduce` (which drops the kohya stash)
+    writing kohya again gives the same names, te1 included."""
+    import shutil
+
+    base = tmp_path / "sdxl"
+    shutil.copytree(sd_base, base)
+    shutil.copytree(base / "text_encoder", base / "text_encoder_2")
+    targets = [fd.SD_TARGETS[0], ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", 2)]
+    path = tmp_path / "xl.safetensors"
+    sd = fd.make_kohya(path, base, targets, dtype=torch.float32)
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    for part in ("lora_down.weight", "lora_up.weight", "alpha"):
+        sd[f"lora_te1{te[7:]}.{part}"] = sd.pop(f"{te}.{part}")
+        sd[f"lora_te2{te[7:]}.{part}"] = sd[f"lora_te1{te[7:]}.{part}"] * 2
+    save_safetensors(sd, path)
+    a = ah.load(path, base=base)
+    assert sorted(a.modules) == sorted(
+        [
+            targets[0][0],
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+            "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj",
+        ]
+    )
+    ah.reduce(a, tmp_path / "small", rank=1)
+    ah.convert(tmp_path / "small", tmp_path / "small.safetensors", to="kohya", base=base)
+    names = {k.split(".", 1)[0] for k in read_header(tmp_path / "small.safetensors").tensors}
+    assert names == {k.split(".", 1)[0] for k in sd}
+    small = ah.load(tmp_path / "small.safetensors", base=base)
+    assert all(m.rank == 1 for m in small.modules.values())
+
+
+def test_single_file_checkpoint_with_sgm_names(tmp_path: Path) -> None:
+    """SDXL-style kohya names (sgm `input_blocks_4_1_...`, lora_te1) against a single-file checkpoint's own names;
+    OpenCLIP's fused text encoder 2 has no such modules, so lora_te2 keys are reported, not skipped."""
+    base = tmp_path / "sdxl.safetensors"
+    save_safetensors(
+        {
+            "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight": torch.zeros(8, 8),
+            "model.diffusion_model.input_blocks.4.1.proj_in.weight": torch.zeros(8, 8),
+            "model.diffusion_model.middle_block.1.proj_in.weight": torch.zeros(16, 16),
+            "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": torch.zeros(
+                12, 12
+            ),
+            "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(36, 12),
+        },
+        base,
+    )
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, (d_out, d_in) in {
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (8, 8),
+        "lora_unet_input_blocks_4_1_proj_in": (8, 8),
+        "lora_unet_middle_block_1_proj_in": (16, 16),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (12, 12),
+    }.items():
+        sd[f"{name}.lora_down.weight"] = torch.randn(2, d_in, generator=g, dtype=torch.float32).bfloat16()
+        sd[f"{name}.lora_up.weight"] = torch.randn(d_out, 2, generator=g, dtype=torch.float32).bfloat16()
+        sd[f"{name}.alpha"] = torch.tensor(0.3, dtype=torch.bfloat16)
+    path = tmp_path / "xl.safetensors"
+    save_safetensors(sd, path, {"ss_base_model_version": "sdxl_base_v1-0"})
+    a = ah.load(path, base=base)
+    assert "model.diffusion_model.middle_block.1.proj_in" in a.modules
+    assert "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj" in a.modules
+    assert all(m.alpha == 0.30078125 and m.scale == 0.30078125 / 2 for m in a.modules.values())
+    sd["lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.zeros(2, 12)
+    sd["lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.zeros(12, 2)
+    save_safetensors(sd, path)
+    with pytest.raises(ah.InvalidAdapterError, match="lora_te2_text_model_encoder_layers_0_self_attn_q_proj"):
+        ah.load(path, base=base)
+
+
+def test_tucker_locon_folds_exactly_when_asked(sd_base: Path, tmp_path: Path) -> None:
+    """LoCon-Tucker (lora_mid) is refused by default and, with fold_tucker, equals the dense Tucker update."""
+    module = "unet.down_blocks.0.resnets.0.conv1"  # 3x3 conv, [8, 8, 3, 3]
+    name = fd.kohya_name(module)
+    g = torch.Generator().manual_seed(7)
+    down = torch.randn(2, 8, 1, 1, generator=g).half()
+    mid = torch.randn(2, 2, 3, 3, generator=g).half()
+    up = torch.randn(8, 2, 1, 1, generator=g).half()
+    path = tmp_path / "tucker.safetensors"
+    save_safetensors(
+        {
+            f"{name}.lora_down.weight": down,
+            f"{name}.lora_mid.weight": mid,
+            f"{name}.lora_up.weight": up,
+            f"{name}.alpha": torch.tensor(1.0, dtype=torch.float16),
+        },
+        path,
+        {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "locon", "use_tucker": True})},
+    )
+    with pytest.raises(ah.InvalidAdapterError, match="Tucker"):
+        ah.load(path, base=sd_base)
+    out = tmp_path / "peft"
+    r = run_cli("convert", str(path), "--to", "peft", "--base", str(sd_base), "--fold-tucker", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    p = ah.load(out)
+    m = p.modules[module]
+    assert (m.rank, m.scale, m.A.shape) == (2, 0.5, (2, 8, 3, 3))
+    ref = torch.einsum("op,pqhw,qi->oihw", up.double().flatten(1), mid.double(), down.double().flatten(1)) * 0.5
+    torch.testing.assert_close(update(p, module).reshape(ref.shape), ref, rtol=1e-6, atol=1e-6)
+    assert p.tensor(m.B.name).dtype == torch.float16  # lora_B keeps its bytes
+
+
+def test_kohya_to_peft_loads_in_peft(sd_base: Path, tmp_path: Path) -> None:
+    """kohya -> PEFT against the UNet component: PeftModel.from_pretrained on the UNet computes what the dense
+    reference (alpha / r * up @ down from the raw kohya tensors, added to each weight) computes."""
+    from diffusers import UNet2DConditionModel
+    from peft import PeftModel
+
+    targets = [(m, r) for m, r in fd.SD_TARGETS if m.startswith("unet.")]
+    src = tmp_path / "k.safetensors"
+    sd = fd.make_kohya(src, sd_base, targets, dtype=torch.float32, alpha={targets[1][0]: 0.25, targets[6][0]: 5.0})
+    out = tmp_path / "peft"
+    ah.convert(src, out, to="peft", base=sd_base / "unet")
+    unet = UNet2DConditionModel.from_pretrained(sd_base / "unet").double().eval()
+    peft_unet = PeftModel.from_pretrained(unet, out).eval().double()
+    dense = UNet2DConditionModel.from_pretrained(sd_base / "unet").double().eval()
+    params = dict(dense.named_parameters())
+    with torch.no_grad():
+        for module, _ in targets:
+            w = params[module.removeprefix("unet.") + ".weight"]
+            w += fd.dense_reference(sd, fd.kohya_name(module)).reshape(w.shape)
+    torch.testing.assert_close(_unet_output(peft_unet), _unet_output(dense), rtol=0, atol=1e-10)
+
+
+def test_sgm_names_against_a_diffusers_unet(sd_base: Path, tmp_path: Path) -> None:
+    """SDXL-style kohya names (sgm: input_blocks / middle_block / output_blocks, in_layers_2, emb_layers_1,
+    skip_connection, op) read against a diffusers pipeline folder through the block layout in unet/config.json;
+    diffusers' own sgm mapping loads the file into the UNet with the same output."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    sgm = {
+        "input_blocks_1_1_transformer_blocks_0_attn1_to_q": (
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+        ),
+        "input_blocks_1_1_proj_in": "down_blocks.0.attentions.0.proj_in",
+        "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+        "input_blocks_3_0_emb_layers_1": "down_blocks.1.resnets.0.time_emb_proj",
+        "input_blocks_3_0_skip_connection": "down_blocks.1.resnets.0.conv_shortcut",
+        "middle_block_1_proj_out": "mid_block.attentions.0.proj_out",
+        "middle_block_2_out_layers_3": "mid_block.resnets.1.conv2",
+        "output_blocks_3_1_transformer_blocks_0_attn2_to_v": (
+            "up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_v"
+        ),
+        "output_blocks_2_0_in_layers_2": "up_blocks.1.resnets.0.conv1",
+    }
+    weights = fd.base_weights(sd_base)
+    g = torch.Generator().manual_seed(11)
+    sd = {}
+    for flat, module in sgm.items():
+        w = weights[f"unet.{module}.weight"]
+        sd[f"lora_unet_{flat}.lora_down.weight"] = torch.randn((2, *w.shape[1:]), generator=g)
+        sd[f"lora_unet_{flat}.lora_up.weight"] = torch.randn((w.shape[0], 2) + (1,) * (w.ndim - 2), generator=g)
+        sd[f"lora_unet_{flat}.alpha"] = torch.tensor(1.0)
+    path = tmp_path / "sgm.safetensors"
+    save_safetensors(sd, path)
+    a = ah.load(path, base=sd_base)
+    assert sorted(a.modules) == sorted(f"unet.{m}" for m in sgm.values())
+    for flat, module in sgm.items():
+        torch.testing.assert_close(
+            update(a, f"unet.{module}"), fd.dense_reference(sd, f"lora_unet_{flat}"), rtol=0, atol=1e-12
+        )
+    theirs = UNet2DConditionModel.from_pretrained(sd_base / "unet").double().eval()
+    state, alphas = StableDiffusionPipeline.lora_state_dict(dict(sd), unet_config=theirs.config)
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, theirs)
+    ours = UNet2DConditionModel.from_pretrained(sd_base / "unet").double().eval()
+    params = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name in a.modules:
+            w = params[name.removeprefix("unet.") + ".weight"]
+            w += update(a, name).reshape(w.shape)
+    torch.testing.assert_close(_unet_output(ours), _unet_output(theirs), rtol=0, atol=1e-10)
+
+
+def test_loha_folds_exactly_at_rank_r_squared(sd_base: Path, tmp_path: Path) -> None:
+    """LoHa is refused by default; with fold_loha it reads as the LoRA of rank r1·r2 equal to
+    (w1a@w1b) * (w2a@w2b) * alpha / r, on a Linear and on a 3x3 conv (w*_b flattened, as LyCORIS stores them)."""
+    g = torch.Generator().manual_seed(9)
+    sd: dict[str, torch.Tensor] = {}
+    refs = {}
+    for module, alpha in (
+        ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", 1.0),
+        ("unet.down_blocks.0.resnets.0.conv1", 4.0),
+    ):
+        w = fd.base_weights(sd_base)[module + ".weight"]
+        name = fd.kohya_name(module)
+        r, n_in = 2, w[0].numel()
+        parts = {
+            "hada_w1_a": torch.randn(w.shape[0], r, generator=g),
+            "hada_w1_b": torch.randn(r, n_in, generator=g),
+            "hada_w2_a": torch.randn(w.shape[0], r, generator=g),
+            "hada_w2_b": torch.randn(r, n_in, generator=g),
+        }
+        sd.update({f"{name}.{p}": t.half() for p, t in parts.items()})
+        sd[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
+        p = {k: v.half().double() for k, v in parts.items()}
+        refs[module] = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"]) * alpha / r
+    path = tmp_path / "loha.safetensors"
+    save_safetensors(sd, path, {"ss_network_module": "lycoris.kohya"})
+    with pytest.raises(ah.InvalidAdapterError, match="LoHa") as e:
+        ah.load(path, base=sd_base)
+    assert "--fold-loha" in str(getattr(e.value, "hint", ""))
+    out = tmp_path / "peft"
+    r = run_cli("convert", str(path), "--to", "peft", "--base", str(sd_base), "--fold-loha", "-o", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    assert any("LoHa" in w for w in json.loads(r.output)["warnings"])
+    p = ah.load(out)
+    conv = p.modules["unet.down_blocks.0.resnets.0.conv1"]
+    assert (conv.rank, conv.kind, conv.A.shape, conv.B.shape) == (4, "conv", (4, 8, 3, 3), (8, 4, 1, 1))
+    for module, ref in refs.items():
+        torch.testing.assert_close(update(p, module), ref, rtol=1e-6, atol=1e-6)
+    # and on to kohya: a plain LoRA file (alpha rescaled for rank r1·r2), same update
+    ah.convert(out, tmp_path / "k.safetensors", to="kohya", base=sd_base)
+    k = ah.load(tmp_path / "k.safetensors", base=sd_base)
+    for module, ref in refs.items():
+        torch.testing.assert_close(update(k, module), ref, rtol=1e-6, atol=1e-6)
