@@ -97,6 +97,9 @@ def test_needs_a_base_or_env(sd_base: Path, tmp_path: Path, monkeypatch: pytest.
     assert "ADAPTERS_BASE" in str(getattr(e.value, "hint", ""))
     r = run_cli("inspect", str(path))
     assert r.exit_code != 0 and "base" in r.output and "Traceback" not in r.output
+    r = run_cli("inspect", str(path), "--base", str(sd_base), "--json", "--no-hash")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["num_modules"] == len(fd.SD_TARGETS)
     monkeypatch.setenv("ADAPTERS_BASE", str(sd_base))
     assert len(ah.load(path).modules) == len(fd.SD_TARGETS)
     r = run_cli("inspect", str(path), "--json", "--no-hash")

@@ -29,10 +29,21 @@ def _size(n: int | None) -> str:
     "90% / 99% energy (from the r x r core, never the dense matrix).",
 )
 @click.option("--no-hash", is_flag=True, help="Skip the sha256 of the tensor file.")
+@click.option(
+    "--base",
+    default=None,
+    help="Base checkpoint whose tensor names map a kohya / diffusers file's keys to modules (else ADAPTERS_BASE).",
+)
 @allow_pickle_option
 @json_option
 def inspect_cmd(
-    adapter: str, show_modules: bool, spectrum: bool, no_hash: bool, allow_pickle: bool, as_json: bool
+    adapter: str,
+    show_modules: bool,
+    spectrum: bool,
+    no_hash: bool,
+    base: str | None,
+    allow_pickle: bool,
+    as_json: bool,
 ) -> None:
     """Show what an adapter is: config, ranks, targets, sizes, hash; reads headers, not weights.
 
@@ -40,7 +51,7 @@ def inspect_cmd(
     """
     from adapterhub_cli import api
 
-    lora = api.load(adapter, allow_pickle=allow_pickle)
+    lora = api.load(adapter, allow_pickle=allow_pickle, base=base)
     report = api.inspect(lora, modules=show_modules, spectrum=spectrum, sha256=not no_hash)
     if as_json:
         out.json(report.to_dict())
