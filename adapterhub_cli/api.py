@@ -19,7 +19,7 @@ from adapterhub_cli.ops.quantize import QuantizeResult, dequantize_adapter, quan
 from adapterhub_cli.ops.reduce import Progress, ReduceResult, reduce_adapter
 from adapterhub_cli.ref import AdapterRef, is_hub_ref
 from adapterhub_cli.report import InspectReport, build_report
-from adapterhub_cli.validate import ValidationReport, validate_against
+from adapterhub_cli.validate import ValidationReport, check_gguf_ready, validate_against
 
 
 if TYPE_CHECKING:
@@ -117,19 +117,26 @@ def inspect(
     return build_report(adapter, sha256=digest, modules=modules, spectrum=spectrum)
 
 
-def validate(source: AdapterLike, *, base: BaseLike, check_weights: bool = True) -> ValidationReport:
+def validate(
+    source: AdapterLike, *, base: BaseLike, check_weights: bool = True, gguf: bool = False
+) -> ValidationReport:
     """Check that an adapter fits a base checkpoint (read through config and headers only).
 
     Args:
         base: a checkpoint folder (config.json + model.safetensors or shards with their index) or a BaseView.
         check_weights: also load the adapter's tensors and check they are finite.
+        gguf: also report what llama.cpp's GGUF LoRA converter would refuse or silently lose
+            (``gguf-*`` findings: alpha_pattern, rsLoRA, DoRA, biases, modules_to_save).
 
     Returns:
         a report whose ``ok`` is False when an error-level finding was made.
     """
     adapter = load(source, strict=False)
     view = base if isinstance(base, BaseView) else open_base(base)
-    return validate_against(adapter, view, check_weights=check_weights)
+    report = validate_against(adapter, view, check_weights=check_weights)
+    if gguf:
+        report.findings.extend(check_gguf_ready(adapter))
+    return report
 
 
 def reduce(

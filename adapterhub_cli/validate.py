@@ -316,3 +316,71 @@ def _check_weights(adapter: Adapter) -> list[Finding]:
     elif zero:
         out.append(Finding("zero-modules", "info", f"{len(zero)} modules have lora_B = 0 and change nothing", zero[0]))
     return out
+
+
+def check_gguf_ready(adapter: Adapter) -> list[Finding]:
+    """What llama.cpp's ``convert_lora_to_gguf.py`` would refuse or silently lose for this adapter.
+
+    GGUF LoRA files store one global ``adapter.lora.alpha`` and a rank per tensor, and the converter accepts only
+    ``lora_A`` / ``lora_B`` (and embedding) tensors: per-module alphas and rsLoRA's alpha/sqrt(r) collapse to one
+    alpha / r, and DoRA magnitudes, LoRA biases and modules_to_save copies stop the conversion.
+    """
+    cfg = adapter.config
+    out = []
+    if cfg.alpha_pattern:
+        out.append(
+            Finding(
+                "gguf-alpha-pattern",
+                "error",
+                f"alpha_pattern ({len(cfg.alpha_pattern)} entries) is lost: GGUF stores one global alpha; "
+                "bake each module's alpha ratio into its lora_B (adapters reduce keeps scales exactly if "
+                "you then set one alpha) before converting",
+            )
+        )
+    if cfg.use_rslora:
+        out.append(
+            Finding(
+                "gguf-rslora",
+                "error",
+                "rsLoRA's alpha/sqrt(r) scale is lost: llama.cpp applies alpha/r; convert with "
+                "lora_alpha = alpha * sqrt(r) per rank, or bake the scale into lora_B",
+            )
+        )
+    dora = [m.name for m in adapter.modules.values() if m.magnitude is not None]
+    if cfg.use_dora or dora:
+        out.append(
+            Finding(
+                "gguf-dora",
+                "error",
+                'DoRA magnitude vectors are refused by the converter ("Unexpected name"): merge the '
+                "adapter into the base instead",
+                dora[0] if dora else None,
+            )
+        )
+    bias = [n for n in adapter.extra_tensors if n.endswith(".bias")]
+    if cfg.bias != "none" or bias:
+        out.append(
+            Finding(
+                "gguf-bias",
+                "error",
+                "bias tensors are refused by the converter: retrain with bias='none' or merge instead",
+                bias[0] if bias else None,
+            )
+        )
+    saved = [n for n in adapter.extra_tensors if not n.endswith(".bias")]
+    if cfg.modules_to_save or saved:
+        out.append(
+            Finding(
+                "gguf-modules-to-save",
+                "error",
+                "modules_to_save copies are refused by the converter: merge the adapter into the base instead",
+                saved[0] if saved else None,
+            )
+        )
+    if cfg.rank_pattern:
+        out.append(
+            Finding(
+                "gguf-rank-pattern", "info", "rank_pattern is kept: GGUF reads each module's rank from its tensors"
+            )
+        )
+    return out

@@ -433,3 +433,32 @@ def test_validate_accepts_loaded_objects(llama_lora: Path, llama_base: Path) -> 
     report = ah.validate(ah.load(llama_lora), base=ah.open_base(llama_base))
     assert report.ok
     assert report.findings == []
+
+
+# ----------------------------------------------------------------------------------------------- gguf-ready
+
+
+def _gguf_codes(adapter_dir, base_dir) -> set[str]:
+    return {f.code for f in ah.validate(adapter_dir, base=base_dir, gguf=True).findings if f.code.startswith("gguf")}
+
+
+def test_gguf_ready_flags_what_llama_cpp_loses_or_refuses(
+    llama_lora, llama_rslora, llama_patterns, llama_dora, roberta_lora, llama_base, roberta_base
+):
+    assert _gguf_codes(llama_lora, llama_base) == set()  # plain LoRA converts as is
+    assert _gguf_codes(llama_rslora, llama_base) == {"gguf-rslora"}
+    assert _gguf_codes(llama_patterns, llama_base) == {"gguf-alpha-pattern", "gguf-rank-pattern"}
+    assert "gguf-dora" in _gguf_codes(llama_dora, llama_base)
+    assert "gguf-modules-to-save" in _gguf_codes(roberta_lora, roberta_base)
+    report = ah.validate(llama_patterns, base=llama_base, gguf=True)
+    assert not report.ok and all(f.severity == "info" for f in report.findings if f.code == "gguf-rank-pattern")
+    assert ah.validate(llama_patterns, base=llama_base).ok  # without --gguf these are no problems
+
+
+def test_gguf_flag_in_cli(llama_rslora, llama_lora, llama_base):
+    runner = CliRunner()
+    res = runner.invoke(build_cli(), ["validate", str(llama_rslora), "--base", str(llama_base), "--gguf", "--json"])
+    assert res.exit_code == 1
+    assert "gguf-rslora" in {f["code"] for f in json.loads(res.stdout)["findings"]}
+    res = runner.invoke(build_cli(), ["validate", str(llama_lora), "--base", str(llama_base), "--gguf"])
+    assert res.exit_code == 0, res.output

@@ -18,11 +18,14 @@ _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
     required=True,
     help="Base checkpoint: a folder (config.json + safetensors, single or sharded) or a Hub ref (org/name@rev).",
 )
+@click.option("--gguf", is_flag=True, help="Also check what llama.cpp's GGUF LoRA converter would refuse or lose.")
 @click.option("--no-weights", is_flag=True, help="Skip loading the adapter's tensors (no NaN / inf check).")
 @allow_pickle_option
 @json_option
-def validate_cmd(adapter: str, base: str, no_weights: bool, allow_pickle: bool, as_json: bool) -> None:
+def validate_cmd(adapter: str, base: str, gguf: bool, no_weights: bool, allow_pickle: bool, as_json: bool) -> None:
     """Check that ADAPTER fits the base model: targets, shapes, ranks, modules_to_save, declared base, NaN.
+
+    With --gguf, also what llama.cpp's convert_lora_to_gguf.py would refuse or silently lose.
 
     Reads the base's config and tensor headers only. Exit status 0 when no error was found, 1 when
     errors were found, 2 for bad input.
@@ -30,7 +33,7 @@ def validate_cmd(adapter: str, base: str, no_weights: bool, allow_pickle: bool, 
     from adapterhub_cli import api
 
     lora = api.load(adapter, allow_pickle=allow_pickle, strict=False)
-    report = api.validate(lora, base=base, check_weights=not no_weights)
+    report = api.validate(lora, base=base, check_weights=not no_weights, gguf=gguf)
     if as_json:
         out.json(
             {
