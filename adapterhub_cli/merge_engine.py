@@ -122,11 +122,6 @@ def plan_merge(
     tied = _tied_embedding(base)
     for i, (adapter, w) in enumerate(zip(adapters, weights, strict=True)):
         for m in adapter.modules.values():
-            if m.kind == "conv":
-                raise UsageError(
-                    f"{adapter.path}: module {m.name} is a convolution LoRA; merge supports linear and "
-                    "embedding layers"
-                )
             if tied and m.name.split(".")[-1] == "lm_head":
                 head = plans.setdefault(
                     "lm_head.weight",
@@ -270,15 +265,29 @@ class _Merger:
     """Produces merged tensors: loads factors once per module and applies each adapter's update in order."""
 
     def __init__(self, adapters: list[Adapter], device: str, reverse: bool = False, workers: int = 0) -> None:
+        import torch
+
         self.adapters = adapters
         self.device = device
         self.reverse = reverse
+        self.default_threads = torch.get_num_threads()
         # one core stays free for the reader and writer threads (measured: on 2 cores, two compute threads
         # lose more to contention with disk I/O than they gain)
         env = os.environ.get("ADAPTERS_MERGE_THREADS", "")
         self.workers = workers or (int(env) if env.isdigit() and int(env) > 0 else 0)
         self.workers = self.workers or max(1, min((os.cpu_count() or 1) - 1, 8))
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="adapters-merge") if self.workers > 1 else None
+
+    def _with_default_threads(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        """Run ``fn`` with torch's usual thread count: a convolution's result depends on it, and PEFT uses it."""
+        import torch
+
+        current = torch.get_num_threads()
+        torch.set_num_threads(self.default_threads)
+        try:
+            return fn(*args)
+        finally:
+            torch.set_num_threads(current)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -316,7 +325,7 @@ class _Merger:
         return out
 
     def apply(self, plan: TensorPlan, weight: torch.Tensor) -> torch.Tensor:
-        from lora_ops import lora_delta, merge_dora, merge_lora
+        from lora_ops import conv_lora_delta, lora_delta, merge_delta, merge_dora, merge_lora, unmerge_delta
 
         base_weight = weight
         weight = weight.to(self.device)
@@ -329,7 +338,12 @@ class _Merger:
                 m.kind, adapter.config.fan_in_fan_out, tuple(weight.shape), (m.d_out, m.d_in)
             )
             scale = m.scale * c.weight
-            if m.magnitude is None:
+            if m.kind == "conv":
+                if m.magnitude is not None:
+                    raise UsageError(f"{adapter.path}: module {m.name}: DoRA on convolutions cannot be merged yet")
+                delta = self._with_default_threads(conv_lora_delta, a, b, scale)
+                weight = unmerge_delta(weight, delta) if self.reverse else merge_delta(weight, delta)
+            elif m.magnitude is None:
                 weight = self._merge_lora(weight, a, b, scale, fan_in_fan_out, merge_lora)
             elif self.reverse:
                 raise UsageError(

@@ -41,6 +41,31 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float, *, fan_in_fan_out
     return _transpose(B @ A, fan_in_fan_out) * scale
 
 
+def conv_lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """PEFT's update of a Conv2d LoRA (groups 1), computed the way ``peft``'s ``_ConvNd.get_delta_weight`` does.
+
+    Args:
+        A: (r, in_channels, kh, kw), the down convolution; B: (out_channels, r, 1, 1), the 1x1 up convolution.
+
+    Returns:
+        (out_channels, in_channels, kh, kw): for 1x1 kernels ``B @ A`` on the squeezed matrices, else
+        ``conv2d(Aᵀ, B)ᵀ``, times ``scale``.
+
+    Example:
+        >>> conv_lora_delta(torch.ones(2, 3, 3, 3), torch.ones(4, 2, 1, 1), 0.5).shape
+        torch.Size([4, 3, 3, 3])
+    """
+    if A.dim() != 4 or B.dim() != 4 or A.shape[0] != B.shape[1] or B.shape[2:] != (1, 1):
+        raise ShapeMismatchError(f"A {tuple(A.shape)} and B {tuple(B.shape)} are not conv LoRA factors")
+    if A.dtype in (torch.float16, torch.bfloat16):
+        A = A.float()
+    if B.dtype in (torch.float16, torch.bfloat16):
+        B = B.float()
+    if A.shape[2:] == (1, 1):
+        return (B.squeeze(3).squeeze(2) @ A.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * scale
+    return torch.nn.functional.conv2d(A.transpose(0, 1), B).transpose(0, 1) * scale
+
+
 def merge_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``weight + delta`` computed in the wider dtype and rounded once to ``weight.dtype`` (PEFT's ``W += delta``).
 
@@ -135,4 +160,4 @@ def merge_dora(
     return (factor * (weight.data + delta)).to(weight.dtype)
 
 
-__all__ = ["lora_delta", "merge_delta", "merge_dora", "merge_lora", "unmerge_delta"]
+__all__ = ["conv_lora_delta", "lora_delta", "merge_delta", "merge_dora", "merge_lora", "unmerge_delta"]

@@ -80,8 +80,8 @@ def reduce_adapter(
     require_valid(adapter, check_weights=False)  # each module's factors are checked as they are loaded
     cfg = adapter.config
     for m in adapter.modules.values():
-        if m.kind != "linear":
-            raise UsageError(f"module {m.name} is a {m.kind} LoRA; reduce supports linear layers only")
+        if m.kind == "embedding":
+            raise UsageError(f"module {m.name} is an embedding LoRA; reduce supports linear and conv layers")
 
     def reduce_module(name: str) -> tuple[Any, Any, ModuleReduction]:
         m = adapter.modules[name]
@@ -97,11 +97,11 @@ def reduce_adapter(
             scale=_scale_rule(m.alpha, cfg.use_rslora),
             dtype=_torch_dtype(m.A.dtype),
         )
-        return (
-            red.factors.A,
-            red.factors.B,
-            ModuleReduction(name, m.rank, red.rank, red.retained_energy, red.rel_error),
-        )
+        a, b = red.factors.A, red.factors.B
+        if m.kind == "conv":  # A was (r, in, kh, kw) and B (out, r, 1, 1), flattened to matrices for the SVD
+            a = a.reshape(red.rank, *m.A.shape[1:])
+            b = b.reshape(b.shape[0], red.rank, 1, 1)
+        return a, b, ModuleReduction(name, m.rank, red.rank, red.retained_energy, red.rel_error)
 
     tensors: dict[str, Any] = {}
     rows: list[ModuleReduction] = []
