@@ -14,6 +14,8 @@ from adapterhub_cli.io import TensorInfo, read_header, read_json
 
 
 SINGLE_FILE = "model.safetensors"
+#: file-name stems of checkpoints: transformers' ``model.safetensors`` and diffusers' components
+WEIGHT_STEMS = ("model", "diffusion_pytorch_model")
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -32,6 +34,8 @@ class BaseView:
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
     shard_of: dict[str, Path] = field(default_factory=dict)
+    #: the checkpoint's file names: ``<stem>.safetensors`` or ``<stem>-0000i-of-0000n.safetensors`` + index
+    weights_stem: str = "model"
 
     @property
     def name_or_path(self) -> str:
@@ -121,41 +125,44 @@ def open_base(path: str | Path) -> BaseView:
             config=_config(path.parent),
             tensors=dict(header.tensors),
             shard_of=dict.fromkeys(header.tensors, path),
+            weights_stem=path.stem if path.stem in WEIGHT_STEMS else "model",
         )
-    index = path / INDEX_FILE
-    if index.is_file():
-        doc = read_json(index, INDEX_FILE)
-        weight_map = doc.get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CorruptFileError("index has no weight_map", path=index)
-        tensors: dict[str, TensorInfo] = {}
-        shard_of: dict[str, Path] = {}
-        for shard_name in sorted(set(weight_map.values())):
-            shard = path / shard_name
-            if not shard.is_file():
+    for stem in WEIGHT_STEMS:
+        index = path / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            doc = read_json(index, index.name)
+            weight_map = doc.get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CorruptFileError("index has no weight_map", path=index)
+            tensors: dict[str, TensorInfo] = {}
+            shard_of: dict[str, Path] = {}
+            for shard_name in sorted(set(weight_map.values())):
+                shard = path / shard_name
+                if not shard.is_file():
+                    raise CorruptFileError(
+                        f"the index names {shard_name}, which is missing",
+                        path=index,
+                        hint="the checkpoint is incomplete: download or copy it again",
+                    )
+                for key, info in read_header(shard).tensors.items():
+                    tensors[key] = info
+                    shard_of[key] = shard
+            missing = [k for k in weight_map if k not in tensors]
+            if missing:
                 raise CorruptFileError(
-                    f"the index names {shard_name}, which is missing",
-                    path=index,
-                    hint="the checkpoint is incomplete: download or copy it again",
+                    f"{len(missing)} tensors in the index are in no shard, e.g. {missing[0]!r}", path=index
                 )
-            for key, info in read_header(shard).tensors.items():
-                tensors[key] = info
-                shard_of[key] = shard
-        missing = [k for k in weight_map if k not in tensors]
-        if missing:
-            raise CorruptFileError(
-                f"{len(missing)} tensors in the index are in no shard, e.g. {missing[0]!r}", path=index
+            return BaseView(path=path, config=_config(path), tensors=tensors, shard_of=shard_of, weights_stem=stem)
+        single = path / f"{stem}.safetensors"
+        if single.is_file():
+            header = read_header(single)
+            return BaseView(
+                path=path,
+                config=_config(path),
+                tensors=dict(header.tensors),
+                shard_of=dict.fromkeys(header.tensors, single),
+                weights_stem=stem,
             )
-        return BaseView(path=path, config=_config(path), tensors=tensors, shard_of=shard_of)
-    single = path / SINGLE_FILE
-    if single.is_file():
-        header = read_header(single)
-        return BaseView(
-            path=path,
-            config=_config(path),
-            tensors=dict(header.tensors),
-            shard_of=dict.fromkeys(header.tensors, single),
-        )
     raise InvalidAdapterError(
         f"no {SINGLE_FILE} or {INDEX_FILE} here",
         path=path,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact import Adapter
-from adapterhub_cli.base_model import INDEX_FILE, SINGLE_FILE, BaseView, open_base
+from adapterhub_cli.base_model import BaseView, open_base
 from adapterhub_cli.errors import UsageError
 from adapterhub_cli.io import DTYPE_BITS, TensorInfo, atomic_dir, read_tensor
 from adapterhub_cli.parallel import single_threaded_torch
@@ -461,7 +461,8 @@ def _write_tensor(fd: int, t: torch.Tensor) -> None:
 
 def _copy_side_files(base: Path, out: Path, config_updates: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
     for f in sorted(base.iterdir()):
-        if not f.is_file() or f.name.startswith(".") or f.name == INDEX_FILE or f.suffix in WEIGHT_SUFFIXES:
+        index = f.name.endswith(".safetensors.index.json")
+        if not f.is_file() or f.name.startswith(".") or index or f.suffix in WEIGHT_SUFFIXES:
             continue
         if f.name == "config.json" and (config_updates or drop):
             cfg = json.loads(f.read_text())
@@ -592,10 +593,11 @@ def run_merge(
         updates.update(dict.fromkeys(keys, {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[out_dtype]))
     written = 0
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        stem = view.weights_stem  # model.safetensors, or diffusion_pytorch_model.safetensors for a diffusers part
         names = (
-            [SINGLE_FILE]
+            [f"{stem}.safetensors"]
             if len(shards) == 1
-            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            else [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         )
         writer = _AsyncWriter()
         closer = ThreadPoolExecutor(1, thread_name_prefix="adapters-fsync")
@@ -619,7 +621,7 @@ def run_merge(
                 "metadata": {"total_size": total},
                 "weight_map": {p.name: name for name, shard in zip(names, shards, strict=True) for p in shard},
             }
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            (tmp / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         drop: tuple[str, ...] = ()
         if quantize:
             dtypes = {p.dtype for p in plans if p.quantized_entries}

@@ -310,24 +310,28 @@ def test_convert_refuses_what_kohya_cannot_hold(sd_base: Path, tmp_path: Path) -
 
 
 def test_merge_kohya_into_unet_matches_dense(sd_base: Path, tmp_path: Path) -> None:
-    """A kohya LoRA read against the UNet component merges like the dense reference (linear layers; the merge
-    engine refuses conv LoRA)."""
-    linear = [
-        (m, r) for m, r in fd.SD_TARGETS if m.startswith("unet.") and ("to_" in m or m.endswith(("proj", "_proj")))
-    ]
+    """A kohya LoRA (Linear, 1x1 and 3x3 conv) read against the UNet component folder merges like the dense
+    reference, and the output keeps diffusers' file name, so the UNet loads from it."""
+    from diffusers import UNet2DConditionModel
+
+    unet_targets = [(m, r) for m, r in fd.SD_TARGETS if m.startswith("unet.")]
     path = tmp_path / "k.safetensors"
-    sd = fd.make_kohya(path, sd_base, linear, dtype=torch.float32, alpha={linear[0][0]: 0.5})
+    sd = fd.make_kohya(path, sd_base, unet_targets, dtype=torch.float32, alpha={unet_targets[0][0]: 0.5})
     a = ah.load(path, base=sd_base / "unet")
-    assert sorted(a.modules) == sorted(m.removeprefix("unet.") for m, _ in linear)
+    assert sorted(a.modules) == sorted(m.removeprefix("unet.") for m, _ in unet_targets)
+    assert ah.validate(a, base=sd_base / "unet").ok
+    result = ah.merge(base=sd_base / "unet", adapters=[a], out=tmp_path / "merged")
     unet_file = sd_base / "unet" / "diffusion_pytorch_model.safetensors"
-    ah.merge(base=unet_file, adapters=[a], out=tmp_path / "merged")
-    before, after = load_safetensors(unet_file), load_safetensors(tmp_path / "merged" / "model.safetensors")
-    for module, _ in linear:
+    before = load_safetensors(unet_file)
+    after = load_safetensors(result.path / "diffusion_pytorch_model.safetensors")
+    for module, _ in unet_targets:
         key = module.removeprefix("unet.") + ".weight"
-        want = before[key].double() + fd.dense_reference(sd, fd.kohya_name(module))
+        want = before[key].double() + fd.dense_reference(sd, fd.kohya_name(module)).reshape(before[key].shape)
         torch.testing.assert_close(after[key].double(), want, rtol=0, atol=1e-6)
-    untouched = "down_blocks.0.resnets.0.conv1.weight"
+    untouched = "down_blocks.0.resnets.0.conv2.weight"
     assert torch.equal(after[untouched], before[untouched])
+    assert (result.path / "config.json").is_file()
+    UNet2DConditionModel.from_pretrained(result.path)
 
 
 # ------------------------------------------------------------------------------------------------ diffusers
