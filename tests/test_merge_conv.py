@@ -89,3 +89,19 @@ def test_reduce_conv_lora_reaches_the_dense_optimum_and_peft_loads_it(conv_case,
         got = g.scale * (g.B.double() @ g.A.double())
         assert torch.linalg.norm(got - best) <= 1e-5 * torch.linalg.norm(dense)
         assert reduced.modules[m.name].A.shape[1:] == original.modules[m.name].A.shape[1:]
+
+
+def test_combine_conv_loras_cat_is_exact(conv_case, tmp_path):
+    base, adapter = conv_case
+    half = ah.reduce(adapter, tmp_path / "half", rank=2).path
+    result = ah.combine([adapter, half], tmp_path / "c", weights=[1.0, -0.5], method="cat")
+    combined, a, b = ah.load(result.path), ah.load(adapter), ah.load(half)
+    for name in combined.modules:
+        want = sum(
+            w * (f.scale * (f.B.double() @ f.A.double())) for w, f in ((1.0, a.factors(name)), (-0.5, b.factors(name)))
+        )
+        g = combined.factors(name)
+        torch.testing.assert_close(g.scale * (g.B.double() @ g.A.double()), want, rtol=1e-5, atol=1e-6)
+        assert combined.modules[name].A.shape[1:] == a.modules[name].A.shape[1:]
+    merged = ah.merge(result.path, base=base, out=tmp_path / "m")  # the conv output loads and merges
+    assert merged.tensors_merged == 3

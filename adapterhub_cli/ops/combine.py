@@ -50,13 +50,13 @@ class CombineResult:
 def check_compatible(adapters: list[Adapter], *, force: bool = False) -> None:
     """Refuse inputs that cannot be combined: a module with other shapes, other declared bases (unless
     ``force``), DoRA, non-linear LoRA layers, saved full modules, or disagreeing fan_in_fan_out."""
-    shapes: dict[str, tuple[tuple[int, int], str]] = {}
+    shapes: dict[str, tuple[tuple[int, int], str, tuple[int, ...]]] = {}
     for a in adapters:
         for m in a.modules.values():
-            if m.kind != "linear":
-                raise UsageError(f"{a.path}: module {m.name} is a {m.kind} LoRA; combine supports linear layers only")
-            seen = shapes.setdefault(m.name, ((m.d_out, m.d_in), str(a.path)))
-            if seen[0] != (m.d_out, m.d_in):
+            if m.kind == "embedding":
+                raise UsageError(f"{a.path}: module {m.name} is an embedding LoRA; combine supports linear and conv")
+            seen = shapes.setdefault(m.name, ((m.d_out, m.d_in), str(a.path), m.A.shape[1:]))
+            if seen[0] != (m.d_out, m.d_in) or seen[2] != m.A.shape[1:]:
                 raise IncompatibleBaseError(
                     f"module {m.name} is {seen[0][0]} x {seen[0][1]} in {seen[1]} but {m.d_out} x {m.d_in} in "
                     f"{a.path}: the adapters are for different base models"
@@ -127,8 +127,13 @@ def combine_adapters(
             deltas = [w_f.scale * (w_f.B.float() @ w_f.A.float()) for w_f, _ in members]
             merged = dense_merge(deltas, [w for _, w in members], method, density=density, generator=generator)
             result, k, err = _dense_to_lora(merged, rank or k_default, alpha)
-        tensors[peft_key(name, "lora_A")] = result.A.float().contiguous()
-        tensors[peft_key(name, "lora_B")] = result.B.float().contiguous()
+        a_out, b_out = result.A.float(), result.B.float()
+        module = next(a.modules[name] for a in adapters if name in a.modules)
+        if module.kind == "conv":  # factors were flattened: A back to (k, in, kh, kw), B to (out, k, 1, 1)
+            a_out = a_out.reshape(a_out.shape[0], *module.A.shape[1:])
+            b_out = b_out.reshape(b_out.shape[0], b_out.shape[1], 1, 1)
+        tensors[peft_key(name, "lora_A")] = a_out.contiguous()
+        tensors[peft_key(name, "lora_B")] = b_out.contiguous()
         rows.append(ModuleCombination(name, len(members), k, err))
         if progress:
             progress(i + 1, len(names))
