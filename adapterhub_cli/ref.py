@@ -173,9 +173,6 @@ class AdapterRef:
             return str(self.path)
         return f"{self.repo_id}@{self.revision}" if self.revision else str(self.repo_id)
 
-    def with_revision(self, revision: str | None) -> AdapterRef:
-        return AdapterRef(repo_id=self.repo_id, revision=revision, scheme=self.scheme)
-
     def __str__(self) -> str:
         if not self.is_hub:
             return str(self.path)
