@@ -12,6 +12,17 @@ from peft.tuners.lora import LoraLayer
 
 PREFIX = "base_model.model."
 
+#: adapter fixture -> (its base fixture, task) for every adapter that fits its own base
+FITTING_ADAPTERS: dict[str, tuple[str, str]] = {
+    "llama_lora": ("llama_base", "causal-lm"),
+    "llama_rslora": ("llama_base", "causal-lm"),
+    "llama_patterns": ("llama_base", "causal-lm"),
+    "llama_dora": ("llama_base", "causal-lm"),
+    "llama_all_linear": ("llama_base", "causal-lm"),
+    "gpt2_lora": ("gpt2_base", "causal-lm"),
+    "roberta_lora": ("roberta_base", "seq-cls"),
+}
+
 
 def peft_model(base_dir: Path, adapter_dir: Path, task: str = "causal-lm") -> PeftModel:
     model = PeftModel.from_pretrained(load_base_model(base_dir, task), str(adapter_dir))

@@ -21,6 +21,7 @@ import fixtures_models as fm
 import numpy as np
 import pytest
 import torch
+from peft_helpers import FITTING_ADAPTERS
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -28,16 +29,7 @@ import adapterhub_cli as ah
 
 
 # adapter fixture -> (base fixture, task)
-ADAPTERS: dict[str, tuple[str, str]] = {
-    "llama_lora": ("llama_base", "causal-lm"),
-    "llama_rslora": ("llama_base", "causal-lm"),
-    "llama_patterns": ("llama_base", "causal-lm"),
-    "llama_dora": ("llama_base", "causal-lm"),
-    "llama_all_linear": ("llama_base", "causal-lm"),
-    "gpt2_lora": ("gpt2_base", "causal-lm"),
-    "roberta_lora": ("roberta_base", "seq-cls"),
-    "llama_lora_wide": ("llama_base_wide", "causal-lm"),
-}
+ADAPTERS: dict[str, tuple[str, str]] = {**FITTING_ADAPTERS, "llama_lora_wide": ("llama_base_wide", "causal-lm")}
 SPECTRUM_ADAPTERS = ["llama_lora", "llama_rslora", "llama_patterns", "llama_dora", "gpt2_lora"]
 PEFT_PREFIX = "base_model.model."
 

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from fixtures_models import LLAMA_KWARGS, load_base_model, randomize_adapter_weights
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft_helpers import (
+    FITTING_ADAPTERS,
     load_base,
     logits,
     lora_layers,
@@ -36,15 +37,7 @@ from adapterhub_cli.errors import IncompatibleBaseError, UsageError
 ENGINE = importlib.import_module("adapterhub_cli.merge_engine")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: adapter fixture -> (base fixture, task)
-ADAPTERS = {
-    "llama_lora": ("llama_base", "causal-lm"),
-    "llama_rslora": ("llama_base", "causal-lm"),
-    "llama_patterns": ("llama_base", "causal-lm"),
-    "llama_dora": ("llama_base", "causal-lm"),
-    "llama_all_linear": ("llama_base", "causal-lm"),
-    "gpt2_lora": ("gpt2_base", "causal-lm"),
-    "roberta_lora": ("roberta_base", "seq-cls"),
-}
+ADAPTERS = FITTING_ADAPTERS
 #: Largest |logit difference| between the merged checkpoint and the unmerged PEFT model, relative to max |logit|.
 LOGIT_RTOL = {"fp32": 1e-5, "bf16": 3e-2, "fp16": 4e-3}
 MERGE_RESULT_FIELDS = {
