@@ -258,8 +258,14 @@ def load_safetensors(
     return out
 
 
-def read_tensor(fd: int, info: TensorInfo, data_start: int, *, path: Path | None = None) -> torch.Tensor:
-    """One tensor (checked header entry ``info``) read from an open safetensors file descriptor."""
+def read_tensor(
+    fd: int, info: TensorInfo, data_start: int, *, path: Path | None = None, into: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One tensor (checked header entry ``info``) read from an open safetensors file descriptor.
+
+    ``into``: a uint8 buffer of at least ``info.nbytes`` to read into (the result is a view of it) instead
+    of a new allocation.
+    """
     import torch
 
     if not _ST_TO_TORCH:
@@ -270,7 +276,12 @@ def read_tensor(fd: int, info: TensorInfo, data_start: int, *, path: Path | None
             f"tensor {info.name!r}: dtype {info.dtype} cannot be loaded", path=path, module=info.name
         )
     # a torch allocation is 64-byte aligned (a bytearray is not, and unaligned tensors compute ~2x slower)
-    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    if into is not None:
+        if into.dtype != torch.uint8 or into.numel() < info.nbytes:
+            raise ValueError(f"a buffer of {into.numel()} bytes cannot hold {info.name!r} ({info.nbytes} bytes)")
+        buf = into[: info.nbytes]
+    else:
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
     if not info.nbytes:
         return torch.empty(info.shape, dtype=dtype)
     view, offset = memoryview(buf.numpy().data).cast("B"), data_start + info.start

@@ -28,10 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact import Adapter
 from adapterhub_cli.base_model import BaseView, open_base
+from adapterhub_cli.direct_io import StagedFile
 from adapterhub_cli.errors import UsageError
 from adapterhub_cli.io import DTYPE_BITS, TensorInfo, atomic_dir, read_tensor
 from adapterhub_cli.parallel import single_threaded_torch
 from adapterhub_cli.preflight import require_valid
+from adapterhub_cli.staging import BufferPool
 
 
 if TYPE_CHECKING:
@@ -214,35 +216,23 @@ class _BaseReader:
             self._data_start[path] = 8 + n
         return self._data_start[path]
 
-    def tensor(self, key: str) -> torch.Tensor:
-        """Read one tensor into its own buffer (no memory map, so only this tensor is resident)."""
+    def tensor(self, key: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor into its own buffer, or into the uint8 buffer ``into`` (no memory map, so only this
+        tensor is resident)."""
         path = self.base.shard_of[key]
         if path != self._path:
             if self._handle is not None:
                 self._handle.close()
             self._handle = path.open("rb")
             self._path = path
-        return read_tensor(self._handle.fileno(), self.base.tensors[key], self._start(path), path=path)
+        return read_tensor(self._handle.fileno(), self.base.tensors[key], self._start(path), path=path, into=into)
 
-    def copy_raw(self, key: str, out_fd: int) -> None:
+    def copy_raw(self, key: str, sink: StagedFile) -> None:
+        """Append the stored bytes of ``key`` to ``sink`` unchanged."""
         path = self.base.shard_of[key]
         info = self.base.tensors[key]
-        offset, remaining = self._start(path) + info.start, info.nbytes
         with path.open("rb") as src:
-            while remaining:
-                try:
-                    done = os.copy_file_range(src.fileno(), out_fd, remaining, offset)
-                except OSError:
-                    done = 0
-                if done == 0:  # not supported here: fall back to read + write in 64 MiB pieces
-                    src.seek(offset)
-                    while remaining:
-                        chunk = src.read(min(remaining, 64 << 20))
-                        _write_all(out_fd, chunk)
-                        remaining -= len(chunk)
-                    return
-                offset += done
-                remaining -= done
+            sink.copy_range(src.fileno(), self._start(path) + info.start, info.nbytes)
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -298,14 +288,16 @@ class _Merger:
     ) -> torch.Tensor:
         """``merge_lora`` with the weight's rows split between threads at block boundaries (same blocks, same
         arithmetic: the result is identical to one call)."""
-        import torch
 
         n = weight.shape[0]
         if self.pool is None or n < 4 * ROWS or weight.device.type != "cpu":
-            return fn(weight, a, b, scale, fan_in_fan_out=fan_in_fan_out, subtract=self.reverse, rows=ROWS)
-        out = torch.empty_like(weight)
-        step = -(-n // (self.workers * ROWS)) * ROWS
-        spans = [(i, min(i + step, n)) for i in range(0, n, step)]
+            return fn(weight, a, b, scale, fan_in_fan_out=fan_in_fan_out, subtract=self.reverse, rows=ROWS, out=weight)
+        from lora_ops.merge import row_blocks
+
+        out = weight  # each block reads its rows before writing them: in place is safe
+        blocks = row_blocks(n, ROWS)  # whole blocks per thread: each call splits its span into the same blocks
+        per = -(-len(blocks) // self.workers)
+        spans = [(blocks[k][0], blocks[min(k + per, len(blocks)) - 1][1]) for k in range(0, len(blocks), per)]
 
         def part(span: tuple[int, int]) -> None:
             lo, hi = span
@@ -325,10 +317,22 @@ class _Merger:
         return out
 
     def apply(self, plan: TensorPlan, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` with every contribution of ``plan`` added, in the order of the adapters.
+
+        On the CPU the LoRA updates are added in place (``weight``'s buffer holds the result) in row blocks. On
+        a CUDA device the weight is copied over (asynchronously from a pinned buffer), each update is computed
+        whole the way PEFT computes it there (``W += (B @ A) * scale``), and the result is copied back into
+        ``weight``.
+        """
+        import torch
+
         from lora_ops import conv_lora_delta, lora_delta, merge_delta, merge_dora, merge_lora, unmerge_delta
 
-        base_weight = weight
-        weight = weight.to(self.device)
+        dora = any(self.adapters[c.adapter].modules[c.module].magnitude is not None for c in plan.contributions)
+        on_device = torch.device(self.device).type != "cpu"
+        base_weight = weight.clone() if dora and not on_device else weight  # DoRA needs the unmerged weight
+        stored = weight
+        weight = weight.to(self.device, non_blocking=True) if on_device else weight
         for c in plan.contributions:
             adapter = self.adapters[c.adapter]
             m = adapter.modules[c.module]
@@ -343,6 +347,12 @@ class _Merger:
                     raise UsageError(f"{adapter.path}: module {m.name}: DoRA on convolutions cannot be merged yet")
                 delta = self._with_default_threads(conv_lora_delta, a, b, scale)
                 weight = unmerge_delta(weight, delta) if self.reverse else merge_delta(weight, delta)
+            elif m.magnitude is None and on_device:
+                delta = lora_delta(a, b, scale, fan_in_fan_out=fan_in_fan_out)
+                if self.reverse:
+                    weight -= delta.to(weight.dtype)
+                else:
+                    weight += delta
             elif m.magnitude is None:
                 weight = self._merge_lora(weight, a, b, scale, fan_in_fan_out, merge_lora)
             elif self.reverse:
@@ -356,10 +366,22 @@ class _Merger:
                 weight = merge_dora(
                     weight, base_weight.to(self.device), delta, magnitude, fan_in_fan_out=fan_in_fan_out
                 )
-        return weight.cpu()
+        if not on_device:
+            return weight
+        if weight.data_ptr() == stored.data_ptr():  # the device is the CPU under another name
+            return weight
+        stored.copy_(weight, non_blocking=True)
+        torch.cuda.current_stream(weight.device).synchronize()
+        return stored
 
 
 ROWS = 256  # rows per block of lora_ops.merge_lora
+READ_AHEAD = 2  # tensors read ahead of the one being merged
+WRITE_BEHIND = 2  # merged tensors waiting for (or in) the writer, beyond which reading waits
+
+
+class _AbandonedError(Exception):
+    """The writer's remaining jobs were dropped because the merge failed elsewhere."""
 
 
 class _AsyncWriter:
@@ -390,6 +412,12 @@ class _AsyncWriter:
             raise self._error
         self._queue.put(job)
 
+    def abandon(self) -> None:
+        """Skip every job still queued and wait for the one running (after an error elsewhere)."""
+        if self._error is None:
+            self._error = _AbandonedError()
+        self._queue.join()
+
     def drain(self) -> None:
         self._queue.join()
         if self._error is not None:
@@ -403,15 +431,17 @@ class _AsyncWriter:
 def _write_shard(
     path: Path,
     shard: list[TensorPlan],
-    produce: Callable[[TensorPlan], Callable[[int], None]],
+    produce: Callable[[TensorPlan], Callable[[StagedFile], None]],
     writer: _AsyncWriter,
+    disk: ThreadPoolExecutor,
     closer: ThreadPoolExecutor,
     synced: list[Future[None]],
 ) -> int:
     """Write one safetensors file: header from the plans, then each tensor's bytes.
 
-    ``produce(plan)`` does the reading and merging here and returns the job that writes the bytes to a file
-    descriptor; the writer thread runs those jobs in order while the next tensor is produced.
+    ``produce(plan)`` does the reading and merging here and returns the job that appends the bytes to the
+    file; the writer thread runs those jobs in order while the next tensor is produced, and the ``disk``
+    thread writes the staged chunks (O_DIRECT where the filesystem allows).
     """
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -422,19 +452,22 @@ def _write_shard(
             offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sink = StagedFile(path, disk)
     try:
-        _write_all(fd, struct.pack("<Q", len(raw)) + raw)
+        sink.write(struct.pack("<Q", len(raw)) + raw)
         for p in shard:
-            writer.submit(functools.partial(produce(p), fd))
+            writer.submit(functools.partial(produce(p), sink))
         writer.drain()
-        size = os.fstat(fd).st_size
+        sink.finish()
+        size = os.fstat(sink.fd).st_size
         if size != 8 + len(raw) + offset:
             raise OSError(f"{path.name} has {size} bytes, expected {8 + len(raw) + offset}")
     except BaseException:
-        os.close(fd)
+        writer.abandon()  # the writer thread stops touching this file before it is closed
+        sink.abort()
+        os.close(sink.fd)
         raise
-    synced.append(closer.submit(_sync_and_close, fd))  # the shard reaches the disk while the next one is produced
+    synced.append(closer.submit(_sync_and_close, sink.fd))  # reaches the disk while the next shard is produced
     return 8 + len(raw) + offset
 
 
@@ -445,18 +478,8 @@ def _sync_and_close(fd: int) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _write_tensor(fd: int, t: torch.Tensor) -> None:
-    import torch
-
-    data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-    _write_all(fd, memoryview(data.data))
+def _write_tensor(sink: StagedFile, t: torch.Tensor) -> None:
+    sink.write_tensor(t)
 
 
 def _copy_side_files(base: Path, out: Path, config_updates: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
@@ -546,44 +569,63 @@ def run_merge(
             and p.quantized_entries is None
         )
 
-    def fetch(p: TensorPlan) -> torch.Tensor:
-        if p.replacement:
-            return adapters[p.replacement[0]].tensor(p.replacement[1])
-        if p.source in quantized_in:
-            return bnb.dequantize_weight(reader.tensor, p.source, stored)
-        return reader.tensor(p.source)
+    def read_plain(p: TensorPlan) -> bool:
+        return not p.replacement and p.source not in quantized_in
 
-    # the next tensor to merge is read on a helper thread while this one is merged (one tensor ahead)
+    def fetch(p: TensorPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tensor ``p`` starts from, and the staging buffer holding it (None: its own allocation)."""
+        if p.replacement:
+            return adapters[p.replacement[0]].tensor(p.replacement[1]), None
+        if p.source in quantized_in:
+            return bnb.dequantize_weight(reader.tensor, p.source, stored), None
+        buffer = buffers.acquire()
+        return reader.tensor(p.source, into=buffer), buffer
+
+    # tensors to merge are read on a helper thread, up to READ_AHEAD ahead of the one being merged, into
+    # recycled staging buffers (pinned for a CUDA device); a buffer goes back to the pool once written
     to_read = [p for shard in shards for p in shard if not copied(p)]
     position = {p.name: i for i, p in enumerate(to_read)}
-    pending: dict[str, Future[torch.Tensor]] = {}
+    pending: dict[str, Future[tuple[torch.Tensor, torch.Tensor | None]]] = {}
+    largest = max((stored.tensors[p.source].nbytes for p in to_read if read_plain(p)), default=0)
+    pinned = device.startswith("cuda")
+    buffers = BufferPool(largest, READ_AHEAD + 1 + WRITE_BEHIND, pin=pinned)
 
-    def produce(p: TensorPlan) -> Callable[[int], None]:
+    def produce(p: TensorPlan) -> Callable[[StagedFile], None]:
         nonlocal done
         done += p.nbytes
         if progress:
             progress(done, total)
         if copied(p):
-            return lambda fd: reader.copy_raw(p.source, fd)
+            return lambda sink: reader.copy_raw(p.source, sink)
         future = pending.pop(p.name, None) or prefetcher.submit(fetch, p)
-        i = position[p.name] + 1
-        if i < len(to_read) and to_read[i].name not in pending:
-            pending[to_read[i].name] = prefetcher.submit(fetch, to_read[i])
-        t = future.result()
+        for q in to_read[position[p.name] + 1 : position[p.name] + 1 + READ_AHEAD]:
+            if q.name not in pending:
+                pending[q.name] = prefetcher.submit(fetch, q)
+        t, buffer = future.result()
         if p.dtype in ("F16", "BF16", "F32", "F64"):
             t = t.to(_torch_dtype(p.dtype))  # as if the base were loaded in the output dtype, then merged
         if p.contributions:
             t = merger.apply(p, t)
         if quantize and p.quantized_entries:
             parts = bnb.quantize_weight(t, p.name, quantize, compute_dtype=t.dtype)
+            if buffer is not None:
+                buffers.release(buffer)
             order = [key for key, _, _ in p.entries]
 
-            def write_parts(fd: int) -> None:
+            def write_parts(sink: StagedFile) -> None:
                 for key in order:
-                    _write_tensor(fd, parts[key])
+                    _write_tensor(sink, parts[key])
 
             return write_parts
-        return lambda fd: _write_tensor(fd, t)
+
+        def write(sink: StagedFile) -> None:
+            try:
+                _write_tensor(sink, t)
+            finally:
+                if buffer is not None:
+                    buffers.release(buffer)
+
+        return write
 
     untied = sorted(p.name for p in plans if p.source != p.name)
     updates: dict[str, Any] = {"tie_word_embeddings": False} if untied else {}
@@ -599,8 +641,9 @@ def run_merge(
             if len(shards) == 1
             else [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         )
-        writer = _AsyncWriter()
+        writer = _AsyncWriter(depth=WRITE_BEHIND + 2)
         closer = ThreadPoolExecutor(1, thread_name_prefix="adapters-fsync")
+        disk = ThreadPoolExecutor(1, thread_name_prefix="adapters-disk")
         synced: list[Future[None]] = []
         prefetcher = ThreadPoolExecutor(1, thread_name_prefix="adapters-reader")
         # one torch thread computes (small blocked GEMMs lose more to thread hand-offs than they gain), while the
@@ -608,12 +651,14 @@ def run_merge(
         try:
             with single_threaded_torch():
                 for name, shard in zip(names, shards, strict=True):
-                    written += _write_shard(tmp / name, shard, produce, writer, closer, synced)
+                    written += _write_shard(tmp / name, shard, produce, writer, disk, closer, synced)
             for sync in synced:  # every shard on disk before the folder is moved into place
                 sync.result()
         finally:
             closer.shutdown(wait=True)
             writer.close()
+            disk.shutdown(wait=True)
+            buffers.close()  # a read waiting for a buffer after an error gives up
             prefetcher.shutdown(cancel_futures=True)
             merger.close()
         if len(shards) > 1:

@@ -9,6 +9,8 @@ Embeddings store A (r, num_embeddings) and B (embedding_dim, r); their update is
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lora_ops.errors import ShapeMismatchError
@@ -80,6 +82,50 @@ def merge_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _scale_folds_exactly(A: torch.Tensor, B: torch.Tensor, scale: float) -> bool:
+    """Whether ``((B * scale) @ A)`` equals ``(B @ A) * scale`` bit for bit, in float32.
+
+    True when ``scale`` is a power of two and no value anywhere in the product can be subnormal: every product
+    ``b * a`` and every partial sum is then a multiple of ``2**(eB + eA - 46)`` (eB, eA: the exponents of the
+    smallest nonzero |b|, |a|), which stays >= 2**-126 with the scale applied too, so each rounding commutes
+    with the scaling. Overflow is ruled out the same way.
+    """
+    mantissa, k = math.frexp(abs(scale))
+    if mantissa != 0.5 or A.dtype != torch.float32 or B.dtype != torch.float32:
+        return False
+    k -= 1  # |scale| = 2**k
+    a, b = A.abs(), B.abs()
+    a_max, b_max = float(a.max()) if a.numel() else 0.0, float(b.max()) if b.numel() else 0.0
+    if a_max == 0.0 or b_max == 0.0:
+        return True  # an all-zero factor: zeros either way
+    if not (math.isfinite(a_max) and math.isfinite(b_max)):
+        return False
+    a_min = float(torch.where(a > 0, a, math.inf).min())
+    b_min = float(torch.where(b > 0, b, math.inf).min())
+    e_a, e_b = math.frexp(a_min)[1] - 1, math.frexp(b_min)[1] - 1
+    small_enough = math.log2(a_max) + math.log2(b_max) + max(k, 0) + math.log2(A.shape[0]) < 120
+    return e_a + e_b + min(k, 0) - 46 >= -126 and small_enough
+
+
+MIN_ROWS = 64  # BLAS takes other code paths (other summation orders) for products a few rows thin
+
+
+def row_blocks(n: int, rows: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` row blocks covering ``range(n)``: ``rows`` each (at least :data:`MIN_ROWS`), the last
+    one taking the remainder, so no block is thinner than ``rows`` unless ``n`` is.
+
+    A thin block (a product with 1 to ~16 rows) goes down another BLAS path that may sum in another order
+    than the whole-matrix product PEFT computes; one block of ``rows + remainder`` keeps the same path.
+
+    Example:
+        >>> row_blocks(700, 256)
+        [(0, 256), (256, 700)]
+    """
+    rows = max(rows, MIN_ROWS)
+    starts = list(range(0, max(n - rows, 0) + 1, rows)) if n >= 2 * rows else [0]
+    return [(i, starts[k + 1] if k + 1 < len(starts) else n) for k, i in enumerate(starts)]
+
+
 def merge_lora(
     weight: torch.Tensor,
     A: torch.Tensor,
@@ -92,17 +138,20 @@ def merge_lora(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``merge_delta(weight, lora_delta(A, B, scale))`` (or PEFT's unmerge with ``subtract``), computed in blocks of
-    ``rows`` rows of the stored weight so the float32 update never exists whole and each block stays in cache.
+    about ``rows`` rows of the stored weight (:func:`row_blocks`) so the float32 update never exists whole and
+    each block stays in cache.
 
     Same arithmetic element by element: each block of the update is ``B_rows @ A * scale`` (or
     ``(B @ A_cols).T * scale`` for fan_in_fan_out), added in float32 and rounded once to weight.dtype; the
-    result equals the unblocked computation bit for bit (checked against PEFT in the tests). About 5x faster
-    on a 5632 x 2048 bf16 weight.
+    result equals the unblocked computation bit for bit (checked against PEFT in the tests). When the scale is
+    a power of two (alpha / r usually is) and exactness is provable (:func:`_scale_folds_exactly`), B is
+    scaled once instead of every block. About 5x faster than the unblocked form on a 5632 x 2048 bf16 weight.
 
     Args:
         weight: (d_out, d_in), or (d_in, d_out) with ``fan_in_fan_out``.
         A: (r, d_in); B: (d_out, r).
-        out: where to write the result (same shape and dtype as weight); a new tensor by default.
+        out: where to write the result (same shape and dtype as weight, or ``weight`` itself to merge in
+            place); a new tensor by default.
     """
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
         raise ShapeMismatchError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit (A (r, d_in), B (d_out, r))")
@@ -115,14 +164,23 @@ def merge_lora(
         B = B.float()
     if out is None:
         out = torch.empty_like(weight)
-    for i in range(0, weight.shape[0], rows):
-        j = min(i + rows, weight.shape[0])
-        block = (B @ A[:, i:j]).T * scale if fan_in_fan_out else (B[i:j] @ A) * scale
-        if subtract:
-            block = weight[i:j] - block.to(weight.dtype)
+    folded = _scale_folds_exactly(A, B, scale)
+    if folded:
+        B = B * scale
+    blocks = row_blocks(weight.shape[0], rows)
+    widest = max(j - i for i, j in blocks)
+    buffer = None if fan_in_fan_out else torch.empty(widest, A.shape[1], dtype=A.dtype, device=A.device)
+    for i, j in blocks:
+        if buffer is None:
+            block = (B @ A[:, i:j]).T
         else:
-            block.add_(weight[i:j])
-        out[i:j] = block
+            block = torch.mm(B[i:j], A, out=buffer[: j - i])
+        if not folded:
+            block = block.mul_(scale)  # PEFT's `* scale`, in the block's own memory
+        if subtract:
+            torch.sub(weight[i:j], block.to(weight.dtype), out=out[i:j])
+        else:
+            torch.add(weight[i:j], block, out=out[i:j])  # in float32, rounded once to out's dtype
     return out
 
 

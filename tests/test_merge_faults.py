@@ -24,6 +24,7 @@ from adapterhub_cli.cli.main import build_cli
 
 
 ENGINE = importlib.import_module("adapterhub_cli.merge_engine")
+DIRECT_IO = importlib.import_module("adapterhub_cli.direct_io")
 
 
 def cli(*args: object) -> tuple[int, str]:
@@ -47,10 +48,10 @@ KILLED_MERGE = textwrap.dedent(
     engine = importlib.import_module("adapterhub_cli.merge_engine")
     write_tensor = engine._write_tensor
 
-    def stalled(fd, t):  # the first merged tensor: announce, then hang until killed
+    def stalled(sink, t):  # the first merged tensor: announce, then hang until killed
         Path(marker).touch()
         time.sleep(120)
-        write_tensor(fd, t)
+        write_tensor(sink, t)
 
     engine._write_tensor = stalled
     ah.merge(adapter, base=base, out=out)
@@ -93,8 +94,8 @@ def test_killed_merge_leaves_no_output(llama_base, llama_lora, tmp_path):
 
 
 class _FullDisk:
-    """Stands in for the ``os`` module inside the merge engine: ``write`` fails with ENOSPC after ``allowed`` calls;
-    ``copy_file_range`` (raw copies) is refused so those bytes go through ``write`` too."""
+    """Stands in for the ``os`` module of the merge's file writer: ``write`` / ``pwrite`` fail with ENOSPC after
+    ``allowed`` calls; ``copy_file_range`` (raw copies) is refused so those bytes go through ``write`` too."""
 
     def __init__(self, allowed: int) -> None:
         self.allowed = allowed
@@ -109,14 +110,24 @@ class _FullDisk:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return os.write(fd, data)
 
+    def pwrite(self, fd: int, data, offset: int) -> int:
+        self.calls += 1
+        if self.calls > self.allowed:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.pwrite(fd, data, offset)
+
     def copy_file_range(self, *args, **kwargs) -> int:
         raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
 
 
+@pytest.mark.parametrize("direct", ["1", "0"], ids=["o_direct", "buffered"])
 @pytest.mark.parametrize("allowed", [0, 5])
-def test_full_disk_gives_clear_error_and_no_output(llama_base_sharded, llama_lora, tmp_path, monkeypatch, allowed):
+def test_full_disk_gives_clear_error_and_no_output(
+    llama_base_sharded, llama_lora, tmp_path, monkeypatch, allowed, direct
+):
     disk = _FullDisk(allowed)
-    monkeypatch.setattr(ENGINE, "os", disk)
+    monkeypatch.setattr(DIRECT_IO, "os", disk)
+    monkeypatch.setenv("ADAPTERS_DIRECT_IO", direct)
     out = tmp_path / "merged"
     code, output = cli("merge", llama_lora, "--into", llama_base_sharded, "-o", out, "--max-shard-size", "100KB")
     assert disk.calls == allowed + 1  # it failed where the disk filled up, and did not go on writing
