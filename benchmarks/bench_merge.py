@@ -10,12 +10,15 @@ Whole processes in one run, alternated, with wall time and peak RSS (the child's
 Then every tensor of our output is compared with PEFT's (bit for bit). ``--shards 500MB`` first re-shards the
 base into pieces of that size (the same merge engine, with no adapter) and measures on that copy.
 
-Usage: python benchmarks/bench_merge.py [--runs 3] [--peft-runs 1] [--shards 500MB]
+``--device cuda`` runs both merges on the GPU (PEFT's model moved there with ``device_map``).
+
+Usage: python benchmarks/bench_merge.py [--runs 3] [--peft-runs 1] [--shards 500MB] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -33,8 +36,8 @@ import sys, warnings, torch
 warnings.simplefilter("ignore")
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
-base, adapter, out = sys.argv[1:4]
-model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+base, adapter, out, device = sys.argv[1:5]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map=device)
 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out)
 """
@@ -59,6 +62,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--peft-runs", type=int, default=1)
     parser.add_argument("--shards", default=None, help="re-shard the base into pieces of this size first")
+    parser.add_argument("--device", default="cpu", help="where both merges compute (cpu, cuda, cuda:N)")
     args = parser.parse_args()
     base, adapter = ensure_fixture(Path(__file__).resolve().parent / ".data" / "tinyllama")
     work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=base.parent))
@@ -73,16 +77,23 @@ def main() -> None:
     adapters = [sys.executable, "-c", "from adapterhub_cli.cli.main import main; main()"]
     commands = {
         "cp -r + sync": ["sh", "-c", f"cp -r {base} {work}/cp && sync"],
-        "adapters merge": [*adapters, "merge", str(adapter), "--into", str(base), "-o", str(work / "ours")],
+        "adapters merge": [
+            *adapters,
+            *("merge", str(adapter), "--into", str(base), "-o", str(work / "ours"), "--device", args.device, "--json"),
+        ],
     }
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    phase: list[float] = []  # the merge's own seconds (its --json), without starting Python and importing torch
+    report = work / "report.json"
     for i in range(args.runs + 1):  # the first round warms the page cache and is not counted
         for name, cmd in commands.items():
             shutil.rmtree(work / "cp", ignore_errors=True)
             shutil.rmtree(work / "ours", ignore_errors=True)
-            result = run(cmd)
+            result = run(cmd, stdout=str(report) if name == "adapters merge" else None)
             if i:
                 times[name].append(result)
+                if name == "adapters merge":
+                    phase.append(json.loads(report.read_text())["seconds"])
     peft = []
     for _ in range(args.peft_runs):
         shutil.rmtree(work / "peft", ignore_errors=True)
@@ -95,12 +106,13 @@ def main() -> None:
                     str(base),
                     str(adapter),
                     str(work / "peft"),
+                    args.device,
                 ]
             )
         )
     if peft:
         times["PEFT merge_and_unload + save_pretrained"] = peft
-    print(f"base: {base} ({n_shards} shards), adapter: {adapter}")
+    print(f"base: {base} ({n_shards} shards), adapter: {adapter}, device: {args.device}")
     print(f"{'command':42} {'min s':>7} {'median':>7} {'max s':>7} {'peak MiB':>9}")
     for name, xs in times.items():
         walls = [x[0] for x in xs]
@@ -108,7 +120,12 @@ def main() -> None:
             f"{name:42} {min(walls):7.2f} {statistics.median(walls):7.2f} {max(walls):7.2f} "
             f"{max(x[1] for x in xs):9.0f}"
         )
+    print(
+        f"{'  of which the merge itself (--json seconds)':42} {min(phase):7.2f} {statistics.median(phase):7.2f} "
+        f"{max(phase):7.2f}"
+    )
     med = {name: statistics.median(x[0] for x in xs) for name, xs in times.items()}
+    print(f"merge itself / cp: {statistics.median(phase) / med['cp -r + sync']:.2f}x; ", end="")
     print(f"adapters merge / cp: {med['adapters merge'] / med['cp -r + sync']:.2f}x", end="")
     if peft:
         print(
