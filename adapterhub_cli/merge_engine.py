@@ -235,6 +235,25 @@ class _BaseReader:
             sink.copy_range(src.fileno(), self._start(path) + info.start, info.nbytes)
 
 
+def check_device(device: str) -> str:
+    """``device`` if the merge can compute there (``cpu``, ``cuda``, ``cuda:N`` with such a GPU), else UsageError."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return device
+    if parsed.type != "cuda":
+        raise UsageError(f"device {device!r}: merges compute on cpu or cuda only")
+    if not torch.cuda.is_available():
+        raise UsageError(f"device {device!r}: no CUDA device is available here", hint="use --device cpu")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise UsageError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def _torch_dtype(name: str) -> torch.dtype:
     import torch
 
@@ -261,11 +280,12 @@ class _Merger:
         self.device = device
         self.reverse = reverse
         self.default_threads = torch.get_num_threads()
-        # one core stays free for the reader and writer threads (measured: on 2 cores, two compute threads
-        # lose more to contention with disk I/O than they gain)
+        # every core computes: with O_DIRECT writes and recycled buffers the reader, writer and disk threads
+        # mostly wait on the kernel (measured on 2 cores: 3.2-3.7 s for the merge with two threads, 3.6-4.3 s
+        # with one); past 8 threads the 256-row blocks are too small to share (16 threads were slower than 8)
         env = os.environ.get("ADAPTERS_MERGE_THREADS", "")
         self.workers = workers or (int(env) if env.isdigit() and int(env) > 0 else 0)
-        self.workers = self.workers or max(1, min((os.cpu_count() or 1) - 1, 8))
+        self.workers = self.workers or max(1, min(os.cpu_count() or 1, 8))
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="adapters-merge") if self.workers > 1 else None
 
     def _with_default_threads(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
@@ -520,6 +540,7 @@ def run_merge(
     from adapterhub_cli import bnb
 
     started = time.perf_counter()
+    check_device(device)
     stored = base if isinstance(base, BaseView) else open_base(base)
     scheme_in = bnb.bnb_scheme(stored.config)
     if quantize is not None and quantize not in bnb.SCHEMES:
@@ -587,7 +608,7 @@ def run_merge(
     position = {p.name: i for i, p in enumerate(to_read)}
     pending: dict[str, Future[tuple[torch.Tensor, torch.Tensor | None]]] = {}
     largest = max((stored.tensors[p.source].nbytes for p in to_read if read_plain(p)), default=0)
-    pinned = device.startswith("cuda")
+    pinned = device.startswith("cuda")  # page-locked staging: asynchronous copies to and from the GPU
     buffers = BufferPool(largest, READ_AHEAD + 1 + WRITE_BEHIND, pin=pinned)
 
     def produce(p: TensorPlan) -> Callable[[StagedFile], None]:
@@ -646,8 +667,8 @@ def run_merge(
         disk = ThreadPoolExecutor(1, thread_name_prefix="adapters-disk")
         synced: list[Future[None]] = []
         prefetcher = ThreadPoolExecutor(1, thread_name_prefix="adapters-reader")
-        # one torch thread computes (small blocked GEMMs lose more to thread hand-offs than they gain), while the
-        # writer thread streams the previous tensor to disk: the two cores stay busy
+        # torch runs single-threaded inside each compute thread (small blocked GEMMs lose more to torch's own
+        # thread hand-offs than they gain); the rows of a weight are split between the merger's threads instead
         try:
             with single_threaded_torch():
                 for name, shard in zip(names, shards, strict=True):

@@ -512,6 +512,14 @@ def test_cli_merge_human_output_and_weights(llama_base, llama_lora, llama_rslora
         (["--weights", "half"], "comma-separated numbers"),
         (["--dtype", "int8"], "int8"),
         (["--max-shard-size", "lots"], "bad size"),
+        (["--device", "tpu"], "unknown device"),
+        (["--device", "mps"], "cpu or cuda only"),
+        pytest.param(
+            ["--device", "cuda"],
+            "no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present"),
+        ),
+        (["--device", "cuda:99"], "cuda:99"),
     ],
 )
 def test_cli_bad_arguments_exit_2(llama_base, llama_lora, tmp_path, args, message):
