@@ -97,7 +97,7 @@ class MergeResult:
     modules: int
     shards: int
     bytes_written: int
-    seconds: float
+    seconds: float  # the merge itself, from validation to the folder in place (not Python or torch start-up)
     peak_rss_mib: float
     device: str
     untied: list[str] = field(default_factory=list)
@@ -537,6 +537,8 @@ def run_merge(
     saved by transformers with bitsandbytes (nf4 / fp4 / int8) is dequantized weight by weight; the output is
     16-bit unless ``quantize`` ("nf4", "fp4" or "int8") asks for the bitsandbytes layout transformers loads.
     """
+    import torch  # noqa: F401 - imported before the clock starts: torch's start-up (1.5-4 s) is not the merge
+
     from adapterhub_cli import bnb
 
     started = time.perf_counter()

@@ -121,7 +121,7 @@ def main() -> None:
             f"{max(x[1] for x in xs):9.0f}"
         )
     print(
-        f"{'  of which the merge itself (--json seconds)':42} {min(phase):7.2f} {statistics.median(phase):7.2f} "
+        f"{'    of which the merge (--json seconds)':42} {min(phase):7.2f} {statistics.median(phase):7.2f} "
         f"{max(phase):7.2f}"
     )
     med = {name: statistics.median(x[0] for x in xs) for name, xs in times.items()}
