@@ -22,9 +22,11 @@ def peft_merge(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("scale", [2.0, 0.5, 4.0, -1.0, 1.7, 0.25 * 3])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
-def test_blocked_merge_equals_whole_tensor_merge(dtype, scale, fan_in_fan_out):
+@pytest.mark.parametrize("d_out", [700, 257])
+def test_blocked_merge_equals_whole_tensor_merge(dtype, scale, fan_in_fan_out, d_out):
     g = torch.Generator().manual_seed(11)
-    d_out, d_in, r = 700, 300, 16  # 700 rows: blocks leave a remainder (thin products sum in another order)
+    # blocks of 256 leave a remainder; a 1-row product would take another BLAS path and sum in another order
+    d_in, r = 300, 16
     a = torch.randn(r, d_in, generator=g) * 0.02
     b = torch.randn(d_out, r, generator=g) * 0.02
     w = torch.randn((d_in, d_out) if fan_in_fan_out else (d_out, d_in), generator=g).to(dtype)
