@@ -5,6 +5,7 @@ A local folder holds ``model.safetensors`` or shards listed in ``model.safetenso
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ class BaseView:
         config: parsed ``config.json`` (empty when the folder has none).
         tensors: tensor key -> header entry, over all shards.
         shard_of: tensor key -> the shard file that holds it.
+        read_raw: a stored tensor's raw bytes by key, for a checkpoint whose shards are not local files yet (a
+            Hub base reads them by HTTP range requests at the pinned commit); None for a local checkpoint.
     """
 
     path: Path
@@ -36,6 +39,19 @@ class BaseView:
     shard_of: dict[str, Path] = field(default_factory=dict)
     #: the checkpoint's file names: ``<stem>.safetensors`` or ``<stem>-0000i-of-0000n.safetensors`` + index
     weights_stem: str = "model"
+    read_raw: Callable[[str], bytes] | None = field(default=None, repr=False, compare=False)
+
+    def derive(self, tensors: dict[str, TensorInfo]) -> BaseView:
+        """The same checkpoint (path, config, files, reader) seen through other tensor entries, e.g. dequantized;
+        ``shard_of`` keeps the keys of ``tensors``."""
+        return BaseView(
+            path=self.path,
+            config=self.config,
+            tensors=tensors,
+            shard_of={k: p for k, p in self.shard_of.items() if k in tensors},
+            weights_stem=self.weights_stem,
+            read_raw=self.read_raw,
+        )
 
     @property
     def name_or_path(self) -> str:

@@ -327,20 +327,22 @@ def logical_view(view: BaseView, read: Callable[[str], bytes] | None = None) -> 
     ``torch_dtype`` (``"F16"`` when absent: bitsandbytes quantizes int8 from float16). The returned entries keep
     the stored tensor's byte range (``start`` / ``end`` point at the packed bytes, so ``nbytes`` is the stored
     size, not ``numel x dtype``). ``config`` (still holding ``quantization_config``) and ``path`` are shared,
-    and ``shard_of`` maps every remaining key, plain keys included, to its shard. A view without quantized
-    weights comes back as an equal copy.
+    and ``shard_of`` maps every remaining key, plain keys included, to its shard (:meth:`BaseView.derive`: for
+    a Hub base, still fetched one shard at a time when first read). A view without quantized weights comes
+    back as an equal copy.
 
     Args:
         view: the checkpoint as stored.
-        read: returns the raw bytes of a stored tensor by key; by default read from the local shard file
-            (pass one for a view whose shards are not local files).
+        read: returns the raw bytes of a stored tensor by key; by default the view's own ``read_raw`` (a Hub base
+            reads the small quant-state blobs by HTTP range requests, downloading no shard), else the local
+            shard file.
 
     Raises:
         CorruptFileError: a quant-state blob that is not valid JSON or disagrees with its tensors.
     """
     comps = companions(view)
     hidden = {k for keys in comps.values() for k in keys}
-    read = read or _file_reader(view)
+    read = read or view.read_raw or _file_reader(view)
     int8_dtype = _config_dtype(view.config) or "F16"
     tensors: dict[str, TensorInfo] = {}
     for key, info in view.tensors.items():
@@ -355,8 +357,7 @@ def logical_view(view: BaseView, read: Callable[[str], bytes] | None = None) -> 
                 _check_4bit_sizes(view, key, comps[key], state)
                 info = replace(info, dtype=_ST_OF_TORCH_NAME[state.dtype], shape=state.shape)
         tensors[key] = info
-    shard_of = {k: p for k, p in view.shard_of.items() if k in tensors}
-    return BaseView(path=view.path, config=view.config, tensors=tensors, shard_of=shard_of)
+    return view.derive(tensors)
 
 
 def dequantize_weight(load: Callable[[str], torch.Tensor], key: str, view: BaseView) -> torch.Tensor:
@@ -633,7 +634,7 @@ def _file_reader(view: BaseView) -> Callable[[str], bytes]:
     data_start: dict[Path, int] = {}
 
     def read(key: str) -> bytes:
-        path = _shard(view, key)
+        path = view.shard_of.get(key, view.path)
         info = view.tensors[key]
         try:
             with path.open("rb") as f:
@@ -652,7 +653,9 @@ def _file_reader(view: BaseView) -> Callable[[str], bytes]:
 
 
 def _shard(view: BaseView, key: str) -> Path:
-    return view.shard_of.get(key, view.path)
+    """Where ``key`` is stored, for messages. ``dict.get`` on purpose: a Hub base's lazy shard map answers its
+    ``org/name@rev/<shard>`` placeholder here instead of downloading the shard."""
+    return dict.get(view.shard_of, key, view.path)
 
 
 def _config_dtype(config: dict[str, Any]) -> str | None:

@@ -4,12 +4,16 @@ The header of a safetensors file on the Hub is read with HTTP range requests
 (``HfApi.parse_safetensors_file_metadata``), so ``inspect`` and ``validate`` of ``org/name@v1.2.0`` never
 download a weight file. Weights are fetched into the HF cache (hash-checked, at the pinned commit) the first
 time an operation needs them: a Hub adapter on its first tensor read, a Hub base one shard at a time as a
-merge reaches it. In offline mode (``HF_HUB_OFFLINE=1``) both are served from the cache.
+merge reaches it. The few small tensors read before a merge starts (the quant-state blobs of a bitsandbytes
+base) are range-read too. In offline mode (``HF_HUB_OFFLINE=1``) both are served from the cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import struct
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +22,7 @@ from adapterhub_cli.artifact import Adapter, Provenance, TensorSource
 from adapterhub_cli.base_model import INDEX_FILE, SINGLE_FILE, BaseView, open_base
 from adapterhub_cli.errors import CorruptFileError, HubNotFoundError, InvalidAdapterError
 from adapterhub_cli.formats.peft import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, PeftFormat, assemble_adapter
+from adapterhub_cli.hub_client import hub_error, retrying
 from adapterhub_cli.io import SafetensorsHeader, TensorInfo, read_json
 from adapterhub_cli.ref import AdapterRef
 
@@ -157,19 +162,45 @@ def _pulled(
     return adapter
 
 
-class _LazyShards(dict[str, Path]):
-    """Tensor key -> local shard file; a shard is downloaded when a path in it is first handed out."""
+@dataclass
+class _Fetched:
+    """The shards of one Hub base fetched so far. The merge's reader and writer threads may ask for the same
+    shard at once: a lock per shard makes it one fetch."""
 
-    def __init__(self, placeholders: dict[str, Path], fetch: Callable[[str], Path]) -> None:
+    local: dict[str, Path] = field(default_factory=dict)
+    locks: dict[str, threading.Lock] = field(default_factory=dict)
+    guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, name: str, fetch: Callable[[str], Path]) -> Path:
+        if name not in self.local:
+            with self.guard:
+                lock = self.locks.setdefault(name, threading.Lock())
+            with lock:
+                if name not in self.local:
+                    self.local[name] = fetch(name)
+        return self.local[name]
+
+
+class _LazyShards(dict[str, Path]):
+    """Tensor key -> local shard file; a shard is downloaded when a path in it is first handed out.
+
+    ``dict.get(shards, key)`` (the plain dict's lookup) answers the placeholder ``org/name@rev/<shard>``
+    without downloading: what error messages name.
+    """
+
+    def __init__(
+        self, placeholders: dict[str, Path], fetch: Callable[[str], Path], fetched: _Fetched | None = None
+    ) -> None:
         super().__init__(placeholders)
         self._fetch = fetch
-        self._local: dict[str, Path] = {}
+        self._fetched = fetched or _Fetched()
+
+    def subset(self, keys: Iterable[str]) -> _LazyShards:
+        """The entries of ``keys`` (downloading nothing), sharing this map's fetched shards."""
+        return _LazyShards({k: dict.__getitem__(self, k) for k in keys if k in self}, self._fetch, self._fetched)
 
     def __getitem__(self, key: str) -> Path:
-        name = super().__getitem__(key).name
-        if name not in self._local:
-            self._local[name] = self._fetch(name)
-        return self._local[name]
+        return self._fetched.get(super().__getitem__(key).name, self._fetch)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self[key] if key in self else default
@@ -181,11 +212,95 @@ class _LazyShards(dict[str, Path]):
         return {k: self[k] for k in self}.items()
 
 
+class _RemoteBaseView(BaseView):
+    """A Hub base (:func:`open_remote_base`). The views derived from it (:meth:`derive`, e.g. the dequantized view
+    of a bitsandbytes base) share its lazy shards and follow it to the local snapshot folder."""
+
+    #: this view and those derived from it: their ``path`` moves to the snapshot folder together
+    family: list[BaseView]
+
+    def derive(self, tensors: dict[str, TensorInfo]) -> BaseView:
+        """The same Hub checkpoint through other tensor entries; nothing is downloaded."""
+        shards = self.shard_of
+        assert isinstance(shards, _LazyShards)
+        out = _RemoteBaseView(
+            path=self.path,
+            config=self.config,
+            tensors=tensors,
+            shard_of=shards.subset(tensors),
+            weights_stem=self.weights_stem,
+            read_raw=self.read_raw,
+        )
+        out.family = self.family
+        self.family.append(out)
+        return out
+
+
+def _range_reader(
+    client: hub.Client, resolved: hub.Resolved, shard_names: dict[str, str], tensors: dict[str, TensorInfo]
+) -> Callable[[str], bytes]:
+    """Reads a stored tensor's raw bytes by HTTP range requests at the pinned commit, downloading no shard: the
+    shard's 8-byte header length once, then the tensor's byte range (as ``parse_safetensors_file_metadata`` reads
+    headers: same endpoint, headers and token; retried and translated like every Hub call)."""
+    data_start: dict[str, int] = {}
+
+    def get(shard: str, start: int, length: int) -> bytes:
+        from huggingface_hub import constants, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        api = client.api
+        url = hf_hub_url(resolved.repo_id, shard, revision=resolved.commit, endpoint=api.endpoint)
+        headers = build_hf_headers(
+            token=client.token if client.token is not None else api.token,
+            library_name=api.library_name,
+            library_version=api.library_version,
+            user_agent=api.user_agent,
+            headers=api.headers,
+        )
+        headers["range"] = f"bytes={start}-{start + length - 1}"
+
+        def call() -> bytes:
+            response = get_session().get(url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+            hf_raise_for_status(response)
+            data = response.content
+            return data[start : start + length] if response.status_code == 200 else data  # 200: Range ignored
+
+        return retrying(
+            call,
+            lambda e: hub_error(
+                e,
+                repo_id=resolved.repo_id,
+                revision=resolved.requested,
+                action="reading a tensor of",
+                filename=shard,
+                endpoint=api.endpoint,
+            ),
+        )
+
+    def read(key: str) -> bytes:
+        shard = shard_names[key]
+        info = tensors[key]
+        where = Path(resolved.label) / shard
+        if shard not in data_start:
+            prefix = get(shard, 0, 8)
+            if len(prefix) != 8:
+                raise CorruptFileError("the file is shorter than a safetensors header", path=where)
+            data_start[shard] = 8 + struct.unpack("<Q", prefix)[0]
+        data = get(shard, data_start[shard] + info.start, info.nbytes) if info.nbytes else b""
+        if len(data) != info.nbytes:
+            raise CorruptFileError(f"tensor {key!r} is truncated", path=where, module=key)
+        return data
+
+    return read
+
+
 def open_remote_base(source: AdapterRef | str, *, api: HfApi | None = None, token: str | None = None) -> BaseView:
     """A Hub checkpoint's ``config.json`` and tensor headers (single file or sharded), read by range requests.
 
     ``path`` reads ``org/name@rev`` until the first shard is fetched; from then on it is the local snapshot
-    folder, which by then also holds the small side files (config, tokenizer) a merge copies.
+    folder, which by then also holds the small side files (config, tokenizer) a merge copies. ``read_raw``
+    reads one tensor's bytes by a range request (no shard downloaded), for the few small tensors needed before
+    a merge starts.
     """
     ref = _ref(source)
     if hub.offline():
@@ -212,7 +327,7 @@ def open_remote_base(source: AdapterRef | str, *, api: HfApi | None = None, toke
             hint="point --base at a checkpoint saved with save_pretrained (safetensors)",
         )
     tensors: dict[str, TensorInfo] = {}
-    placeholders: dict[str, Path] = {}
+    shard_names: dict[str, str] = {}
     for shard in shards:
         if shard not in files:
             raise CorruptFileError(
@@ -220,18 +335,27 @@ def open_remote_base(source: AdapterRef | str, *, api: HfApi | None = None, toke
             )
         for key, info in remote_header(client, resolved, shard).tensors.items():
             tensors[key] = info
-            placeholders[key] = Path(resolved.label) / shard
+            shard_names[key] = shard
     config["_name_or_path"] = resolved.repo_id  # what the adapter's declared base is compared with
-    view = BaseView(path=Path(resolved.label), config=config, tensors=tensors)
+    view = _RemoteBaseView(
+        path=Path(resolved.label),
+        config=config,
+        tensors=tensors,
+        read_raw=_range_reader(client, resolved, shard_names, tensors),
+    )
+    view.family = [view]
+    side_files = threading.Lock()
 
     def fetch(shard: str) -> Path:
         local = hub.fetch_file(resolved, shard, api=api, token=token)
-        if view.path != local.parent:
-            for name in files:
-                if "/" not in name and name not in _SIDE_SKIP and not name.endswith(hub.WEIGHT_SUFFIXES):
-                    hub.fetch_file(resolved, name, api=api, token=token)
-            view.path = local.parent
+        with side_files:
+            if view.path != local.parent:
+                for name in files:
+                    if "/" not in name and name not in _SIDE_SKIP and not name.endswith(hub.WEIGHT_SUFFIXES):
+                        hub.fetch_file(resolved, name, api=api, token=token)
+                for member in view.family:
+                    member.path = local.parent
         return local
 
-    view.shard_of = _LazyShards(placeholders, fetch)
+    view.shard_of = _LazyShards({k: Path(resolved.label) / n for k, n in shard_names.items()}, fetch)
     return view

@@ -2,8 +2,9 @@
 
 The real ``huggingface_hub`` client talks HTTP to the server: push + tag, versions, pull of an older
 version, ranges and ``latest``, header-only remote inspect / validate (the server counts the bytes it
-serves), lazy weight downloads for merge, retries on 500 and dropped connections, clear 401 / 404 / tag
-conflicts, offline mode served from the cache, and the token never showing up in any output.
+serves), lazy weight downloads for merge (a bitsandbytes base's quant states by range requests), retries on
+500 and dropped connections, clear 401 / 404 / tag conflicts, offline mode served from the cache, and the
+token never showing up in any output.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -85,6 +87,43 @@ def big_lora(tmp_path_factory: pytest.TempPathFactory, llama_lora: Path) -> Path
             tensors[peft_key(module, "lora_A")] = torch.randn(128, 64, generator=gen) * 0.01
             tensors[peft_key(module, "lora_B")] = torch.randn(d_out, 128, generator=gen) * 0.01
     out = tmp_path_factory.mktemp("big") / "big_lora"
+    return write_peft(out, config=config, tensors=tensors, provenance={"operation": "test", "inputs": []})
+
+
+@pytest.fixture(scope="module", params=["nf4", "int8"])
+def bnb_sharded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama saved by transformers with bitsandbytes (nf4 / int8, quantized on CPU), in several shards."""
+    import warnings
+
+    pytest.importorskip("bitsandbytes")
+    from bnb_fixtures import build_tiny_llama, load_quantized
+
+    root = tmp_path_factory.mktemp(request.param)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_quantized(build_tiny_llama(root / "bf16"), request.param)
+        model.save_pretrained(root / request.param, max_shard_size="100KB")
+    assert len(list((root / request.param).glob("model-*.safetensors"))) >= 2
+    return root / request.param
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_lora(tmp_path_factory: pytest.TempPathFactory, llama_lora: Path) -> Path:
+    """An r=4 adapter on q_proj / v_proj of the tiny Llama of ``bnb_fixtures.build_tiny_llama``."""
+    import torch
+
+    from adapterhub_cli.writer import peft_key, write_peft
+
+    config = json.loads((llama_lora / "adapter_config.json").read_text())
+    config.update(r=4, lora_alpha=8, base_model_name_or_path="org/llama-bnb")
+    gen = torch.Generator().manual_seed(1)
+    tensors = {}
+    for layer in range(2):
+        for proj, d_out in (("q_proj", 128), ("v_proj", 64)):
+            module = f"model.layers.{layer}.self_attn.{proj}"
+            tensors[peft_key(module, "lora_A")] = torch.randn(4, 128, generator=gen) * 0.05
+            tensors[peft_key(module, "lora_B")] = torch.randn(d_out, 4, generator=gen) * 0.05
+    out = tmp_path_factory.mktemp("tiny_lora") / "lora"
     return write_peft(out, config=config, tensors=tensors, provenance={"operation": "test", "inputs": []})
 
 
@@ -287,6 +326,82 @@ def test_merge_fetches_hub_weights_on_demand(hub: FakeHub, llama_base: Path, lla
     a, b = (tmp_path / "local" / "model.safetensors"), (tmp_path / "remote" / "model.safetensors")
     assert a.read_bytes() == b.read_bytes()
     assert json.loads((tmp_path / "remote" / "config.json").read_text())["hidden_size"] == 64
+
+
+def test_a_hub_bnb_base_is_dequantized_without_downloading_shards(
+    hub: FakeHub, bnb_sharded: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapterhub_cli import bnb
+    from adapterhub_cli import hub as hub_module
+    from adapterhub_cli.base_model import open_base
+    from adapterhub_cli.hub_base import open_remote_base
+
+    ah.push(bnb_sharded, "org/llama-bnb", version="1.0.0")
+    shards = sorted(p.name for p in bnb_sharded.glob("model-*.safetensors"))
+    fetched: list[str] = []
+    fetch_file = hub_module.fetch_file
+    monkeypatch.setattr(
+        hub_module, "fetch_file", lambda resolved, name, **kw: fetched.append(name) or fetch_file(resolved, name, **kw)
+    )
+
+    stored = open_remote_base("org/llama-bnb@v1.0.0")
+    hub.requests.clear()
+    hub.served.clear()  # the headers are read (the first 100 kB of each shard): now what dequantizing reads
+    hub.fail("GET", r"/resolve/.*\.safetensors$", kind="drop")  # a range read is retried like any Hub call
+    remote = bnb.logical_view(stored)
+    if bnb.bnb_scheme(stored.config) == "nf4":
+        assert hub.faults[0].remaining == 0  # the dropped read was retried
+    hub.faults.clear()
+    assert not [n for n in fetched if n.endswith(".safetensors")]  # nf4 quant states came by range requests
+    assert all(r["range"] for r in hub.hits("GET", r"/resolve/.*\.safetensors$"))
+    read = {s: hub.served_bytes("org/llama-bnb", s) for s in shards}
+    assert sum(read.values()) < 4096 and all(n < hub.file_size("org/llama-bnb", s) // 10 for s, n in read.items())
+    local = bnb.logical_view(open_base(bnb_sharded))
+    assert {k: (t.dtype, t.shape) for k, t in remote.tensors.items()} == {
+        k: (t.dtype, t.shape) for k, t in local.tensors.items()
+    }
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert remote.tensors[q].shape == (128, 128) and remote.tensors[q].dtype in ("BF16", "F16")
+    assert remote.path == stored.path == Path("org/llama-bnb@v1.0.0")
+
+    fetched_shard = remote.shard_of[q]  # the first read fetches that shard alone; both views follow it
+    assert fetched_shard.is_file() and fetched_shard.name in shards
+    assert [n for n in fetched if n.endswith(".safetensors")] == [fetched_shard.name]
+    assert remote.path == stored.path == fetched_shard.parent and (remote.path / "config.json").is_file()
+
+
+def test_merge_into_a_hub_bnb_base_streams_its_shards(
+    hub: FakeHub, bnb_sharded: Path, tiny_llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapterhub_cli import bnb
+    from adapterhub_cli import hub as hub_module
+
+    ah.push(bnb_sharded, "org/llama-bnb", version="1.0.0")
+    local = ah.merge(tiny_llama_lora, base=bnb_sharded, out=tmp_path / "local")
+    events: list[str] = []
+    fetch_file, logical_view = hub_module.fetch_file, bnb.logical_view
+
+    def fetch_spy(resolved: hub_module.Resolved, name: str, **kw: Any) -> Path:
+        if name.endswith(".safetensors"):
+            events.append(name)
+        return fetch_file(resolved, name, **kw)
+
+    def view_spy(view: Any, read: Any = None) -> Any:
+        out = logical_view(view, read)
+        events.append("logical view")
+        return out
+
+    monkeypatch.setattr(hub_module, "fetch_file", fetch_spy)
+    monkeypatch.setattr(bnb, "logical_view", view_spy)
+    remote = ah.merge(tiny_llama_lora, base="org/llama-bnb@v1.0.0", out=tmp_path / "remote")
+    assert remote.tensors_merged == local.tensors_merged == 4
+    shards = sorted(p.name for p in bnb_sharded.glob("model-*.safetensors"))
+    assert events[0] == "logical view" and sorted(events[1:]) == shards  # each shard once, as the merge reaches it
+    names = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "remote").iterdir()) and "config.json" in names
+    for name in names:
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "remote" / name).read_bytes(), name
+    assert "quantization_config" not in json.loads((tmp_path / "remote" / "config.json").read_text())
 
 
 def test_an_injected_api_is_used_for_everything(hub: FakeHub, llama_lora: Path, tmp_path: Path) -> None:
