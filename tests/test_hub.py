@@ -73,21 +73,45 @@ def run_cli(*args: str) -> Result:
 @pytest.fixture(scope="module")
 def big_lora(tmp_path_factory: pytest.TempPathFactory, llama_lora: Path) -> Path:
     """An r=128 adapter on the llama base (~260 KB of weights: larger than one 100 kB header range read)."""
+    return _random_lora(
+        llama_lora,
+        tmp_path_factory.mktemp("big") / "big_lora",
+        r=128,
+        d_in=64,
+        d_outs={"q_proj": 64, "v_proj": 32},
+        seed=0,
+        scale=0.01,
+        config={"lora_alpha": 256, "rank_pattern": {}, "alpha_pattern": {}},
+    )
+
+
+def _random_lora(
+    template: Path,
+    out: Path,
+    *,
+    r: int,
+    d_in: int,
+    d_outs: dict[str, int],
+    seed: int,
+    scale: float,
+    config: dict,
+) -> Path:
+    """A seeded random PEFT adapter on the attention projections ``d_outs`` of 2 layers, with ``template``'s
+    config updated by ``r`` and ``config``."""
     import torch
 
     from adapterhub_cli.writer import peft_key, write_peft
 
-    config = json.loads((llama_lora / "adapter_config.json").read_text())
-    config.update(r=128, lora_alpha=256, rank_pattern={}, alpha_pattern={})
-    gen = torch.Generator().manual_seed(0)
+    cfg = json.loads((template / "adapter_config.json").read_text())
+    cfg.update(r=r, **config)
+    gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(2):
-        for proj, d_out in (("q_proj", 64), ("v_proj", 32)):
+        for proj, d_out in d_outs.items():
             module = f"model.layers.{layer}.self_attn.{proj}"
-            tensors[peft_key(module, "lora_A")] = torch.randn(128, 64, generator=gen) * 0.01
-            tensors[peft_key(module, "lora_B")] = torch.randn(d_out, 128, generator=gen) * 0.01
-    out = tmp_path_factory.mktemp("big") / "big_lora"
-    return write_peft(out, config=config, tensors=tensors, provenance={"operation": "test", "inputs": []})
+            tensors[peft_key(module, "lora_A")] = torch.randn(r, d_in, generator=gen) * scale
+            tensors[peft_key(module, "lora_B")] = torch.randn(d_out, r, generator=gen) * scale
+    return write_peft(out, config=cfg, tensors=tensors, provenance={"operation": "test", "inputs": []})
 
 
 @pytest.fixture(scope="module", params=["nf4", "int8"])
@@ -110,21 +134,16 @@ def bnb_sharded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 @pytest.fixture(scope="module")
 def tiny_llama_lora(tmp_path_factory: pytest.TempPathFactory, llama_lora: Path) -> Path:
     """An r=4 adapter on q_proj / v_proj of the tiny Llama of ``bnb_fixtures.build_tiny_llama``."""
-    import torch
-
-    from adapterhub_cli.writer import peft_key, write_peft
-
-    config = json.loads((llama_lora / "adapter_config.json").read_text())
-    config.update(r=4, lora_alpha=8, base_model_name_or_path="org/llama-bnb")
-    gen = torch.Generator().manual_seed(1)
-    tensors = {}
-    for layer in range(2):
-        for proj, d_out in (("q_proj", 128), ("v_proj", 64)):
-            module = f"model.layers.{layer}.self_attn.{proj}"
-            tensors[peft_key(module, "lora_A")] = torch.randn(4, 128, generator=gen) * 0.05
-            tensors[peft_key(module, "lora_B")] = torch.randn(d_out, 4, generator=gen) * 0.05
-    out = tmp_path_factory.mktemp("tiny_lora") / "lora"
-    return write_peft(out, config=config, tensors=tensors, provenance={"operation": "test", "inputs": []})
+    return _random_lora(
+        llama_lora,
+        tmp_path_factory.mktemp("tiny_lora") / "lora",
+        r=4,
+        d_in=128,
+        d_outs={"q_proj": 128, "v_proj": 64},
+        seed=1,
+        scale=0.05,
+        config={"lora_alpha": 8, "base_model_name_or_path": "org/llama-bnb"},
+    )
 
 
 # ------------------------------------------------------------------------------------------ refs
