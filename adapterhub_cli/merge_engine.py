@@ -592,26 +592,26 @@ def run_merge(
             and p.quantized_entries is None
         )
 
-    def read_plain(p: TensorPlan) -> bool:
-        return not p.replacement and p.source not in quantized_in
-
     def fetch(p: TensorPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The tensor ``p`` starts from, and the staging buffer holding it (None: its own allocation)."""
         if p.replacement:
             return adapters[p.replacement[0]].tensor(p.replacement[1]), None
         if p.source in quantized_in:
             return bnb.dequantize_weight(reader.tensor, p.source, stored), None
-        buffer = buffers.acquire()
-        return reader.tensor(p.source, into=buffer), buffer
+        buffer = buffers.acquire(stored.tensors[p.source].nbytes)
+        try:
+            return reader.tensor(p.source, into=buffer), buffer
+        except BaseException:
+            buffers.release(buffer)
+            raise
 
     # tensors to merge are read on a helper thread, up to READ_AHEAD ahead of the one being merged, into
     # recycled staging buffers (pinned for a CUDA device); a buffer goes back to the pool once written
     to_read = [p for shard in shards for p in shard if not copied(p)]
     position = {p.name: i for i, p in enumerate(to_read)}
     pending: dict[str, Future[tuple[torch.Tensor, torch.Tensor | None]]] = {}
-    largest = max((stored.tensors[p.source].nbytes for p in to_read if read_plain(p)), default=0)
     pinned = device.startswith("cuda")  # page-locked staging: asynchronous copies to and from the GPU
-    buffers = BufferPool(largest, READ_AHEAD + 1 + WRITE_BEHIND, pin=pinned)
+    buffers = BufferPool(READ_AHEAD + 1 + WRITE_BEHIND, pin=pinned)
 
     def produce(p: TensorPlan) -> Callable[[StagedFile], None]:
         nonlocal done

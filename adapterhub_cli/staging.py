@@ -2,8 +2,8 @@
 
 Reading each base tensor into a fresh allocation costs a page fault and a page of zeroing per 4 KiB: on a
 2.2 GB checkpoint that was ~680k faults and seconds of kernel time, more than the copies themselves. The
-merge instead reads every tensor into one of ``count`` buffers (the size of the largest tensor it reads),
-merges it in place and hands the buffer back once the writer has written it. With ``pin=True`` the buffers
+merge instead reads every tensor into one of a few recycled buffers, merges it in place and hands the buffer
+back once the writer has written it. With ``pin=True`` the buffers
 are page-locked, so copies to and from a CUDA device run asynchronously at full bus speed.
 """
 
@@ -24,42 +24,58 @@ class PoolClosedError(AdaptersError):
 
 
 class BufferPool:
-    """``count`` uint8 buffers of ``nbytes`` each; :meth:`acquire` blocks until one is free.
+    """At most ``count`` uint8 buffers; :meth:`acquire` blocks until one may be handed out.
 
-    Memory is bounded by ``count * nbytes`` whatever the model size. Buffers are allocated lazily, so a merge
-    that needs only one never allocates the others.
+    A request gets the smallest free buffer it fits in; when none is large enough, a buffer of the requested
+    size is allocated (dropping the largest free one if ``count`` are out or free). Memory is so bounded by
+    ``count`` buffers, each the size of some tensor that was in flight (one large embedding among layer-sized
+    tensors costs one large buffer, not ``count`` of them), whatever the model size. Nothing is allocated
+    before it is asked for.
     """
 
-    def __init__(self, nbytes: int, count: int, *, pin: bool = False) -> None:
+    def __init__(self, count: int, *, pin: bool = False) -> None:
         if count < 1:
             raise ValueError("a buffer pool needs at least one buffer")
-        self.nbytes = max(nbytes, 1)
         self.count = count
         self.pin = pin
         self._free: list[torch.Tensor] = []
-        self._allocated = 0
+        self._out = 0  # buffers handed out and not released
         self._closed = False
         self._cond = threading.Condition()
 
-    def acquire(self) -> torch.Tensor:
-        """A free buffer of ``nbytes`` uint8 (its contents are whatever the last user left)."""
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        """A buffer of at least ``nbytes`` uint8 (its contents are whatever the last user left)."""
         import torch
 
         with self._cond:
             while True:
                 if self._closed:
                     raise PoolClosedError("the merge is stopping")
-                if self._free:
-                    return self._free.pop()
-                if self._allocated < self.count:
-                    self._allocated += 1
+                # (indices, not list.remove: tensors compare element-wise)
+                fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+                if fits:
+                    buffer = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+                    self._out += 1
+                    return buffer
+                if self._out + len(self._free) < self.count:
+                    break
+                if self._free:  # none fits: make room for one that does
+                    self._free.pop(max(range(len(self._free)), key=lambda i: self._free[i].numel()))
                     break
                 self._cond.wait()
-        return torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pin)
+            self._out += 1
+        try:
+            return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)
+        except BaseException:
+            self.release(None)
+            raise
 
-    def release(self, buffer: torch.Tensor) -> None:
+    def release(self, buffer: torch.Tensor | None) -> None:
+        """Hand a buffer back (None: one that was never allocated)."""
         with self._cond:
-            self._free.append(buffer)
+            self._out -= 1
+            if buffer is not None and not self._closed:
+                self._free.append(buffer)
             self._cond.notify()
 
     def close(self) -> None:

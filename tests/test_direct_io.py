@@ -75,11 +75,11 @@ def test_direct_io_can_be_switched_off(monkeypatch):
 
 
 def test_buffer_pool_recycles_and_bounds_its_buffers():
-    pool = BufferPool(1000, 2)
-    first, second = pool.acquire(), pool.acquire()
-    assert first.numel() == 1000 and first.data_ptr() != second.data_ptr()
+    pool = BufferPool(2)
+    first, second = pool.acquire(1000), pool.acquire(3000)
+    assert first.numel() == 1000 and second.numel() == 3000
     got = []
-    waiter = threading.Thread(target=lambda: got.append(pool.acquire()))
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire(900)))
     waiter.start()
     waiter.join(0.2)
     assert waiter.is_alive()  # both buffers are out: the third acquire waits
@@ -90,14 +90,27 @@ def test_buffer_pool_recycles_and_bounds_its_buffers():
     assert t.shape == (10, 20) and t.data_ptr() == first.data_ptr()
 
 
+def test_buffer_pool_hands_out_the_smallest_fit_and_replaces_what_is_too_small():
+    pool = BufferPool(2)
+    small, big = pool.acquire(1000), pool.acquire(50 << 20)
+    pool.release(small)
+    pool.release(big)
+    assert pool.acquire(900).data_ptr() == small.data_ptr()  # the smallest that fits
+    assert pool.acquire(2000).data_ptr() == big.data_ptr()  # the only one that fits
+    pool.release(small)
+    # big is out, small is free but too small: it is dropped and a buffer that fits allocated (still 2 in all)
+    assert pool.acquire(2000).numel() == 2000
+    pool.close()
+
+
 def test_closing_the_pool_wakes_a_waiting_reader():
-    pool = BufferPool(10, 1)
-    pool.acquire()
+    pool = BufferPool(1)
+    pool.acquire(10)
     errors = []
 
     def wait() -> None:
         try:
-            pool.acquire()
+            pool.acquire(10)
         except PoolClosedError as e:
             errors.append(e)
 
