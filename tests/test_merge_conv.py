@@ -26,7 +26,11 @@ class TinyConvNet(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def conv_case(tmp_path_factory):
-    root = tmp_path_factory.mktemp("conv")
+    return build_conv_case(tmp_path_factory.mktemp("conv"))
+
+
+def build_conv_case(root):
+    """(base folder, PEFT adapter folder): a seeded TinyConvNet and a LoRA on its 3x3 conv, 1x1 conv and head."""
     torch.manual_seed(0)
     model = TinyConvNet()
     base = root / "base"

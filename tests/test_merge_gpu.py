@@ -71,3 +71,26 @@ def test_cuda_unmerge_gives_base_back(llama_lora, llama_base, tmp_path):
     base = read_checkpoint(llama_base)
     for key, want in base.items():
         torch.testing.assert_close(back[key], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_conv_merge_is_bit_identical_to_peft_on_cuda(dtype, tmp_path):
+    """Conv2d LoRA (3x3 and 1x1) and a Linear one, merged on the GPU, as PEFT merges them there."""
+    from safetensors.torch import save_file
+    from test_merge_conv import TinyConvNet, build_conv_case
+
+    (tmp_path / "case").mkdir()
+    base, adapter = build_conv_case(tmp_path / "case")
+    tensors = read_checkpoint(base)
+    typed = tmp_path / "typed"
+    typed.mkdir()
+    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(typed / "model.safetensors"))
+    (typed / "config.json").write_text((base / "config.json").read_text())
+    model = TinyConvNet().to(dtype)
+    model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()})
+    merged = PeftModel.from_pretrained(model.to("cuda"), str(adapter)).merge_and_unload()
+    reference = {k: v.detach().cpu() for k, v in merged.state_dict().items()}
+    ours = read_checkpoint(ah.merge(adapter, base=typed, out=tmp_path / "ours", device="cuda").path)
+    assert set(ours) == set(reference)
+    for key, want in reference.items():
+        assert ours[key].dtype == want.dtype and torch.equal(ours[key], want), key
