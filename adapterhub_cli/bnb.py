@@ -50,6 +50,7 @@ import math
 import re
 import struct
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -342,8 +343,17 @@ def logical_view(view: BaseView, read: Callable[[str], bytes] | None = None) -> 
     """
     comps = companions(view)
     hidden = {k for keys in comps.values() for k in keys}
+    remote = read is None and view.read_raw is not None
     read = read or view.read_raw or _file_reader(view)
     int8_dtype = _config_dtype(view.config) or "F16"
+    blobs = {
+        key: next(k for k in comps[key] if _STATE_INFIX in k)
+        for key, info in view.tensors.items()
+        if key in comps and info.dtype != "I8"
+    }
+    # one small request per 4-bit weight: over HTTP, a few at a time (a 7B model has ~220 of them)
+    with ThreadPoolExecutor(8 if remote else 1, thread_name_prefix="adapters-quant-state") as pool:
+        raw = dict(zip(blobs.values(), pool.map(read, blobs.values()), strict=True))
     tensors: dict[str, TensorInfo] = {}
     for key, info in view.tensors.items():
         if key in hidden:
@@ -352,8 +362,8 @@ def logical_view(view: BaseView, read: Callable[[str], bytes] | None = None) -> 
             if info.dtype == "I8":
                 info = replace(info, dtype=int8_dtype)
             else:
-                blob = next(k for k in comps[key] if _STATE_INFIX in k)
-                state = _parse_state(read(blob), key, view, blob)
+                blob = blobs[key]
+                state = _parse_state(raw[blob], key, view, blob)
                 _check_4bit_sizes(view, key, comps[key], state)
                 info = replace(info, dtype=_ST_OF_TORCH_NAME[state.dtype], shape=state.shape)
         tensors[key] = info
