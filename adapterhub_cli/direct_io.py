@@ -16,6 +16,7 @@ import mmap
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,27 @@ def _drop_direct(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~getattr(os, "O_DIRECT", 0))
 
 
+@dataclass
+class _Chunk:
+    """One page-aligned staging chunk (an anonymous map), as bytes and as a torch tensor, and its write."""
+
+    view: memoryview
+    tensor: torch.Tensor
+    pending: Future[None] | None = None
+
+    @classmethod
+    def allocate(cls, nbytes: int) -> _Chunk:
+        import torch
+
+        buf = mmap.mmap(-1, nbytes)  # anonymous maps are page-aligned
+        return cls(memoryview(buf), torch.frombuffer(buf, dtype=torch.uint8))
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+
 class StagedFile:
     """Appends bytes to a new file: with O_DIRECT through ``depth`` staging chunks written on ``disk`` (a
     one-thread executor shared by the files of one merge), else with plain writes.
@@ -77,21 +99,11 @@ class StagedFile:
         self.size = 0
         self._disk = disk
         self._chunk = chunk - chunk % ALIGN or ALIGN
-        self._buffers: list[mmap.mmap] = []
-        self._views: list[memoryview] = []
-        self._tensors: list[torch.Tensor | None] = []
-        self._pending: list[Future[None] | None] = []
-        self._current = 0
+        self._chunks = [_Chunk.allocate(self._chunk) for _ in range(max(depth, 1))] if self.direct else []
+        self._current = 0  # index of the chunk being filled
         self._fill = 0
         self._offset = 0  # file offset of the current chunk
         self._failed = threading.Event()
-        if self.direct:
-            for _ in range(max(depth, 1)):
-                buf = mmap.mmap(-1, self._chunk)  # anonymous maps are page-aligned
-                self._buffers.append(buf)
-                self._views.append(memoryview(buf))
-                self._tensors.append(None)
-                self._pending.append(None)
 
     # ------------------------------------------------------------------ appending
 
@@ -104,7 +116,7 @@ class StagedFile:
         else:
             while view:
                 n = min(len(view), self._chunk - self._fill)
-                self._views[self._current][self._fill : self._fill + n] = view[:n]
+                self._chunks[self._current].view[self._fill : self._fill + n] = view[:n]
                 view = view[n:]
                 self._advance(n)
 
@@ -120,12 +132,7 @@ class StagedFile:
         done, total = 0, flat.numel()
         while done < total:
             n = min(total - done, self._chunk - self._fill)
-            staged = self._tensors[self._current]
-            if staged is None:
-                staged = self._tensors[self._current] = torch.frombuffer(
-                    self._buffers[self._current], dtype=torch.uint8
-                )
-            staged[self._fill : self._fill + n].copy_(flat[done : done + n])
+            self._chunks[self._current].tensor[self._fill : self._fill + n].copy_(flat[done : done + n])
             done += n
             self._advance(n)
         self.size += total
@@ -136,7 +143,9 @@ class StagedFile:
         self.size += nbytes
         if self.direct:
             while nbytes:
-                room = self._views[self._current][self._fill : self._fill + min(nbytes, self._chunk - self._fill)]
+                room = self._chunks[self._current].view[
+                    self._fill : self._fill + min(nbytes, self._chunk - self._fill)
+                ]
                 n = os.preadv(src_fd, [room], offset)
                 if n == 0:
                     raise OSError(errno.EIO, f"the source file ends before byte {offset + nbytes}")
@@ -164,11 +173,12 @@ class StagedFile:
         self._fill += n
         if self._fill < self._chunk:
             return
-        self._pending[self._current] = self._disk.submit(self._write_chunk, self._views[self._current], self._offset)
+        full = self._chunks[self._current]
+        full.pending = self._disk.submit(self._write_chunk, full.view, self._offset)
         self._offset += self._chunk
-        self._current = (self._current + 1) % len(self._buffers)
+        self._current = (self._current + 1) % len(self._chunks)
         self._fill = 0
-        self._wait(self._current)
+        self._chunks[self._current].wait()  # its previous write is done before it is filled again
 
     def _write_chunk(self, data: memoryview, offset: int) -> None:
         if self._failed.is_set():  # an earlier chunk failed: write nothing more
@@ -185,41 +195,30 @@ class StagedFile:
             self._failed.set()
             raise
 
-    def _wait(self, i: int) -> None:
-        pending = self._pending[i]
-        if pending is not None:
-            self._pending[i] = None
-            pending.result()
-
     def finish(self) -> int:
         """Write what is staged and wait until every chunk is written; the file's size."""
         if self.direct:
+            last = self._chunks[self._current]
             head = self._fill - self._fill % ALIGN
             if head:
-                self._write_chunk(self._views[self._current][:head], self._offset)
-            for i in range(len(self._buffers)):
-                self._wait(i)
+                self._write_chunk(last.view[:head], self._offset)
+            for chunk in self._chunks:
+                chunk.wait()
             if self._fill > head:  # the tail is not a whole block: written through the page cache
                 _drop_direct(self.fd)
-                _pwrite_all(self.fd, self._views[self._current][head : self._fill], self._offset + head)
-            self._release()
+                _pwrite_all(self.fd, last.view[head : self._fill], self._offset + head)
+            self._chunks.clear()  # unmapped once the last view of them (a finished write's) is gone
         return self.size
-
-    def _release(self) -> None:
-        # dropped, not closed: the maps are unmapped once the last view of them (a finished write's) is gone
-        self._tensors.clear()
-        self._views.clear()
-        self._buffers.clear()
 
     def abort(self) -> None:
         """Stop after an error: wait for chunks in flight (their errors ignored), free the staging memory."""
         self._failed.set()
-        for i in range(len(self._pending)):
+        for chunk in self._chunks:
             try:
-                self._wait(i)
+                chunk.wait()
             except BaseException:
                 pass
-        self._release()
+        self._chunks.clear()
 
 
 __all__ = ["ALIGN", "CHUNK", "StagedFile", "direct_io_wanted", "write_all"]

@@ -308,7 +308,6 @@ class _Merger:
     ) -> torch.Tensor:
         """``merge_lora`` with the weight's rows split between threads at block boundaries (same blocks, same
         arithmetic: the result is identical to one call)."""
-
         n = weight.shape[0]
         if self.pool is None or n < 4 * ROWS or weight.device.type != "cpu":
             return fn(weight, a, b, scale, fan_in_fan_out=fan_in_fan_out, subtract=self.reverse, rows=ROWS, out=weight)
@@ -362,19 +361,16 @@ class _Merger:
                 m.kind, adapter.config.fan_in_fan_out, tuple(weight.shape), (m.d_out, m.d_in)
             )
             scale = m.scale * c.weight
-            if m.kind == "conv":
-                if m.magnitude is not None:
-                    raise UsageError(f"{adapter.path}: module {m.name}: DoRA on convolutions cannot be merged yet")
-                delta = self._with_default_threads(conv_lora_delta, a, b, scale)
-                weight = unmerge_delta(weight, delta) if self.reverse else merge_delta(weight, delta)
-            elif m.magnitude is None and on_device:
-                delta = lora_delta(a, b, scale, fan_in_fan_out=fan_in_fan_out)
-                if self.reverse:
-                    weight -= delta.to(weight.dtype)
-                else:
-                    weight += delta
-            elif m.magnitude is None:
+            if m.kind == "conv" and m.magnitude is not None:
+                raise UsageError(f"{adapter.path}: module {m.name}: DoRA on convolutions cannot be merged yet")
+            if m.magnitude is None and m.kind != "conv" and not on_device:
                 weight = self._merge_lora(weight, a, b, scale, fan_in_fan_out, merge_lora)
+            elif m.magnitude is None:  # a convolution, or any LoRA on the GPU: the whole update at once
+                if m.kind == "conv":
+                    delta = self._with_default_threads(conv_lora_delta, a, b, scale)
+                else:
+                    delta = lora_delta(a, b, scale, fan_in_fan_out=fan_in_fan_out)
+                weight = unmerge_delta(weight, delta) if self.reverse else merge_delta(weight, delta)
             elif self.reverse:
                 raise UsageError(
                     f"{adapter.path}: DoRA merges cannot be undone from the merged weights alone "
@@ -387,8 +383,6 @@ class _Merger:
                     weight, base_weight.to(self.device), delta, magnitude, fan_in_fan_out=fan_in_fan_out
                 )
         if not on_device:
-            return weight
-        if weight.data_ptr() == stored.data_ptr():  # the device is the CPU under another name
             return weight
         stored.copy_(weight, non_blocking=True)
         torch.cuda.current_stream(weight.device).synchronize()
@@ -499,6 +493,7 @@ def _sync_and_close(fd: int) -> None:
 
 
 def _write_tensor(sink: StagedFile, t: torch.Tensor) -> None:
+    """Append ``t`` to ``sink`` (one function, so a test can stall a merge right at its first write)."""
     sink.write_tensor(t)
 
 
@@ -537,7 +532,7 @@ def run_merge(
     saved by transformers with bitsandbytes (nf4 / fp4 / int8) is dequantized weight by weight; the output is
     16-bit unless ``quantize`` ("nf4", "fp4" or "int8") asks for the bitsandbytes layout transformers loads.
     """
-    import torch  # noqa: F401 - imported before the clock starts: torch's start-up (1.5-4 s) is not the merge
+    import torch  # imported before the clock starts: torch's start-up (1.5-4 s) is not the merge
 
     from adapterhub_cli import bnb
 
@@ -610,8 +605,8 @@ def run_merge(
     to_read = [p for shard in shards for p in shard if not copied(p)]
     position = {p.name: i for i, p in enumerate(to_read)}
     pending: dict[str, Future[tuple[torch.Tensor, torch.Tensor | None]]] = {}
-    pinned = device.startswith("cuda")  # page-locked staging: asynchronous copies to and from the GPU
-    buffers = BufferPool(READ_AHEAD + 1 + WRITE_BEHIND, pin=pinned)
+    # page-locked staging for a GPU: asynchronous copies to and from it
+    buffers = BufferPool(READ_AHEAD + 1 + WRITE_BEHIND, pin=torch.device(device).type == "cuda")
 
     def produce(p: TensorPlan) -> Callable[[StagedFile], None]:
         nonlocal done

@@ -86,12 +86,4 @@ class BufferPool:
             self._cond.notify_all()
 
 
-def view_as(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """The first bytes of ``buffer`` seen as a contiguous tensor of ``dtype`` and ``shape``."""
-    import math
-
-    n = math.prod(shape) * dtype.itemsize
-    return buffer[:n].view(dtype).view(shape)
-
-
-__all__ = ["BufferPool", "PoolClosedError", "view_as"]
+__all__ = ["BufferPool", "PoolClosedError"]
