@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from lora_ops import merge_lora
-from lora_ops.merge import _scale_folds_exactly
 
 
 def peft_merge(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out: bool) -> torch.Tensor:
@@ -36,28 +35,6 @@ def test_blocked_merge_equals_whole_tensor_merge(dtype, scale, fan_in_fan_out, d
     in_place = w.clone()
     assert merge_lora(in_place, a, b, scale, fan_in_fan_out=fan_in_fan_out, out=in_place) is in_place
     assert torch.equal(in_place, want)
-
-
-def test_power_of_two_scales_fold_into_b_exactly_on_realistic_factors():
-    g = torch.Generator().manual_seed(5)
-    for scale in (2.0, 0.5, 8.0, 1.0 / 64):
-        a = torch.randn(64, 512, generator=g) * 10 ** torch.empty(1).uniform_(-4, 0, generator=g)
-        b = torch.randn(256, 64, generator=g) * 10 ** torch.empty(1).uniform_(-4, 0, generator=g)
-        assert _scale_folds_exactly(a, b, scale)
-        assert torch.equal((b * scale) @ a, (b @ a) * scale)
-
-
-def test_scale_is_not_folded_where_it_could_change_a_bit():
-    a, b = torch.randn(8, 32), torch.randn(32, 8)
-    assert not _scale_folds_exactly(a, b, 1.7)  # not a power of two
-    assert not _scale_folds_exactly(a.double(), b.double(), 2.0)  # only float32 is analysed
-    tiny = b.clone()
-    tiny[0, 0] = 1e-30  # products near the subnormal range
-    assert not _scale_folds_exactly(a, tiny, 2.0)
-    huge = b.clone()
-    huge[0, 0] = 1e30  # products near overflow
-    assert not _scale_folds_exactly(a * 1e8, huge, 2.0)
-    assert _scale_folds_exactly(a, torch.zeros_like(b), 0.5)  # zeros stay zeros
 
 
 @pytest.mark.parametrize("n", [64, 257, 513, 700, 1025])
