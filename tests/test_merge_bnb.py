@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 from bnb_fixtures import build_tiny_llama, load_quantized
+from fixtures_models import randomize_adapter_weights
 from peft_helpers import read_checkpoint
 
 import adapterhub_cli as ah
@@ -29,22 +30,23 @@ def bf16_base(bnb_root):
     return build_tiny_llama(bnb_root / "bf16")
 
 
-@pytest.fixture(scope="session")
-def nf4_base(bnb_root, bf16_base):
-    out = bnb_root / "nf4"
+def _saved_quantized(bnb_root, bf16_base, scheme: str):
+    """The bf16 tiny Llama loaded by transformers with bitsandbytes ``scheme`` and saved (as users get them)."""
+    out = bnb_root / scheme
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        load_quantized(bf16_base, "nf4").save_pretrained(out)
+        load_quantized(bf16_base, scheme).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def nf4_base(bnb_root, bf16_base):
+    return _saved_quantized(bnb_root, bf16_base, "nf4")
 
 
 @pytest.fixture(scope="session")
 def int8_base(bnb_root, bf16_base):
-    out = bnb_root / "int8"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        load_quantized(bf16_base, "int8").save_pretrained(out)
-    return out
+    return _saved_quantized(bnb_root, bf16_base, "int8")
 
 
 @pytest.fixture(scope="session")
@@ -54,11 +56,7 @@ def tiny_lora(bnb_root, bf16_base):
 
     model = AutoModelForCausalLM.from_pretrained(bf16_base, dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"]))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in sorted(peft_model.named_parameters()):
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    randomize_adapter_weights(peft_model, seed=5, scale=0.05)
     out = bnb_root / "lora"
     peft_model.save_pretrained(str(out))
     return out

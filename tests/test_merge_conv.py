@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from fixtures_models import randomize_adapter_weights
 from peft import LoraConfig, get_peft_model
 from peft_helpers import read_checkpoint
 from safetensors.torch import save_file
@@ -38,11 +39,7 @@ def build_conv_case(root):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base / "model.safetensors"))
     (base / "config.json").write_text(json.dumps({"architectures": ["TinyConvNet"]}))
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["conv_in", "proj", "head"]))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in sorted(peft_model.named_parameters()):
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_adapter_weights(peft_model, seed=1, scale=0.1)
     adapter = root / "adapter"
     peft_model.save_pretrained(str(adapter))
     return base, adapter
