@@ -8,6 +8,7 @@
 Importing this package does not import torch; operations that need weights import it when called.
 """
 
+from adapterhub_cli._version import __version__
 from adapterhub_cli.api import (
     combine,
     convert,
@@ -16,6 +17,7 @@ from adapterhub_cli.api import (
     inspect,
     load,
     merge,
+    open_base,
     pull,
     push,
     quantize,
@@ -24,9 +26,13 @@ from adapterhub_cli.api import (
     validate,
     versions,
 )
-from adapterhub_cli.artifact import Adapter, LoraModule, Provenance
-from adapterhub_cli.base_model import BaseView, open_base
-from adapterhub_cli.config import AdapterConfig
+from adapterhub_cli.artifact.adapter import Adapter, LoraModule
+from adapterhub_cli.artifact.checkpoint import BaseView
+from adapterhub_cli.artifact.config import AdapterConfig
+from adapterhub_cli.artifact.provenance import Provenance
+from adapterhub_cli.artifact.ref import AdapterRef
+from adapterhub_cli.artifact.report import InspectReport, ModuleRow, ModuleSpectrum
+from adapterhub_cli.artifact.validate import Finding, ValidationReport
 from adapterhub_cli.errors import (
     AdapterNotFoundError,
     AdaptersError,
@@ -42,13 +48,8 @@ from adapterhub_cli.errors import (
     UsageError,
     VersionConflictError,
 )
-from adapterhub_cli.hookspecs import hookimpl
-from adapterhub_cli.ref import AdapterRef
-from adapterhub_cli.report import InspectReport, ModuleRow, ModuleSpectrum
-from adapterhub_cli.validate import Finding, ValidationReport
+from adapterhub_cli.plugins.hookspecs import hookimpl
 
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Adapter",

@@ -6,26 +6,27 @@ import inspect as _pyinspect
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapterhub_cli.artifact import Adapter
-from adapterhub_cli.base_model import BaseView, open_base
+from adapterhub_cli.artifact.adapter import Adapter
+from adapterhub_cli.artifact.checkpoint import BaseView
+from adapterhub_cli.artifact.files import sha256_file
+from adapterhub_cli.artifact.ref import AdapterRef, is_hub_ref
+from adapterhub_cli.artifact.report import InspectReport, build_report
+from adapterhub_cli.artifact.validate import ValidationReport, check_gguf_ready, validate_against
 from adapterhub_cli.errors import InvalidAdapterError
 from adapterhub_cli.formats import detect_format, get_format
-from adapterhub_cli.io import sha256_file
-from adapterhub_cli.merge_engine import MergeResult, run_merge
+from adapterhub_cli.merge.engine import MergeResult, run_merge
 from adapterhub_cli.ops.combine import CombineResult, combine_adapters
 from adapterhub_cli.ops.convert import ConvertResult
 from adapterhub_cli.ops.diff import DiffReport, diff_adapters
 from adapterhub_cli.ops.quantize import QuantizeResult, dequantize_adapter, quantize_adapter
 from adapterhub_cli.ops.reduce import Progress, ReduceResult, reduce_adapter
-from adapterhub_cli.ref import AdapterRef, is_hub_ref
-from adapterhub_cli.report import InspectReport, build_report
-from adapterhub_cli.validate import ValidationReport, check_gguf_ready, validate_against
+from adapterhub_cli.stores import open_base
 
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-    from adapterhub_cli.hub import PullResult, PushResult, VersionInfo
+    from adapterhub_cli.stores.hf.hub import PullResult, PushResult, VersionInfo
 
 
 AdapterLike = Adapter | str | Path
@@ -65,13 +66,13 @@ def load(
     if isinstance(source, Adapter):
         return source
     if is_hub_ref(source):
-        from adapterhub_cli.hub_base import open_remote_adapter
+        from adapterhub_cli.stores.hf.remote import open_remote_adapter
 
         ref = source if isinstance(source, AdapterRef) else AdapterRef.parse(str(source))
         adapter = open_remote_adapter(ref, api=api, token=token, allow_pickle=allow_pickle)
         path = adapter.path
     else:
-        from adapterhub_cli.hub import pulled_from
+        from adapterhub_cli.stores.hf.hub import pulled_from
 
         path = Path(str(source))
         fmt = get_format(format) if format else detect_format(path)
@@ -271,7 +272,7 @@ def merge(
     """
     items = adapters if isinstance(adapters, list) else [adapters]
     return run_merge(
-        base,
+        base if isinstance(base, BaseView) else open_base(base),
         [load(a) for a in items],
         out,
         weights=weights,
@@ -302,7 +303,7 @@ def unmerge(
     """
     items = adapters if isinstance(adapters, list) else [adapters]
     return run_merge(
-        merged,
+        merged if isinstance(merged, BaseView) else open_base(merged),
         [load(a) for a in items],
         out,
         weights=weights,
@@ -332,7 +333,7 @@ def push(
     updated; config, safetensors and card go up in one commit, tagged ``v{version}``. An existing version
     is never moved; a version lower than the latest is refused unless ``force``. See :func:`hub.push`.
     """
-    from adapterhub_cli import hub
+    from adapterhub_cli.stores.hf import hub
 
     return hub.push(
         source,
@@ -358,14 +359,14 @@ def pull(
 ) -> PullResult:
     """Download an adapter's files at the commit ``ref`` resolves to (``@v1.2.0``, ``@latest``, ``@^1.2``,
     a branch or a commit), sha256-checked against the Hub's LFS metadata, into the HF cache or ``out``."""
-    from adapterhub_cli import hub
+    from adapterhub_cli.stores.hf import hub
 
     return hub.pull(ref, out=out, api=api, token=token, allow_pickle=allow_pickle, overwrite=overwrite)
 
 
 def versions(repo_id: str, *, api: HfApi | None = None, token: str | None = None) -> list[VersionInfo]:
     """The published versions (tags) of a Hub repo with their commits, dates and messages, newest first."""
-    from adapterhub_cli import hub
+    from adapterhub_cli.stores.hf import hub
 
     return hub.versions(repo_id, api=api, token=token)
 

@@ -47,8 +47,8 @@ def compare(ours: Path, theirs: Path) -> tuple[int, int]:
     """(tensors compared, tensors that differ) between two checkpoints, one tensor at a time."""
     import torch
 
-    from adapterhub_cli.base_model import open_base
-    from adapterhub_cli.merge_engine import _BaseReader
+    from adapterhub_cli.artifact.checkpoint import open_base
+    from adapterhub_cli.merge.engine import _BaseReader
 
     a, b = open_base(ours), open_base(theirs)
     ra, rb = _BaseReader(a), _BaseReader(b)

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from adapterhub_cli.base_model import BaseView
-from adapterhub_cli.io import TensorInfo
+from adapterhub_cli.artifact.checkpoint import BaseView
+from adapterhub_cli.artifact.safetensors import TensorInfo
 
 
 #: How each quantized fixture is made: BitsAndBytesConfig keyword arguments.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from adapterhub_cli.io import save_safetensors
+from adapterhub_cli.artifact.safetensors import save_safetensors
 
 
 UNET_KWARGS = {
@@ -75,7 +75,7 @@ def build_tiny_sd(out: Path, seed: int = 0) -> Path:
 
 def base_weights(base: Path) -> dict[str, torch.Tensor]:
     """Every base tensor by pipeline name (``unet.X.weight``, ``text_encoder.X.weight``)."""
-    from adapterhub_cli.io import load_safetensors
+    from adapterhub_cli.artifact.safetensors import load_safetensors
 
     out = {}
     for sub, fname in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):

@@ -23,6 +23,7 @@ from click.testing import CliRunner, Result
 from safetensors.torch import load_file
 
 import adapterhub_cli as ah
+from adapterhub_cli.artifact.safetensors import read_header
 from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.errors import (
     AdapterNotFoundError,
@@ -186,7 +187,7 @@ def _config_bad_rank(src: Path, copy: Callable[..., Path], tmp: Path) -> Case:
 
 def _cut_data(src: Path, dest: Path, keep_data: int) -> tuple[str, str]:
     """Copy ``src`` to ``dest`` keeping ``keep_data`` bytes of the data section; return (tensor, message)."""
-    header = ah.io.read_header(src)
+    header = read_header(src)
     dest.write_bytes(src.read_bytes()[: 8 + header.header_size + keep_data])
     first_cut = min((t for t in header.tensors.values() if t.end > keep_data), key=lambda t: t.start)
     return first_cut.name, (
@@ -198,7 +199,7 @@ def _cut_data(src: Path, dest: Path, keep_data: int) -> tuple[str, str]:
 def _truncated_data(src: Path, copy: Callable[..., Path], tmp: Path) -> Case:
     d = copy(src)
     w = d / WEIGHTS
-    size = ah.io.read_header(w)
+    size = read_header(w)
     keep = size.file_size - 8 - size.header_size - 100
     name, message = _cut_data(src / WEIGHTS, w, keep)
     assert name.endswith("layers.1.self_attn.v_proj.lora_B.weight")  # the last tensor is cut

@@ -14,10 +14,10 @@ bnb = pytest.importorskip("bitsandbytes")
 from bnb_fixtures import SCHEMES, build_tiny_llama, dict_view, load_quantized, write_checkpoint  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from adapterhub_cli import bnb as B  # noqa: E402
-from adapterhub_cli.base_model import open_base  # noqa: E402
+from adapterhub_cli.artifact.checkpoint import open_base  # noqa: E402
+from adapterhub_cli.artifact.safetensors import read_header  # noqa: E402
 from adapterhub_cli.errors import CorruptFileError, InvalidAdapterError, UsageError  # noqa: E402
-from adapterhub_cli.io import read_header  # noqa: E402
+from adapterhub_cli.merge import bnb as B  # noqa: E402
 
 
 SCHEME_OF = {"nf4": "nf4", "nf4dq": "nf4", "fp4": "fp4", "int8": "int8"}

@@ -202,17 +202,17 @@ def test_plugins_lists_builtins_and_peft_format() -> None:
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     builtin = {p["name"]: p for p in doc["plugins"] if p["source"] == "built-in"}
-    assert set(builtin) >= {"adapterhub_cli.builtin.formats", "adapterhub_cli.builtin.commands"}
-    assert "adapters_register_formats" in builtin["adapterhub_cli.builtin.formats"]["hooks"]
-    assert "adapters_register_commands" in builtin["adapterhub_cli.builtin.commands"]["hooks"]
+    assert set(builtin) >= {"adapterhub_cli.formats.builtin", "adapterhub_cli.cli.commands"}
+    assert "adapters_register_formats" in builtin["adapterhub_cli.formats.builtin"]["hooks"]
+    assert "adapters_register_commands" in builtin["adapterhub_cli.cli.commands"]["hooks"]
     assert "peft" in doc["formats"]
     assert "adapter_config.json" in doc["formats"]["peft"]
     assert doc["errors"] == []
 
     res = run_cli("plugins")
     assert res.exit_code == 0, res.output
-    assert "adapterhub_cli.builtin.formats" in res.stdout
-    assert "adapterhub_cli.builtin.commands" in res.stdout
+    assert "adapterhub_cli.formats.builtin" in res.stdout
+    assert "adapterhub_cli.cli.commands" in res.stdout
     assert re.search(r"^\S*\s*peft\s", res.stdout, re.MULTILINE), res.stdout
 
 

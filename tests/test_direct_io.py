@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from adapterhub_cli import direct_io
-from adapterhub_cli.direct_io import StagedFile
-from adapterhub_cli.staging import BufferPool, PoolClosedError
+from adapterhub_cli.merge import direct_io
+from adapterhub_cli.merge.direct_io import StagedFile
+from adapterhub_cli.merge.staging import BufferPool, PoolClosedError
 
 
 def _write_everything(path, disk, *, direct, chunk, source):

@@ -12,9 +12,9 @@ import torch
 from click.testing import CliRunner, Result
 
 import adapterhub_cli as ah
+from adapterhub_cli.artifact.safetensors import load_safetensors, read_header, save_safetensors
 from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.formats import detect_format
-from adapterhub_cli.io import load_safetensors, read_header, save_safetensors
 
 
 def run_cli(*args: str) -> Result:

@@ -21,10 +21,10 @@ from click.testing import CliRunner, Result
 from hub_server import FakeHub
 
 import adapterhub_cli as ah
-from adapterhub_cli import hub_client
+from adapterhub_cli.artifact.ref import AdapterRef, Version, in_range, version_range
 from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.errors import CorruptFileError, HubAuthError, HubError, HubNotFoundError, VersionConflictError
-from adapterhub_cli.ref import AdapterRef, Version, in_range, version_range
+from adapterhub_cli.stores.hf import client as hub_client
 
 
 TOKEN = "hf_secret_token_do_not_print_8e1f"
@@ -100,7 +100,7 @@ def _random_lora(
     config updated by ``r`` and ``config``."""
     import torch
 
-    from adapterhub_cli.writer import peft_key, write_peft
+    from adapterhub_cli.formats.peft import peft_key, write_peft
 
     cfg = json.loads((template / "adapter_config.json").read_text())
     cfg.update(r=r, **config)
@@ -350,10 +350,10 @@ def test_merge_fetches_hub_weights_on_demand(hub: FakeHub, llama_base: Path, lla
 def test_a_hub_bnb_base_is_dequantized_without_downloading_shards(
     hub: FakeHub, bnb_sharded: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from adapterhub_cli import bnb
-    from adapterhub_cli import hub as hub_module
-    from adapterhub_cli.base_model import open_base
-    from adapterhub_cli.hub_base import open_remote_base
+    from adapterhub_cli.artifact.checkpoint import open_base
+    from adapterhub_cli.merge import bnb
+    from adapterhub_cli.stores.hf import hub as hub_module
+    from adapterhub_cli.stores.hf.remote import open_remote_base
 
     ah.push(bnb_sharded, "org/llama-bnb", version="1.0.0")
     shards = sorted(p.name for p in bnb_sharded.glob("model-*.safetensors"))
@@ -392,8 +392,8 @@ def test_a_hub_bnb_base_is_dequantized_without_downloading_shards(
 def test_merge_into_a_hub_bnb_base_streams_its_shards(
     hub: FakeHub, bnb_sharded: Path, tiny_llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from adapterhub_cli import bnb
-    from adapterhub_cli import hub as hub_module
+    from adapterhub_cli.merge import bnb
+    from adapterhub_cli.stores.hf import hub as hub_module
 
     ah.push(bnb_sharded, "org/llama-bnb", version="1.0.0")
     local = ah.merge(tiny_llama_lora, base=bnb_sharded, out=tmp_path / "local")

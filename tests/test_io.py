@@ -14,9 +14,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adapterhub_cli import io as ah_io
+from adapterhub_cli.artifact import files as ah_io
+from adapterhub_cli.artifact.files import atomic_dir, read_json, sha256_file
+from adapterhub_cli.artifact.safetensors import load_safetensors, read_header
 from adapterhub_cli.errors import AdapterNotFoundError, CorruptFileError
-from adapterhub_cli.io import atomic_dir, load_safetensors, read_header, read_json, sha256_file
 
 
 def _raw_header(path: Path) -> dict:
@@ -318,7 +319,7 @@ def test_save_safetensors_round_trips_and_is_reproducible(tmp_path: Path) -> Non
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from adapterhub_cli.io import save_safetensors
+    from adapterhub_cli.artifact.safetensors import save_safetensors
 
     g = torch.Generator().manual_seed(0)
     tensors = {

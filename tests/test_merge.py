@@ -34,7 +34,7 @@ from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.errors import IncompatibleBaseError, UsageError
 
 
-ENGINE = importlib.import_module("adapterhub_cli.merge_engine")
+ENGINE = importlib.import_module("adapterhub_cli.merge.engine")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: adapter fixture -> (base fixture, task)
 ADAPTERS = FITTING_ADAPTERS

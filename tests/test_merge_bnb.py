@@ -16,8 +16,8 @@ from fixtures_models import randomize_adapter_weights
 from peft_helpers import read_checkpoint
 
 import adapterhub_cli as ah
-from adapterhub_cli import bnb
-from adapterhub_cli.base_model import open_base
+from adapterhub_cli.artifact.checkpoint import open_base
+from adapterhub_cli.merge import bnb
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,8 @@ import adapterhub_cli as ah
 from adapterhub_cli.cli.main import build_cli
 
 
-ENGINE = importlib.import_module("adapterhub_cli.merge_engine")
-DIRECT_IO = importlib.import_module("adapterhub_cli.direct_io")
+ENGINE = importlib.import_module("adapterhub_cli.merge.engine")
+DIRECT_IO = importlib.import_module("adapterhub_cli.merge.direct_io")
 
 
 def cli(*args: object) -> tuple[int, str]:
@@ -45,7 +45,7 @@ KILLED_MERGE = textwrap.dedent(
     import adapterhub_cli as ah
 
     adapter, base, out, marker = sys.argv[1:]
-    engine = importlib.import_module("adapterhub_cli.merge_engine")
+    engine = importlib.import_module("adapterhub_cli.merge.engine")
     write_tensor = engine._write_tensor
 
     def stalled(sink, t):  # the first merged tensor: announce, then hang until killed

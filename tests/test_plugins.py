@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import adapterhub_cli as ah
-from adapterhub_cli import plugins
 from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.formats.peft import assemble_adapter
+from adapterhub_cli.plugins import manager as plugins
 
 
 class ToyFormat:
@@ -100,9 +100,9 @@ def test_toy_format_through_cli(toy_plugin, toy_file, llama_base):
 
 def test_builtins_register_through_the_same_hooks():
     listed = {p.name: p for p in plugins.list_plugins()}
-    assert listed["adapterhub_cli.builtin.formats"].source == "built-in"
-    assert listed["adapterhub_cli.builtin.formats"].hooks == ["adapters_register_formats"]
-    assert listed["adapterhub_cli.builtin.commands"].hooks == ["adapters_register_commands"]
+    assert listed["adapterhub_cli.formats.builtin"].source == "built-in"
+    assert listed["adapterhub_cli.formats.builtin"].hooks == ["adapters_register_formats"]
+    assert listed["adapterhub_cli.cli.commands"].hooks == ["adapters_register_commands"]
 
 
 def test_duplicate_format_name_is_refused(llama_lora):

@@ -34,7 +34,7 @@ ERROR_FORMATTERS: list[tuple[type[BaseException], Callable[[BaseException], str]
 
 
 def _hf_http_error(e: BaseException) -> str | None:
-    """A huggingface_hub HTTP error that escaped :mod:`adapterhub_cli.hub` (it translates the ones it makes)."""
+    """A huggingface_hub HTTP error that escaped the Hub store (it translates the ones it makes)."""
     hf_errors = sys.modules.get("huggingface_hub.errors")  # loaded only if the Hub was used
     if hf_errors is None or not isinstance(e, hf_errors.HfHubHTTPError):
         return None

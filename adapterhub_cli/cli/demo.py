@@ -23,7 +23,7 @@ def demo_cmd(ctx: click.Context, directory: Path | None) -> None:
     """Build a tiny Llama-style base and a LoRA adapter (no download) and run the commands on them."""
     import warnings
 
-    from adapterhub_cli.demo import build_demo
+    from adapterhub_cli.ops.demo import build_demo
 
     root = directory or Path(tempfile.mkdtemp(prefix="adapters-demo-"))
     out.print(f"[bold]Building a tiny base model and a LoRA adapter in {root}[/bold]")

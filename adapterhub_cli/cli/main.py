@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from adapterhub_cli import __version__
+from adapterhub_cli._version import __version__
 from adapterhub_cli.cli._errors import format_known_exception
 from adapterhub_cli.cli._output import out
 
@@ -30,7 +30,7 @@ class AdaptersGroup(click.Group):
 
 def build_cli() -> click.Group:
     """A fresh root group with the built-in and plugin commands attached."""
-    from adapterhub_cli.plugins import load_errors, load_plugins, pm
+    from adapterhub_cli.plugins.manager import load_errors, load_plugins, pm
 
     @click.group(cls=AdaptersGroup, context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(__version__, prog_name="adapters")

@@ -13,7 +13,7 @@ from adapterhub_cli.cli._params import json_option
 def plugins_cmd(as_json: bool) -> None:
     """List loaded plugins, where they come from, their hooks, and the formats they provide."""
     from adapterhub_cli.formats import get_formats
-    from adapterhub_cli.plugins import list_plugins, load_errors
+    from adapterhub_cli.plugins.manager import list_plugins, load_errors
 
     plugins = list_plugins()
     formats = get_formats()

@@ -10,7 +10,7 @@ from adapterhub_cli.formats.base import AdapterFormat
 
 def get_formats() -> dict[str, AdapterFormat]:
     """All registered formats by name, built-ins first."""
-    from adapterhub_cli.plugins import collect
+    from adapterhub_cli.plugins.manager import collect
 
     return collect("adapters_register_formats")
 

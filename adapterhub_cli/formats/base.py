@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 
 if TYPE_CHECKING:
-    from adapterhub_cli.artifact import Adapter
+    from adapterhub_cli.artifact.adapter import Adapter
 
 
 @runtime_checkable

@@ -17,13 +17,13 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub_cli.config import AdapterConfig
+from adapterhub_cli.artifact.config import AdapterConfig
+from adapterhub_cli.artifact.safetensors import read_header
 from adapterhub_cli.errors import InvalidAdapterError
-from adapterhub_cli.io import read_header
 
 
 if TYPE_CHECKING:
-    from adapterhub_cli.artifact import Adapter
+    from adapterhub_cli.artifact.adapter import Adapter
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -141,7 +141,7 @@ class DiffusersFormat:
 
 
 def _layout(ranks: dict[str, int]) -> tuple[int, dict[str, int]]:
-    from adapterhub_cli.writer import rank_layout
+    from adapterhub_cli.formats.peft import rank_layout
 
     return rank_layout(ranks)
 
@@ -172,9 +172,11 @@ def write_diffusers(
     Factors keep their bytes and dtypes; per component, r, lora_alpha, rank_pattern and alpha_pattern go to
     ``lora_adapter_metadata`` so ``load_lora_weights`` gives every module its own scale.
     """
+    from adapterhub_cli.artifact.files import atomic_dir
+    from adapterhub_cli.artifact.provenance import PROVENANCE_KEY
+    from adapterhub_cli.artifact.safetensors import save_safetensors
     from adapterhub_cli.formats.kohya import check_convertible
-    from adapterhub_cli.io import atomic_dir, save_safetensors
-    from adapterhub_cli.writer import PROVENANCE_KEY, rank_layout
+    from adapterhub_cli.formats.peft import rank_layout
 
     check_convertible(adapter, "diffusers")
     keys = [k for m in adapter.modules.values() for k in (m.A.name, m.B.name)]

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub_cli.artifact import Adapter, TensorSource
+from adapterhub_cli.artifact.adapter import Adapter, TensorSource
+from adapterhub_cli.artifact.files import read_json
+from adapterhub_cli.artifact.safetensors import SafetensorsHeader, TensorInfo, load_safetensors, read_header
 from adapterhub_cli.errors import InvalidAdapterError, UsageError
 from adapterhub_cli.formats.lycoris import detect_lycoris, refuse_lycoris
-from adapterhub_cli.io import SafetensorsHeader, TensorInfo, load_safetensors, read_header, read_json
 
 
 if TYPE_CHECKING:
@@ -544,8 +545,7 @@ class KohyaFormat:
         return out
 
     def _assemble(self, path: Path, header: SafetensorsHeader, modules: list[KohyaModule]) -> Adapter:
-        from adapterhub_cli.formats.peft import assemble_adapter
-        from adapterhub_cli.writer import rank_layout
+        from adapterhub_cli.formats.peft import assemble_adapter, rank_layout
 
         warnings: list[str] = []
         alphas: dict[str, float] = {}
@@ -720,7 +720,7 @@ def _adapter_digest(adapter: Adapter, raw: dict[str, tuple[torch.Tensor, torch.T
 
 def check_convertible(adapter: Adapter, to: str) -> None:
     """Refuse what kohya / diffusion LoRA files cannot hold (nothing is dropped silently)."""
-    from adapterhub_cli.quantized import QuantizedTensorSource
+    from adapterhub_cli.formats.quantized import QuantizedTensorSource
 
     problems = []
     if isinstance(adapter.source, QuantizedTensorSource):
@@ -764,7 +764,7 @@ def write_kohya(
     """
     import torch
 
-    from adapterhub_cli.io import save_safetensors
+    from adapterhub_cli.artifact.safetensors import save_safetensors
 
     check_convertible(adapter, "kohya")
     out = Path(out)
@@ -822,7 +822,7 @@ def write_kohya(
         metadata[NAMES_KEY] = json.dumps({n: m for m, n in sorted(names.items())}, sort_keys=True)
         metadata[PEFT_STASH_KEY] = json.dumps({"config": adapter.config.raw, "digest": digest}, sort_keys=True)
         if provenance is not None:
-            from adapterhub_cli.writer import PROVENANCE_KEY
+            from adapterhub_cli.artifact.provenance import PROVENANCE_KEY
 
             metadata[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,12 +12,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from adapterhub_cli.artifact.safetensors import read_header
 from adapterhub_cli.errors import InvalidAdapterError
-from adapterhub_cli.io import read_header
 
 
 if TYPE_CHECKING:
-    from adapterhub_cli.artifact import Adapter
+    from adapterhub_cli.artifact.adapter import Adapter
 
 _PREFIX = re.compile(r"^(lora|lycoris)_\w+\.")
 

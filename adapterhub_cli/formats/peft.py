@@ -7,15 +7,19 @@ any other key is a saved copy of a base tensor (modules_to_save, biases).
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from adapterhub_cli.artifact import Adapter, LoraModule, Provenance, TensorSource
-from adapterhub_cli.config import AdapterConfig
+from adapterhub_cli.artifact.adapter import Adapter, LoraModule, TensorSource
+from adapterhub_cli.artifact.card import model_card
+from adapterhub_cli.artifact.config import AdapterConfig
+from adapterhub_cli.artifact.files import atomic_dir, load_pickle_safely, read_json
+from adapterhub_cli.artifact.provenance import PROVENANCE_KEY, Provenance
+from adapterhub_cli.artifact.safetensors import SafetensorsHeader, TensorInfo, read_header, save_safetensors
 from adapterhub_cli.errors import AdapterNotFoundError, InvalidAdapterError
-from adapterhub_cli.io import SafetensorsHeader, TensorInfo, load_pickle_safely, read_header, read_json
 
 
 if TYPE_CHECKING:
@@ -105,7 +109,7 @@ def assemble_adapter(
     call this, so every format shares one notion of modules, ranks and scales. ``doc=None`` infers the config
     from the tensors (rank from the shapes, lora_alpha from the metadata or equal to r).
     """
-    from adapterhub_cli.quantized import QuantizedTensorSource, logical_infos, quantization_of
+    from adapterhub_cli.formats.quantized import QuantizedTensorSource, logical_infos, quantization_of
 
     quantization = quantization_of(header) if header is not None else None
     if header is not None:
@@ -247,3 +251,43 @@ def _infer_config(parts: dict[str, dict[str, TensorInfo]], metadata: dict[str, s
         "rank_pattern": rank_pattern,
         "use_dora": any("lora_magnitude_vector" in p for p in parts.values()),
     }
+
+
+def rank_layout(ranks: dict[str, int]) -> tuple[int, dict[str, int]]:
+    """PEFT's (r, rank_pattern) for per-module ranks: the most common rank as r, the others by full module name."""
+    if not ranks:
+        return 1, {}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    return r, {name: k for name, k in sorted(ranks.items()) if k != r}
+
+
+def peft_key(module: str, part: str) -> str:
+    """The stored key of one factor: ``base_model.model.<module>.lora_A.weight`` and the like."""
+    suffix = "" if part == "lora_magnitude_vector" else ".weight"
+    return f"{PEFT_PREFIX}{module}.{part}{suffix}"
+
+
+def write_peft(
+    out: str | Path,
+    *,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    provenance: dict[str, Any],
+    overwrite: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write ``adapter_config.json``, ``adapter_model.safetensors`` and ``README.md`` into ``out``, atomically.
+
+    Args:
+        config: the full PEFT config (loads in ``PeftConfig.from_pretrained``).
+        tensors: stored keys (``base_model.model.<module>.lora_A.weight`` ...) to tensors.
+        provenance: operation, parameters, inputs; stored as JSON in the safetensors metadata.
+        metadata: further safetensors metadata (e.g. the quantization description).
+    """
+    out = Path(out)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        meta = {"format": "pt", PROVENANCE_KEY: json.dumps(provenance, sort_keys=True), **(metadata or {})}
+        save_safetensors(tensors, tmp / WEIGHTS_NAME, meta)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(model_card(config, provenance))
+    return out

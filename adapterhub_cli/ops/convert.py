@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterhub_cli.artifact import Adapter
+from adapterhub_cli.artifact.adapter import Adapter
+from adapterhub_cli.artifact.provenance import provenance
 from adapterhub_cli.errors import UsageError
 from adapterhub_cli.formats.kohya import KOHYA_STASH_KEY, kohya_stash, write_kohya
-from adapterhub_cli.writer import peft_key, provenance, write_peft
+from adapterhub_cli.formats.peft import peft_key, write_peft
 
 
 TARGETS = ("peft", "kohya", "diffusers")

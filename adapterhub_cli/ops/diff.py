@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from adapterhub_cli.artifact import Adapter
+from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.errors import IncompatibleBaseError
 
 

@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterhub_cli.artifact import Adapter
+from adapterhub_cli.artifact.adapter import Adapter
+from adapterhub_cli.artifact.preflight import require_valid
+from adapterhub_cli.artifact.provenance import provenance
 from adapterhub_cli.errors import UsageError
+from adapterhub_cli.formats.peft import write_peft
+from adapterhub_cli.formats.quantized import QUANT_KEY, SCALE_SUFFIX
 from adapterhub_cli.parallel import map_modules
-from adapterhub_cli.preflight import require_valid
-from adapterhub_cli.quantized import QUANT_KEY, SCALE_SUFFIX
-from adapterhub_cli.writer import provenance, write_peft
 
 
 @dataclass(frozen=True)

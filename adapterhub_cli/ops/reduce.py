@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterhub_cli.artifact import Adapter
+from adapterhub_cli.artifact.adapter import Adapter
+from adapterhub_cli.artifact.preflight import require_finite, require_valid
+from adapterhub_cli.artifact.provenance import provenance
 from adapterhub_cli.errors import UsageError
+from adapterhub_cli.formats.peft import peft_key, rank_layout, write_peft
 from adapterhub_cli.parallel import map_modules
-from adapterhub_cli.preflight import require_finite, require_valid
-from adapterhub_cli.writer import peft_key, provenance, rank_layout, write_peft
 
 
 Progress = Callable[[int, int], None]

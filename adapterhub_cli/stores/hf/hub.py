@@ -2,7 +2,7 @@
 
 A version is a git tag (``v1.3.0``) on the Hub repo and is never moved; a pull pins the commit a ref
 resolves to. Every function takes an injected ``huggingface_hub.HfApi`` (its endpoint and token) or builds
-the default one, and uses only public ``HfApi`` calls, through :mod:`adapterhub_cli.hub_client` (retries,
+the default one, and uses only public ``HfApi`` calls, through :mod:`adapterhub_cli.stores.hf.client` (retries,
 errors naming repo and revision). The token is passed to ``huggingface_hub`` and nowhere else: never
 printed, logged or carded.
 
@@ -20,10 +20,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub_cli.base_model import INDEX_FILE, SINGLE_FILE
+from adapterhub_cli.artifact.checkpoint import INDEX_FILE, SINGLE_FILE
+from adapterhub_cli.artifact.files import atomic_dir, read_json, sha256_file
+from adapterhub_cli.artifact.ref import AdapterRef, Version, in_range, version_range
 from adapterhub_cli.errors import CorruptFileError, HubError, HubNotFoundError, InvalidAdapterError
 from adapterhub_cli.formats.peft import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
-from adapterhub_cli.hub_client import (
+from adapterhub_cli.stores.hf.client import (
     CARD_NAME,
     WEIGHT_SUFFIXES,
     Client,
@@ -32,9 +34,7 @@ from adapterhub_cli.hub_client import (
     get_api,
     offline,
 )
-from adapterhub_cli.hub_push import PushResult, push
-from adapterhub_cli.io import atomic_dir, read_json, sha256_file
-from adapterhub_cli.ref import AdapterRef, Version, in_range, version_range
+from adapterhub_cli.stores.hf.push import PushResult, push
 
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ def resolve(ref: AdapterRef | str, *, api: HfApi | None = None, token: str | Non
 
     Raises:
         HubNotFoundError: no such repo, revision, or no version matching the range.
-        HubAuthError, HubError: see :func:`adapterhub_cli.hub_client.hub_error`.
+        HubAuthError, HubError: see :func:`adapterhub_cli.stores.hf.client.hub_error`.
     """
     ref = as_hub_ref(ref)
     assert ref.repo_id is not None

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adapterhub_cli.artifact import Adapter
-from adapterhub_cli.base_model import BaseView, open_base
+from adapterhub_cli.artifact.adapter import Adapter
+from adapterhub_cli.artifact.checkpoint import BaseView, open_base
+from adapterhub_cli.artifact.validate import Finding, _check_ranks, _check_weights, validate_against
 from adapterhub_cli.errors import IncompatibleBaseError, InvalidAdapterError
-from adapterhub_cli.validate import Finding, _check_ranks, _check_weights, validate_against
 
 
 def _summary(findings: list[Finding]) -> str:

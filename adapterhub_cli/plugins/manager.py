@@ -16,11 +16,11 @@ from typing import Any
 
 import pluggy
 
-from adapterhub_cli import hookspecs
 from adapterhub_cli.errors import PluginError
+from adapterhub_cli.plugins import hookspecs
 
 
-BUILTIN_PLUGINS = ("adapterhub_cli.builtin.formats", "adapterhub_cli.builtin.commands")
+BUILTIN_PLUGINS = ("adapterhub_cli.formats.builtin", "adapterhub_cli.cli.commands")
 ENTRY_POINT_GROUP = "adapterhub_cli"
 
 pm = pluggy.PluginManager("adapterhub_cli")

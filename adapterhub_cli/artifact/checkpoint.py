@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterhub_cli.artifact.files import read_json
+from adapterhub_cli.artifact.safetensors import TensorInfo, read_header
 from adapterhub_cli.errors import AdapterNotFoundError, CorruptFileError, InvalidAdapterError
-from adapterhub_cli.io import TensorInfo, read_header, read_json
 
 
 SINGLE_FILE = "model.safetensors"
@@ -116,21 +117,14 @@ class BaseView:
 def open_base(path: str | Path) -> BaseView:
     """Read a base checkpoint's config and tensor headers (single safetensors file or sharded).
 
-    A Hub ref (``org/name``, ``org/name@rev``, ``hf://...``) is read by HTTP range requests, never downloading
-    weights; its shards are fetched one at a time when a merge reads them (see :mod:`adapterhub_cli.hub_base`).
+    A local path only: store refs (the Hub, a local registry) are opened by :func:`adapterhub_cli.stores.open_base`,
+    which gives a view of the same kind.
 
     Raises:
         AdapterNotFoundError: the folder does not exist.
         InvalidAdapterError: the folder holds no safetensors weights.
         CorruptFileError: a shard or the index is malformed, or the index names a missing shard.
-        HubError: a Hub ref that cannot be read.
     """
-    from adapterhub_cli.ref import is_hub_ref
-
-    if is_hub_ref(path):
-        from adapterhub_cli.hub_base import open_remote_base
-
-        return open_remote_base(str(path))
     path = Path(path)
     if not path.exists():
         raise AdapterNotFoundError(path, "base model")

@@ -10,8 +10,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from adapterhub_cli.artifact import Adapter
-from adapterhub_cli.writer import read_provenance
+from adapterhub_cli.artifact.adapter import Adapter
+from adapterhub_cli.artifact.provenance import read_provenance
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub_cli.artifact import Adapter
-from adapterhub_cli.base_model import BaseView, open_base
-from adapterhub_cli.direct_io import StagedFile
+from adapterhub_cli.artifact.adapter import Adapter
+from adapterhub_cli.artifact.checkpoint import BaseView, open_base
+from adapterhub_cli.artifact.files import atomic_dir
+from adapterhub_cli.artifact.preflight import require_valid
+from adapterhub_cli.artifact.safetensors import DTYPE_BITS, TensorInfo, read_tensor
 from adapterhub_cli.errors import UsageError
-from adapterhub_cli.io import DTYPE_BITS, TensorInfo, atomic_dir, read_tensor
+from adapterhub_cli.merge.direct_io import StagedFile
+from adapterhub_cli.merge.staging import BufferPool
 from adapterhub_cli.parallel import single_threaded_torch
-from adapterhub_cli.preflight import require_valid
-from adapterhub_cli.staging import BufferPool
 
 
 if TYPE_CHECKING:
@@ -534,7 +535,7 @@ def run_merge(
     """
     import torch  # imported before the clock starts: torch's start-up (1.5-4 s) is not the merge
 
-    from adapterhub_cli import bnb
+    from adapterhub_cli.merge import bnb
 
     started = time.perf_counter()
     check_device(device)

@@ -55,9 +55,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub_cli.base_model import BaseView
+from adapterhub_cli.artifact.checkpoint import BaseView
+from adapterhub_cli.artifact.safetensors import TensorInfo
 from adapterhub_cli.errors import CorruptFileError, InvalidAdapterError, UsageError
-from adapterhub_cli.io import TensorInfo
 
 
 if TYPE_CHECKING:

@@ -10,12 +10,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub_cli.base_model import INDEX_FILE, SINGLE_FILE
+from adapterhub_cli.artifact.checkpoint import INDEX_FILE, SINGLE_FILE
+from adapterhub_cli.artifact.files import sha256_file
+from adapterhub_cli.artifact.ref import AdapterRef, Version, require_version
 from adapterhub_cli.errors import HubError, InvalidAdapterError, UsageError, VersionConflictError
 from adapterhub_cli.formats.peft import CONFIG_NAME, WEIGHTS_NAME
-from adapterhub_cli.hub_client import CARD_NAME, WEIGHT_SUFFIXES, Client, as_hub_ref, connect
-from adapterhub_cli.io import sha256_file
-from adapterhub_cli.ref import AdapterRef, Version, require_version
+from adapterhub_cli.stores.hf.client import CARD_NAME, WEIGHT_SUFFIXES, Client, as_hub_ref, connect
 
 
 if TYPE_CHECKING:
@@ -80,9 +80,9 @@ def _hub_id(name: object) -> str | None:
 
 def _validate_for_push(folder: Path, kind: str, client: Client) -> tuple[Any, dict[str, Any], str | None, list[str]]:
     """Refuse a broken artifact: (adapter or None, model config, what it was validated against, warnings)."""
-    from adapterhub_cli.base_model import open_base
+    from adapterhub_cli.artifact.checkpoint import open_base
+    from adapterhub_cli.artifact.preflight import require_valid
     from adapterhub_cli.formats import get_format
-    from adapterhub_cli.preflight import require_valid
 
     if kind == "merge":
         view = open_base(folder)  # checks every shard header and the index
@@ -94,7 +94,7 @@ def _validate_for_push(folder: Path, kind: str, client: Client) -> tuple[Any, di
     if declared and Path(declared).exists():
         base = open_base(declared)
     elif (repo := _hub_id(declared)) is not None:
-        from adapterhub_cli.hub_base import open_remote_base
+        from adapterhub_cli.stores.hf.remote import open_remote_base
 
         try:
             base = open_remote_base(
@@ -154,7 +154,7 @@ def push(
     Raises:
         VersionConflictError, InvalidAdapterError, IncompatibleBaseError, HubAuthError, HubError.
     """
-    from adapterhub_cli.card import hub_card
+    from adapterhub_cli.stores.hf.card import hub_card
 
     folder = Path(source)
     target = as_hub_ref(repo_id)

@@ -9,7 +9,7 @@ from adapterhub_cli.formats.diffusers import DiffusersFormat
 from adapterhub_cli.formats.kohya import KohyaFormat
 from adapterhub_cli.formats.lycoris import LycorisFormat
 from adapterhub_cli.formats.peft import PeftFormat
-from adapterhub_cli.hookspecs import hookimpl
+from adapterhub_cli.plugins.hookspecs import hookimpl
 
 
 @hookimpl

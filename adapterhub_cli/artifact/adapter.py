@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapterhub_cli.config import AdapterConfig
+from adapterhub_cli.artifact.config import AdapterConfig
+from adapterhub_cli.artifact.provenance import Provenance
+from adapterhub_cli.artifact.safetensors import SafetensorsHeader, TensorInfo, load_safetensors
 from adapterhub_cli.errors import InvalidAdapterError
-from adapterhub_cli.io import SafetensorsHeader, TensorInfo, load_safetensors
 
 
 if TYPE_CHECKING:
@@ -48,16 +49,6 @@ class LoraModule:
     @property
     def numel(self) -> int:
         return self.A.numel + self.B.numel + (self.magnitude.numel if self.magnitude else 0)
-
-
-@dataclass
-class Provenance:
-    """Where an adapter came from and what produced it."""
-
-    source: str
-    sha256: str | None = None
-    operation: str | None = None
-    inputs: list[dict[str, str]] = field(default_factory=list)
 
 
 class TensorSource:

@@ -7,38 +7,15 @@ import re
 from typing import Any
 
 
-def model_card(config: dict[str, Any], provenance: dict[str, Any]) -> str:
-    """README.md text: YAML front matter the Hub reads, then what produced the adapter and from what."""
-    base = config.get("base_model_name_or_path")
-    front = ["---", "library_name: peft"]
-    if base:
-        front.append(f"base_model: {json.dumps(str(base))}")
-    front += ["tags:", "- lora", "- adapterhub-cli", "---", ""]
-    op = provenance.get("operation", "?")
-    lines = [f"# LoRA adapter ({op})", "", f"Written by {provenance.get('tool', 'adapterhub-cli')}.", ""]
-    lines += ["## Lineage", "", f"Operation: `{op}`", ""]
-    params = provenance.get("parameters") or {}
-    if params:
-        lines += ["Parameters:", ""] + [f"- `{k}`: `{json.dumps(v)}`" for k, v in params.items()] + [""]
-    inputs = provenance.get("inputs") or []
-    if inputs:
-        lines += ["Inputs:", "", "| input | sha256 |", "| --- | --- |"]
-        lines += [f"| `{i.get('source')}` | `{i.get('sha256') or '-'}` |" for i in inputs] + [""]
-    targets = config.get("target_modules")
-    lines += [
-        "## Configuration",
-        "",
-        f"- r: {config.get('r')}, lora_alpha: {config.get('lora_alpha')}, rsLoRA: {bool(config.get('use_rslora'))}",
-        f"- target_modules: {targets if isinstance(targets, str) else ', '.join(targets or [])}",
-        f"- rank_pattern: {len(config.get('rank_pattern') or {})} entries",
-        "",
-    ]
-    return "\n".join(front + lines)
-
-
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
 CARD_START = "<!-- adapterhub-cli:card:start -->"
+
+
 CARD_END = "<!-- adapterhub-cli:card:end -->"
+
+
 _CARD_TAGS = ["lora", "peft", "adapterhub-cli"]
 
 
@@ -99,7 +76,7 @@ def _hub_section(
     version: str,
     sha256: dict[str, str],
 ) -> str:
-    from adapterhub_cli.writer import read_provenance
+    from adapterhub_cli.artifact.provenance import read_provenance
 
     tag = f"v{version}"
     what = "LoRA adapter" if relation == "adapter" else "model merged with LoRA adapters"

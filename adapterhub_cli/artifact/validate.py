@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from adapterhub_cli.artifact import Adapter, LoraModule
-from adapterhub_cli.base_model import BaseView
-from adapterhub_cli.io import TensorInfo
+from adapterhub_cli.artifact.adapter import Adapter, LoraModule
+from adapterhub_cli.artifact.checkpoint import BaseView
+from adapterhub_cli.artifact.safetensors import TensorInfo
 
 
 Severity = Literal["error", "warning", "info"]

@@ -13,9 +13,9 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from adapterhub_cli.artifact import TensorSource
+from adapterhub_cli.artifact.adapter import TensorSource
+from adapterhub_cli.artifact.safetensors import SafetensorsHeader, TensorInfo, load_safetensors
 from adapterhub_cli.errors import CorruptFileError
-from adapterhub_cli.io import SafetensorsHeader, TensorInfo, load_safetensors
 
 
 if TYPE_CHECKING:

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from adapterhub_cli.artifact.ref import AdapterRef
 from adapterhub_cli.errors import HubAuthError, HubError, HubNotFoundError, UsageError
-from adapterhub_cli.ref import AdapterRef
 
 
 if TYPE_CHECKING:

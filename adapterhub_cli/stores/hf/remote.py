@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub_cli import hub
-from adapterhub_cli.artifact import Adapter, Provenance, TensorSource
-from adapterhub_cli.base_model import INDEX_FILE, SINGLE_FILE, BaseView, open_base
+from adapterhub_cli.artifact.adapter import Adapter, TensorSource
+from adapterhub_cli.artifact.checkpoint import INDEX_FILE, SINGLE_FILE, BaseView, open_base
+from adapterhub_cli.artifact.files import read_json
+from adapterhub_cli.artifact.provenance import Provenance
+from adapterhub_cli.artifact.ref import AdapterRef
+from adapterhub_cli.artifact.safetensors import SafetensorsHeader, TensorInfo
 from adapterhub_cli.errors import CorruptFileError, HubNotFoundError, InvalidAdapterError
 from adapterhub_cli.formats.peft import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, PeftFormat, assemble_adapter
-from adapterhub_cli.hub_client import hub_error, retrying
-from adapterhub_cli.io import SafetensorsHeader, TensorInfo, read_json
-from adapterhub_cli.ref import AdapterRef
+from adapterhub_cli.stores.hf import hub
+from adapterhub_cli.stores.hf.client import hub_error, retrying
 
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapterhub_cli.hookspecs import hookimpl
+from adapterhub_cli.plugins.hookspecs import hookimpl
 
 
 @hookimpl

@@ -1,1 +1,0 @@
-"""The plugins that ship with adapterhub_cli, registered through the same hooks third-party plugins use."""
