@@ -5,7 +5,7 @@ A local folder holds ``model.safetensors`` or shards listed in ``model.safetenso
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,99 @@ from adapterhub_cli.artifact.safetensors import TensorInfo, read_header
 from adapterhub_cli.errors import AdapterNotFoundError, CorruptFileError, InvalidAdapterError
 
 
-SINGLE_FILE = "model.safetensors"
+# THE checkpoint layout table. Merge, push, pull, validate, the kohya base maps and remote bases all ask here.
+
 #: file-name stems of checkpoints: transformers' ``model.safetensors`` and diffusers' components
 WEIGHT_STEMS = ("model", "diffusion_pytorch_model")
+SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
+#: suffixes of weight files in any framework's format: never side files
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+#: names in a Hub repo that belong to the repo, not to the checkpoint
+REPO_FILES = frozenset({".gitattributes", CARD_FILE})
+
+
+def single_file(stem: str) -> str:
+    """``model`` -> ``model.safetensors``."""
+    return f"{stem}.safetensors"
+
+
+def index_file(stem: str) -> str:
+    """``model`` -> ``model.safetensors.index.json``."""
+    return f"{stem}.safetensors.index.json"
+
+
+def shard_file(stem: str, i: int, n: int) -> str:
+    """transformers' shard names: ``model-00001-of-00003.safetensors`` (``i`` counts from 1)."""
+    return f"{stem}-{i:05d}-of-{n:05d}.safetensors"
+
+
+def is_index_file(name: str) -> bool:
+    return name.endswith(".safetensors.index.json")
+
+
+def is_weight_file(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES)
+
+
+def is_side_file(name: str) -> bool:
+    """A file that goes with a checkpoint besides its weights (config, tokenizer, generation config, scheduler...):
+    top-level, not hidden, not weights, not a weight index."""
+    return "/" not in name and not name.startswith(".") and not is_index_file(name) and not is_weight_file(name)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a checkpoint's weights are stored: ``<stem>.safetensors``, or shards listed in ``<stem>...index.json``."""
+
+    stem: str
+    sharded: bool
+
+    @property
+    def index(self) -> str:
+        return index_file(self.stem)
+
+    @property
+    def single(self) -> str:
+        return single_file(self.stem)
+
+
+def find_layout(names: Collection[str]) -> Layout | None:
+    """The checkpoint layout among a folder's (or a repo's) top-level file names, or None: no safetensors weights.
+
+    An index wins over a single file of the same stem; transformers' stem wins over diffusers'.
+    """
+    for stem in WEIGHT_STEMS:
+        if index_file(stem) in names:
+            return Layout(stem, sharded=True)
+        if single_file(stem) in names:
+            return Layout(stem, sharded=False)
+    return None
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """An index's ``weight_map`` (tensor key -> shard file name), checked: every key and shard a string, every
+    shard a plain file name (no folder, no ``..``), so a path built from it stays in the checkpoint's folder.
+
+    Raises:
+        CorruptFileError: the index is not JSON, has no ``weight_map`` or names a shard outside the folder.
+    """
+    doc = read_json(path, path.name)
+    weight_map = doc.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CorruptFileError("index has no weight_map", path=path)
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not isinstance(key, str):
+            raise CorruptFileError(f"index entry {key!r}: {shard!r} is not a shard file name", path=path)
+        if not shard or shard in (".", "..") or "/" in shard or "\\" in shard or "\0" in shard:
+            raise CorruptFileError(
+                f"index entry {key!r} names {shard!r}, which is not a plain file name in the checkpoint folder",
+                path=path,
+                hint="the index is damaged or crafted: shards must sit beside the index",
+            )
+    return weight_map
 
 
 @dataclass
@@ -137,42 +226,39 @@ def open_base(path: str | Path) -> BaseView:
             shard_of=dict.fromkeys(header.tensors, path),
             weights_stem=path.stem if path.stem in WEIGHT_STEMS else "model",
         )
-    for stem in WEIGHT_STEMS:
-        index = path / f"{stem}.safetensors.index.json"
-        if index.is_file():
-            doc = read_json(index, index.name)
-            weight_map = doc.get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CorruptFileError("index has no weight_map", path=index)
-            tensors: dict[str, TensorInfo] = {}
-            shard_of: dict[str, Path] = {}
-            for shard_name in sorted(set(weight_map.values())):
-                shard = path / shard_name
-                if not shard.is_file():
-                    raise CorruptFileError(
-                        f"the index names {shard_name}, which is missing",
-                        path=index,
-                        hint="the checkpoint is incomplete: download or copy it again",
-                    )
-                for key, info in read_header(shard).tensors.items():
-                    tensors[key] = info
-                    shard_of[key] = shard
-            missing = [k for k in weight_map if k not in tensors]
-            if missing:
+    layout = find_layout({p.name for p in path.iterdir() if p.is_file()}) if path.is_dir() else None
+    if layout is not None and layout.sharded:
+        index = path / layout.index
+        weight_map = read_index(index)
+        tensors: dict[str, TensorInfo] = {}
+        shard_of: dict[str, Path] = {}
+        for shard_name in sorted(set(weight_map.values())):
+            shard = path / shard_name
+            if not shard.is_file():
                 raise CorruptFileError(
-                    f"{len(missing)} tensors in the index are in no shard, e.g. {missing[0]!r}", path=index
+                    f"the index names {shard_name}, which is missing",
+                    path=index,
+                    hint="the checkpoint is incomplete: download or copy it again",
                 )
-            return BaseView(path=path, config=_config(path), tensors=tensors, shard_of=shard_of, weights_stem=stem)
-        single = path / f"{stem}.safetensors"
-        if single.is_file():
-            header = read_header(single)
-            return BaseView(
-                path=path,
-                config=_config(path),
-                tensors=dict(header.tensors),
-                shard_of=dict.fromkeys(header.tensors, single),
-                weights_stem=stem,
+            for key, info in read_header(shard).tensors.items():
+                tensors[key] = info
+                shard_of[key] = shard
+        missing = [k for k in weight_map if k not in tensors]
+        if missing:
+            raise CorruptFileError(
+                f"{len(missing)} tensors in the index are in no shard, e.g. {missing[0]!r}", path=index
             )
+        return BaseView(path=path, config=_config(path), tensors=tensors, shard_of=shard_of, weights_stem=layout.stem)
+    if layout is not None:
+        single = path / layout.single
+        header = read_header(single)
+        return BaseView(
+            path=path,
+            config=_config(path),
+            tensors=dict(header.tensors),
+            shard_of=dict.fromkeys(header.tensors, single),
+            weights_stem=layout.stem,
+        )
     raise InvalidAdapterError(
         f"no {SINGLE_FILE} or {INDEX_FILE} here",
         path=path,
@@ -181,5 +267,5 @@ def open_base(path: str | Path) -> BaseView:
 
 
 def _config(folder: Path) -> dict[str, Any]:
-    cfg = folder / "config.json"
-    return read_json(cfg, "config.json") if cfg.is_file() else {}
+    cfg = folder / CONFIG_FILE
+    return read_json(cfg, CONFIG_FILE) if cfg.is_file() else {}

@@ -1,4 +1,4 @@
-"""File access: safetensors headers (read and checked without torch), JSON, hashing, safe pickles, atomic output.
+"""Safetensors: THE dtype table, header reading and checking (without torch), tensor reads, the writer.
 
 Reading a safetensors header is pure Python: 8 bytes of little-endian header length, then that many
 bytes of JSON mapping tensor names to ``{"dtype", "shape", "data_offsets"}``. We check every entry
@@ -23,33 +23,92 @@ from adapterhub_cli.errors import AdapterNotFoundError, CorruptFileError
 if TYPE_CHECKING:
     import torch
 
-#: Bits per element of each safetensors dtype.
 
-#: Bits per element of each safetensors dtype.
-DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8,
-    "U8": 8,
-    "I8": 8,
-    "F8_E4M3": 8,
-    "F8_E5M2": 8,
-    "F8_E8M0": 8,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "I64": 64,
-    "U64": 64,
-    "F64": 64,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
+@dataclass(frozen=True)
+class DType:
+    """One safetensors dtype: its name in headers, bits per element, torch's name (None: torch has no such
+    dtype here) and the short name used by ``--dtype`` options (None: not offered there)."""
+
+    name: str
+    bits: int
+    torch_name: str | None
+    is_float: bool
+    option: str | None = None
+
+
+#: THE dtype table: every dtype a safetensors header may name. Every other table is derived from it.
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in (
+        DType("BOOL", 8, "bool", False),
+        DType("U8", 8, "uint8", False),
+        DType("I8", 8, "int8", False),
+        DType("F8_E4M3", 8, "float8_e4m3fn", True),
+        DType("F8_E5M2", 8, "float8_e5m2", True),
+        DType("F8_E8M0", 8, None, True),
+        DType("I16", 16, "int16", False),
+        DType("U16", 16, None, False),
+        DType("F16", 16, "float16", True, "fp16"),
+        DType("BF16", 16, "bfloat16", True, "bf16"),
+        DType("I32", 32, "int32", False),
+        DType("U32", 32, None, False),
+        DType("F32", 32, "float32", True, "fp32"),
+        DType("I64", 64, "int64", False),
+        DType("U64", 64, None, False),
+        DType("F64", 64, "float64", True),
+        DType("F4", 4, None, True),
+        DType("F6_E2M3", 6, None, True),
+        DType("F6_E3M2", 6, None, True),
+    )
 }
+#: Bits per element of each safetensors dtype.
+DTYPE_BITS: dict[str, int] = {d.name: d.bits for d in DTYPES.values()}
+FLOAT_DTYPES = frozenset(d.name for d in DTYPES.values() if d.is_float)
+#: The floating dtypes torch computes in (merges, SVDs): the others are storage formats.
+COMPUTE_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+#: ``--dtype`` option values -> safetensors names: ``{"bf16": "BF16", "fp16": "F16", "fp32": "F32"}``.
+DTYPE_OPTIONS: dict[str, str] = {d.option: d.name for d in DTYPES.values() if d.option}
+_BY_TORCH_NAME: dict[str, str] = {d.torch_name: d.name for d in DTYPES.values() if d.torch_name}
 
 
-FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"}
+def dtype_name(dtype: object) -> str:
+    """The safetensors name of a dtype given as a torch dtype, ``"torch.bfloat16"``, ``"bfloat16"``, ``"bf16"``
+    or ``"BF16"``.
+
+    Raises:
+        ValueError: no safetensors dtype matches.
+    """
+    text = str(dtype).removeprefix("torch.")
+    if text in DTYPES:
+        return text
+    name = _BY_TORCH_NAME.get(text) or DTYPE_OPTIONS.get(text)
+    if name is None:
+        raise ValueError(f"dtype {dtype} has no safetensors name")
+    return name
+
+
+def torch_name(name: str) -> str:
+    """torch's name of a safetensors dtype (``"BF16"`` -> ``"bfloat16"``).
+
+    Raises:
+        ValueError: torch has no such dtype.
+    """
+    torch_name = DTYPES[name].torch_name if name in DTYPES else None
+    if torch_name is None:
+        raise ValueError(f"safetensors dtype {name!r} has no torch dtype")
+    return torch_name
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (``"BF16"`` -> ``torch.bfloat16``); imports torch.
+
+    Raises:
+        ValueError: torch has no such dtype.
+    """
+    import torch
+
+    dtype: torch.dtype = getattr(torch, torch_name(name))
+    return dtype
 
 
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
@@ -85,37 +144,40 @@ class SafetensorsHeader:
     file_size: int = 0
 
 
-def read_header(path: str | Path) -> SafetensorsHeader:
-    """Read and check the header of a safetensors file without loading any tensor.
+def header_length(prefix: bytes, *, file_size: int | None, path: Path) -> int:
+    """The JSON header's length from a safetensors file's first 8 bytes, checked against the file size (when
+    known) and the 100 MB limit; the tensor data starts at ``8 + header_length``.
 
     Raises:
-        AdapterNotFoundError: the file does not exist.
-        CorruptFileError: truncated file, header length past the end, header not JSON, unknown dtype,
-            a byte range that disagrees with dtype x shape, out of range or overlapping another tensor.
+        CorruptFileError: fewer than 8 bytes, or a length past the end of the file or over the limit.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise AdapterNotFoundError(path, "safetensors file")
-    file_size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CorruptFileError(
-                f"truncated safetensors file ({file_size} bytes, no header)",
-                path=path,
-                hint="the file is incomplete: download or copy it again",
-            )
-        (n,) = struct.unpack("<Q", head)
-        if n > file_size - 8:
-            raise CorruptFileError(
-                f"header length {n} is larger than the file ({file_size} bytes): the file is truncated or not "
-                "safetensors",
-                path=path,
-                hint="the file is incomplete: download or copy it again",
-            )
-        if n > _MAX_HEADER:
-            raise CorruptFileError(f"header length {n} exceeds the 100 MB limit", path=path)
-        raw = f.read(n)
+    if len(prefix) < 8:
+        raise CorruptFileError(
+            f"truncated safetensors file ({len(prefix)} bytes, no header)",
+            path=path,
+            hint="the file is incomplete: download or copy it again",
+        )
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if file_size is not None and n > file_size - 8:
+        raise CorruptFileError(
+            f"header length {n} is larger than the file ({file_size} bytes): the file is truncated or not safetensors",
+            path=path,
+            hint="the file is incomplete: download or copy it again",
+        )
+    if n > _MAX_HEADER:
+        raise CorruptFileError(f"header length {n} exceeds the 100 MB limit", path=path)
+    return int(n)
+
+
+def parse_header(raw: bytes, *, path: Path, file_size: int) -> SafetensorsHeader:
+    """Check and parse a safetensors header's JSON (``raw``: the ``header_length`` bytes after the first 8) of a
+    file of ``file_size`` bytes: dtypes, shapes, byte ranges within the data, no overlaps.
+
+    Raises:
+        CorruptFileError: header not JSON, unknown dtype, a byte range that disagrees with dtype x shape, out of
+            range or overlapping another tensor, metadata that is not strings.
+    """
+    n = len(raw)
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -129,6 +191,23 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     tensors = {name: _parse_entry(path, name, entry, data_size) for name, entry in doc.items()}
     _check_no_overlap(path, tensors)
     return SafetensorsHeader(path=path, tensors=tensors, metadata=dict(metadata), header_size=n, file_size=file_size)
+
+
+def read_header(path: str | Path) -> SafetensorsHeader:
+    """Read and check the header of a safetensors file without loading any tensor.
+
+    Raises:
+        AdapterNotFoundError: the file does not exist.
+        CorruptFileError: see :func:`header_length` and :func:`parse_header`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterNotFoundError(path, "safetensors file")
+    file_size = path.stat().st_size
+    with path.open("rb") as f:
+        n = header_length(f.read(8), file_size=file_size, path=path)
+        raw = f.read(n)
+    return parse_header(raw, path=path, file_size=file_size)
 
 
 def _parse_entry(path: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
@@ -211,13 +290,12 @@ def read_tensor(
     """
     import torch
 
-    if not _ST_TO_TORCH:
-        _init_st_to_torch()
-    dtype = _ST_TO_TORCH.get(info.dtype)
-    if dtype is None:
+    try:
+        dtype = torch_dtype(info.dtype)
+    except ValueError:
         raise CorruptFileError(
             f"tensor {info.name!r}: dtype {info.dtype} cannot be loaded", path=path, module=info.name
-        )
+        ) from None
     # a torch allocation is 64-byte aligned (a bytearray is not, and unaligned tensors compute ~2x slower)
     if into is not None:
         if into.dtype != torch.uint8 or into.numel() < info.nbytes:
@@ -234,32 +312,6 @@ def read_tensor(
             raise CorruptFileError(f"tensor {info.name!r}: the file ends early", path=path, module=info.name)
         view, offset = view[n:], offset + n
     return buf.view(dtype).reshape(info.shape)
-
-
-_TORCH_TO_ST = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-}
-
-
-_ST_TO_TORCH: dict[str, Any] = {}
-
-
-def _init_st_to_torch() -> None:
-    import torch
-
-    for torch_name, st in _TORCH_TO_ST.items():
-        _ST_TO_TORCH[st] = getattr(torch, torch_name)
 
 
 def save_safetensors(
@@ -279,9 +331,10 @@ def save_safetensors(
     names = sorted(tensors)
     for name in names:
         t = tensors[name]
-        dtype = _TORCH_TO_ST.get(str(t.dtype).removeprefix("torch."))
-        if dtype is None:
-            raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
+        try:
+            dtype = dtype_name(t.dtype)
+        except ValueError:
+            raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors") from None
         nbytes = t.numel() * t.element_size()
         header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
