@@ -43,4 +43,11 @@ def adapters_register_commands(cli: Any) -> None:
 
 @hookspec
 def adapters_register_stores(register: Callable[..., None]) -> None:
-    """Register adapter stores (where adapters are pushed and pulled): ``register(scheme, factory)``."""
+    """Register adapter stores (where adapters and bases are published and read by ref): ``register(store)``.
+
+    ``store`` is an instance of :class:`adapterhub_cli.stores.base.Store`: its ``name`` is also the scheme of
+    its refs (``name://...``), ``handles(ref)`` says which refs it takes, and it implements ``resolve``,
+    ``versions``, ``read_range``, ``fetch`` and ``publish``; opening adapters and bases, push and pull come
+    from the base class. Every command and API function that takes an adapter or a base ref then accepts the
+    store's refs. The built-in stores (the Hugging Face Hub, the local ``file://`` registry) register here too.
+    """
