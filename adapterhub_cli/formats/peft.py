@@ -18,7 +18,13 @@ from adapterhub_cli.artifact.card import model_card
 from adapterhub_cli.artifact.config import AdapterConfig
 from adapterhub_cli.artifact.files import atomic_dir, load_pickle_safely, read_json
 from adapterhub_cli.artifact.provenance import PROVENANCE_KEY, Provenance
-from adapterhub_cli.artifact.safetensors import SafetensorsHeader, TensorInfo, read_header, save_safetensors
+from adapterhub_cli.artifact.safetensors import (
+    SafetensorsHeader,
+    TensorInfo,
+    dtype_name,
+    read_header,
+    save_safetensors,
+)
 from adapterhub_cli.errors import AdapterNotFoundError, InvalidAdapterError
 
 
@@ -155,11 +161,10 @@ def assemble_adapter(
 
 
 def _infos_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, TensorInfo]:
-    names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int8": "I8", "uint8": "U8"}
     return {
         k: TensorInfo(
             name=k,
-            dtype=names.get(str(v.dtype).removeprefix("torch."), str(v.dtype)),
+            dtype=dtype_name(v.dtype),
             shape=tuple(v.shape),
             start=0,
             end=v.numel() * v.element_size(),

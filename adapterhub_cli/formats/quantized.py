@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.adapter import TensorSource
-from adapterhub_cli.artifact.safetensors import SafetensorsHeader, TensorInfo, load_safetensors
+from adapterhub_cli.artifact.safetensors import (
+    COMPUTE_DTYPES,
+    SafetensorsHeader,
+    TensorInfo,
+    load_safetensors,
+    torch_dtype,
+)
 from adapterhub_cli.errors import CorruptFileError
 
 
@@ -89,13 +96,17 @@ class QuantizedTensorSource(TensorSource):
                 data=raw[k],
                 scale=raw.get(k + SCALE_SUFFIX),
                 shape=tuple(meta["shape"]),
-                dtype=_torch_dtype(str(meta["dtype"])),
+                dtype=torch_dtype(_float_dtype(meta["dtype"], self.header.path, k)),
             )
             out[k] = dequantize(packed, block_size=q.block_size, scheme=q.scheme)
         return out
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[name]
+def _float_dtype(name: object, path: Path, key: str) -> str:
+    if name not in COMPUTE_DTYPES:
+        raise CorruptFileError(
+            f"quantization metadata of {key!r} names dtype {name!r}; expected one of {sorted(COMPUTE_DTYPES)}",
+            path=path,
+            module=key,
+        )
+    return str(name)

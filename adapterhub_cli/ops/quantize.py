@@ -11,6 +11,7 @@ from typing import Any
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.preflight import require_valid
 from adapterhub_cli.artifact.provenance import provenance
+from adapterhub_cli.artifact.safetensors import dtype_name
 from adapterhub_cli.errors import UsageError
 from adapterhub_cli.formats.peft import write_peft
 from adapterhub_cli.formats.quantized import QUANT_KEY, SCALE_SUFFIX
@@ -133,9 +134,7 @@ def dequantize_adapter(adapter: Adapter, out: str | Path, *, overwrite: bool = F
 
 
 def _st_dtype(t: Any) -> str:
-    return {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float64": "F64"}[
-        str(t.dtype)
-    ]
+    return dtype_name(t.dtype)
 
 
 def _require_bitsandbytes() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.preflight import require_finite, require_valid
 from adapterhub_cli.artifact.provenance import provenance
+from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, torch_dtype
 from adapterhub_cli.errors import UsageError
 from adapterhub_cli.formats.peft import peft_key, rank_layout, write_peft
 from adapterhub_cli.parallel import map_modules
@@ -138,8 +139,5 @@ def reduce_adapter(
 
 
 def _torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}.get(
-        name, torch.float32
-    )
+    """The factors' storage dtype, float32 for anything torch does not compute in."""
+    return torch_dtype(name if name in COMPUTE_DTYPES else "F32")
