@@ -31,32 +31,73 @@ def input_record(adapter: Adapter) -> dict[str, str | None]:
     return {"source": str(adapter.path), "sha256": sha256_file(f) if f is not None else None}
 
 
-def provenance(operation: str, parameters: dict[str, Any], inputs: list[Adapter]) -> dict[str, Any]:
-    return {
-        "tool": tool_version(),
-        "operation": operation,
-        "parameters": parameters,
-        "inputs": [input_record(a) for a in inputs],
-    }
-
-
-def read_provenance(adapter: Adapter) -> dict[str, Any] | None:
-    """The provenance an adapter written by this tool carries, or None."""
-    raw = adapter.metadata.get(PROVENANCE_KEY)
-    if raw is None:
-        return None
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError:
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
 @dataclass
 class Provenance:
-    """Where an adapter came from and what produced it."""
+    """THE provenance model: where an artifact came from and what produced it.
+
+    ``source`` and ``sha256`` say where this copy was read from (a folder, ``hf://org/name@<commit>``) and the
+    digest of its tensors; ``tool``, ``operation``, ``parameters`` and ``inputs`` are what the writer recorded
+    (empty for an adapter this tool did not write). :meth:`record` is the JSON stored in the safetensors metadata
+    under :data:`PROVENANCE_KEY`; :meth:`from_metadata` reads it back.
+    """
 
     source: str
     sha256: str | None = None
     operation: str | None = None
-    inputs: list[dict[str, str]] = field(default_factory=list)
+    inputs: list[dict[str, str | None]] = field(default_factory=list)
+    tool: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of_output(
+        cls, operation: str, parameters: dict[str, Any], inputs: list[Adapter], *, source: str = ""
+    ) -> Provenance:
+        """The provenance of an output this tool is about to write, with each input's source and sha256."""
+        return cls(
+            source=source,
+            tool=tool_version(),
+            operation=operation,
+            parameters=dict(parameters),
+            inputs=[input_record(a) for a in inputs],
+        )
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str], *, source: str) -> Provenance:
+        """The provenance a file's safetensors metadata records (nothing recorded, or unreadable: only ``source``)."""
+        doc = _recorded(metadata)
+        if doc is None:
+            return cls(source=source)
+        inputs = doc.get("inputs")
+        params = doc.get("parameters")
+        return cls(
+            source=source,
+            tool=str(doc["tool"]) if isinstance(doc.get("tool"), str) else None,
+            operation=str(doc["operation"]) if isinstance(doc.get("operation"), str) else None,
+            parameters=params if isinstance(params, dict) else {},
+            inputs=[i for i in inputs if isinstance(i, dict)] if isinstance(inputs, list) else [],
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The JSON object writers store: ``{"tool", "operation", "parameters", "inputs"}``."""
+        return {"tool": self.tool, "operation": self.operation, "parameters": self.parameters, "inputs": self.inputs}
+
+
+def provenance(operation: str, parameters: dict[str, Any], inputs: list[Adapter]) -> dict[str, Any]:
+    """The JSON record of :meth:`Provenance.of_output`, for writers that take the record."""
+    return Provenance.of_output(operation, parameters, inputs).record()
+
+
+def _recorded(metadata: dict[str, str]) -> dict[str, Any] | None:
+    raw = metadata.get(PROVENANCE_KEY)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def read_provenance(adapter: Adapter) -> dict[str, Any] | None:
+    """The provenance record an adapter written by this tool carries (as stored), or None."""
+    return _recorded(adapter.metadata)

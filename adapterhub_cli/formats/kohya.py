@@ -32,8 +32,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.adapter import Adapter, TensorSource
+from adapterhub_cli.artifact.checkpoint import CONFIG_FILE, find_layout, open_base
 from adapterhub_cli.artifact.files import read_json
-from adapterhub_cli.artifact.safetensors import SafetensorsHeader, TensorInfo, load_safetensors, read_header
+from adapterhub_cli.artifact.safetensors import (
+    SafetensorsHeader,
+    TensorInfo,
+    dtype_name,
+    load_safetensors,
+    read_header,
+    torch_dtype,
+)
 from adapterhub_cli.errors import InvalidAdapterError, UsageError
 from adapterhub_cli.formats.lycoris import detect_lycoris, refuse_lycoris
 
@@ -67,8 +75,6 @@ SINGLE_FILE_PREFIXES: dict[str, tuple[str, ...]] = {
     "cond_stage_model.transformer.": ("lora_te",),
     "conditioner.embedders.0.transformer.": ("lora_te1",),
 }
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
-_INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 _HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
 
 
@@ -197,26 +203,17 @@ def sgm_name(module: str, layers_per_block: int, up_attn: set[int]) -> str | Non
 
 
 def _layers_per_block(folder: Path) -> int | None:
-    cfg = folder / "config.json"
+    cfg = folder / CONFIG_FILE
     if not cfg.is_file():
         return None
-    lpb = read_json(cfg, "config.json").get("layers_per_block")
+    lpb = read_json(cfg, CONFIG_FILE).get("layers_per_block")
     return lpb if isinstance(lpb, int) and not isinstance(lpb, bool) else None
 
 
 def _folder_tensors(folder: Path) -> dict[str, TensorInfo] | None:
-    for index_name in _INDEX_FILES:
-        index = folder / index_name
-        if index.is_file():
-            weight_map = read_json(index, index_name).get("weight_map") or {}
-            tensors: dict[str, TensorInfo] = {}
-            for shard in sorted(set(weight_map.values())):
-                tensors.update(read_header(folder / shard).tensors)
-            return tensors
-    for name in _WEIGHT_FILES:
-        if (folder / name).is_file():
-            return dict(read_header(folder / name).tensors)
-    return None
+    if not folder.is_dir() or find_layout({p.name for p in folder.iterdir()}) is None:
+        return None
+    return open_base(folder).tensors
 
 
 def build_name_map(base: str | Path) -> NameMap:
@@ -790,9 +787,9 @@ def write_kohya(
             tensors[f"{name}.lora_up.weight"] = b
             spec = stash["alphas"].get(module)
             if spec is not None:
-                tensors[f"{name}.alpha"] = torch.tensor(spec["value"], dtype=getattr(torch, spec["dtype"])).reshape(
-                    spec["shape"]
-                )
+                tensors[f"{name}.alpha"] = torch.tensor(
+                    spec["value"], dtype=torch_dtype(dtype_name(spec["dtype"]))
+                ).reshape(spec["shape"])
     else:
         sdxl = any(m.startswith("text_encoder_2.") for m in raw)
         names = {m: kohya_name(m, sdxl=sdxl) for m in raw}

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.adapter import Adapter, LoraModule, TensorSource
 from adapterhub_cli.artifact.card import model_card
+from adapterhub_cli.artifact.checkpoint import CARD_FILE
 from adapterhub_cli.artifact.config import AdapterConfig
 from adapterhub_cli.artifact.files import atomic_dir, load_pickle_safely, read_json
 from adapterhub_cli.artifact.provenance import PROVENANCE_KEY, Provenance
@@ -155,7 +156,7 @@ def assemble_adapter(
         key_prefix=prefix,
         metadata=dict(header.metadata) if header else {},
         warnings=warnings,
-        provenance=Provenance(source=str(path)),
+        provenance=Provenance.from_metadata(dict(header.metadata) if header else {}, source=str(path)),
         config_inferred=inferred,
     )
 
@@ -294,5 +295,5 @@ def write_peft(
         meta = {"format": "pt", PROVENANCE_KEY: json.dumps(provenance, sort_keys=True), **(metadata or {})}
         save_safetensors(tensors, tmp / WEIGHTS_NAME, meta)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(model_card(config, provenance))
+        (tmp / CARD_FILE).write_text(model_card(config, provenance))
     return out
