@@ -1,4 +1,5 @@
-"""Module-level parallelism for factor operations: small LAPACK calls run side by side in threads."""
+"""Threads for tensor work: how many (:func:`default_workers`, the one rule), and module-level parallelism for
+factor operations (small LAPACK calls run side by side in threads)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,21 @@ from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+MAX_WORKERS = 8  # past 8 threads the pieces of work here (256-row blocks, one module's QR) are too small to share
+
+
+def default_workers(env_var: str | None = None) -> int:
+    """How many threads a parallel step uses: every core, at most :data:`MAX_WORKERS`.
+
+    A positive integer in the environment variable ``env_var`` (e.g. ``ADAPTERS_MERGE_THREADS``), when given and
+    set, overrides it, above the cap too.
+    """
+    if env_var:
+        raw = os.environ.get(env_var, "")
+        if raw.isdigit() and int(raw) > 0:
+            return int(raw)
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
 @contextlib.contextmanager
@@ -39,7 +55,7 @@ def map_modules(
     memory stays bounded by ``workers`` modules at a time.
     """
     items = list(items)
-    n = workers or min(len(items), os.cpu_count() or 1, 8)
+    n = workers or min(len(items), default_workers())
     if n <= 1 or len(items) <= 1:
         out = []
         for i, x in enumerate(items):
