@@ -48,7 +48,7 @@ def compare(ours: Path, theirs: Path) -> tuple[int, int]:
     import torch
 
     from adapterhub_cli.artifact.checkpoint import open_base
-    from adapterhub_cli.merge.engine import _BaseReader
+    from adapterhub_cli.merge.shards import _BaseReader
 
     a, b = open_base(ours), open_base(theirs)
     ra, rb = _BaseReader(a), _BaseReader(b)

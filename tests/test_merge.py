@@ -34,7 +34,7 @@ from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.errors import IncompatibleBaseError, UsageError
 
 
-ENGINE = importlib.import_module("adapterhub_cli.merge.engine")
+COMPUTE = importlib.import_module("adapterhub_cli.merge.compute")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: adapter fixture -> (base fixture, task)
 ADAPTERS = FITTING_ADAPTERS
@@ -548,7 +548,7 @@ def test_threaded_row_split_is_bit_identical_to_one_call(fan_in_fan_out):
     g = torch.Generator().manual_seed(4)
     a, b = torch.randn(16, 1500, generator=g), torch.randn(3000, 16, generator=g) * 0.01
     w = (torch.randn(1500, 3000, generator=g) if fan_in_fan_out else torch.randn(3000, 1500, generator=g)).bfloat16()
-    merger = ENGINE._Merger([], "cpu", workers=2)
+    merger = COMPUTE._Merger([], "cpu", workers=2)
     try:
         got = merger._merge_lora(w.clone(), a, b, 1.7, fan_in_fan_out, merge_lora)  # in place: w stays as is
     finally:

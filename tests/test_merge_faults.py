@@ -45,15 +45,15 @@ KILLED_MERGE = textwrap.dedent(
     import adapterhub_cli as ah
 
     adapter, base, out, marker = sys.argv[1:]
-    engine = importlib.import_module("adapterhub_cli.merge.engine")
-    write_tensor = engine._write_tensor
+    shards = importlib.import_module("adapterhub_cli.merge.shards")
+    write_tensor = shards._write_tensor
 
     def stalled(sink, t):  # the first merged tensor: announce, then hang until killed
         Path(marker).touch()
         time.sleep(120)
         write_tensor(sink, t)
 
-    engine._write_tensor = stalled
+    shards._write_tensor = stalled
     ah.merge(adapter, base=base, out=out)
     """
 )

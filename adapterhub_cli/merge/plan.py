@@ -1,0 +1,310 @@
+"""What a merge does, decided before any weight is read or any file written.
+
+Every output tensor gets a :class:`TensorPlan` (copied byte for byte, merged from a base tensor with each adapter's
+contribution, or replaced by a ``modules_to_save`` copy), the output is cut into shards, and the changes to
+``config.json`` are fixed. The checks that can refuse a merge run here too (arguments, misfits such as a DoRA
+unmerge, validation against the base), so a refused merge writes nothing: no output, no temporary folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapterhub_cli.artifact.adapter import Adapter
+from adapterhub_cli.artifact.checkpoint import BaseView, open_base
+from adapterhub_cli.artifact.preflight import require_valid
+from adapterhub_cli.artifact.safetensors import DTYPE_BITS, TensorInfo
+from adapterhub_cli.errors import UsageError
+from adapterhub_cli.merge import bnb
+
+
+DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtypes a merge computes on (and --dtype converts)
+CONV1D_MODEL_TYPES = ("gpt2", "gpt_bigcode", "openai-gpt")
+_CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One adapter module's update to one base tensor."""
+
+    adapter: int
+    module: str
+    weight: float
+
+
+@dataclass
+class TensorPlan:
+    """How one output tensor is produced: copied, merged from ``source`` with contributions, or replaced."""
+
+    name: str
+    source: str  # base tensor key read
+    dtype: str  # output dtype (safetensors name)
+    shape: tuple[int, ...]
+    contributions: list[Contribution] = field(default_factory=list)
+    replacement: tuple[int, str] | None = None  # (adapter index, stored key) of a modules_to_save copy
+    #: with bitsandbytes output: the stored tensors (key, dtype, shape) the quantized weight becomes
+    quantized_entries: list[tuple[str, str, tuple[int, ...]]] | None = None
+
+    @property
+    def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        return self.quantized_entries or [(self.name, self.dtype, self.shape)]
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for _, dtype, shape in self.entries:
+            n = 1
+            for d in shape:
+                n *= d
+            total += (n * DTYPE_BITS[dtype] + 7) // 8
+        return total
+
+    @property
+    def touched(self) -> bool:
+        return bool(self.contributions) or self.replacement is not None
+
+
+@dataclass
+class MergePlan:
+    """Everything a merge does, decided up front."""
+
+    stored: BaseView  # the base as stored (a bitsandbytes base: its packed tensors)
+    view: BaseView  # the base as the adapters see it (a bitsandbytes base: its logical 16-bit weights)
+    tensors: list[TensorPlan]
+    shards: list[list[TensorPlan]]
+    quantized_in: dict[str, list[str]]  # bitsandbytes weights of the base -> their companion tensors
+    quantize: str | None  # bitsandbytes scheme of the output
+    config_updates: dict[str, Any]
+    config_drop: tuple[str, ...]
+    untied: list[str]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.nbytes for p in self.tensors)
+
+    def copied(self, p: TensorPlan) -> bool:
+        """Whether ``p``'s stored bytes are copied from the base unchanged."""
+        return (
+            not p.touched
+            and p.dtype == self.view.tensors[p.source].dtype
+            and p.source not in self.quantized_in
+            and p.quantized_entries is None
+        )
+
+
+def build_plan(
+    base: BaseView | str | Path,
+    adapters: list[Adapter],
+    out: str | Path,
+    *,
+    weights: list[float] | None,
+    dtype: str,
+    max_shard_size: str | int,
+    reverse: bool,
+    quantize: str | None,
+) -> MergePlan:
+    """Check the request and plan it: a UsageError / IncompatibleBaseError here means nothing was written."""
+    stored = base if isinstance(base, BaseView) else open_base(base)
+    scheme_in = bnb.bnb_scheme(stored.config)
+    _check_quantization(stored, scheme_in, quantize)
+    view = bnb.logical_view(stored) if scheme_in else stored
+    quantized_in = bnb.companions(stored) if scheme_in else {}
+    weights = weights if weights is not None else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise UsageError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
+    out_dtype = output_dtype(dtype)
+    if Path(out).resolve() == view.path.resolve():
+        raise UsageError("the output folder is the base folder: choose another -o (inputs are never modified)")
+    refuse_misfits(adapters, reverse=reverse)
+    for a in adapters:
+        require_valid(a, base=view)
+    plans = plan_merge(view, adapters, weights, out_dtype)
+    if quantize:
+        _plan_quantized(plans, view, quantize, quantized_in if scheme_in else None)
+    shards = plan_shards(plans, parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size)
+    untied = sorted(p.name for p in plans if p.source != p.name)
+    updates, drop = config_changes(
+        view.config, plans, untied=bool(untied), out_dtype=out_dtype, quantize=quantize, dequantized=bool(scheme_in)
+    )
+    return MergePlan(
+        stored=stored,
+        view=view,
+        tensors=plans,
+        shards=shards,
+        quantized_in=quantized_in,
+        quantize=quantize,
+        config_updates=updates,
+        config_drop=drop,
+        untied=untied,
+    )
+
+
+def _check_quantization(stored: BaseView, scheme_in: str | None, quantize: str | None) -> None:
+    if quantize is not None and quantize not in bnb.SCHEMES:
+        raise UsageError(f"unknown quantization {quantize!r}; choose one of {', '.join(bnb.SCHEMES)}")
+    if (scheme_in or quantize) and stored.config.get("model_type") in CONV1D_MODEL_TYPES:
+        raise UsageError(
+            f"bitsandbytes checkpoints of {stored.config.get('model_type')} models (Conv1D layers) are "
+            "not supported yet",
+            hint="merge into the 16-bit base without --quantize",
+        )
+
+
+def output_dtype(dtype: str) -> str | None:
+    """The safetensors dtype ``--dtype`` asks for (``bf16`` -> ``BF16``); None for ``auto`` (keep the base's)."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return None if dtype == "auto" else DTYPES[dtype]
+
+
+def refuse_misfits(adapters: list[Adapter], *, reverse: bool) -> None:
+    """Refuse what the merge cannot do exactly, before anything is written: undoing a DoRA merge, and DoRA on a
+    convolution (PEFT's conv DoRA normalises per output channel over the whole kernel, which is not done yet)."""
+    for a in adapters:
+        for m in a.modules.values():
+            if m.magnitude is None:
+                continue
+            if reverse:
+                raise UsageError(
+                    f"{a.path}: DoRA merges cannot be undone from the merged weights alone (the norm of "
+                    "the original weight is lost)",
+                    hint="merge into the original base again instead",
+                )
+            if m.kind == "conv":
+                raise UsageError(
+                    f"{a.path}: module {m.name}: DoRA on convolutions cannot be merged yet",
+                    hint="merge a LoRA without use_dora, or load the adapter with PEFT and merge_and_unload()",
+                )
+
+
+def plan_merge(
+    base: BaseView, adapters: list[Adapter], weights: list[float], out_dtype: str | None
+) -> list[TensorPlan]:
+    """Decide, for every output tensor, where it comes from and which updates it receives.
+
+    A model with tied embeddings whose head or embedding an adapter changes is untied: the output stores an
+    explicit ``lm_head.weight`` (the embedding, plus the head's own updates) so neither side silently takes the
+    other's update (transformers#45127).
+    """
+    plans = {
+        key: TensorPlan(name=key, source=key, dtype=_out_dtype(info, out_dtype), shape=info.shape)
+        for key, info in base.tensors.items()
+    }
+    tied = base.tied_embedding()
+    for i, (adapter, w) in enumerate(zip(adapters, weights, strict=True)):
+        for m in adapter.modules.values():
+            if tied and m.name.split(".")[-1] == "lm_head":
+                _untied_head(plans, tied).contributions.append(Contribution(i, m.name, w))
+                continue
+            key = base.find_weight(m.name)
+            assert key is not None  # validation ran first
+            plans[key].contributions.append(Contribution(i, m.name, w))
+        for name, info in adapter.extra_tensors.items():
+            # PEFT saves a targeted embedding / head as `<module>.base_layer.weight` (save_embedding_layers)
+            target = name.replace(".base_layer.", ".")
+            if tied and target.split(".")[-2:] == ["lm_head", "weight"]:
+                plan = _untied_head(plans, tied)
+            else:
+                key = base.find_weight(target, suffix="")
+                if key is None:
+                    raise UsageError(f"{adapter.path}: saved tensor {name!r} has no counterpart in the base")
+                plan = plans[key]
+            plan.replacement = (i, info.name)
+    if tied and plans[tied].touched:
+        _untied_head(plans, tied)
+    return list(plans.values())
+
+
+def _untied_head(plans: dict[str, TensorPlan], tied: str) -> TensorPlan:
+    """The explicit ``lm_head.weight`` of an untied output (made on first use: a copy of the embedding)."""
+    return plans.setdefault(
+        "lm_head.weight",
+        TensorPlan(name="lm_head.weight", source=tied, dtype=plans[tied].dtype, shape=plans[tied].shape),
+    )
+
+
+def _out_dtype(info: TensorInfo, out_dtype: str | None) -> str:
+    if out_dtype is None or info.dtype not in FLOAT_DTYPES:
+        return info.dtype
+    return out_dtype
+
+
+def _plan_quantized(
+    plans: list[TensorPlan], view: BaseView, quantize: str, quantized_in: dict[str, list[str]] | None
+) -> None:
+    """Give each weight the output quantizes its bitsandbytes entries: those quantized in the base when it is
+    quantized (``quantized_in``), else those transformers would quantize."""
+    for p in plans:
+        if quantized_in is not None:
+            wanted = p.source in quantized_in
+        else:
+            wanted = bnb.should_quantize(p.name, p.shape, view.config)
+        if wanted and len(p.shape) == 2 and p.dtype in ("BF16", "F16", "F32"):
+            shape = (p.shape[0], p.shape[1])
+            p.quantized_entries = bnb.planned_entries(p.name, shape, quantize, compute_dtype=p.dtype)
+
+
+def config_changes(
+    config: dict[str, Any],
+    plans: list[TensorPlan],
+    *,
+    untied: bool,
+    out_dtype: str | None,
+    quantize: str | None,
+    dequantized: bool,
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The ``config.json`` keys the output sets, and those it drops: a bitsandbytes base (``dequantized``)
+    written in 16 bits becomes a plain checkpoint."""
+    updates: dict[str, Any] = {"tie_word_embeddings": False} if untied else {}
+    if out_dtype:
+        # transformers >= 4.56 writes and reads "dtype", older versions "torch_dtype": update what the base has
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+        updates.update(dict.fromkeys(keys, _CONFIG_DTYPE_NAMES[out_dtype]))
+    if quantize:
+        dtypes = {p.dtype for p in plans if p.quantized_entries}
+        compute = _CONFIG_DTYPE_NAMES[dtypes.pop() if dtypes else "BF16"]
+        updates["quantization_config"] = bnb.quantization_config(quantize, compute)
+        return updates, ()
+    return updates, ("quantization_config",) if dequantized else ()
+
+
+def plan_shards(plans: list[TensorPlan], max_shard_bytes: int) -> list[list[TensorPlan]]:
+    """Cut the output into shards of at most ``max_shard_bytes`` (a bigger tensor gets a shard of its own)."""
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for p in plans:
+        if shards[-1] and size + p.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += p.nbytes
+    return shards
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"500MB"``, ``"2GiB"``, or a plain number of bytes."""
+    units = {
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "B": 1,
+    }
+    t = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * units[unit])
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise UsageError(f"bad size {text!r}: use e.g. 5GB, 500MB or a number of bytes") from None

@@ -1,0 +1,306 @@
+"""The merge's files: base tensors read ahead of the merge, merged tensors written behind it, shards, the index
+and the side files.
+
+Base tensors are read one shard at a time (one file open) into recycled staging buffers, on a helper thread, up
+to :data:`READ_AHEAD` tensors ahead of the one being merged. Each output shard's header is written from the
+plans before its tensors; the tensors are appended in order by a writer thread while the next one is read and
+merged, their chunks reach the disk on another thread (O_DIRECT where the filesystem allows), and each file is
+fsynced and closed while the next shard is produced.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import queue
+import shutil
+import struct
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterhub_cli.artifact.adapter import Adapter
+from adapterhub_cli.artifact.checkpoint import BaseView
+from adapterhub_cli.artifact.safetensors import DTYPE_BITS, read_tensor
+from adapterhub_cli.merge import bnb
+from adapterhub_cli.merge.direct_io import StagedFile
+from adapterhub_cli.merge.plan import MergePlan, TensorPlan
+from adapterhub_cli.merge.staging import BufferPool
+
+
+if TYPE_CHECKING:
+    import torch
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+READ_AHEAD = 2  # tensors read ahead of the one being merged
+WRITE_BEHIND = 2  # merged tensors waiting for (or in) the writer, beyond which reading waits
+
+#: a tensor read from the base (or an adapter), and the staging buffer holding it (None: its own allocation)
+Fetched = tuple["torch.Tensor", "torch.Tensor | None"]
+#: appends one planned tensor's bytes to its shard
+WriteJob = Callable[[StagedFile], None]
+
+
+class _BaseReader:
+    """Reads base tensors one shard at a time (one safetensors handle open), and copies raw byte ranges."""
+
+    def __init__(self, base: BaseView) -> None:
+        self.base = base
+        self._path: Path | None = None
+        self._handle: Any = None
+        self._data_start: dict[Path, int] = {}
+
+    def _start(self, path: Path) -> int:
+        if path not in self._data_start:
+            with path.open("rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+            self._data_start[path] = 8 + n
+        return self._data_start[path]
+
+    def tensor(self, key: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor into its own buffer, or into the uint8 buffer ``into`` (no memory map, so only this
+        tensor is resident)."""
+        path = self.base.shard_of[key]
+        if path != self._path:
+            if self._handle is not None:
+                self._handle.close()
+            self._handle = path.open("rb")
+            self._path = path
+        return read_tensor(self._handle.fileno(), self.base.tensors[key], self._start(path), path=path, into=into)
+
+    def copy_raw(self, key: str, sink: StagedFile) -> None:
+        """Append the stored bytes of ``key`` to ``sink`` unchanged."""
+        path = self.base.shard_of[key]
+        info = self.base.tensors[key]
+        with path.open("rb") as src:
+            sink.copy_range(src.fileno(), self._start(path) + info.start, info.nbytes)
+
+
+class _Inputs:
+    """The tensor each planned output starts from: a ``modules_to_save`` copy from its adapter, a bitsandbytes
+    weight dequantized, or the base tensor read into a staging buffer from ``buffers``."""
+
+    def __init__(self, plan: MergePlan, adapters: list[Adapter], reader: _BaseReader, buffers: BufferPool) -> None:
+        self.plan = plan
+        self.adapters = adapters
+        self.reader = reader
+        self.buffers = buffers
+
+    def fetch(self, p: TensorPlan) -> Fetched:
+        if p.replacement:
+            return self.adapters[p.replacement[0]].tensor(p.replacement[1]), None
+        if p.source in self.plan.quantized_in:
+            return bnb.dequantize_weight(self.reader.tensor, p.source, self.plan.stored), None
+        buffer = self.buffers.acquire(self.plan.stored.tensors[p.source].nbytes)
+        try:
+            return self.reader.tensor(p.source, into=buffer), buffer
+        except BaseException:
+            self.buffers.release(buffer)
+            raise
+
+
+class _ReadAhead:
+    """Runs ``fetch`` on a helper thread for the tensors of ``order``, up to ``ahead`` beyond the one taken."""
+
+    def __init__(
+        self, order: list[TensorPlan], fetch: Callable[[TensorPlan], Fetched], ahead: int = READ_AHEAD
+    ) -> None:
+        self.order = order
+        self.fetch = fetch
+        self.ahead = ahead
+        self._position = {p.name: i for i, p in enumerate(order)}
+        self._pending: dict[str, Future[Fetched]] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapters-reader")
+
+    def take(self, p: TensorPlan) -> Fetched:
+        """``fetch(p)``, read ahead if it was, after starting the reads of the next ones."""
+        future = self._pending.pop(p.name, None) or self._pool.submit(self.fetch, p)
+        i = self._position[p.name]
+        for q in self.order[i + 1 : i + 1 + self.ahead]:
+            if q.name not in self._pending:
+                self._pending[q.name] = self._pool.submit(self.fetch, q)
+        return future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+
+class _AbandonedError(Exception):
+    """The writer's remaining jobs were dropped because the merge failed elsewhere."""
+
+
+class _AsyncWriter:
+    """Writes to a file descriptor on a background thread, in submission order, so disk writes overlap the
+    next tensor's read and merge. At most ``depth`` tensors wait in memory."""
+
+    def __init__(self, depth: int = 4) -> None:
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="adapters-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:
+                    job()
+            except BaseException as e:  # handed to the caller at the next submit or at close
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(job)
+
+    def abandon(self) -> None:
+        """Skip every job still queued and wait for the one running (after an error elsewhere)."""
+        if self._error is None:
+            self._error = _AbandonedError()
+        self._queue.join()
+
+    def drain(self) -> None:
+        self._queue.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+class _ShardWriter:
+    """Writes shards one after the other: the writer thread appends tensors, the disk thread writes staged chunks,
+    the closer thread fsyncs and closes each finished file while the next one is produced."""
+
+    def __init__(self, depth: int = WRITE_BEHIND + 2) -> None:
+        self.writer = _AsyncWriter(depth=depth)
+        self.closer = ThreadPoolExecutor(1, thread_name_prefix="adapters-fsync")
+        self.disk = ThreadPoolExecutor(1, thread_name_prefix="adapters-disk")
+        self.synced: list[Future[None]] = []
+
+    def write(self, path: Path, shard: list[TensorPlan], produce: Callable[[TensorPlan], WriteJob]) -> int:
+        """Write one shard (see :func:`_write_shard`); its size in bytes."""
+        return _write_shard(path, shard, produce, self.writer, self.disk, self.closer, self.synced)
+
+    def sync(self) -> None:
+        """Wait until every shard written is on disk."""
+        for sync in self.synced:
+            sync.result()
+
+    def close(self) -> None:
+        """Stop the threads: the closer first (every file closed), then the writer and the disk thread."""
+        self.closer.shutdown(wait=True)
+        self.writer.close()
+        self.disk.shutdown(wait=True)
+
+
+def _write_shard(
+    path: Path,
+    shard: list[TensorPlan],
+    produce: Callable[[TensorPlan], WriteJob],
+    writer: _AsyncWriter,
+    disk: ThreadPoolExecutor,
+    closer: ThreadPoolExecutor,
+    synced: list[Future[None]],
+) -> int:
+    """Write one safetensors file: header from the plans, then each tensor's bytes.
+
+    ``produce(plan)`` does the reading and merging here and returns the job that appends the bytes to the
+    file; the writer thread runs those jobs in order while the next tensor is produced, and the ``disk``
+    thread writes the staged chunks (O_DIRECT where the filesystem allows).
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for p in shard:
+        for key, dtype, shape in p.entries:
+            n = (math.prod(shape) * DTYPE_BITS[dtype] + 7) // 8
+            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    sink = StagedFile(path, disk)
+    try:
+        sink.write(struct.pack("<Q", len(raw)) + raw)
+        for p in shard:
+            writer.submit(functools.partial(produce(p), sink))
+        writer.drain()
+        sink.finish()
+        size = os.fstat(sink.fd).st_size
+        if size != 8 + len(raw) + offset:
+            raise OSError(f"{path.name} has {size} bytes, expected {8 + len(raw) + offset}")
+    except BaseException:
+        writer.abandon()  # the writer thread stops touching this file before it is closed
+        sink.abort()
+        os.close(sink.fd)
+        raise
+    synced.append(closer.submit(_sync_and_close, sink.fd))  # reaches the disk while the next shard is produced
+    return 8 + len(raw) + offset
+
+
+def _sync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_tensor(sink: StagedFile, t: torch.Tensor) -> None:
+    """Append ``t`` to ``sink`` (one function, so a test can stall a merge right at its first write)."""
+    sink.write_tensor(t)
+
+
+def write_then_release(t: torch.Tensor, release: Callable[[], None] | None, sink: StagedFile) -> None:
+    """Append ``t`` to ``sink``, then call ``release`` (giving ``t``'s staging buffer back), even on error."""
+    try:
+        _write_tensor(sink, t)
+    finally:
+        if release is not None:
+            release()
+
+
+def write_parts(parts: dict[str, torch.Tensor], order: list[str], sink: StagedFile) -> None:
+    """Append the tensors ``parts[key]`` for each key of ``order`` to ``sink`` (a quantized weight's entries)."""
+    for key in order:
+        _write_tensor(sink, parts[key])
+
+
+def shard_names(stem: str, count: int) -> list[str]:
+    """``model.safetensors`` for one shard, else ``model-00001-of-00003.safetensors``... (``stem`` = model)."""
+    if count == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_index(folder: Path, stem: str, names: list[str], shards: list[list[TensorPlan]], total: int) -> None:
+    """Write ``{stem}.safetensors.index.json``: the total size and which shard holds each tensor."""
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {p.name: name for name, shard in zip(names, shards, strict=True) for p in shard},
+    }
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def copy_side_files(base: Path, out: Path, config_updates: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
+    """Copy every file of ``base`` that is not a weight file or an index (config, tokenizer...) into ``out``;
+    ``config.json`` gets ``config_updates`` and loses the keys ``drop``."""
+    for f in sorted(base.iterdir()):
+        index = f.name.endswith(".safetensors.index.json")
+        if not f.is_file() or f.name.startswith(".") or index or f.suffix in WEIGHT_SUFFIXES:
+            continue
+        if f.name == "config.json" and (config_updates or drop):
+            cfg = json.loads(f.read_text())
+            cfg.update(config_updates)
+            for key in drop:
+                cfg.pop(key, None)
+            (out / f.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        else:
+            shutil.copy2(f, out / f.name)
