@@ -7,6 +7,7 @@ on the factors and never form the dense (d_out, d_in) matrix unless their name s
 from lora_ops.combine import DenseMethod, concat, dense_merge, magnitude_prune_mask, random_prune, rescale
 from lora_ops.errors import LoraOpsError, ShapeMismatchError
 from lora_ops.factors import LoraFactors, check_factors, delta
+from lora_ops.lycoris import fold_loha, fold_tucker
 from lora_ops.merge import conv_lora_delta, lora_delta, merge_delta, merge_dora, merge_lora, unmerge_delta
 from lora_ops.metrics import cosine, distance, inner, norm, relative_distance, subspace_overlap
 from lora_ops.quantize import SCHEMES, Quantized, dequantize, quantize
@@ -41,6 +42,8 @@ __all__ = [
     "dequantize",
     "distance",
     "energy_rank",
+    "fold_loha",
+    "fold_tucker",
     "inner",
     "lora_delta",
     "magnitude_prune_mask",
