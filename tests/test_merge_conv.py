@@ -30,15 +30,18 @@ def conv_case(tmp_path_factory):
     return build_conv_case(tmp_path_factory.mktemp("conv"))
 
 
-def build_conv_case(root):
-    """(base folder, PEFT adapter folder): a seeded TinyConvNet and a LoRA on its 3x3 conv, 1x1 conv and head."""
+def build_conv_case(root, *, use_dora=False):
+    """(base folder, PEFT adapter folder): a seeded TinyConvNet and a LoRA (DoRA with ``use_dora``) on its 3x3
+    conv, 1x1 conv and head."""
     torch.manual_seed(0)
     model = TinyConvNet()
     base = root / "base"
     base.mkdir()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base / "model.safetensors"))
     (base / "config.json").write_text(json.dumps({"architectures": ["TinyConvNet"]}))
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["conv_in", "proj", "head"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["conv_in", "proj", "head"], use_dora=use_dora)
+    )
     randomize_adapter_weights(peft_model, seed=1, scale=0.1)
     adapter = root / "adapter"
     peft_model.save_pretrained(str(adapter))
