@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -56,7 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.checkpoint import BaseView
-from adapterhub_cli.artifact.safetensors import TensorInfo
+from adapterhub_cli.artifact.safetensors import TensorInfo, dtype_name, header_length, torch_dtype, torch_name
 from adapterhub_cli.errors import CorruptFileError, InvalidAdapterError, UsageError
 
 
@@ -116,8 +115,9 @@ _CODES: dict[str, tuple[float, ...]] = {
     ),
 }
 
-_ST_OF_TORCH_NAME = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-_TORCH_NAME_OF_ST = {v: k for k, v in _ST_OF_TORCH_NAME.items()}
+#: the floating dtypes (safetensors names) bitsandbytes quantizes from and dequantizes to
+COMPUTE_DTYPES = ("BF16", "F16", "F32")
+_COMPUTE_TORCH_NAMES = tuple(torch_name(d) for d in COMPUTE_DTYPES)
 
 # Module names (last component) that are never quantized because they are embeddings (nn.Embedding), and the
 # output heads transformers leaves unquantized by default (``get_keys_to_not_convert``: the output embeddings,
@@ -365,7 +365,7 @@ def logical_view(view: BaseView, read: Callable[[str], bytes] | None = None) -> 
                 blob = blobs[key]
                 state = _parse_state(raw[blob], key, view, blob)
                 _check_4bit_sizes(view, key, comps[key], state)
-                info = replace(info, dtype=_ST_OF_TORCH_NAME[state.dtype], shape=state.shape)
+                info = replace(info, dtype=dtype_name(state.dtype), shape=state.shape)
         tensors[key] = info
     return view.derive(tensors)
 
@@ -407,7 +407,7 @@ def dequantize_weight(load: Callable[[str], torch.Tensor], key: str, view: BaseV
                 path=path,
                 module=key,
             )
-        dtype = getattr(torch, _TORCH_NAME_OF_ST[_config_dtype(view.config) or "F16"])
+        dtype = torch_dtype(_config_dtype(view.config) or "F16")
         return (weight * scb.float().view(-1, 1) * _INT8_SCALE).to(dtype)
 
     blob_key = comps[-1]
@@ -589,7 +589,7 @@ def _parse_state(raw: bytes, key: str, view: BaseView, blob_key: str) -> _State4
         raise CorruptFileError(f"tensor {blob_key!r} declares quant_type {quant_type!r}", path=path, module=key)
     if blocksize not in BLOCKSIZES:
         raise CorruptFileError(f"tensor {blob_key!r} declares blocksize {blocksize}", path=path, module=key)
-    if dtype not in _ST_OF_TORCH_NAME:
+    if dtype not in _COMPUTE_TORCH_NAMES:
         raise CorruptFileError(
             f"tensor {blob_key!r} declares dtype {dtype!r}",
             path=path,
@@ -649,11 +649,10 @@ def _file_reader(view: BaseView) -> Callable[[str], bytes]:
         try:
             with path.open("rb") as f:
                 if path not in data_start:
-                    (n,) = struct.unpack("<Q", f.read(8))
-                    data_start[path] = 8 + n
+                    data_start[path] = 8 + header_length(f.read(8), file_size=None, path=path)
                 f.seek(data_start[path] + info.start)
                 data = f.read(info.nbytes)
-        except (OSError, struct.error) as e:
+        except OSError as e:
             raise CorruptFileError(f"cannot read tensor {key!r} ({e})", path=path, module=key) from e
         if len(data) != info.nbytes:
             raise CorruptFileError(f"tensor {key!r} is truncated", path=path, module=key)
@@ -671,19 +670,27 @@ def _shard(view: BaseView, key: str) -> Path:
 def _config_dtype(config: dict[str, Any]) -> str | None:
     """``config.json``'s model dtype as a safetensors name, if it names a floating dtype we know."""
     raw = config.get("dtype") or config.get("torch_dtype")
-    return _ST_OF_TORCH_NAME.get(str(raw).removeprefix("torch.")) if raw else None
+    if not raw:
+        return None
+    try:
+        name = dtype_name(raw)
+    except ValueError:
+        return None
+    return name if name in COMPUTE_DTYPES else None
 
 
 def _torch_dtype_name(dtype: Any) -> str:
     """``torch.bfloat16`` / ``"bfloat16"`` / ``"BF16"`` -> ``"bfloat16"`` (float32 and the 16-bit floats only)."""
-    name = str(dtype).removeprefix("torch.")
-    name = _TORCH_NAME_OF_ST.get(name, name)
-    if name not in _ST_OF_TORCH_NAME:
+    try:
+        name = dtype_name(dtype)
+    except ValueError:
+        name = None
+    if name not in COMPUTE_DTYPES:
         raise UsageError(
             f"unsupported compute dtype {dtype!r}",
             hint="bitsandbytes quantizes from bfloat16, float16 or float32",
         )
-    return name
+    return torch_name(name)
 
 
 def _check_scheme(scheme: str) -> None:

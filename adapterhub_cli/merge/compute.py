@@ -45,13 +45,6 @@ def check_device(device: str) -> str:
     return device
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a floating safetensors dtype name (``"BF16"`` -> ``torch.bfloat16``)."""
-    import torch
-
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[name]
-
-
 def fan_in_fan_out(kind: str, flag: bool, stored: tuple[int, ...], update: tuple[int, int]) -> bool:
     """Whether the stored weight is the transpose of the (d_out, d_in) update: always for embeddings; from the
     shapes when they tell (PEFT corrects a wrong flag for Conv1D / Linear the same way); else the config flag."""

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.checkpoint import BaseView
 from adapterhub_cli.artifact.files import atomic_dir
+from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, torch_dtype
 from adapterhub_cli.merge import bnb
-from adapterhub_cli.merge.compute import _Merger, check_device, torch_dtype
-from adapterhub_cli.merge.plan import FLOAT_DTYPES, MergePlan, TensorPlan, build_plan
+from adapterhub_cli.merge.compute import _Merger, check_device
+from adapterhub_cli.merge.plan import MergePlan, TensorPlan, build_plan
 from adapterhub_cli.merge.shards import (
     READ_AHEAD,
     WRITE_BEHIND,
@@ -183,7 +184,7 @@ class _Producer:
         if self.plan.copied(p):
             return functools.partial(self.reader.copy_raw, p.source)
         t, buffer = self.read_ahead.take(p)
-        if p.dtype in FLOAT_DTYPES:
+        if p.dtype in COMPUTE_DTYPES:
             t = t.to(torch_dtype(p.dtype))  # as if the base were loaded in the output dtype, then merged
         if p.contributions:
             t = self.merger.apply(p, t)

@@ -15,15 +15,12 @@ from typing import Any
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.checkpoint import BaseView, open_base
 from adapterhub_cli.artifact.preflight import require_valid
-from adapterhub_cli.artifact.safetensors import DTYPE_BITS, TensorInfo
+from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, DTYPE_BITS, DTYPE_OPTIONS, TensorInfo, torch_name
 from adapterhub_cli.errors import UsageError
 from adapterhub_cli.merge import bnb
 
 
-DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtypes a merge computes on (and --dtype converts)
 CONV1D_MODEL_TYPES = ("gpt2", "gpt_bigcode", "openai-gpt")
-_CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -155,9 +152,9 @@ def _check_quantization(stored: BaseView, scheme_in: str | None, quantize: str |
 
 def output_dtype(dtype: str) -> str | None:
     """The safetensors dtype ``--dtype`` asks for (``bf16`` -> ``BF16``); None for ``auto`` (keep the base's)."""
-    if dtype != "auto" and dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    return None if dtype == "auto" else DTYPES[dtype]
+    if dtype != "auto" and dtype not in DTYPE_OPTIONS:
+        raise UsageError(f"unknown dtype {dtype!r}; choose auto, {', '.join(sorted(DTYPE_OPTIONS))}")
+    return None if dtype == "auto" else DTYPE_OPTIONS[dtype]
 
 
 def refuse_misfits(adapters: list[Adapter], *, reverse: bool) -> None:
@@ -227,7 +224,7 @@ def _untied_head(plans: dict[str, TensorPlan], tied: str) -> TensorPlan:
 
 
 def _out_dtype(info: TensorInfo, out_dtype: str | None) -> str:
-    if out_dtype is None or info.dtype not in FLOAT_DTYPES:
+    if out_dtype is None or info.dtype not in COMPUTE_DTYPES:
         return info.dtype
     return out_dtype
 
@@ -242,7 +239,7 @@ def _plan_quantized(
             wanted = p.source in quantized_in
         else:
             wanted = bnb.should_quantize(p.name, p.shape, view.config)
-        if wanted and len(p.shape) == 2 and p.dtype in ("BF16", "F16", "F32"):
+        if wanted and len(p.shape) == 2 and p.dtype in bnb.COMPUTE_DTYPES:
             shape = (p.shape[0], p.shape[1])
             p.quantized_entries = bnb.planned_entries(p.name, shape, quantize, compute_dtype=p.dtype)
 
@@ -262,10 +259,10 @@ def config_changes(
     if out_dtype:
         # transformers >= 4.56 writes and reads "dtype", older versions "torch_dtype": update what the base has
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
-        updates.update(dict.fromkeys(keys, _CONFIG_DTYPE_NAMES[out_dtype]))
+        updates.update(dict.fromkeys(keys, torch_name(out_dtype)))
     if quantize:
         dtypes = {p.dtype for p in plans if p.quantized_entries}
-        compute = _CONFIG_DTYPE_NAMES[dtypes.pop() if dtypes else "BF16"]
+        compute = torch_name(dtypes.pop() if dtypes else "BF16")
         updates["quantization_config"] = bnb.quantization_config(quantize, compute)
         return updates, ()
     return updates, ("quantization_config",) if dequantized else ()

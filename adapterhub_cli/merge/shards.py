@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.adapter import Adapter
-from adapterhub_cli.artifact.checkpoint import BaseView
-from adapterhub_cli.artifact.safetensors import DTYPE_BITS, read_tensor
+from adapterhub_cli.artifact.checkpoint import CONFIG_FILE, BaseView, index_file, is_side_file, shard_file, single_file
+from adapterhub_cli.artifact.safetensors import DTYPE_BITS, header_length, read_tensor
 from adapterhub_cli.merge import bnb
 from adapterhub_cli.merge.direct_io import StagedFile
 from adapterhub_cli.merge.plan import MergePlan, TensorPlan
@@ -35,7 +35,6 @@ from adapterhub_cli.merge.staging import BufferPool
 if TYPE_CHECKING:
     import torch
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 READ_AHEAD = 2  # tensors read ahead of the one being merged
 WRITE_BEHIND = 2  # merged tensors waiting for (or in) the writer, beyond which reading waits
 
@@ -57,8 +56,7 @@ class _BaseReader:
     def _start(self, path: Path) -> int:
         if path not in self._data_start:
             with path.open("rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-            self._data_start[path] = 8 + n
+                self._data_start[path] = 8 + header_length(f.read(8), file_size=None, path=path)
         return self._data_start[path]
 
     def tensor(self, key: str, into: torch.Tensor | None = None) -> torch.Tensor:
@@ -276,8 +274,8 @@ def write_parts(parts: dict[str, torch.Tensor], order: list[str], sink: StagedFi
 def shard_names(stem: str, count: int) -> list[str]:
     """``model.safetensors`` for one shard, else ``model-00001-of-00003.safetensors``... (``stem`` = model)."""
     if count == 1:
-        return [f"{stem}.safetensors"]
-    return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        return [single_file(stem)]
+    return [shard_file(stem, i + 1, count) for i in range(count)]
 
 
 def write_index(folder: Path, stem: str, names: list[str], shards: list[list[TensorPlan]], total: int) -> None:
@@ -286,17 +284,16 @@ def write_index(folder: Path, stem: str, names: list[str], shards: list[list[Ten
         "metadata": {"total_size": total},
         "weight_map": {p.name: name for name, shard in zip(names, shards, strict=True) for p in shard},
     }
-    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (folder / index_file(stem)).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def copy_side_files(base: Path, out: Path, config_updates: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
-    """Copy every file of ``base`` that is not a weight file or an index (config, tokenizer...) into ``out``;
-    ``config.json`` gets ``config_updates`` and loses the keys ``drop``."""
+    """Copy the checkpoint's side files (config, tokenizer...: see :func:`is_side_file`) from ``base`` into
+    ``out``; ``config.json`` gets ``config_updates`` and loses the keys ``drop``."""
     for f in sorted(base.iterdir()):
-        index = f.name.endswith(".safetensors.index.json")
-        if not f.is_file() or f.name.startswith(".") or index or f.suffix in WEIGHT_SUFFIXES:
+        if not f.is_file() or not is_side_file(f.name):
             continue
-        if f.name == "config.json" and (config_updates or drop):
+        if f.name == CONFIG_FILE and (config_updates or drop):
             cfg = json.loads(f.read_text())
             cfg.update(config_updates)
             for key in drop:
