@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.checkpoint import BaseView
 from adapterhub_cli.artifact.files import sha256_file
-from adapterhub_cli.artifact.ref import AdapterRef, is_hub_ref
+from adapterhub_cli.artifact.ref import AdapterRef
 from adapterhub_cli.artifact.report import InspectReport, build_report
 from adapterhub_cli.artifact.validate import ValidationReport, check_gguf_ready, validate_against
 from adapterhub_cli.errors import InvalidAdapterError
@@ -20,13 +20,14 @@ from adapterhub_cli.ops.convert import ConvertResult
 from adapterhub_cli.ops.diff import DiffReport, diff_adapters
 from adapterhub_cli.ops.quantize import QuantizeResult, dequantize_adapter, quantize_adapter
 from adapterhub_cli.ops.reduce import Progress, ReduceResult, reduce_adapter
-from adapterhub_cli.stores import open_base
+from adapterhub_cli.stores import open_base, open_store_adapter
 
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-    from adapterhub_cli.stores.hf.hub import PullResult, PushResult, VersionInfo
+    from adapterhub_cli.stores.base import Store
+    from adapterhub_cli.stores.records import PullResult, PushResult, VersionInfo
 
 
 AdapterLike = Adapter | str | Path
@@ -47,9 +48,10 @@ def load(
 
     Args:
         source: a PEFT adapter folder, a bare adapter ``.safetensors`` file, an :class:`Adapter` (returned as
-            is), or a Hub ref (``org/name@v1.2.0``, ``org/name@latest``, ``org/name@^1.2``, ``hf://org/name@rev``):
-            its config and the safetensors header are read by HTTP range requests, and the weight file is
-            fetched into the HF cache only when a tensor is first needed.
+            is), or a store ref: the Hub's (``org/name@v1.2.0``, ``org/name@latest``, ``org/name@^1.2``,
+            ``hf://org/name@rev``), a local registry's (``file:///srv/adapters/org/name@^1.2``) or a plugin store's.
+            Its config and the safetensors header are read by range requests, and the weight file is fetched
+            (into the HF cache for the Hub; sha256-checked) only when a tensor is first needed.
         format: a registered format name; by default the format is detected.
         allow_pickle: accept a legacy ``adapter_model.bin``, loaded with ``torch.load(weights_only=True)``.
         strict: refuse an adapter whose config disagrees with its tensors (a wrong ``r`` / ``rank_pattern``
@@ -65,14 +67,12 @@ def load(
     """
     if isinstance(source, Adapter):
         return source
-    if is_hub_ref(source):
-        from adapterhub_cli.stores.hf.remote import open_remote_adapter
-
-        ref = source if isinstance(source, AdapterRef) else AdapterRef.parse(str(source))
-        adapter = open_remote_adapter(ref, api=api, token=token, allow_pickle=allow_pickle)
+    stored = open_store_adapter(source, allow_pickle=allow_pickle, api=api, token=token)
+    if stored is not None:
+        adapter = stored
         path = adapter.path
     else:
-        from adapterhub_cli.stores.hf.hub import pulled_from
+        from adapterhub_cli.stores.publish import pulled_from
 
         path = Path(str(source))
         fmt = get_format(format) if format else detect_format(path)
@@ -124,7 +124,8 @@ def validate(
     """Check that an adapter fits a base checkpoint (read through config and headers only).
 
     Args:
-        base: a checkpoint folder (config.json + model.safetensors or shards with their index) or a BaseView.
+        base: a checkpoint folder (config.json + model.safetensors or shards with their index), a store ref
+            (``org/name@rev``, ``file:///srv/adapters/org/name@1.2.0``) read by range requests, or a BaseView.
         check_weights: also load the adapter's tensors and check they are finite.
         gguf: also report what llama.cpp's GGUF LoRA converter would refuse or silently lose
             (``gguf-*`` findings: alpha_pattern, rsLoRA, DoRA, biases, modules_to_save).
@@ -197,7 +198,9 @@ def combine(
 ) -> CombineResult:
     """Combine adapters into one, module by module, over the union of their modules.
 
-    Methods: ``cat`` (exact ``sum_i w_i dW_i``, rank = sum of ranks), ``linear`` / ``svd`` (that exact sum,
+    ``method`` is a registered combine method (:mod:`adapterhub_cli.ops.methods`; plugins add more through
+    ``adapters_register_methods``, and an unknown name raises a ``UsageError`` listing the known ones). The
+    built-ins: ``cat`` (exact ``sum_i w_i dW_i``, rank = sum of ranks), ``linear`` / ``svd`` (that exact sum,
     compressed to its optimal rank ``rank``, default the largest input rank), ``ties``, ``dare_linear``,
     ``dare_ties``, ``magnitude_prune`` (element-wise on each module's update with ``density``, seeded, then
     compressed to rank ``rank``). ``weights`` default to 1 each and may be negative. Inputs must fit
@@ -261,7 +264,8 @@ def merge(
     tensors). Several adapters are merged in the order given, each rounding in turn as PEFT does.
 
     Args:
-        base: a checkpoint folder (safetensors, single or sharded) or a BaseView.
+        base: a checkpoint folder (safetensors, single or sharded; a diffusers component too), a store ref (its
+            shards fetched one at a time as the merge reaches them), or a BaseView.
         weights: one multiplier per adapter (default 1 each).
         device: where updates are computed (``cpu``, ``cuda``, ``cuda:1``).
         dtype: ``auto`` keeps the base's dtypes; ``bf16`` / ``fp16`` / ``fp32`` converts floating tensors first.
@@ -315,6 +319,15 @@ def unmerge(
     )
 
 
+def _target_store(ref: str | AdapterRef, **options: object) -> Store:
+    """The store a push / pull / versions target names; a string no store claims is read as a Hub repo id (even
+    where a local folder of that name exists), so the Hub reports what is wrong with it."""
+    from adapterhub_cli.stores import find_store, stores
+
+    store = find_store(ref) or stores()["hf"]
+    return store.configured(**options)
+
+
 def push(
     source: str | Path,
     repo_id: str,
@@ -327,25 +340,17 @@ def push(
     api: HfApi | None = None,
     token: str | None = None,
 ) -> PushResult:
-    """Validate a local adapter (or merged model) and publish it to the Hub as ``repo_id@v{version}``.
+    """Validate a local adapter (or merged model) and publish it as version ``version`` of ``repo_id``: a Hub repo
+    (``org/name``, tagged ``v{version}``), a local registry repo (``file:///srv/adapters/org/name``) or a plugin
+    store's.
 
     Validation runs alone and against the declared base when reachable; the model card is written or
-    updated; config, safetensors and card go up in one commit, tagged ``v{version}``. An existing version
-    is never moved; a version lower than the latest is refused unless ``force``. See :func:`hub.push`.
+    updated; config, safetensors and card are published together (one commit on the Hub, one atomic rename in
+    a local registry). An existing version is never moved; a version lower than the latest is refused unless
+    ``force``. See :meth:`adapterhub_cli.stores.base.Store.push`.
     """
-    from adapterhub_cli.stores.hf import hub
-
-    return hub.push(
-        source,
-        repo_id,
-        version=version,
-        api=api,
-        token=token,
-        private=private,
-        message=message,
-        force=force,
-        base_model=base_model,
-    )
+    store = _target_store(repo_id, api=api, token=token, private=private)
+    return store.push(source, repo_id, version=version, message=message, force=force, base_model=base_model)
 
 
 def pull(
@@ -357,18 +362,16 @@ def pull(
     api: HfApi | None = None,
     token: str | None = None,
 ) -> PullResult:
-    """Download an adapter's files at the commit ``ref`` resolves to (``@v1.2.0``, ``@latest``, ``@^1.2``,
-    a branch or a commit), sha256-checked against the Hub's LFS metadata, into the HF cache or ``out``."""
-    from adapterhub_cli.stores.hf import hub
-
-    return hub.pull(ref, out=out, api=api, token=token, allow_pickle=allow_pickle, overwrite=overwrite)
+    """Fetch an adapter's (or merged model's) files at the version ``ref`` resolves to (``@v1.2.0``, ``@latest``,
+    ``@^1.2``, a branch or a commit on the Hub), each sha256-checked against the store's record, into the
+    store's own copy (the HF cache for the Hub) or into ``out``."""
+    store = _target_store(ref, api=api, token=token)
+    return store.pull(ref, out=out, allow_pickle=allow_pickle, overwrite=overwrite)
 
 
 def versions(repo_id: str, *, api: HfApi | None = None, token: str | None = None) -> list[VersionInfo]:
-    """The published versions (tags) of a Hub repo with their commits, dates and messages, newest first."""
-    from adapterhub_cli.stores.hf import hub
-
-    return hub.versions(repo_id, api=api, token=token)
+    """The published versions (tags) of a store repo with their ids, dates and messages, newest first."""
+    return _target_store(repo_id, api=api, token=token).versions(repo_id)
 
 
 def convert(
@@ -382,8 +385,10 @@ def convert(
     fold_tucker: bool = False,
     fold_loha: bool = False,
 ) -> ConvertResult:
-    """Convert an adapter between layouts: ``to="peft"`` (a folder), ``to="kohya"`` (one ``.safetensors`` file) or
-    ``to="diffusers"`` (a folder with ``pytorch_lora_weights.safetensors``).
+    """Convert an adapter between layouts: ``to="peft"`` (a folder), ``to="kohya"`` (one ``.safetensors`` file),
+    ``to="diffusers"`` (a folder with ``pytorch_lora_weights.safetensors``), or any registered format that can
+    write (plugins add them through ``adapters_register_formats``; another name raises ``UnknownFormatError``
+    listing those that can).
 
     Factors keep their bytes and dtypes and alpha stays its own scalar. Reading a kohya file needs ``base`` (or
     ``$ADAPTERS_BASE``) to map its names to modules, unless this tool wrote it. Writing kohya with ``base`` checks

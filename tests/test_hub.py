@@ -352,8 +352,8 @@ def test_a_hub_bnb_base_is_dequantized_without_downloading_shards(
 ) -> None:
     from adapterhub_cli.artifact.checkpoint import open_base
     from adapterhub_cli.merge import bnb
-    from adapterhub_cli.stores.hf import hub as hub_module
-    from adapterhub_cli.stores.hf.remote import open_remote_base
+    from adapterhub_cli.stores.hf import pull as hub_module
+    from adapterhub_cli.stores.hf.store import HfStore
 
     ah.push(bnb_sharded, "org/llama-bnb", version="1.0.0")
     shards = sorted(p.name for p in bnb_sharded.glob("model-*.safetensors"))
@@ -363,7 +363,7 @@ def test_a_hub_bnb_base_is_dequantized_without_downloading_shards(
         hub_module, "fetch_file", lambda resolved, name, **kw: fetched.append(name) or fetch_file(resolved, name, **kw)
     )
 
-    stored = open_remote_base("org/llama-bnb@v1.0.0")
+    stored = HfStore().open_base("org/llama-bnb@v1.0.0")
     hub.requests.clear()
     hub.served.clear()  # the headers are read (the first 100 kB of each shard): now what dequantizing reads
     hub.fail("GET", r"/resolve/.*\.safetensors$", kind="drop")  # a range read is retried like any Hub call
@@ -393,14 +393,15 @@ def test_merge_into_a_hub_bnb_base_streams_its_shards(
     hub: FakeHub, bnb_sharded: Path, tiny_llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from adapterhub_cli.merge import bnb
-    from adapterhub_cli.stores.hf import hub as hub_module
+    from adapterhub_cli.stores.hf import pull as hub_module
+    from adapterhub_cli.stores.records import Resolved
 
     ah.push(bnb_sharded, "org/llama-bnb", version="1.0.0")
     local = ah.merge(tiny_llama_lora, base=bnb_sharded, out=tmp_path / "local")
     events: list[str] = []
     fetch_file, logical_view = hub_module.fetch_file, bnb.logical_view
 
-    def fetch_spy(resolved: hub_module.Resolved, name: str, **kw: Any) -> Path:
+    def fetch_spy(resolved: Resolved, name: str, **kw: Any) -> Path:
         if name.endswith(".safetensors"):
             events.append(name)
         return fetch_file(resolved, name, **kw)

@@ -1,17 +1,23 @@
-"""Adapter references: a local path or a Hub repo with an optional revision, and semantic versions.
+"""Adapter references, the one ref / repo-id grammar: a local path, or a repo in a store with an optional revision;
+and semantic versions with their ranges.
 
-    AdapterRef.parse("org/name@v1.2.0")   # a tag
+    AdapterRef.parse("org/name@v1.2.0")   # a tag on the Hub
     AdapterRef.parse("org/name@latest")   # the highest semver tag
     AdapterRef.parse("org/name@^1.2")     # the highest tag in [1.2.0, 2.0.0)
     AdapterRef.parse("hf://org/name@main")
+    AdapterRef.parse("file:///srv/adapters/org/name@~1.2")   # a local directory registry
+    AdapterRef.parse("s3://bucket/org/name@1.2.0")           # a plugin store's scheme
     AdapterRef.parse("./my-lora")         # a local folder or file
 
-A string that names an existing local path is always local; ``hf://`` forces a Hub ref.
+A string that names an existing local path is always local; ``hf://`` forces a Hub ref, and any other
+``scheme://`` names the store registered under that scheme (which stores exist is the stores' business, not
+this module's).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import total_ordering
 from pathlib import Path
@@ -20,8 +26,13 @@ from adapterhub_cli.errors import UsageError
 
 
 HF_SCHEME = "hf://"
+FILE_SCHEME = "file://"
+#: the store name of Hub refs (``hf://`` or bare ``org/name``) and of local registry refs (``file://``)
+HF, FILE = "hf", "file"
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?"
+_NAME_RE = re.compile(rf"^{_NAME}$")
 _REPO_ID = re.compile(rf"^{_NAME}/{_NAME}$")
+_STORE_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<body>.*)$", re.DOTALL)
 _HF_REPO_ID = re.compile(rf"^(?:{_NAME}/)?{_NAME}$")  # hf:// also accepts a legacy one-part id ("gpt2")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _SEMVER = re.compile(
@@ -107,12 +118,24 @@ def in_range(v: Version, bounds: tuple[Version, Version]) -> bool:
     return low <= v < high and (v.pre is None or low.pre is not None)
 
 
+def is_repo_id(text: object) -> bool:
+    """Whether ``text`` is a two-part repo id ``org/name`` (what the Hub accepts as ``base_model``)."""
+    return isinstance(text, str) and _REPO_ID.match(text) is not None
+
+
+def is_name(text: object) -> bool:
+    """Whether ``text`` is one part of a repo id (an org or a repo name): letters, digits, ``._-``, no separator."""
+    return isinstance(text, str) and _NAME_RE.match(text) is not None and text not in (".", "..")
+
+
 @dataclass(frozen=True)
 class AdapterRef:
-    """Where an adapter (or a base model) lives: a local ``path``, or a Hub ``repo_id`` at ``revision``.
+    """Where an adapter (or a base model) lives: a local ``path``, or ``repo_id`` at ``revision`` in a store.
 
     ``revision`` is kept as written: a tag (``v1.2.0``), a bare version (``1.2.0``), ``latest``, a range
     (``^1.2``, ``~1.2``, ``1``), a branch or a 40-hex commit; None means the default branch.
+    ``store`` is ``hf`` for the Hub (None reads the same), ``file`` for a local registry (``root`` is then its
+    folder), or a plugin store's scheme (``repo_id`` is then everything between ``scheme://`` and ``@``).
     ``str(ref)`` gives back the text it was parsed from (``hf://`` included when it was given).
     """
 
@@ -120,13 +143,15 @@ class AdapterRef:
     revision: str | None = None
     path: str | None = None
     scheme: bool = False
+    store: str | None = None
+    root: str | None = None
 
     @classmethod
     def parse(cls, text: str | Path) -> AdapterRef:
-        """Parse a path or a Hub ref; an existing local path wins over a Hub ref of the same spelling.
+        """Parse a path or a store ref; an existing local path wins over a Hub ref of the same spelling.
 
         Raises:
-            UsageError: an ``hf://`` ref whose repo id or revision is malformed.
+            UsageError: an ``hf://`` or ``file://`` ref whose repo id or revision is malformed.
         """
         if isinstance(text, Path):
             return cls(path=str(text))
@@ -135,23 +160,56 @@ class AdapterRef:
             repo, rev = _split(raw[len(HF_SCHEME) :])
             if not _HF_REPO_ID.match(repo) or rev == "":
                 raise UsageError(f"{text!r} is not a Hub ref", hint="write hf://ORG/NAME[@REVISION]")
-            return cls(repo_id=repo, revision=rev, scheme=True)
+            return cls(repo_id=repo, revision=rev, scheme=True, store=HF)
+        if raw.startswith(FILE_SCHEME):
+            return cls.registry(raw[len(FILE_SCHEME) :], shown=text)
+        m = _STORE_SCHEME.match(raw)
+        if m is not None:
+            body, rev = _split(m["body"])
+            if not body or rev == "":
+                raise UsageError(f"{text!r} is not a store ref", hint=f"write {m['scheme']}://REPO[@REVISION]")
+            return cls(repo_id=body, revision=rev, scheme=True, store=m["scheme"])
         if raw.startswith(("./", "../", "/", "~", ".\\")) or Path(raw).expanduser().exists():
             return cls(path=raw)
         repo, rev = _split(raw)
         if _REPO_ID.match(repo) and rev != "":
-            return cls(repo_id=repo, revision=rev)
+            return cls(repo_id=repo, revision=rev, store=HF)
         return cls(path=raw)
+
+    @classmethod
+    def registry(cls, location: str, *, shown: str | None = None) -> AdapterRef:
+        """A local registry ref from ``/ROOT/ORG/NAME[@REVISION]`` (the part after ``file://``, or a bare path
+        below a registered store root): ``root`` is ``/ROOT``, ``repo_id`` is ``ORG/NAME``.
+
+        Raises:
+            UsageError: not an absolute path, or ORG / NAME not plain names (no ``..``, no separators).
+        """
+        where, rev = _split(location)
+        parts = where.split("/")
+        root = "/".join(parts[:-2]) or "/"
+        if not where.startswith("/") or len(parts) < 4 or not all(map(is_name, parts[-2:])) or rev == "":
+            raise UsageError(
+                f"{shown or location!r} is not a local registry ref",
+                hint="write file:///ROOT/ORG/NAME[@VERSION], e.g. file:///srv/adapters/acme/lora@^1.2",
+            )
+        if any(p in (".", "..") for p in parts[1:-2]):
+            raise UsageError(f"{shown or location!r}: the registry root may not contain '.' or '..'")
+        return cls(repo_id="/".join(parts[-2:]), revision=rev, scheme=True, store=FILE, root=root)
 
     @property
     def is_hub(self) -> bool:
-        return self.repo_id is not None
+        return self.repo_id is not None and self.store in (None, HF)
+
+    @property
+    def store_name(self) -> str | None:
+        """The store this ref names (``hf``, ``file``, a plugin's scheme), None for a local path."""
+        return None if self.repo_id is None else (self.store or HF)
 
     @property
     def kind(self) -> str:
         """``local``, ``default`` (no revision), ``commit``, ``latest``, ``range``, ``version`` or ``name``
         (a tag or branch spelled out)."""
-        if not self.is_hub:
+        if self.repo_id is None:
             return "local"
         rev = self.revision
         if rev is None:
@@ -167,16 +225,74 @@ class AdapterRef:
         return "name"
 
     @property
-    def display(self) -> str:
-        """``org/name@rev`` without the scheme (what a user would type)."""
-        if not self.is_hub:
+    def repo_ref(self) -> str:
+        """The repo without a revision, as this ref writes it: ``org/name``, ``file:///srv/adapters/org/name``."""
+        if self.repo_id is None:
             return str(self.path)
-        return f"{self.repo_id}@{self.revision}" if self.revision else str(self.repo_id)
+        if self.is_hub:
+            return (HF_SCHEME if self.scheme else "") + self.repo_id
+        if self.store == FILE:
+            return f"{FILE_SCHEME}{(self.root or '').rstrip('/')}/{self.repo_id}"
+        return f"{self.store}://{self.repo_id}"
+
+    @property
+    def display(self) -> str:
+        """``org/name@rev`` without the Hub's scheme (what a user would type); other stores keep theirs."""
+        if self.repo_id is None:
+            return str(self.path)
+        repo = self.repo_id if self.is_hub else self.repo_ref
+        return f"{repo}@{self.revision}" if self.revision else repo
+
+    def with_revision(self, revision: str | None) -> AdapterRef:
+        """The same repo at another revision."""
+        return AdapterRef(self.repo_id, revision, self.path, self.scheme, self.store, self.root)
 
     def __str__(self) -> str:
-        if not self.is_hub:
+        if self.repo_id is None:
             return str(self.path)
-        return (HF_SCHEME if self.scheme else "") + self.display
+        return (HF_SCHEME if self.scheme and self.is_hub else "") + self.display
+
+
+def hub_ref(ref: AdapterRef | str) -> AdapterRef:
+    """``ref`` as a Hub ref; a string is one even where a local path of that name exists (pull, push, versions).
+
+    Raises:
+        UsageError: ``ref`` is not a Hub repo ref.
+    """
+    parsed = ref if isinstance(ref, AdapterRef) else AdapterRef.parse(ref)
+    if isinstance(ref, str) and parsed.repo_id is None:
+        try:
+            parsed = AdapterRef.parse(HF_SCHEME + ref)
+        except UsageError:
+            pass
+    if not parsed.is_hub or parsed.repo_id is None:
+        raise UsageError(f"{ref} is not a Hub repo ref", hint="write ORG/NAME[@VERSION] or hf://ORG/NAME[@REVISION]")
+    return parsed
+
+
+def pick_tag(tags: Iterable[str], ref: AdapterRef) -> str | None:
+    """The tag ``ref`` selects among ``tags``: the exact name, the same semver (``1.2.0`` finds ``v1.2.0``), or the
+    highest release in a range / for ``latest``. None when nothing matches or ``ref`` does not select by tag."""
+    names = list(tags)
+    rev, kind = ref.revision, ref.kind
+    if rev is None:
+        return None
+    if rev in names:
+        return rev
+    parsed = {name: v for name in names if (v := Version.parse(name)) is not None}
+    if kind == "version":
+        want = Version.parse(rev)
+        return next((n for n, v in sorted(parsed.items(), key=lambda x: x[0]) if v == want), None)
+    if kind == "latest":
+        releases = {n: v for n, v in parsed.items() if v.pre is None}
+        return max(releases, key=lambda n: releases[n]) if releases else None
+    if kind == "range":
+        bounds = version_range(rev)
+        if bounds is None:
+            return None
+        hits = {n: v for n, v in parsed.items() if in_range(v, bounds)}
+        return max(hits, key=lambda n: hits[n]) if hits else None
+    return None
 
 
 def is_hub_ref(source: object) -> bool:
@@ -185,10 +301,12 @@ def is_hub_ref(source: object) -> bool:
         return source.is_hub
     if not isinstance(source, str):
         return False
+    if source.strip().startswith(FILE_SCHEME):
+        return False
     try:
         return AdapterRef.parse(source).is_hub
     except UsageError:
-        return True  # a malformed hf:// ref: let the Hub code report it
+        return source.strip().startswith(HF_SCHEME)  # a malformed hf:// ref: let the Hub code report it
 
 
 def _split(text: str) -> tuple[str, str | None]:

@@ -19,23 +19,20 @@ a local registry).
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.ref import AdapterRef, Version
-from adapterhub_cli.errors import UsageError
+from adapterhub_cli.stores.records import PullResult, PushResult, Resolved, StoreFile, VersionInfo
+from adapterhub_cli.stores.registry import find_store, get_store, stores
 
 
 if TYPE_CHECKING:
     from adapterhub_cli.artifact.adapter import Adapter
     from adapterhub_cli.artifact.checkpoint import BaseView
     from adapterhub_cli.artifact.safetensors import SafetensorsHeader
-
-_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
 
 __all__ = [
     "PullResult",
@@ -48,119 +45,6 @@ __all__ = [
     "get_store",
     "stores",
 ]
-
-
-# ------------------------------------------------------------------------------------------ results
-
-
-@dataclass(frozen=True)
-class StoreFile:
-    """A file of a published version: its name (relative, ``/``-separated), size and sha256 when the store
-    knows them (the Hub knows the sha256 of LFS files only; ``blob_id`` is then its git blob sha1)."""
-
-    name: str
-    size: int | None = None
-    sha256: str | None = None
-    blob_id: str | None = None
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """A ref resolved to one immutable version of a repo in a store.
-
-    Attributes:
-        store: the store's name (``hf``, ``file``, a plugin's).
-        repo_id: the repo inside the store (``org/name``).
-        requested: the revision as written (``^1.2``, ``v1.2.0``, ``main``), None for the default.
-        commit: the immutable id of the version: a git commit on the Hub, the manifest's sha256 in a
-            local registry. The same id always names the same bytes.
-        tag: the version tag the ref was resolved through (``v1.2.0``), None when not through a version.
-        files: every file of the version, by name.
-        root: what is written before ``repo_id`` in this store's refs: ``""`` for the Hub's bare
-            ``org/name``, ``file:///srv/adapters/`` for a local registry, ``s3://bucket/`` for a plugin's.
-    """
-
-    store: str
-    repo_id: str
-    requested: str | None
-    commit: str
-    tag: str | None
-    files: Mapping[str, StoreFile]
-    root: str = ""
-
-    @property
-    def pinned(self) -> str:
-        """``repo_id@<immutable id>`` (without the store's root)."""
-        return f"{self.repo_id}@{self.commit}"
-
-    @property
-    def label(self) -> str:
-        """What a user reads: ``org/name@v1.2.0`` when found through a tag (tags are never moved), else
-        ``org/name@<id>``, prefixed by the store's root when it has one."""
-        return f"{self.root}{self.repo_id}@{self.tag or self.commit}"
-
-    @property
-    def uri(self) -> str:
-        """The ref that names exactly this version in any later run: ``hf://org/name@<commit>``,
-        ``file:///srv/adapters/org/name@<id>`` (what provenance records)."""
-        return f"{self.root or self.store + '://'}{self.repo_id}@{self.commit}"
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """One published version (tag) of a repo: its tag, semver (None for other tags), immutable id, date
-    and message."""
-
-    tag: str
-    version: str | None
-    commit: str
-    date: str | None
-    title: str
-    message: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class PushResult:
-    """What a push published: ``ref`` (``org/name@v1.3.0``) names it from now on."""
-
-    repo_id: str
-    version: str
-    tag: str
-    commit: str
-    ref: str
-    url: str
-    files: list[str]
-    validated_against: str | None = None
-    warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class PullResult:
-    """Where a pull put the files (a folder ``out``, or the store's own verified copy) and what it pinned."""
-
-    path: Path
-    repo_id: str
-    requested: str | None
-    commit: str
-    tag: str | None
-    files: dict[str, str]  # name -> sha256 of the local file
-    root: str = field(default="", repr=False)
-
-    @property
-    def pinned(self) -> str:
-        return f"{self.root}{self.repo_id}@{self.commit}"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("root")
-        d["path"] = str(self.path)
-        return d
 
 
 # ------------------------------------------------------------------------------------------ the interface
@@ -188,6 +72,11 @@ class Store(ABC):
         """This store bound to per-call options (the Hub takes ``api`` and ``token``); options it does not
         know are ignored. The default ignores them all and returns ``self``."""
         return self
+
+    def where(self, resolved: Resolved) -> Path:
+        """The path messages and reports name a version's files under (``adapter.path`` of an opened adapter):
+        ``org/name@v1.2.0`` by default (:attr:`Resolved.label`)."""
+        return Path(resolved.label)
 
     # ---------------------------------------------------------------------------------- primitives
 
@@ -319,57 +208,3 @@ class Store(ABC):
         from adapterhub_cli.stores.publish import pull_version
 
         return pull_version(self, ref, out=out, allow_pickle=allow_pickle, overwrite=overwrite)
-
-
-# ------------------------------------------------------------------------------------------ registry
-
-
-def stores() -> dict[str, Store]:
-    """Every registered store by name, in registration order (built-ins first), collected through the
-    ``adapters_register_stores`` hook of the built-in and entry-point plugins (and of plugins registered at
-    run time, so nothing is cached)."""
-    from adapterhub_cli.errors import PluginError
-    from adapterhub_cli.plugins.manager import collect
-
-    found = collect("adapters_register_stores")
-    for name, store in found.items():
-        if not isinstance(store, Store):
-            raise PluginError(f"store {name!r} is a {type(store).__name__}, not an adapterhub_cli Store")
-    return found
-
-
-def find_store(ref: object) -> Store | None:
-    """The store whose :meth:`Store.handles` accepts ``ref``, or None for a local path.
-
-    Raises:
-        UsageError: ``ref`` has a scheme (``x://``) that no registered store handles; the message lists them.
-    """
-    if isinstance(ref, AdapterRef):
-        ref = str(ref)
-    if not isinstance(ref, str):
-        return None
-    for store in stores().values():
-        if store.handles(ref):
-            return store
-    m = _SCHEME.match(ref.strip())
-    if m is not None:
-        known = ", ".join(f"{s.name}:// ({s.description})" for s in stores().values())
-        raise UsageError(
-            f"no store handles {m['scheme']}:// refs ({ref})",
-            hint=f"known stores: {known}; a plugin can add one through adapters_register_stores",
-        )
-    return None
-
-
-def get_store(ref: object) -> Store:
-    """The store for ``ref``.
-
-    Raises:
-        UsageError: no store handles ``ref`` (an unknown scheme, or a local path); the message lists the known
-            stores.
-    """
-    store = find_store(ref)
-    if store is None:
-        known = ", ".join(f"{s.name} ({s.description})" for s in stores().values())
-        raise UsageError(f"{ref} is not a store ref", hint=f"known stores: {known}")
-    return store

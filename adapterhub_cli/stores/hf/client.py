@@ -15,8 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from adapterhub_cli.artifact.ref import AdapterRef
-from adapterhub_cli.errors import HubAuthError, HubError, HubNotFoundError, UsageError
+from adapterhub_cli.errors import HubAuthError, HubError, HubNotFoundError
 
 
 if TYPE_CHECKING:
@@ -27,8 +26,6 @@ T = TypeVar("T")
 #: Attempts after the first for a transient failure, and the first pause (doubled each time, at most 8 s).
 RETRIES = 4
 BACKOFF_SECONDS = 0.5
-CARD_NAME = "README.md"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
 
@@ -222,16 +219,3 @@ def retrying(fn: Callable[[], T], translate: Callable[[BaseException], HubError 
 
 def connect(repo_id: str, api: HfApi | None, token: str | None) -> Client:
     return Client(get_api(api), token, repo_id)
-
-
-def as_hub_ref(ref: AdapterRef | str) -> AdapterRef:
-    """``ref`` as a Hub ref; a string is one even where a local path of that name exists (pull, push, versions)."""
-    parsed = ref if isinstance(ref, AdapterRef) else AdapterRef.parse(ref)
-    if not parsed.is_hub and isinstance(ref, str):
-        try:
-            parsed = AdapterRef.parse(ref if ref.startswith("hf://") else "hf://" + ref)
-        except UsageError:
-            pass
-    if not parsed.is_hub or parsed.repo_id is None:
-        raise UsageError(f"{ref} is not a Hub repo ref", hint="write ORG/NAME[@VERSION] or hf://ORG/NAME[@REVISION]")
-    return parsed

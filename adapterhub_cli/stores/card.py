@@ -1,13 +1,14 @@
-"""Model cards for adapters this tool writes: Hub metadata (base_model, library_name: peft) and the lineage."""
+"""Model cards of published versions: Hub metadata (base_model, library_name: peft) and the lineage.
+
+Every store publishes the same card, so a version copied from a local registry to the Hub (or back) carries it.
+"""
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+from adapterhub_cli.artifact.ref import is_repo_id
 
 
 CARD_START = "<!-- adapterhub-cli:card:start -->"
@@ -29,8 +30,10 @@ def hub_card(
     repo_id: str,
     version: str,
     sha256: dict[str, str],
+    repo_ref: str | None = None,
 ) -> str:
-    """README.md for a Hub push: the existing card (if any) with its Hub metadata set and our section updated.
+    """README.md for a push (``repo_ref``: how refs name the repo when it is not on the Hub, e.g.
+    ``file:///srv/adapters/org/name``): the existing card (if any) with its Hub metadata set and our section updated.
 
     Front matter: ``base_model``, ``base_model_relation`` (``adapter`` or ``merge``), ``library_name`` (``peft``
     for an adapter) and tags. The section between the adapterhub-cli markers (replaced on each push; the rest
@@ -47,14 +50,16 @@ def hub_card(
     if base_model:
         data["base_model"] = base_model
     else:  # the Hub accepts only repo ids: drop a local path another tool put there (PEFT writes one)
-        kept = [b for b in _as_list(data.get("base_model")) if _REPO_ID.match(b)]
+        kept = [b for b in _as_list(data.get("base_model")) if is_repo_id(b)]
         data["base_model"] = (kept[0] if len(kept) == 1 else kept) or None
-    tags = [t for t in data.get("tags") or [] if not t.startswith("base_model:") or _REPO_ID.match(t.split(":")[-1])]
+    tags = [t for t in data.get("tags") or [] if not t.startswith("base_model:") or is_repo_id(t.split(":")[-1])]
     data["tags"] = tags
     data["base_model_relation"] = relation if data.get("base_model") else None  # meaningless without a base
     data["library_name"] = "peft" if relation == "adapter" else (data.get("library_name") or "transformers")
     data["tags"] = list(dict.fromkeys([*(data.get("tags") or []), *_CARD_TAGS]))
-    section = _hub_section(adapter, config, relation, base_model, repo_id, version, sha256)
+    section = _hub_section(
+        adapter, config, relation, base_model, repo_ref or repo_id, version, sha256, repo_ref is None
+    )
     body = card.text
     if CARD_START in body and CARD_END in body:
         before, rest = body.split(CARD_START, 1)
@@ -75,6 +80,7 @@ def _hub_section(
     repo_id: str,
     version: str,
     sha256: dict[str, str],
+    on_hub: bool = True,
 ) -> str:
     from adapterhub_cli.artifact.provenance import read_provenance
 
@@ -82,7 +88,16 @@ def _hub_section(
     what = "LoRA adapter" if relation == "adapter" else "model merged with LoRA adapters"
     base = f" for [`{base_model}`](https://huggingface.co/{base_model})" if base_model else ""
     lines = [CARD_START, f"# {repo_id} {tag}", "", f"A {what}{base}, published with adapterhub-cli.", ""]
-    if relation == "adapter":
+    if not on_hub:
+        use = ["import adapterhub_cli as ah", "", f'lora = ah.load("{repo_id}@{tag}")  # config and headers only']
+        if relation != "adapter":
+            use = [
+                "from transformers import AutoModel",
+                "",
+                f"# adapters pull {repo_id}@{tag} -o ./model",
+                'model = AutoModel.from_pretrained("./model")',
+            ]
+    elif relation == "adapter":
         use = [
             "import adapterhub_cli as ah",
             "from peft import PeftModel",
