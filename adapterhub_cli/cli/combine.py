@@ -8,7 +8,7 @@ import click
 
 from adapterhub_cli.cli._output import out
 from adapterhub_cli.cli._params import json_option, output_options, parse_weights
-from adapterhub_cli.ops.combine import METHODS
+from adapterhub_cli.cli.plugins import method_choice
 
 
 @click.command("combine")
@@ -20,17 +20,18 @@ from adapterhub_cli.ops.combine import METHODS
 )
 @click.option(
     "--method",
-    type=click.Choice(METHODS),
+    type=method_choice(),
     default="cat",
     show_default=True,
     help="cat: exact sum (rank = sum of ranks). linear / svd: the exact sum compressed optimally to "
-    "--rank. ties / dare_linear / dare_ties / magnitude_prune: element-wise per module, then rank k.",
+    "--rank. ties / dare_linear / dare_ties / magnitude_prune: element-wise per module, then rank k. "
+    "Plugins add more; `adapters plugins` lists every method with its options and reference.",
 )
 @click.option("--rank", type=click.IntRange(min=1), help="Output rank (default: the largest input rank).")
 @click.option(
     "--density",
     type=click.FloatRange(0, 1, min_open=True),
-    help="Fraction of entries kept by ties / dare / magnitude_prune.",
+    help="Fraction of entries kept by ties / dare / magnitude_prune (and methods that take it).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random drop.")
 @click.option("--force", is_flag=True, help="Combine adapters that declare different base models.")

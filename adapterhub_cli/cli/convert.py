@@ -6,11 +6,18 @@ import click
 
 from adapterhub_cli.cli._output import out
 from adapterhub_cli.cli._params import json_option
+from adapterhub_cli.cli.plugins import writable_format_choice
 
 
 @click.command("convert")
 @click.argument("adapter")
-@click.option("--to", "to", type=click.Choice(["peft", "kohya", "diffusers"]), required=True, help="Layout to write.")
+@click.option(
+    "--to",
+    "to",
+    type=writable_format_choice(),
+    required=True,
+    help="Layout to write: a registered format that can write (plugins add more; `adapters plugins` lists them).",
+)
 @click.option(
     "--base",
     help="Base checkpoint whose tensor names map kohya names to modules (a diffusers pipeline folder, a component "
@@ -31,7 +38,8 @@ from adapterhub_cli.cli._params import json_option
     "-o",
     "--output",
     required=True,
-    help="Output: a folder for peft and diffusers, a .safetensors file for kohya (written atomically).",
+    help="Output: a folder for peft and diffusers, a .safetensors file for kohya, what the format writes for "
+    "others (written atomically).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
 @json_option
@@ -46,7 +54,7 @@ def convert_cmd(
     overwrite: bool,
     as_json: bool,
 ) -> None:
-    """Convert ADAPTER between PEFT, kohya (sd-scripts) and diffusers layouts, losslessly.
+    """Convert ADAPTER between PEFT, kohya (sd-scripts), diffusers and plugin layouts, losslessly.
 
     Factors keep their bytes and dtypes and alpha stays its own scalar; names are mapped through the base
     model's own tensor names, checked by shape. `--to kohya` writes one .safetensors file; `--to peft` and

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 import click
 
@@ -13,7 +13,21 @@ from adapterhub_cli.cli._output import out
 
 
 class AdaptersGroup(click.Group):
-    """The root group: known errors become one message and exit status 2; ADAPTERS_DEBUG=1 re-raises them."""
+    """The root group: known errors become one message and exit status 2; ADAPTERS_DEBUG=1 re-raises them.
+
+    While plugins add their commands, ``adding_for`` names the plugin: a command name already taken (by a
+    built-in, or an earlier plugin) is refused with a warning rather than replaced.
+    """
+
+    adding_for: str | None = None
+    refused: list[str]
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        name = name or cmd.name
+        if self.adding_for is not None and name in self.commands:
+            self.refused.append(f"plugin {self.adding_for!r}: command {name!r} already exists; ignored")
+            return
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -29,8 +43,19 @@ class AdaptersGroup(click.Group):
 
 
 def build_cli() -> click.Group:
-    """A fresh root group with the built-in and plugin commands attached."""
-    from adapterhub_cli.plugins.manager import load_errors, load_plugins, pm
+    """A fresh root group with the built-in and plugin commands attached.
+
+    The built-in commands (:mod:`adapterhub_cli.cli.commands`) are a plugin registered here, through the
+    same ``adapters_register_commands`` hook third parties use; built-ins add their commands first.
+    """
+    from adapterhub_cli.cli import commands
+    from adapterhub_cli.plugins.manager import (
+        implementations,
+        is_builtin,
+        load_errors,
+        load_plugins,
+        register_builtin,
+    )
 
     @click.group(cls=AdaptersGroup, context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(__version__, prog_name="adapters")
@@ -39,12 +64,23 @@ def build_cli() -> click.Group:
 
         Exit status: 0 success, 1 problems found (validate), 2 bad input or usage.
         """
-        for message in load_errors:
+        for message in [*load_errors, *group.refused]:
             out.warn(message)
 
+    group = cast(AdaptersGroup, cli)
+    group.refused = []
     load_plugins()
-    pm.hook.adapters_register_commands(cli=cli)
-    return cli
+    register_builtin(commands, commands.__name__)
+    for plugin_name, call in implementations("adapters_register_commands"):
+        group.adding_for = plugin_name
+        try:
+            call(cli=group)
+        except Exception as e:  # a broken third-party plugin must not take the CLI down
+            if is_builtin(plugin_name):
+                raise
+            group.refused.append(f"plugin {plugin_name!r} failed to add its commands: {type(e).__name__}: {e}")
+    group.adding_for = None
+    return group
 
 
 def main() -> None:

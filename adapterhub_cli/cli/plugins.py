@@ -1,6 +1,9 @@
-"""`adapters plugins`."""
+"""`adapters plugins`, and the option type whose choices come from the plugin registries."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import click
 
@@ -8,20 +11,78 @@ from adapterhub_cli.cli._output import out
 from adapterhub_cli.cli._params import json_option
 
 
+class RegistryChoice(click.Choice):
+    """A ``click.Choice`` whose choices are read from a registry when first needed (parsing, help, completion),
+    not when the command is built: plugins registered later count, and building the CLI collects nothing."""
+
+    def __init__(self, names: Callable[[], Iterable[str]], what: str) -> None:
+        super().__init__((), case_sensitive=True)
+        self._names = names
+        self._what = what
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value: Any) -> None:  # click's __init__ assigns the (empty) static choices
+        pass
+
+    def get_invalid_choice_message(self, value: Any, ctx: click.Context | None) -> str:
+        return f"unknown {self._what} {value!r}; known: {', '.join(self.choices)}"
+
+    def __repr__(self) -> str:
+        return f"RegistryChoice({self._what})"
+
+
+def method_choice() -> RegistryChoice:
+    """The registered combine methods."""
+
+    def names() -> list[str]:
+        from adapterhub_cli.ops.methods import method_names
+
+        return method_names()
+
+    return RegistryChoice(names, "combine method")
+
+
+def writable_format_choice() -> RegistryChoice:
+    """The registered formats that can write."""
+
+    def names() -> list[str]:
+        from adapterhub_cli.formats import writable_formats
+
+        return list(writable_formats())
+
+    return RegistryChoice(names, "format to write")
+
+
 @click.command("plugins")
 @json_option
 def plugins_cmd(as_json: bool) -> None:
-    """List loaded plugins, where they come from, their hooks, and the formats they provide."""
+    """List loaded plugins, where they come from, their hooks, and the formats and combine methods they provide."""
     from adapterhub_cli.formats import get_formats
+    from adapterhub_cli.ops.methods import methods
     from adapterhub_cli.plugins.manager import list_plugins, load_errors
 
     plugins = list_plugins()
     formats = get_formats()
+    combine_methods = methods()
     if as_json:
         out.json(
             {
                 "plugins": [vars(p) for p in plugins],
                 "formats": {n: f.description for n, f in formats.items()},
+                "writable_formats": [n for n, f in formats.items() if callable(getattr(f, "write", None))],
+                "methods": {
+                    n: {
+                        "description": m.description,
+                        "reference": m.reference,
+                        "params": list(m.params),
+                        "plugin": m.plugin,
+                    }
+                    for n, m in combine_methods.items()
+                },
                 "errors": load_errors,
             }
         )
@@ -30,7 +91,11 @@ def plugins_cmd(as_json: bool) -> None:
     for p in plugins:
         t.add_row(p.name, p.source, ", ".join(p.hooks))
     out.print(t)
-    f = out.table("formats", "name", "description")
+    f = out.table("formats", "name", "writes", "description")
     for name, fmt in formats.items():
-        f.add_row(name, fmt.description)
+        f.add_row(name, "yes" if callable(getattr(fmt, "write", None)) else "", fmt.description)
     out.print(f)
+    m = out.table("combine methods", "name", "options", "description", "reference")
+    for name, method in combine_methods.items():
+        m.add_row(name, ", ".join(method.params), method.description, method.reference or "")
+    out.print(m)

@@ -1,20 +1,91 @@
-"""Built-in formats."""
+"""The built-in formats, registered through ``adapters_register_formats`` like any plugin's.
+
+PEFT, kohya and diffusers read and write; LyCORIS is read (to be recognised and refused or folded). Writing
+is a rename plus one scalar per module: factors keep their bytes and dtypes, alpha stays its own number.
+What one layout holds and the other cannot (kohya's alpha dtypes and ``ss_*`` / ``modelspec.*`` metadata,
+PEFT's full config) travels in the output's metadata, so a round trip gives back the original names,
+alphas, metadata and config while the factors are unchanged.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from adapterhub_cli.formats.diffusers import DiffusersFormat
-from adapterhub_cli.formats.kohya import KohyaFormat
+from adapterhub_cli.artifact.adapter import Adapter
+from adapterhub_cli.errors import UsageError
+from adapterhub_cli.formats.diffusers import DiffusersFormat, write_diffusers
+from adapterhub_cli.formats.kohya import KOHYA_STASH_KEY, KohyaFormat, kohya_stash, write_kohya
 from adapterhub_cli.formats.lycoris import LycorisFormat
-from adapterhub_cli.formats.peft import PeftFormat
+from adapterhub_cli.formats.peft import PeftFormat, peft_key, write_peft
 from adapterhub_cli.plugins.hookspecs import hookimpl
+
+
+class PeftWriter(PeftFormat):
+    """The PEFT format, writing any adapter as a folder that ``PeftModel.from_pretrained`` loads."""
+
+    def write(
+        self, adapter: Adapter, path: Path, *, overwrite: bool = False, provenance: dict[str, Any] | None = None
+    ) -> Path:
+        keys = [k for m in adapter.modules.values() for k in (m.A.name, m.B.name)]
+        keys += [m.magnitude.name for m in adapter.modules.values() if m.magnitude is not None]
+        loaded = adapter.source.load(keys)
+        tensors = {}
+        for m in adapter.modules.values():
+            tensors[peft_key(m.name, "lora_A")] = loaded[m.A.name]
+            tensors[peft_key(m.name, "lora_B")] = loaded[m.B.name]
+            if m.magnitude is not None:
+                tensors[peft_key(m.name, "lora_magnitude_vector")] = loaded[m.magnitude.name]
+        if adapter.extra_tensors:
+            extra = adapter.source.load(list(adapter.extra_tensors))
+            tensors.update({f"base_model.model.{k}": v for k, v in extra.items()})
+        metadata: dict[str, str] = {}
+        stash = kohya_stash(adapter)
+        if stash is not None:
+            metadata[KOHYA_STASH_KEY] = json.dumps(stash, sort_keys=True)
+        elif KOHYA_STASH_KEY in adapter.metadata:
+            metadata[KOHYA_STASH_KEY] = adapter.metadata[KOHYA_STASH_KEY]
+        return write_peft(
+            path,
+            config=dict(adapter.config.raw),
+            tensors=tensors,
+            provenance=provenance or {},
+            overwrite=overwrite,
+            metadata=metadata,
+        )
+
+
+class KohyaWriter(KohyaFormat):
+    """The kohya format, writing one ``.safetensors`` file (names checked against ``base`` when given)."""
+
+    def write(
+        self,
+        adapter: Adapter,
+        path: Path,
+        *,
+        base: str | Path | None = None,
+        overwrite: bool = False,
+        provenance: dict[str, Any] | None = None,
+    ) -> Path:
+        if Path(path).suffix != ".safetensors":
+            raise UsageError(f"a kohya LoRA is one .safetensors file; got -o {path}")
+        return write_kohya(adapter, path, base=base, overwrite=overwrite, provenance=provenance)
+
+
+class DiffusersWriter(DiffusersFormat):
+    """The diffusers format, writing a folder with ``pytorch_lora_weights.safetensors``."""
+
+    def write(
+        self, adapter: Adapter, path: Path, *, overwrite: bool = False, provenance: dict[str, Any] | None = None
+    ) -> Path:
+        return write_diffusers(adapter, path, provenance=provenance, overwrite=overwrite)
 
 
 @hookimpl
 def adapters_register_formats(register: Callable[[Any], None]) -> None:
-    register(PeftFormat())
-    register(KohyaFormat())
-    register(DiffusersFormat())
+    register(PeftWriter())
+    register(KohyaWriter())
+    register(DiffusersWriter())
     register(LycorisFormat())

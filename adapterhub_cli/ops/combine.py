@@ -1,15 +1,13 @@
 """Combining several adapters into one, module by module (one module's tensors in memory at a time).
 
-``cat`` is exact: the weighted sum of the updates as one LoRA whose rank is the sum of the ranks.
-``linear`` and ``svd`` are the same exact sum compressed to its optimal rank-k approximation (thin QR +
-core SVD); unlike PEFT's ``linear``, which adds the A's and the B's separately and so creates cross terms
-``B_i A_j``. ``ties``, ``dare_linear``, ``dare_ties`` and ``magnitude_prune`` act element-wise on each module's
-dense update (d_out x d_in), then the result is compressed to rank k by a dense SVD.
+The per-module math is a combine method from the registry (:mod:`adapterhub_cli.ops.methods`): the built-ins
+(``cat``, ``linear``, ``svd``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``, see
+:mod:`adapterhub_cli.ops.builtin_methods`) and any a plugin registers. This module checks that the inputs fit
+together, calls the method on each module and writes the result as one PEFT adapter with scale alpha / rank.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +16,9 @@ from typing import Any
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.preflight import require_valid
 from adapterhub_cli.artifact.provenance import provenance
-from adapterhub_cli.errors import IncompatibleBaseError, UsageError
+from adapterhub_cli.errors import IncompatibleBaseError, PluginError, UsageError
 from adapterhub_cli.formats.peft import peft_key, rank_layout, write_peft
-
-
-EXACT_METHODS = ("cat", "linear", "svd")
-DENSE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-METHODS = EXACT_METHODS + DENSE_METHODS
+from adapterhub_cli.ops.methods import CombineMethod, get_method
 
 
 @dataclass(frozen=True)
@@ -95,46 +89,35 @@ def combine_adapters(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> CombineResult:
-    """Write one adapter whose update, per module, is the ``method`` combination of the inputs' updates."""
+    """Write one adapter whose update, per module, is the ``method`` combination of the inputs' updates.
+
+    ``method`` names a registered combine method; ``rank``, ``density`` and ``seed`` go to the methods that take
+    them (a method that requires one it is not given is a :class:`UsageError`).
+    """
     import torch
 
-    from lora_ops import concat, dense_merge, reduce_rank, rescale
-
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    spec = get_method(method)
     if len(adapters) < 1 or len(weights) != len(adapters):
         raise UsageError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
-    if method in DENSE_METHODS and density is None:
-        raise UsageError(f"--density is required for {method}")
+    given = {"rank": rank, "density": density}
+    for option in spec.required:
+        if given.get(option) is None:
+            raise UsageError(f"--{option} is required for {method}")
     for a in adapters:
         require_valid(a)
     check_compatible(adapters, force=force)
     alpha = float(adapters[0].config.lora_alpha)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed) if "seed" in spec.params else None
     names = sorted({n for a in adapters for n in a.modules})
     tensors: dict[str, Any] = {}
     rows = []
     for i, name in enumerate(names):
-        members = [(a.factors(name), w) for a, w in zip(adapters, weights, strict=True) if name in a.modules]
-        exact = concat([f for f, _ in members], [w for _, w in members])
-        k_default = max(f.rank for f, _ in members)
-        if method == "cat":
-            result, k, err = rescale(exact, alpha / exact.rank), exact.rank, 0.0
-        elif method in ("linear", "svd"):
-            red = reduce_rank(exact, rank=rank or k_default, scale=lambda k: alpha / k)
-            result, k, err = red.factors, red.rank, red.rel_error
-        else:
-            assert density is not None
-            deltas = [w_f.scale * (w_f.B.float() @ w_f.A.float()) for w_f, _ in members]
-            merged = dense_merge(deltas, [w for _, w in members], method, density=density, generator=generator)
-            result, k, err = _dense_to_lora(merged, rank or k_default, alpha)
-        a_out, b_out = result.A.float(), result.B.float()
-        module = next(a.modules[name] for a in adapters if name in a.modules)
-        if module.kind == "conv":  # factors were flattened: A back to (k, in, kh, kw), B to (out, k, 1, 1)
-            a_out = a_out.reshape(a_out.shape[0], *module.A.shape[1:])
-            b_out = b_out.reshape(b_out.shape[0], b_out.shape[1], 1, 1)
-        tensors[peft_key(name, "lora_A")] = a_out.contiguous()
-        tensors[peft_key(name, "lora_B")] = b_out.contiguous()
+        members = [(a, w) for a, w in zip(adapters, weights, strict=True) if name in a.modules]
+        a_out, b_out, k, err = _combine_module(
+            spec, name, members, alpha=alpha, rank=rank, density=density, generator=generator
+        )
+        tensors[peft_key(name, "lora_A")] = a_out
+        tensors[peft_key(name, "lora_B")] = b_out
         rows.append(ModuleCombination(name, len(members), k, err))
         if progress:
             progress(i + 1, len(names))
@@ -156,15 +139,26 @@ def combine_adapters(
     return CombineResult(path=path, method=method, weights=list(weights), r=r, rank_pattern=rank_pattern, modules=rows)
 
 
-def _dense_to_lora(delta: Any, k: int, alpha: float) -> tuple[Any, int, float]:
-    """Optimal rank-k factors of a dense (d_out, d_in) update with scale alpha / k, and the relative error."""
-    import torch
+def _combine_module(
+    spec: CombineMethod, name: str, members: list[tuple[Adapter, float]], *, alpha: float, **context: Any
+) -> tuple[Any, Any, int, float]:
+    """One module combined by ``spec``: its PEFT-shaped A and B (float32, scale alpha / k), k, and the error."""
+    from lora_ops import rescale
 
-    from lora_ops import LoraFactors
-
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    k = max(1, min(k, s.numel()))
-    root = (s[:k] / (alpha / k)).sqrt()
-    total = float(s.square().sum())
-    err = 0.0 if total == 0 else math.sqrt(float(s[k:].square().sum()) / total)
-    return LoraFactors(A=root[:, None] * vh[:k], B=u[:, :k] * root, scale=alpha / k), k, err
+    factors = [a.factors(name) for a, _ in members]
+    combined = spec.combine(factors, [w for _, w in members], alpha=alpha, **context)
+    result, err = combined.factors, float(combined.rel_error)
+    if result.shape != factors[0].shape or result.A.dim() != 2 or result.rank < 1:
+        raise PluginError(
+            f"combine method {spec.name!r} (plugin {spec.plugin!r}) returned factors of shape "
+            f"{tuple(result.B.shape)} x {tuple(result.A.shape)} for module {name}, an update of {factors[0].shape}"
+        )
+    k = result.rank
+    if result.scale != alpha / k:
+        result = rescale(result, alpha / k)
+    a_out, b_out = result.A.float(), result.B.float()
+    module = members[0][0].modules[name]
+    if module.kind == "conv":  # factors were flattened: A back to (k, in, kh, kw), B to (out, k, 1, 1)
+        a_out = a_out.reshape(a_out.shape[0], *module.A.shape[1:])
+        b_out = b_out.reshape(b_out.shape[0], b_out.shape[1], 1, 1)
+    return a_out.contiguous(), b_out.contiguous(), k, err

@@ -1,26 +1,19 @@
-"""Conversion between LoRA file layouts: PEFT folders, kohya sd-scripts files and diffusers LoRA files.
+"""Conversion between LoRA file layouts: any registered format that can write (PEFT folders, kohya sd-scripts
+files, diffusers LoRA files, and those plugins add).
 
-Conversion is a rename plus one scalar per module: factors keep their bytes and dtypes, alpha stays its own
-number (never baked into the factors). What one layout holds and the other cannot (kohya's alpha dtype and
-``ss_*`` / ``modelspec.*`` metadata; PEFT's full config) travels in the output's metadata, so a round trip
-gives back the original names, alphas, metadata and config while the factors are unchanged.
+The writing is the target format's ``write`` (see :mod:`adapterhub_cli.formats.builtin` for the built-ins);
+this module resolves the target, records provenance and reports what was written.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.provenance import provenance
-from adapterhub_cli.errors import UsageError
-from adapterhub_cli.formats.kohya import KOHYA_STASH_KEY, kohya_stash, write_kohya
-from adapterhub_cli.formats.peft import peft_key, write_peft
-
-
-TARGETS = ("peft", "kohya", "diffusers")
+from adapterhub_cli.formats import get_writer, write_adapter
 
 
 @dataclass
@@ -37,50 +30,23 @@ class ConvertResult:
 def convert_adapter(
     adapter: Adapter, out: str | Path, *, to: str, base: str | Path | None = None, overwrite: bool = False
 ) -> ConvertResult:
-    """Write ``adapter`` in the layout ``to`` at ``out``: a ``peft`` folder, a ``kohya`` ``.safetensors`` file, or a
-    ``diffusers`` folder (``pytorch_lora_weights.safetensors``)."""
-    if to not in TARGETS:
-        raise UsageError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}")
+    """Write ``adapter`` at ``out`` in the registered format ``to`` (e.g. a ``peft`` folder, a ``kohya``
+    ``.safetensors`` file, a ``diffusers`` folder with ``pytorch_lora_weights.safetensors``).
+
+    Raises:
+        UnknownFormatError: ``to`` is not a registered format that can write; the message lists those that can.
+    """
+    fmt = get_writer(to)
     out = Path(out)
     params: dict[str, Any] = {"to": to}
     if base is not None:
         params["base"] = str(base)
     prov = provenance("convert", params, [adapter])
-    if to == "diffusers":
-        from adapterhub_cli.formats.diffusers import write_diffusers
-
-        write_diffusers(adapter, out, provenance=prov, overwrite=overwrite)
-    elif to == "kohya":
-        if out.suffix != ".safetensors":
-            raise UsageError(f"a kohya LoRA is one .safetensors file; got -o {out}")
-        write_kohya(adapter, out, base=base, overwrite=overwrite, provenance=prov)
-    else:
-        keys = [k for m in adapter.modules.values() for k in (m.A.name, m.B.name)]
-        keys += [m.magnitude.name for m in adapter.modules.values() if m.magnitude is not None]
-        loaded = adapter.source.load(keys)
-        tensors = {}
-        for m in adapter.modules.values():
-            tensors[peft_key(m.name, "lora_A")] = loaded[m.A.name]
-            tensors[peft_key(m.name, "lora_B")] = loaded[m.B.name]
-            if m.magnitude is not None:
-                tensors[peft_key(m.name, "lora_magnitude_vector")] = loaded[m.magnitude.name]
-        if adapter.extra_tensors:
-            extra = adapter.source.load(list(adapter.extra_tensors))
-            tensors.update({f"base_model.model.{k}": v for k, v in extra.items()})
-        metadata: dict[str, str] = {}
-        stash = kohya_stash(adapter)
-        if stash is not None:
-            metadata[KOHYA_STASH_KEY] = json.dumps(stash, sort_keys=True)
-        elif KOHYA_STASH_KEY in adapter.metadata:
-            metadata[KOHYA_STASH_KEY] = adapter.metadata[KOHYA_STASH_KEY]
-        write_peft(
-            out,
-            config=dict(adapter.config.raw),
-            tensors=tensors,
-            provenance=prov,
-            overwrite=overwrite,
-            metadata=metadata,
-        )
+    written = write_adapter(fmt, adapter, out, base=base, overwrite=overwrite, provenance=prov)
     return ConvertResult(
-        path=out, to=to, source_format=adapter.format, modules=len(adapter.modules), warnings=list(adapter.warnings)
+        path=written,
+        to=to,
+        source_format=adapter.format,
+        modules=len(adapter.modules),
+        warnings=list(adapter.warnings),
     )
