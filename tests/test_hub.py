@@ -618,3 +618,53 @@ def test_cli_push_pull_versions_never_print_the_token(hub: FakeHub, llama_lora: 
     readme = (tmp_path / "p" / "README.md").read_text()
     assert all(TOKEN not in text for text in [*outputs, readme])
     shutil.rmtree(tmp_path / "p")
+
+
+# ---------------------------------------------------------------------------------------- diffusers components
+
+
+@pytest.fixture(scope="module")
+def unet_and_lora(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A diffusers UNet component folder (``diffusion_pytorch_model.safetensors``) and a PEFT adapter for it."""
+    pytest.importorskip("diffusers")
+    import fixtures_diffusion as fd
+    import torch
+
+    tmp = tmp_path_factory.mktemp("unet")
+    sd_base = fd.build_tiny_sd(tmp / "tiny-sd")
+    targets = [(m, r) for m, r in fd.SD_TARGETS if m.startswith("unet.")]
+    fd.make_kohya(tmp / "k.safetensors", sd_base, targets, dtype=torch.float32)
+    ah.convert(tmp / "k.safetensors", tmp / "unet-lora", to="peft", base=sd_base / "unet")
+    return sd_base / "unet", tmp / "unet-lora"
+
+
+def test_a_merged_unet_pushes_and_pulls(hub: FakeHub, unet_and_lora: tuple[Path, Path], tmp_path: Path) -> None:
+    """A folder written by `merge --into <UNet folder>` publishes like any merged model (it was refused: no
+    model.safetensors) and pulls back byte for byte."""
+    unet, lora = unet_and_lora
+    r = run_cli("merge", str(lora), "--into", str(unet), "-o", str(tmp_path / "merged"))
+    assert r.exit_code == 0, r.output
+    r = run_cli("push", str(tmp_path / "merged"), "org/unet-merged", "--version", "1.0.0", "--json")
+    assert r.exit_code == 0, r.output
+    assert "diffusion_pytorch_model.safetensors" in json.loads(r.output)["files"]
+    r = run_cli("pull", "org/unet-merged@v1.0.0", "-o", str(tmp_path / "pulled"))
+    assert r.exit_code == 0, r.output
+    for p in (tmp_path / "merged").iterdir():
+        assert (tmp_path / "pulled" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_merge_into_a_hub_unet(hub: FakeHub, unet_and_lora: tuple[Path, Path], tmp_path: Path) -> None:
+    """A diffusers component on the Hub is a base like any other: validated and merged into from its headers
+    and its one weight file, the output named as diffusers names it."""
+    unet, lora = unet_and_lora
+    ah.push(unet, "org/unet", version="1.0.0")
+    r = run_cli("validate", str(lora), "--base", "org/unet@v1.0.0")
+    assert r.exit_code == 0, r.output
+    r = run_cli("merge", str(lora), "--into", "org/unet@v1.0.0", "-o", str(tmp_path / "remote"))
+    assert r.exit_code == 0, r.output
+    ah.merge(lora, base=unet, out=tmp_path / "local")
+    names = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "remote").iterdir())
+    assert "diffusion_pytorch_model.safetensors" in names
+    for name in names:
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "remote" / name).read_bytes(), name

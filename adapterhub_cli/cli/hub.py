@@ -1,4 +1,8 @@
-"""`adapters push`, `adapters pull`, `adapters versions`: versioned adapters on the Hugging Face Hub."""
+"""`adapters push`, `adapters pull`, `adapters versions`: versioned adapters in a store.
+
+A store is the Hugging Face Hub (``org/name``, ``hf://org/name``), a local directory registry
+(``file:///srv/adapters/org/name``) or one a plugin registers; all three commands work the same on each.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ def token_option(f: Callable[..., Any]) -> Callable[..., Any]:
         "--token",
         default=None,
         metavar="TOKEN",
-        help="Hub token (default: HF_TOKEN or the saved login). Never printed; prefer HF_TOKEN over the flag.",
+        help="Hub token (default: HF_TOKEN or the saved login; other stores ignore it). Never printed.",
     )(f)
 
 
@@ -43,8 +47,9 @@ def push_cmd(
 ) -> None:
     """Validate the adapter (or merged model) in PATH and publish it to REPO_ID as a new version.
 
-    Checks the adapter alone and against its declared base when reachable, writes or updates the model
-    card, uploads config + safetensors + card in one commit and tags it vVERSION.
+    REPO_ID is a Hub repo (ORG/NAME: one commit tagged vVERSION) or a store repo such as
+    file:///srv/adapters/ORG/NAME (a new immutable version folder). Checks the adapter alone and against its
+    declared base when reachable and writes or updates the model card. A published version is never moved.
     """
     from adapterhub_cli import api
 
@@ -72,7 +77,10 @@ def push_cmd(
 @click.command("pull")
 @click.argument("ref")
 @click.option(
-    "-o", "--output", default=None, help="Copy the files into this folder (default: keep them in the HF cache)."
+    "-o",
+    "--output",
+    default=None,
+    help="Copy the files into this folder (default: leave them where the store keeps them, e.g. the HF cache).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
 @allow_pickle_option
@@ -81,11 +89,12 @@ def push_cmd(
 def pull_cmd(
     ref: str, output: str | None, overwrite: bool, allow_pickle: bool, token: str | None, as_json: bool
 ) -> None:
-    """Download a Hub adapter at the commit REF pins, hash-checked.
+    """Download an adapter (or merged model) at the version REF pins, hash-checked.
 
-    REF is REPO_ID[@VERSION|@TAG|@BRANCH|@COMMIT|@latest|@^1.2|@~1.2]. Downloads only the adapter's
-    files (safetensors; a .bin only with --allow-pickle), checks their sha256 against the Hub and records
-    the pinned commit in OUTPUT/.adapters-pull.json.
+    REF is REPO_ID[@VERSION|@TAG|@BRANCH|@COMMIT|@latest|@^1.2|@~1.2], REPO_ID a Hub repo or a store repo
+    (file:///srv/adapters/ORG/NAME). Downloads only the files needed (safetensors; a .bin only with
+    --allow-pickle), checks their sha256 against the store's record and records the pinned version in
+    OUTPUT/.adapters-pull.json.
     """
     from adapterhub_cli import api
 
@@ -107,7 +116,7 @@ def pull_cmd(
 @token_option
 @json_option
 def versions_cmd(repo_id: str, token: str | None, as_json: bool) -> None:
-    """List the published versions (tags) of REPO_ID with their commits, dates and messages."""
+    """List the published versions (tags) of REPO_ID (a Hub or store repo) with their ids, dates and messages."""
     from adapterhub_cli import api
 
     rows = api.versions(repo_id, token=token)

@@ -9,7 +9,9 @@ nothing (the highest release).
 Layout::
 
     ROOT/ORG/NAME/versions/1.2.0/               one folder per version, never changed once there
-        adapter_config.json  adapter_model.safetensors  README.md
+        adapter_config.json  adapter_model.safetensors     the artifact's files, as pushed
+        .README.md                               the card (hidden: a merge into a base read from the
+                                                 registry does not copy the base's card; a pull writes README.md)
         .adapters-manifest.json                  {"files": {name: {"size", "sha256"}}, "created", "message", ...}
     ROOT/ORG/NAME/versions/.1.3.0.<pid>.<random>.incomplete   a push in progress (or one that crashed)
 
@@ -36,6 +38,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
+from adapterhub_cli.artifact.checkpoint import CARD_FILE
 from adapterhub_cli.artifact.files import sha256_file
 from adapterhub_cli.artifact.ref import FILE, FILE_SCHEME, AdapterRef, Version, pick_tag
 from adapterhub_cli.errors import CorruptFileError, HubNotFoundError, UsageError, VersionConflictError
@@ -47,6 +50,8 @@ from adapterhub_cli.stores.records import PushResult, Resolved, StoreFile, Versi
 #: absolute folders (separated by ``os.pathsep``) below which a bare path ``/ROOT/ORG/NAME[@REF]`` is a registry ref
 ROOTS_ENV = "ADAPTERS_STORE_ROOTS"
 MANIFEST = ".adapters-manifest.json"
+#: where a version keeps its card (listed as README.md)
+STORED_CARD = "." + CARD_FILE
 VERSIONS = "versions"
 _CHUNK = 8 << 20
 
@@ -180,7 +185,7 @@ class LocalStore(Store):
     def _file(self, resolved: Resolved, name: str) -> Path:
         if name not in resolved.files:
             raise HubNotFoundError(f"{name} is not a file of {resolved.label}", repo_id=resolved.repo_id)
-        return self._version_dir(resolved) / name
+        return self._version_dir(resolved) / (STORED_CARD if name == CARD_FILE else name)
 
     def read_range(self, resolved: Resolved, name: str, start: int, length: int) -> bytes:
         path = self._file(resolved, name)
@@ -252,7 +257,7 @@ class LocalStore(Store):
             commit=hashlib.sha256(manifest).hexdigest(),
             ref=f"{target.repo_ref}@{version.tag}",
             url=final.as_uri(),
-            files=[*files, *(["README.md"] if card is not None else [])],
+            files=[*files, *([CARD_FILE] if card is not None else [])],
         )
 
 
@@ -279,8 +284,8 @@ def _write_version(
         entries[name] = {"size": size, "sha256": h.hexdigest()}
     if card is not None:
         data = card.encode()
-        (folder / "README.md").write_bytes(data)
-        entries["README.md"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (folder / STORED_CARD).write_bytes(data)
+        entries[CARD_FILE] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     doc = {
         "repo": target.repo_id,
         "version": str(version),

@@ -224,7 +224,7 @@ def pull_version(
     local = {n: store.fetch(resolved, n) for n in names}
     hashes = {n: sha256_file(p) for n, p in local.items()}
     result = PullResult(
-        next(iter(local.values())).parent,
+        local[names[-1]].parent,  # the weights' folder
         resolved.repo_id,
         parsed.revision,
         resolved.commit,

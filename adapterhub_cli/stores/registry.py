@@ -44,10 +44,12 @@ def find_store(ref: object) -> Store | None:
             return store
     m = _SCHEME.match(ref.strip())
     if m is not None:
-        known = ", ".join(f"{s.name}:// ({s.description})" for s in stores().values())
+        registered = stores().values()
         raise UsageError(
-            f"no store handles {m['scheme']}:// refs ({ref})",
-            hint=f"known stores: {known}; a plugin can add one through adapters_register_stores",
+            f"no store handles {m['scheme']}:// refs ({ref}); known stores: "
+            + ", ".join(f"{s.name}://" for s in registered),
+            hint="; ".join(f"{s.name}: {s.description}" for s in registered)
+            + ". A plugin can add a store through the adapters_register_stores hook",
         )
     return None
 
@@ -61,6 +63,9 @@ def get_store(ref: object) -> Store:
     """
     store = find_store(ref)
     if store is None:
-        known = ", ".join(f"{s.name} ({s.description})" for s in stores().values())
-        raise UsageError(f"{ref} is not a store ref", hint=f"known stores: {known}")
+        registered = stores().values()
+        raise UsageError(
+            f"{ref} is not a store ref; known stores: " + ", ".join(f"{s.name}://" for s in registered),
+            hint="; ".join(f"{s.name}: {s.description}" for s in registered),
+        )
     return store
