@@ -60,14 +60,16 @@ def writable_format_choice() -> RegistryChoice:
 @click.command("plugins")
 @json_option
 def plugins_cmd(as_json: bool) -> None:
-    """List loaded plugins, where they come from, their hooks, and the formats and combine methods they provide."""
+    """List loaded plugins, where they come from, their hooks, and the formats, combine methods and stores they
+    provide."""
     from adapterhub_cli.formats import get_formats
     from adapterhub_cli.ops.methods import methods
-    from adapterhub_cli.plugins.manager import list_plugins, load_errors
+    from adapterhub_cli.plugins.manager import list_plugins, load_errors, registrations
 
     plugins = list_plugins()
     formats = get_formats()
     combine_methods = methods()
+    stores = {r.name: r for r in registrations("adapters_register_stores")}
     if as_json:
         out.json(
             {
@@ -83,6 +85,7 @@ def plugins_cmd(as_json: bool) -> None:
                     }
                     for n, m in combine_methods.items()
                 },
+                "stores": {n: {"description": r.value.description, "plugin": r.plugin} for n, r in stores.items()},
                 "errors": load_errors,
             }
         )
@@ -99,3 +102,7 @@ def plugins_cmd(as_json: bool) -> None:
     for name, method in combine_methods.items():
         m.add_row(name, ", ".join(method.params), method.description, method.reference or "")
     out.print(m)
+    st = out.table("stores", "name", "plugin", "description")
+    for name, reg in stores.items():
+        st.add_row(name, reg.plugin, reg.value.description)
+    out.print(st)
