@@ -58,6 +58,14 @@ def test_refs_and_the_registry(root: Path, monkeypatch: pytest.MonkeyPatch) -> N
         "range",
     )
     assert str(ref) == uri(root, rev="^1.2") and ref.repo_ref == uri(root) and not ref.is_hub
+    plugin = AdapterRef.parse("s3://bucket/acme/lora@^1.2")  # a plugin store's scheme: its body is its own
+    assert (plugin.store_name, plugin.repo_id, plugin.revision, str(plugin)) == (
+        "s3",
+        "bucket/acme/lora",
+        "^1.2",
+        "s3://bucket/acme/lora@^1.2",
+    )
+    assert AdapterRef.parse("org/name@1.0.0").store_name == "hf" and AdapterRef.parse("./x").store_name is None
     assert isinstance(find_store(uri(root)), LocalStore) and find_store("./lora") is None
     assert type(find_store("org/name@v1.0.0")) is type(stores()["hf"])
     for bad in ("file://relative/acme/lora", f"file://{root}/acme/..", f"file://{root}/../x/acme/lora", "file:///a/b"):

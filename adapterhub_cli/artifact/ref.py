@@ -295,18 +295,10 @@ def pick_tag(tags: Iterable[str], ref: AdapterRef) -> str | None:
     return None
 
 
-def is_hub_ref(source: object) -> bool:
-    """Whether ``source`` is a string naming a Hub repo rather than an existing local path."""
-    if isinstance(source, AdapterRef):
-        return source.is_hub
-    if not isinstance(source, str):
-        return False
-    if source.strip().startswith(FILE_SCHEME):
-        return False
-    try:
-        return AdapterRef.parse(source).is_hub
-    except UsageError:
-        return source.strip().startswith(HF_SCHEME)  # a malformed hf:// ref: let the Hub code report it
+def ref_scheme(text: object) -> str | None:
+    """The store scheme a ref is written with (``hf``, ``file``, ``s3``...), None for a bare ref or a path."""
+    m = _STORE_SCHEME.match(text.strip()) if isinstance(text, str) else None
+    return m["scheme"] if m is not None else None
 
 
 def _split(text: str) -> tuple[str, str | None]:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
-from adapterhub_cli.artifact.ref import AdapterRef
+from adapterhub_cli.artifact.ref import AdapterRef, ref_scheme
 from adapterhub_cli.errors import PluginError, UsageError
 
 
 if TYPE_CHECKING:
     from adapterhub_cli.stores.base import Store
 
-_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
 _PRIMITIVES = ("handles", "resolve", "versions", "read_range", "fetch", "publish", "open_adapter", "open_base")
 
 
@@ -42,11 +40,11 @@ def find_store(ref: object) -> Store | None:
     for store in stores().values():
         if store.handles(ref):
             return store
-    m = _SCHEME.match(ref.strip())
-    if m is not None:
+    scheme = ref_scheme(ref)
+    if scheme is not None:
         registered = stores().values()
         raise UsageError(
-            f"no store handles {m['scheme']}:// refs ({ref}); known stores: "
+            f"no store handles {scheme}:// refs ({ref}); known stores: "
             + ", ".join(f"{s.name}://" for s in registered),
             hint="; ".join(f"{s.name}: {s.description}" for s in registered)
             + ". A plugin can add a store through the adapters_register_stores hook",

@@ -8,21 +8,19 @@ them again offline.
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapterhub_cli.artifact.files import sha256_file
 from adapterhub_cli.errors import CorruptFileError, HubError
 from adapterhub_cli.stores.hf.client import connect, offline
+from adapterhub_cli.stores.hf.resolve import SHA1
 
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
     from adapterhub_cli.stores.records import Resolved, StoreFile
-
-_SHA1 = re.compile(r"^[0-9a-f]{40}$")
 
 
 def git_blob_sha1(path: Path) -> str:
@@ -41,7 +39,7 @@ def _verified(path: Path, meta: StoreFile | None) -> str | None:
         return digest
     if meta.sha256 is not None:
         return digest if digest == meta.sha256 else None
-    if meta.blob_id is not None and _SHA1.match(meta.blob_id):
+    if meta.blob_id is not None and SHA1.match(meta.blob_id):
         return digest if git_blob_sha1(path) == meta.blob_id else None
     return digest
 

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_SHA1 = re.compile(r"^[0-9a-f]{40}$")
+#: a git object id (a commit, or the blob sha1 the Hub gives for a non-LFS file)
+SHA1 = re.compile(r"^[0-9a-f]{40}$")
 
 #: a file at a pinned commit as the Hub lists it (size; sha256 for LFS files, else the git blob sha1)
 RemoteFile = StoreFile
@@ -140,7 +141,7 @@ def _resolve_from_cache(ref: AdapterRef) -> HfResolved:
                 p.name,
                 p.stat().st_size,
                 blob if _SHA256.match(blob) else None,
-                blob if _SHA1.match(blob) else None,
+                blob if SHA1.match(blob) else None,
             )
     download = tag or (rev if kind in ("name", "commit") else None)
     return HfResolved(HF, ref.repo_id, rev, commit, tag, files, download_revision=download)
