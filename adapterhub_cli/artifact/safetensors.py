@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -314,6 +315,30 @@ def read_tensor(
     return buf.view(dtype).reshape(info.shape)
 
 
+def encode_header(
+    entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, int]:
+    """THE safetensors header writer: ``(8-byte length + JSON header padded to 8 bytes, data size in bytes)`` for
+    tensors ``(name, dtype, shape)`` laid out back to back in the order given; ``__metadata__`` comes first.
+
+    Raises:
+        ValueError: a dtype the table does not know.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, dtype, shape in entries:
+        if dtype not in DTYPES:
+            raise ValueError(f"tensor {name!r}: unknown safetensors dtype {dtype!r}")
+        n = (math.prod(shape) * DTYPES[dtype].bits + 7) // 8
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offset
+
+
 def save_safetensors(
     tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
@@ -324,25 +349,17 @@ def save_safetensors(
     """
     import torch
 
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = dict(sorted(metadata.items()))
-    offset = 0
     names = sorted(tensors)
+    entries = []
     for name in names:
         t = tensors[name]
         try:
-            dtype = dtype_name(t.dtype)
+            entries.append((name, dtype_name(t.dtype), tuple(t.shape)))
         except ValueError:
             raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors") from None
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    head, _ = encode_header(entries, dict(sorted(metadata.items())) if metadata else None)
     with Path(path).open("wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        f.write(head)
         for name in names:
             t = tensors[name].detach().contiguous().cpu()
             if t.numel():

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import queue
 import shutil
-import struct
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.checkpoint import CONFIG_FILE, BaseView, index_file, is_side_file, shard_file, single_file
-from adapterhub_cli.artifact.safetensors import DTYPE_BITS, header_length, read_tensor
+from adapterhub_cli.artifact.safetensors import encode_header, header_length, read_tensor
 from adapterhub_cli.merge import bnb
 from adapterhub_cli.merge.direct_io import StagedFile
 from adapterhub_cli.merge.plan import MergePlan, TensorPlan
@@ -216,32 +214,24 @@ def _write_shard(
     file; the writer thread runs those jobs in order while the next tensor is produced, and the ``disk``
     thread writes the staged chunks (O_DIRECT where the filesystem allows).
     """
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for p in shard:
-        for key, dtype, shape in p.entries:
-            n = (math.prod(shape) * DTYPE_BITS[dtype] + 7) // 8
-            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    head, offset = encode_header((e for p in shard for e in p.entries), {"format": "pt"})
     sink = StagedFile(path, disk)
     try:
-        sink.write(struct.pack("<Q", len(raw)) + raw)
+        sink.write(head)
         for p in shard:
             writer.submit(functools.partial(produce(p), sink))
         writer.drain()
         sink.finish()
         size = os.fstat(sink.fd).st_size
-        if size != 8 + len(raw) + offset:
-            raise OSError(f"{path.name} has {size} bytes, expected {8 + len(raw) + offset}")
+        if size != len(head) + offset:
+            raise OSError(f"{path.name} has {size} bytes, expected {len(head) + offset}")
     except BaseException:
         writer.abandon()  # the writer thread stops touching this file before it is closed
         sink.abort()
         os.close(sink.fd)
         raise
     synced.append(closer.submit(_sync_and_close, sink.fd))  # reaches the disk while the next shard is produced
-    return 8 + len(raw) + offset
+    return len(head) + offset
 
 
 def _sync_and_close(fd: int) -> None:
