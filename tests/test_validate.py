@@ -462,3 +462,14 @@ def test_gguf_flag_in_cli(llama_rslora, llama_lora, llama_base):
     assert "gguf-rslora" in {f["code"] for f in json.loads(res.stdout)["findings"]}
     res = runner.invoke(build_cli(), ["validate", str(llama_lora), "--base", str(llama_base), "--gguf"])
     assert res.exit_code == 0, res.output
+
+
+def test_conv_dora_magnitude_shape_is_peft_s(tmp_path):
+    """PEFT stores a Conv2d's DoRA magnitude as (1, d_out, 1, 1): validate accepts it (merge refuses conv DoRA
+    for its own reason, named by the merge)."""
+    from test_merge_conv import build_conv_case
+
+    base, adapter = build_conv_case(tmp_path, use_dora=True)
+    report = ah.validate(adapter, base=base)
+    assert not [f for f in report.findings if f.code == "magnitude-shape"], report.findings
+    assert ah.load(adapter).modules["conv_in"].magnitude.shape[1] > 1  # the 4-d shape really was checked

@@ -193,12 +193,14 @@ def _check_module_shape(adapter: Adapter, base: BaseView, m: LoraModule) -> list
                 m.name,
             )
         )
-    if m.magnitude is not None and m.magnitude.shape != (m.d_out,):
+    # PEFT stores a Linear's DoRA magnitude as (d_out,) and a Conv2d's as (1, d_out, 1, 1)
+    magnitude_shapes = [(m.d_out,)] + ([(1, m.d_out, 1, 1)] if len(w.shape) == 4 else [])
+    if m.magnitude is not None and m.magnitude.shape not in magnitude_shapes:
         out.append(
             Finding(
                 "magnitude-shape",
                 "error",
-                f"DoRA magnitude has shape {list(m.magnitude.shape)}, expected [{m.d_out}]",
+                f"DoRA magnitude has shape {list(m.magnitude.shape)}, expected {list(magnitude_shapes[-1])}",
                 m.name,
             )
         )
