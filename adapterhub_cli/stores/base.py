@@ -56,7 +56,8 @@ class Store(ABC):
     Subclasses set ``name`` (also the URI scheme its refs may use: ``name://...``) and ``description``, and
     implement the primitives: :meth:`handles`, :meth:`resolve`, :meth:`versions`, :meth:`read_range`,
     :meth:`fetch` and :meth:`publish`. The rest has generic implementations built on those, which a store
-    may override with faster or richer ones (the Hub reads its previous card, and pulls into its cache).
+    may override with faster or richer ones (the Hub reads headers with its own call, and a push updates the
+    card already on the repo).
 
     Every method raises :class:`~adapterhub_cli.errors.AdaptersError` subclasses for what a user can cause
     (a missing repo or version: ``HubNotFoundError``; a version that exists: ``VersionConflictError``; a
