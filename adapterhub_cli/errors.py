@@ -72,12 +72,12 @@ class UsageError(AdaptersError, ValueError):
     """Raised for arguments that do not make sense together."""
 
 
-class HubError(AdaptersError):
-    """Raised when the Hugging Face Hub refuses or fails a request (after retries for transient failures).
+class StoreError(AdaptersError):
+    """Raised when a store (the Hugging Face Hub, a local registry, a plugin's) refuses or fails a request.
 
     Attributes:
-        repo_id, revision: what was asked for (revision None for the default branch).
-        status: the HTTP status, when the Hub answered one.
+        repo_id, revision: what was asked for (revision None for the default branch or the latest version).
+        status: the HTTP status, when a server answered one.
     """
 
     def __init__(
@@ -95,13 +95,21 @@ class HubError(AdaptersError):
         super().__init__(message, hint=hint)
 
 
+class StoreNotFoundError(StoreError, LookupError):
+    """Raised when a store has no such repo, version, revision or file."""
+
+
+class VersionConflictError(StoreError, ValueError):
+    """Raised when a push would move an existing version, or publish a version lower than the latest."""
+
+
+class HubError(StoreError):
+    """Raised when the Hugging Face Hub refuses or fails a request (after retries for transient failures)."""
+
+
 class HubAuthError(HubError, PermissionError):
     """Raised for 401 / 403: the token is missing, wrong, or lacks the permission (the token is never shown)."""
 
 
-class HubNotFoundError(HubError, LookupError):
+class HubNotFoundError(HubError, StoreNotFoundError):
     """Raised when a Hub repo, revision, version or file does not exist (or is private to the caller)."""
-
-
-class VersionConflictError(HubError, ValueError):
-    """Raised when a push would move an existing version tag, or publish a version lower than the latest."""

@@ -20,7 +20,7 @@ from click.testing import CliRunner, Result
 import adapterhub_cli as ah
 from adapterhub_cli.artifact.ref import AdapterRef
 from adapterhub_cli.cli.main import build_cli
-from adapterhub_cli.errors import CorruptFileError, HubNotFoundError, UsageError, VersionConflictError
+from adapterhub_cli.errors import CorruptFileError, StoreNotFoundError, UsageError, VersionConflictError
 from adapterhub_cli.stores import find_store, get_store, stores
 from adapterhub_cli.stores import local as local_store
 from adapterhub_cli.stores.local import MANIFEST, ROOTS_ENV, LocalStore
@@ -108,10 +108,11 @@ def test_push_versions_pull_ranges(root: Path, llama_lora: Path, llama_rslora: P
     pinned = store.resolve(uri(root, rev="1.2.0"))
     assert store.resolve(uri(root, rev=pinned.commit)).tag == "v1.2.0"  # the content id pins it too
     assert store.resolve(uri(root, rev=pinned.commit[:16])).commit == pinned.commit
-    with pytest.raises(HubNotFoundError, match="published"):
+    with pytest.raises(StoreNotFoundError, match="published"):
         store.resolve(uri(root, rev="^3"))
-    with pytest.raises(HubNotFoundError, match="no repo"):
+    with pytest.raises(StoreNotFoundError, match="no repo") as missing:
         store.resolve(uri(root, repo="acme/none"))
+    assert not isinstance(missing.value, ah.HubError)  # a local registry's errors do not claim to be the Hub's
 
     out = tmp_path / "pulled"
     r = run_cli("pull", uri(root, rev="^1.2"), "-o", str(out), "--json")

@@ -7,8 +7,7 @@ from dataclasses import asdict
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import json_option, output_options, parse_weights
-from adapterhub_cli.cli.plugins import method_choice
+from adapterhub_cli.cli._params import json_option, method_choice, output_options, parse_weights
 
 
 @click.command("combine")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import json_option
-from adapterhub_cli.cli.plugins import writable_format_choice
+from adapterhub_cli.cli._params import json_option, writable_format_choice
 
 
 @click.command("convert")

@@ -2,59 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
-
 import click
 
 from adapterhub_cli.cli._output import out
 from adapterhub_cli.cli._params import json_option
-
-
-class RegistryChoice(click.Choice):
-    """A ``click.Choice`` whose choices are read from a registry when first needed (parsing, help, completion),
-    not when the command is built: plugins registered later count, and building the CLI collects nothing."""
-
-    def __init__(self, names: Callable[[], Iterable[str]], what: str) -> None:
-        super().__init__((), case_sensitive=True)
-        self._names = names
-        self._what = what
-
-    @property
-    def choices(self) -> tuple[str, ...]:
-        return tuple(self._names())
-
-    @choices.setter
-    def choices(self, value: Any) -> None:  # click's __init__ assigns the (empty) static choices
-        pass
-
-    def get_invalid_choice_message(self, value: Any, ctx: click.Context | None) -> str:
-        return f"unknown {self._what} {value!r}; known: {', '.join(self.choices)}"
-
-    def __repr__(self) -> str:
-        return f"RegistryChoice({self._what})"
-
-
-def method_choice() -> RegistryChoice:
-    """The registered combine methods."""
-
-    def names() -> list[str]:
-        from adapterhub_cli.ops.methods import method_names
-
-        return method_names()
-
-    return RegistryChoice(names, "combine method")
-
-
-def writable_format_choice() -> RegistryChoice:
-    """The registered formats that can write."""
-
-    def names() -> list[str]:
-        from adapterhub_cli.formats import writable_formats
-
-        return list(writable_formats())
-
-    return RegistryChoice(names, "format to write")
 
 
 @click.command("plugins")

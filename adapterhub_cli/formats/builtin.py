@@ -15,16 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub_cli.artifact.adapter import Adapter
-from adapterhub_cli.errors import UsageError
-from adapterhub_cli.formats.diffusers import DiffusersFormat, write_diffusers
-from adapterhub_cli.formats.kohya import KOHYA_STASH_KEY, KohyaFormat, kohya_stash, write_kohya
+from adapterhub_cli.formats.diffusers import DiffusersFormat
+from adapterhub_cli.formats.kohya import KOHYA_STASH_KEY, KohyaFormat, kohya_stash
 from adapterhub_cli.formats.lycoris import LycorisFormat
 from adapterhub_cli.formats.peft import PeftFormat, peft_key, write_peft
 from adapterhub_cli.plugins.hookspecs import hookimpl
 
 
 class PeftWriter(PeftFormat):
-    """The PEFT format, writing any adapter as a folder that ``PeftModel.from_pretrained`` loads."""
+    """The PEFT format, writing any adapter as a folder that ``PeftModel.from_pretrained`` loads.
+
+    Its writer lives here rather than in ``peft.py`` because it carries a kohya file's names, alpha dtypes and
+    metadata (the kohya stash) through PEFT, and ``kohya.py`` already builds on ``peft.py``."""
 
     def write(
         self, adapter: Adapter, path: Path, *, overwrite: bool = False, provenance: dict[str, Any] | None = None
@@ -57,35 +59,9 @@ class PeftWriter(PeftFormat):
         )
 
 
-class KohyaWriter(KohyaFormat):
-    """The kohya format, writing one ``.safetensors`` file (names checked against ``base`` when given)."""
-
-    def write(
-        self,
-        adapter: Adapter,
-        path: Path,
-        *,
-        base: str | Path | None = None,
-        overwrite: bool = False,
-        provenance: dict[str, Any] | None = None,
-    ) -> Path:
-        if Path(path).suffix != ".safetensors":
-            raise UsageError(f"a kohya LoRA is one .safetensors file; got -o {path}")
-        return write_kohya(adapter, path, base=base, overwrite=overwrite, provenance=provenance)
-
-
-class DiffusersWriter(DiffusersFormat):
-    """The diffusers format, writing a folder with ``pytorch_lora_weights.safetensors``."""
-
-    def write(
-        self, adapter: Adapter, path: Path, *, overwrite: bool = False, provenance: dict[str, Any] | None = None
-    ) -> Path:
-        return write_diffusers(adapter, path, provenance=provenance, overwrite=overwrite)
-
-
 @hookimpl
 def adapters_register_formats(register: Callable[[Any], None]) -> None:
     register(PeftWriter())
-    register(KohyaWriter())
-    register(DiffusersWriter())
+    register(KohyaFormat())
+    register(DiffusersFormat())
     register(LycorisFormat())

@@ -69,6 +69,12 @@ class DiffusersFormat:
             return False
         return all(_KEY.match(k) for k in keys) or any(_LEGACY.search(k) for k in keys)
 
+    def write(
+        self, adapter: Adapter, path: Path, *, overwrite: bool = False, provenance: dict[str, Any] | None = None
+    ) -> Path:
+        """Write a folder with ``pytorch_lora_weights.safetensors``."""
+        return write_diffusers(adapter, path, provenance=provenance, overwrite=overwrite)
+
     def read(self, path: Path) -> Adapter:
         from adapterhub_cli.formats.peft import assemble_adapter
 

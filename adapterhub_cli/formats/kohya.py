@@ -634,8 +634,19 @@ class KohyaFormat:
                 raise InvalidAdapterError(f"internal: alpha of {m.name} does not resolve", path=path, module=m.name)
         return adapter
 
-    def write(self, adapter: Adapter, path: Path, *, base: str | Path | None = None, overwrite: bool = False) -> Path:
-        return write_kohya(adapter, path, base=base, overwrite=overwrite)
+    def write(
+        self,
+        adapter: Adapter,
+        path: Path,
+        *,
+        base: str | Path | None = None,
+        overwrite: bool = False,
+        provenance: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write one ``.safetensors`` file (names checked against ``base`` when given)."""
+        if Path(path).suffix != ".safetensors":
+            raise UsageError(f"a kohya LoRA is one .safetensors file; got -o {path}")
+        return write_kohya(adapter, path, base=base, overwrite=overwrite, provenance=provenance)
 
 
 # ------------------------------------------------------------------------------------------------ writing

@@ -60,7 +60,7 @@ class Store(ABC):
     card already on the repo).
 
     Every method raises :class:`~adapterhub_cli.errors.AdaptersError` subclasses for what a user can cause
-    (a missing repo or version: ``HubNotFoundError``; a version that exists: ``VersionConflictError``; a
+    (a missing repo or version: ``StoreNotFoundError``; a version that exists: ``VersionConflictError``; a
     file whose bytes disagree with its recorded sha256: ``CorruptFileError``), never a bare exception.
     """
 
@@ -94,7 +94,7 @@ class Store(ABC):
         branch), or nothing (the store's default). The files listed are exactly those of that version.
 
         Raises:
-            HubNotFoundError: no such repo, or no version matching.
+            StoreNotFoundError: no such repo, or no version matching.
         """
 
     @abstractmethod
@@ -103,7 +103,7 @@ class Store(ABC):
         exists but holds no version.
 
         Raises:
-            HubNotFoundError: no such repo.
+            StoreNotFoundError: no such repo.
         """
 
     @abstractmethod

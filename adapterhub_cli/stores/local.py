@@ -41,7 +41,7 @@ from pathlib import Path
 from adapterhub_cli.artifact.checkpoint import CARD_FILE
 from adapterhub_cli.artifact.files import sha256_file
 from adapterhub_cli.artifact.ref import FILE, FILE_SCHEME, AdapterRef, Version, pick_tag
-from adapterhub_cli.errors import CorruptFileError, HubNotFoundError, UsageError, VersionConflictError
+from adapterhub_cli.errors import CorruptFileError, StoreNotFoundError, UsageError, VersionConflictError
 from adapterhub_cli.stores.base import Store
 from adapterhub_cli.stores.publish import check_version
 from adapterhub_cli.stores.records import PushResult, Resolved, StoreFile, VersionInfo
@@ -116,7 +116,7 @@ class LocalStore(Store):
         """tag -> (version folder, manifest, content id) of every complete version; raises for a missing repo."""
         repo = self._repo_dir(ref)
         if not repo.is_dir():
-            raise HubNotFoundError(
+            raise StoreNotFoundError(
                 f"no repo {ref.repo_id} in the registry {ref.root}",
                 repo_id=ref.repo_ref,
                 hint=f"push a first version with `adapters push PATH {ref.repo_ref} --version 0.1.0`",
@@ -150,7 +150,7 @@ class LocalStore(Store):
             tag = max(published, key=lambda t: Version.parse(t) or Version(0, 0, 0))
         if tag is None:
             shown = ", ".join(sorted(published, key=lambda t: Version.parse(t) or Version(0, 0, 0))) or "none"
-            raise HubNotFoundError(
+            raise StoreNotFoundError(
                 f"no version of {parsed.repo_ref} matches {rev or 'latest'!r} (published: {shown})",
                 repo_id=parsed.repo_ref,
                 revision=rev,
@@ -184,7 +184,7 @@ class LocalStore(Store):
 
     def _file(self, resolved: Resolved, name: str) -> Path:
         if name not in resolved.files:
-            raise HubNotFoundError(f"{name} is not a file of {resolved.label}", repo_id=resolved.repo_id)
+            raise StoreNotFoundError(f"{name} is not a file of {resolved.label}", repo_id=resolved.repo_id)
         return self._version_dir(resolved) / (STORED_CARD if name == CARD_FILE else name)
 
     def read_range(self, resolved: Resolved, name: str, start: int, length: int) -> bytes:

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 from adapterhub_cli.artifact.checkpoint import CARD_FILE, INDEX_FILE, SINGLE_FILE, find_layout, is_weight_file
 from adapterhub_cli.artifact.files import atomic_dir, read_json, sha256_file
 from adapterhub_cli.artifact.ref import AdapterRef, Version, is_repo_id, require_version
-from adapterhub_cli.errors import HubError, HubNotFoundError, InvalidAdapterError, UsageError, VersionConflictError
+from adapterhub_cli.errors import (
+    InvalidAdapterError,
+    StoreError,
+    StoreNotFoundError,
+    UsageError,
+    VersionConflictError,
+)
 from adapterhub_cli.formats.peft import CONFIG_NAME, WEIGHTS_NAME
 from adapterhub_cli.stores.records import PullResult, PushResult
 from adapterhub_cli.stores.registry import find_store
@@ -110,7 +116,7 @@ def validate_for_push(
             ref = ref.with_revision(adapter.config.revision)
         try:
             base = store.configured(**(options or {})).open_base(ref)
-        except HubError as e:
+        except StoreError as e:
             warnings.append(f"the declared base {declared} is not reachable ({e}); validated the adapter alone")
     elif declared and Path(declared).exists():
         base = open_base(declared)
@@ -168,7 +174,7 @@ def push_folder(
 
     Raises:
         UsageError: ``ref`` carries a revision, or ``version`` is not semver.
-        VersionConflictError, InvalidAdapterError, IncompatibleBaseError, HubError.
+        VersionConflictError, InvalidAdapterError, IncompatibleBaseError, StoreError.
     """
     from adapterhub_cli.stores.card import hub_card
 
@@ -181,7 +187,7 @@ def push_folder(
     adapter, config, validated, warnings = validate_for_push(folder, kind)
     try:
         published = {x.tag: x.commit for x in store.versions(target.repo_ref)}
-    except HubNotFoundError:
+    except StoreNotFoundError:
         published = {}
     check_version(target.display, v, published, force)
     existing = (folder / CARD_FILE).read_text() if (folder / CARD_FILE).is_file() else None

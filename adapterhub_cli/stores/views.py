@@ -34,7 +34,7 @@ from adapterhub_cli.artifact.checkpoint import (
 from adapterhub_cli.artifact.files import read_json
 from adapterhub_cli.artifact.provenance import Provenance
 from adapterhub_cli.artifact.safetensors import SafetensorsHeader, TensorInfo, header_length, parse_header
-from adapterhub_cli.errors import CorruptFileError, HubNotFoundError, InvalidAdapterError
+from adapterhub_cli.errors import CorruptFileError, InvalidAdapterError, StoreNotFoundError
 from adapterhub_cli.formats.peft import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, PeftFormat, assemble_adapter
 
 
@@ -101,7 +101,7 @@ def select_files(resolved: Resolved, *, allow_pickle: bool = False) -> list[str]
 
     Raises:
         InvalidAdapterError: only a legacy pickle and no ``allow_pickle``.
-        HubNotFoundError: neither an adapter nor a safetensors model.
+        StoreNotFoundError: neither an adapter nor a safetensors model.
     """
     names = set(resolved.files)
     top = sorted(n for n in names if "/" not in n and not n.startswith("."))
@@ -116,13 +116,13 @@ def select_files(resolved: Resolved, *, allow_pickle: bool = False) -> list[str]
                 f"{resolved.label} holds only a legacy pickle {LEGACY_WEIGHTS_NAME}",
                 hint="pass --allow-pickle (loaded with torch.load(weights_only=True))",
             )
-        raise HubNotFoundError(f"{resolved.label} has {CONFIG_NAME} but no {WEIGHTS_NAME}", repo_id=resolved.repo_id)
+        raise StoreNotFoundError(f"{resolved.label} has {CONFIG_NAME} but no {WEIGHTS_NAME}", repo_id=resolved.repo_id)
     side = [n for n in top if not is_weight_file(n)]  # config, tokenizer, index, card...
     if find_layout(top) is not None:
         return side + [n for n in top if n.endswith(".safetensors")]
     if allow_pickle and any(n.endswith(".bin") for n in top):
         return side + [n for n in top if n.endswith(".bin")]
-    raise HubNotFoundError(
+    raise StoreNotFoundError(
         f"{resolved.label} holds no adapter ({CONFIG_NAME} / {WEIGHTS_NAME}) and no safetensors model",
         repo_id=resolved.repo_id,
         revision=resolved.requested,
@@ -149,7 +149,7 @@ def open_store_adapter(store: Store, resolved: Resolved, *, allow_pickle: bool =
     if WEIGHTS_NAME not in files and LEGACY_WEIGHTS_NAME in files:
         return fetched_adapter(store, resolved, allow_pickle=allow_pickle)
     if WEIGHTS_NAME not in files:
-        raise HubNotFoundError(
+        raise StoreNotFoundError(
             f"{resolved.label} holds no {WEIGHTS_NAME}",
             repo_id=resolved.repo_id,
             revision=resolved.requested,
@@ -280,14 +280,14 @@ def open_store_base(store: Store, resolved: Resolved) -> BaseView:
     ``read_raw`` reads one tensor's bytes by range (no shard fetched).
 
     Raises:
-        HubNotFoundError: the version holds no safetensors checkpoint.
+        StoreNotFoundError: the version holds no safetensors checkpoint.
         CorruptFileError: the index is malformed or names a missing shard.
     """
     files = resolved.files
     where = store.where(resolved)
     layout = find_layout([n for n in files if "/" not in n])
     if layout is None:
-        raise HubNotFoundError(
+        raise StoreNotFoundError(
             f"{resolved.label} holds no {SINGLE_FILE} or {INDEX_FILE} (nor a diffusers component's weights)",
             repo_id=resolved.repo_id,
             revision=resolved.requested,
