@@ -98,7 +98,7 @@ def merge_cmd(
 
 @click.command("unmerge")
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("--from", "merged", required=True, help="The merged checkpoint folder.")
+@click.option("--from", "merged", required=True, help="The merged checkpoint: a folder or a store ref.")
 @weights_option
 @device_option
 @shard_option
