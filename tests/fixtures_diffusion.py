@@ -138,3 +138,15 @@ def dense_reference(sd: dict[str, torch.Tensor], name: str, alpha_if_missing_or_
     if alpha == 0 and alpha_if_missing_or_zero:
         alpha = float(r)
     return alpha / r * (up.flatten(1) @ down.flatten(1))
+
+
+def build_unet_and_lora(tmp: Path) -> tuple[Path, Path]:
+    """A diffusers UNet component folder (``diffusion_pytorch_model.safetensors``) and a PEFT adapter for it,
+    converted from a kohya file made for the tiny SD pipeline."""
+    import adapterhub_cli as ah
+
+    sd_base = build_tiny_sd(tmp / "tiny-sd")
+    targets = [(m, r) for m, r in SD_TARGETS if m.startswith("unet.")]
+    make_kohya(tmp / "k.safetensors", sd_base, targets, dtype=torch.float32)
+    ah.convert(tmp / "k.safetensors", tmp / "unet-lora", to="peft", base=sd_base / "unet")
+    return sd_base / "unet", tmp / "unet-lora"

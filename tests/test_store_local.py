@@ -295,14 +295,8 @@ def unet_and_lora(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     """A diffusers UNet component folder and a PEFT adapter for it (converted from a kohya file)."""
     pytest.importorskip("diffusers")
     import fixtures_diffusion as fd
-    import torch
 
-    tmp = tmp_path_factory.mktemp("unet")
-    sd_base = fd.build_tiny_sd(tmp / "tiny-sd")
-    targets = [(m, r) for m, r in fd.SD_TARGETS if m.startswith("unet.")]
-    fd.make_kohya(tmp / "k.safetensors", sd_base, targets, dtype=torch.float32)
-    ah.convert(tmp / "k.safetensors", tmp / "unet-lora", to="peft", base=sd_base / "unet")
-    return sd_base / "unet", tmp / "unet-lora"
+    return fd.build_unet_and_lora(tmp_path_factory.mktemp("unet"))
 
 
 def test_a_merged_unet_pushes_and_pulls(root: Path, unet_and_lora: tuple[Path, Path], tmp_path: Path) -> None:
