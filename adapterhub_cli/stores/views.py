@@ -10,7 +10,6 @@ small tensors read before a merge starts (the quant-state blobs of a bitsandbyte
 from __future__ import annotations
 
 import dataclasses
-import struct
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -259,10 +258,8 @@ def range_reader(
         info = tensors[key]
         where = store.where(resolved) / shard
         if shard not in data_start:
-            prefix = store.read_range(resolved, shard, 0, 8)
-            if len(prefix) != 8:
-                raise CorruptFileError("the file is shorter than a safetensors header", path=where)
-            data_start[shard] = 8 + struct.unpack("<Q", prefix)[0]
+            size = resolved.files[shard].size if shard in resolved.files else None
+            data_start[shard] = 8 + header_length(store.read_range(resolved, shard, 0, 8), file_size=size, path=where)
         data = store.read_range(resolved, shard, data_start[shard] + info.start, info.nbytes) if info.nbytes else b""
         if len(data) != info.nbytes:
             raise CorruptFileError(f"tensor {key!r} is truncated", path=where, module=key)
