@@ -58,6 +58,32 @@ def is_side_file(name: str) -> bool:
     return "/" not in name and not name.startswith(".") and not is_index_file(name) and not is_weight_file(name)
 
 
+def regular_files(folder: Path) -> list[Path]:
+    """The regular files directly inside ``folder``, sorted by name, so nothing read or copied through this list
+    leaves ``folder``: folders, devices and FIFOs are left out, and so is a symlink, except one that stays inside
+    ``folder`` or, in a huggingface_hub cache snapshot (``<repo>/snapshots/<commit>/``), points into that repo's
+    own ``blobs/`` (which is how the cache stores every file).
+    """
+    folder = Path(folder)
+    inside = [folder.resolve()]
+    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
+        inside.append((folder.parent.parent / "blobs").resolve())
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.is_symlink():
+            target = p.resolve()
+            if not any(target.is_relative_to(root) for root in inside):
+                continue
+        if p.is_file():
+            out.append(p)
+    return out
+
+
+def side_files(folder: Path) -> list[Path]:
+    """A local checkpoint's side files (:func:`is_side_file`), regular files only (:func:`regular_files`)."""
+    return [p for p in regular_files(folder) if is_side_file(p.name)]
+
+
 @dataclass(frozen=True)
 class Layout:
     """How a checkpoint's weights are stored: ``<stem>.safetensors``, or shards listed in ``<stem>...index.json``."""

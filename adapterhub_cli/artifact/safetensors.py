@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub_cli.errors import AdapterNotFoundError, CorruptFileError
+from adapterhub_cli.errors import AdapterNotFoundError, CorruptFileError, InvalidAdapterError
 
 
 if TYPE_CHECKING:
@@ -344,6 +344,9 @@ def save_safetensors(
 ) -> None:
     """Write a safetensors file byte-for-byte reproducibly: keys sorted, metadata sorted, header padded to 8 bytes.
 
+    The last line of defence against non-finite outputs: a floating tensor holding NaN or inf is refused
+    (:class:`InvalidAdapterError`) before a byte is written, so the caller's atomic folder is discarded.
+
     (The safetensors library's writer orders ``__metadata__`` by hash, so equal inputs can give different bytes;
     artifacts identified by their sha256 need the same bytes for the same content.)
     """
@@ -353,6 +356,14 @@ def save_safetensors(
     entries = []
     for name in names:
         t = tensors[name]
+        finite = t.float() if t.element_size() == 1 else t  # no isfinite for 8-bit floats on CPU
+        if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(finite).all()):
+            raise InvalidAdapterError(
+                f"refused to write {Path(path).name}: tensor {name} holds NaN or inf values",
+                path=Path(path),
+                module=name,
+                hint="an input or a parameter produced non-finite numbers; nothing was written",
+            )
         try:
             entries.append((name, dtype_name(t.dtype), tuple(t.shape)))
         except ValueError:

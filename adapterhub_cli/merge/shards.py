@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.adapter import Adapter
-from adapterhub_cli.artifact.checkpoint import CONFIG_FILE, BaseView, index_file, is_side_file, shard_file, single_file
+from adapterhub_cli.artifact.checkpoint import CONFIG_FILE, BaseView, index_file, shard_file, side_files, single_file
 from adapterhub_cli.artifact.safetensors import encode_header, header_length, read_tensor
 from adapterhub_cli.merge import bnb
 from adapterhub_cli.merge.direct_io import StagedFile
@@ -278,11 +278,9 @@ def write_index(folder: Path, stem: str, names: list[str], shards: list[list[Ten
 
 
 def copy_side_files(base: Path, out: Path, config_updates: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
-    """Copy the checkpoint's side files (config, tokenizer...: see :func:`is_side_file`) from ``base`` into
-    ``out``; ``config.json`` gets ``config_updates`` and loses the keys ``drop``."""
-    for f in sorted(base.iterdir()):
-        if not f.is_file() or not is_side_file(f.name):
-            continue
+    """Copy the checkpoint's side files (config, tokenizer...; regular files only: see :func:`side_files`) from
+    ``base`` into ``out``; ``config.json`` gets ``config_updates`` and loses the keys ``drop``."""
+    for f in side_files(base):
         if f.name == CONFIG_FILE and (config_updates or drop):
             cfg = json.loads(f.read_text())
             cfg.update(config_updates)

@@ -16,7 +16,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub_cli.artifact.checkpoint import CARD_FILE, INDEX_FILE, SINGLE_FILE, find_layout, is_weight_file
+from adapterhub_cli.artifact.checkpoint import (
+    CARD_FILE,
+    INDEX_FILE,
+    SINGLE_FILE,
+    find_layout,
+    is_weight_file,
+    regular_files,
+)
 from adapterhub_cli.artifact.files import atomic_dir, read_json, sha256_file
 from adapterhub_cli.artifact.ref import AdapterRef, Version, is_repo_id, require_version
 from adapterhub_cli.errors import (
@@ -62,7 +69,7 @@ def push_files(folder: Path) -> tuple[str, dict[str, Path]]:
                 hint="convert a legacy .bin by loading it with --allow-pickle and saving it with reduce / quantize",
             )
         return "adapter", {CONFIG_NAME: folder / CONFIG_NAME, WEIGHTS_NAME: folder / WEIGHTS_NAME}
-    names = [p.name for p in sorted(folder.iterdir()) if p.is_file()]
+    names = [p.name for p in regular_files(folder)]
     if find_layout(names) is not None:
         files = {
             n: folder / n

@@ -1,0 +1,57 @@
+"""Files outside the checkpoint folder are never read, copied or published; NaN never reaches a written file."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import adapterhub_cli as ah
+from adapterhub_cli.artifact.checkpoint import regular_files
+from adapterhub_cli.artifact.safetensors import save_safetensors
+from adapterhub_cli.errors import InvalidAdapterError
+
+
+SECRET = "hf_secretsecretsecretsecretsecret"
+
+
+def _copy_base_with_outside_link(llama_base: Path, tmp_path: Path) -> Path:
+    base = tmp_path / "base"
+    shutil.copytree(llama_base, base)
+    outside = tmp_path / "environ"
+    outside.write_text(f"HF_TOKEN={SECRET}\n")
+    (base / "tokenizer_config.json").symlink_to(outside)  # a side-file name, pointing out of the folder
+    (base / "inside.txt").write_text("kept")
+    (base / "inside-link.txt").symlink_to(base / "inside.txt")  # stays inside: fine
+    return base
+
+
+def test_merge_never_follows_a_side_file_link_out_of_the_base(llama_base, llama_lora, tmp_path):
+    base = _copy_base_with_outside_link(llama_base, tmp_path)
+    out = ah.merge(llama_lora, base=base, out=tmp_path / "merged").path
+    names = {p.name for p in out.iterdir()}
+    assert "tokenizer_config.json" not in names
+    assert {"inside.txt", "inside-link.txt", "config.json"} <= names
+    assert not any(SECRET in p.read_text(errors="replace") for p in out.iterdir() if p.suffix != ".safetensors")
+
+
+def test_push_files_of_a_merged_folder_are_regular_files_inside_it(llama_base, tmp_path):
+    base = _copy_base_with_outside_link(llama_base, tmp_path)
+    listed = {p.name for p in regular_files(base)}
+    assert "tokenizer_config.json" not in listed and "inside-link.txt" in listed
+    from adapterhub_cli.stores.publish import push_files
+
+    kind, files = push_files(base)
+    assert kind == "merge" and "tokenizer_config.json" not in files
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_the_safetensors_writer_refuses_non_finite_tensors(tmp_path, bad):
+    t = torch.zeros(4, 4)
+    t[1, 2] = bad
+    with pytest.raises(InvalidAdapterError, match="NaN or inf"):
+        save_safetensors({"ok": torch.zeros(2), "bad": t}, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+    save_safetensors({"ints": torch.arange(3), "f8": torch.zeros(2, dtype=torch.float8_e4m3fn)}, tmp_path / "y.st")
