@@ -1,12 +1,24 @@
-"""The one place that writes to the terminal: rich for people, JSON for scripts, NO_COLOR honoured by rich."""
+"""The one place that writes to the terminal: rich for people, JSON for scripts, NO_COLOR honoured by rich.
+
+Text that came from outside (module names, config values, paths, exception and server messages) is untrusted:
+it may hold rich markup (``[/x]``, ``[link=...]``), ANSI escape sequences, carriage returns, NUL, bidi overrides
+or lone surrogates. This sink prints every string as text, never as markup, with control characters replaced
+by visible escapes (``\\x1b``, ``\\r``, ``\\udcff``), and never fails on a character the terminal cannot encode:
+
+- ``out.print("...")``, table cells, key-value rows, warnings and errors take plain strings literally;
+- styled pieces are built with :func:`styled` (the only way a command adds style), never with markup strings;
+- ``out.json`` writes strict ASCII JSON (``NaN`` and ``Infinity`` become the strings ``"nan"``, ``"inf"``).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+import unicodedata
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, is_dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,12 +28,99 @@ import click
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
 
-def _jsonable(obj: Any) -> Any:
+# Unicode "format" characters that reorder or hide text (Trojan Source): shown escaped, like control characters.
+_BIDI = frozenset([0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0xFEFF])
+
+
+def _escape_char(c: str) -> str:
+    n = ord(c)
+    if n <= 0xFF:
+        return f"\\x{n:02x}"
+    if n <= 0xFFFF:
+        return f"\\u{n:04x}"
+    return f"\\U{n:08x}"
+
+
+def visible(text: str, *, newlines: bool = False) -> str:
+    """``text`` with every control character, bidi override and lone surrogate replaced by a visible escape.
+
+    ``newlines=True`` keeps ``\\n`` (messages span lines; a name or a table cell never does).
+    """
+    if text.isprintable():
+        return text
+    chars = []
+    for c in text:
+        if c == "\n" and newlines:
+            chars.append(c)
+        elif c.isprintable() or (unicodedata.category(c) in ("Cf", "Co", "Cn") and ord(c) not in _BIDI):
+            chars.append(c)
+        else:  # Cc (C0, DEL, C1), Cs (lone surrogates), Zl / Zp, bidi controls, other separators than space
+            chars.append(_escape_char(c))
+    return "".join(chars)
+
+
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """One line of literal text: each part a string, or ``(string, style)``; nothing is read as markup."""
+    from rich.text import Text
+
+    return Text.assemble(
+        *((visible(p[0], newlines=True), p[1]) if isinstance(p, tuple) else visible(p, newlines=True) for p in parts)
+    )
+
+
+def _literal(obj: Any, *, newlines: bool) -> Any:
+    """A string as literal text; a Text with its control characters made visible; other renderables as they are."""
+    from rich.text import Text
+
+    if isinstance(obj, Text):
+        clean = visible(obj.plain, newlines=newlines)
+        return obj if clean == obj.plain else Text(clean, style=obj.style)
+    if isinstance(obj, str):
+        return Text(visible(obj, newlines=newlines))
+    return obj
+
+
+def _plain_json(obj: Any) -> Any:
+    """``obj`` as plain JSON data: dataclasses as dicts, non-finite floats as strings, unknown objects as str."""
     if is_dataclass(obj) and not isinstance(obj, type):
-        return asdict(obj)
+        return _plain_json(asdict(obj))
+    if isinstance(obj, Mapping):
+        return {(k if isinstance(k, (str, int)) else str(k)): _plain_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_plain_json(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
     return str(obj)
+
+
+def _fit(text: str, stream: Any) -> str:
+    """``text`` with what ``stream``'s encoding cannot hold written as backslash escapes."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        try:
+            return text.encode(encoding, "backslashreplace").decode(encoding)
+        except LookupError:
+            return text.encode("ascii", "backslashreplace").decode("ascii")
+    return text
+
+
+def _make_table(**kwargs: Any) -> Table:
+    from rich.table import Table
+
+    class LiteralTable(Table):
+        """A table whose string cells are literal text on one line (names never turn into markup)."""
+
+        def add_row(self, *renderables: Any, **kw: Any) -> None:
+            super().add_row(*(_literal(r, newlines=False) for r in renderables), **kw)
+
+    return LiteralTable(**kwargs)
 
 
 class Output:
@@ -38,7 +137,7 @@ class Output:
 
             # piped output is read by people too: do not squeeze tables into 80 columns
             wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
-            self._console = Console(highlight=False, soft_wrap=False, width=wide)
+            self._console = Console(highlight=False, soft_wrap=False, width=wide, markup=False, emoji=False)
         return self._console
 
     @property
@@ -46,41 +145,58 @@ class Output:
         if self._err is None:
             from rich.console import Console
 
-            self._err = Console(stderr=True, highlight=False)
+            self._err = Console(stderr=True, highlight=False, markup=False, emoji=False)
         return self._err
 
     def json(self, data: Any) -> None:
-        click.echo(json.dumps(data, indent=2, default=_jsonable))
+        """One strict JSON document (ASCII, no NaN / Infinity tokens): valid whatever strings the data holds."""
+        click.echo(json.dumps(_plain_json(data), indent=2, allow_nan=False, ensure_ascii=True))
 
     def print(self, *objects: Any) -> None:
-        self.console.print(*objects)
+        """Print strings literally (one line or several) and rich renderables (tables from :meth:`table`)."""
+        self._print(self.console, *(_literal(o, newlines=True) for o in objects))
+
+    @staticmethod
+    def _print(console: Console, *objects: Any) -> None:
+        try:
+            console.print(*objects)
+        except UnicodeEncodeError:  # a terminal that is not UTF-8: write what it cannot show as escapes
+            with console.capture() as captured:
+                console.print(*objects)
+            console.file.write(_fit(captured.get(), console.file))
+            console.file.flush()
 
     def table(self, title: str | None = None, *columns: str, wrap_last: bool = False) -> Table:
-        """A table whose cells never wrap (names and numbers stay whole), except the last column if asked."""
-        from rich.table import Table
+        """A table whose cells never wrap (names and numbers stay whole), except the last column if asked.
 
-        t = Table(title=title, title_justify="left", show_header=bool(columns), header_style="bold")
+        String cells are literal text; style a cell with :func:`styled`.
+        """
+        t = _make_table(
+            title=_literal(title, newlines=False) if title is not None else None,
+            title_justify="left",
+            show_header=bool(columns),
+            header_style="bold",
+        )
         for i, c in enumerate(columns):
-            t.add_column(c, no_wrap=not (wrap_last and i == len(columns) - 1))
+            t.add_column(_literal(c, newlines=False), no_wrap=not (wrap_last and i == len(columns) - 1))
         return t
 
     def key_values(self, rows: list[tuple[str, Any]]) -> Table:
-        from rich.table import Table
-
-        t = Table(show_header=False, box=None, pad_edge=False)
+        t = _make_table(show_header=False, box=None, pad_edge=False)
         t.add_column(style="bold")
         t.add_column(overflow="fold")
         for k, v in rows:
-            t.add_row(k, "" if v is None else str(v))
+            t.add_row(k, "" if v is None else v if isinstance(v, str) else str(v))
         return t
 
     @contextlib.contextmanager
     def progress(self, description: str) -> Iterator[Callable[[int, int], None]]:
         """A progress bar on stderr (shown on terminals only); yields ``update(done, total)``."""
+        from rich.markup import escape as _markup_escape
         from rich.progress import Progress
 
         with Progress(console=self.err_console, transient=True, disable=not self.err_console.is_terminal) as bar:
-            task = bar.add_task(description, total=None)
+            task = bar.add_task(_markup_escape(visible(description)), total=None)
 
             def update(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total)
@@ -88,20 +204,15 @@ class Output:
             yield update
 
     def warn(self, message: str) -> None:
-        self.err_console.print(f"[yellow]warning:[/yellow] {_escape(message)}")
+        self._print(self.err_console, styled(("warning:", "yellow"), " ", message))
 
     def error(self, message: str) -> None:
         """Print an error unwrapped (one line per message line), in red on a colour terminal."""
+        message = _fit(visible(message, newlines=True), sys.stderr)
         if self.err_console.is_terminal and not self.err_console.no_color:
             click.echo(click.style("Error:", fg="red", bold=True) + f" {message}", err=True)
         else:
             click.echo(f"Error: {message}", err=True)
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
 
 
 out = Output()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from adapterhub_cli.cli._output import out
+from adapterhub_cli.cli._output import out, styled
 
 
 @click.command("demo")
@@ -26,7 +26,7 @@ def demo_cmd(ctx: click.Context, directory: Path | None) -> None:
     from adapterhub_cli.ops.demo import build_demo
 
     root = directory or Path(tempfile.mkdtemp(prefix="adapters-demo-"))
-    out.print(f"[bold]Building a tiny base model and a LoRA adapter in {root}[/bold]")
+    out.print(styled((f"Building a tiny base model and a LoRA adapter in {root}", "bold")))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base, adapter = build_demo(root)
@@ -56,7 +56,7 @@ def demo_cmd(ctx: click.Context, directory: Path | None) -> None:
     group = ctx.parent.command if ctx.parent else None
     assert isinstance(group, click.Group)
     for args in steps:
-        out.print(f"\n[bold cyan]$ adapters {' '.join(args)}[/bold cyan]")
+        out.print(styled("\n", (f"$ adapters {' '.join(args)}", "bold cyan")))
         cmd = group.get_command(ctx, args[0])
         assert cmd is not None
         ctx.invoke(cmd, **cmd.make_context(args[0], args[1:], parent=ctx).params)

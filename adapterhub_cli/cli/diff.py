@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from adapterhub_cli.cli._output import out
+from adapterhub_cli.cli._output import out, styled
 from adapterhub_cli.cli._params import json_option
 
 
@@ -67,6 +67,6 @@ def diff_cmd(a: str, b: str, top: int, exit_code: bool, as_json: bool) -> None:
                 )
             out.print(t)
         style = {"identical": "green", "scaled copy": "yellow"}.get(report.verdict, "red")
-        out.print(f"[{style}]{report.verdict}[/]: {report.summary}")
+        out.print(styled((report.verdict, style), f": {report.summary}"))
     if exit_code and report.verdict != "identical":
         raise click.exceptions.Exit(1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from adapterhub_cli.cli._output import out
+from adapterhub_cli.cli._output import out, styled
 from adapterhub_cli.cli._params import allow_pickle_option, json_option
 
 
@@ -47,10 +47,13 @@ def validate_cmd(adapter: str, base: str, gguf: bool, no_weights: bool, allow_pi
         if report.findings:
             t = out.table(None, "severity", "code", "module", "what to do", wrap_last=True)
             for f in report.findings:
-                t.add_row(f"[{_STYLE[f.severity]}]{f.severity}[/]", f.code, f.module or "", f.message)
+                t.add_row(styled((f.severity, _STYLE[f.severity])), f.code, f.module or "", f.message)
             out.print(t)
         n_err, n_warn = len(report.errors), len(report.warnings)
-        verdict = "[green]OK[/green]: the adapter fits the base" if report.ok else f"[bold red]{n_err} error(s)[/]"
-        out.print(f"{verdict} ({n_warn} warning(s)); {len(lora.modules)} modules checked against {report.base}")
+        summary = f" ({n_warn} warning(s)); {len(lora.modules)} modules checked against {report.base}"
+        if report.ok:
+            out.print(styled(("OK", "green"), ": the adapter fits the base", summary))
+        else:
+            out.print(styled((f"{n_err} error(s)", "bold red"), summary))
     if not report.ok:
         raise click.exceptions.Exit(1)
