@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import inspect as _pyinspect
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.checkpoint import BaseView
-from adapterhub_cli.artifact.files import sha256_file
+from adapterhub_cli.artifact.files import check_output, sha256_file
 from adapterhub_cli.artifact.ref import AdapterRef
 from adapterhub_cli.artifact.report import InspectReport, build_report
 from adapterhub_cli.artifact.validate import ValidationReport, check_gguf_ready, validate_against
-from adapterhub_cli.errors import InvalidAdapterError
+from adapterhub_cli.errors import InvalidAdapterError, UsageError
 from adapterhub_cli.formats import detect_format, get_format
 from adapterhub_cli.merge.engine import MergeResult, run_merge
 from adapterhub_cli.ops.combine import CombineResult, combine_adapters
@@ -32,6 +34,53 @@ if TYPE_CHECKING:
 
 AdapterLike = Adapter | str | Path
 BaseLike = BaseView | str | Path
+
+#: The largest ``|weight|`` combine and merge accept: beyond it a weight is a typo, not a blend.
+MAX_WEIGHT = 1e6
+
+
+def _store_paths(store: Store, ref: str | AdapterRef) -> dict[Path, str]:
+    """The local folders ``store`` reads ``ref`` from, when known: a local registry's root, the Hub's cache."""
+    parsed = store.parse(ref)
+    paths = {Path(parsed.root): "local registry"} if parsed.root else {}
+    if store.name == "hf":
+        from huggingface_hub import constants
+
+        paths[Path(constants.HF_HUB_CACHE)] = "Hugging Face cache"
+    return paths
+
+
+def _inputs(
+    sources: Sequence[object], adapters: Sequence[Adapter] = (), bases: Sequence[BaseView] = (), base: str = "base"
+) -> dict[Path, str]:
+    """Every local path an operation reads, and what it is: the sources given as paths, the adapters' folders and
+    tensor files, the ``base`` folders, and the local folders of store refs (:func:`_store_paths`)."""
+    from adapterhub_cli.stores import find_store
+
+    paths: dict[Path, str] = {}
+    for b in bases:
+        paths.setdefault(b.path, f"{base} folder")
+    for a in adapters:
+        for p in (a.path, a.tensor_file):
+            if p is not None:
+                paths.setdefault(p, "adapter")
+    for s in sources:
+        if isinstance(s, str | Path):
+            store = find_store(str(s))
+            for p, what in ({Path(s): "input"} if store is None else _store_paths(store, str(s))).items():
+                paths.setdefault(p, what)
+    return paths
+
+
+def check_weights(weights: list[float] | None) -> None:
+    """Refuse ``weights`` that are not finite numbers within ``±MAX_WEIGHT`` (zero is fine), before anything is
+    read or written."""
+    for w in weights or []:
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or abs(w) > MAX_WEIGHT:
+            raise UsageError(
+                f"weight {w!r} is not a finite number within ±{MAX_WEIGHT:g}",
+                hint="give --weights as finite numbers, e.g. --weights 1,0.5",
+            )
 
 
 def load(
@@ -160,8 +209,10 @@ def reduce(
     holding that fraction of ``||dW||_F``, i.e. energy sv_fro²); ``max_rank`` caps k. The output is a PEFT folder
     (per-module ranks as rank_pattern) written atomically; inputs are checked first and never modified.
     """
+    adapter = load(source)
+    check_output(out, _inputs([source], [adapter]), overwrite=overwrite)
     return reduce_adapter(
-        load(source),
+        adapter,
         out,
         rank=rank,
         energy=energy,
@@ -206,7 +257,9 @@ def combine(
     compressed to rank ``rank``). ``weights`` default to 1 each and may be negative. Inputs must fit
     together (same shapes; same declared base unless ``force``); nothing is written otherwise.
     """
+    check_weights(weights)
     adapters = [load(s) for s in sources]
+    check_output(out, _inputs(sources, adapters), overwrite=overwrite)
     return combine_adapters(
         adapters,
         out,
@@ -233,14 +286,16 @@ def quantize(
     """Store an adapter's factors quantized: ``int8`` / ``fp8`` (one float32 scale per ``block_size`` values),
     ``nf4`` (bitsandbytes), or a ``bf16`` / ``fp16`` cast. The result is read back by :func:`load` (and every
     operation) transparently; :func:`dequantize` turns it into a plain PEFT adapter."""
-    return quantize_adapter(
-        load(source), out, scheme=scheme, block_size=block_size, overwrite=overwrite, progress=progress
-    )
+    adapter = load(source)
+    check_output(out, _inputs([source], [adapter]), overwrite=overwrite)
+    return quantize_adapter(adapter, out, scheme=scheme, block_size=block_size, overwrite=overwrite, progress=progress)
 
 
 def dequantize(source: AdapterLike, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write a quantized adapter back as a PEFT adapter that ``PeftModel.from_pretrained`` loads."""
-    return dequantize_adapter(load(source), out, overwrite=overwrite)
+    adapter = load(source)
+    check_output(out, _inputs([source], [adapter]), overwrite=overwrite)
+    return dequantize_adapter(adapter, out, overwrite=overwrite)
 
 
 def merge(
@@ -275,9 +330,13 @@ def merge(
             (dequantized weight by weight) either way; without ``quantize`` its merge is written in 16 bits.
     """
     items = adapters if isinstance(adapters, list) else [adapters]
+    check_weights(weights)
+    view = base if isinstance(base, BaseView) else open_base(base)
+    loaded = [load(a) for a in items]
+    check_output(out, _inputs([*items, base], loaded, [view]), overwrite=overwrite)
     return run_merge(
-        base if isinstance(base, BaseView) else open_base(base),
-        [load(a) for a in items],
+        view,
+        loaded,
         out,
         weights=weights,
         device=device,
@@ -306,9 +365,13 @@ def unmerge(
     one unit in the last place where the update was large); DoRA merges cannot be undone.
     """
     items = adapters if isinstance(adapters, list) else [adapters]
+    check_weights(weights)
+    view = merged if isinstance(merged, BaseView) else open_base(merged)
+    loaded = [load(a) for a in items]
+    check_output(out, _inputs([*items, merged], loaded, [view], base="merged"), overwrite=overwrite)
     return run_merge(
-        merged if isinstance(merged, BaseView) else open_base(merged),
-        [load(a) for a in items],
+        view,
+        loaded,
         out,
         weights=weights,
         device=device,
@@ -366,6 +429,8 @@ def pull(
     ``@^1.2``, a branch or a commit on the Hub), each sha256-checked against the store's record, into the
     store's own copy (the HF cache for the Hub) or into ``out``."""
     store = _target_store(ref, api=api, token=token)
+    if out is not None:
+        check_output(out, _store_paths(store, ref), overwrite=overwrite)
     return store.pull(ref, out=out, allow_pickle=allow_pickle, overwrite=overwrite)
 
 
@@ -407,6 +472,7 @@ def convert(
         adapter = KohyaFormat().read(Path(str(source)), base=base, fold_tucker=fold_tucker, fold_loha=fold_loha)
     else:
         adapter = load(source, format=format, base=base)
+    check_output(out, _inputs([source, *([base] if base is not None else [])], [adapter]), overwrite=overwrite)
     return convert_adapter(adapter, out, to=to, base=base, overwrite=overwrite)
 
 

@@ -147,15 +147,23 @@ def test_existing_output_needs_overwrite(llama_base, llama_lora, llama_rslora, t
     assert code == 2 and "already exists" in output and "--overwrite" in output
     assert leftovers(out) == ["keep.txt"] and leftovers(tmp_path) == ["merged"]
 
-    code, output = cli("merge", llama_lora, "--into", llama_base, "-o", out, "--overwrite", "--json")
+    # --overwrite replaces only an earlier output of adapters: a folder the user made is kept
+    code, output = cli("merge", llama_lora, "--into", llama_base, "-o", out, "--overwrite")
+    assert code == 2 and "not written by adapters" in output and "Traceback" not in output
+    assert leftovers(out) == ["keep.txt"] and leftovers(tmp_path) == ["merged"]
+
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    code, output = cli("merge", llama_lora, "--into", llama_base, "-o", out, "--json")
     assert code == 0, output
     assert json.loads(output)["path"] == str(out)
-    assert leftovers(out) == ["config.json", "generation_config.json", "model.safetensors"]
-    assert leftovers(tmp_path) == ["merged"]  # no temporary or old folder left behind
+    assert leftovers(out) == [".adapters-output", "config.json", "generation_config.json", "model.safetensors"]
+    assert leftovers(tmp_path) == ["merged"]  # no temporary folder left behind
 
     # replacing one merge with another
     first = read_checkpoint(out)
     ah.merge(llama_rslora, base=llama_base, out=out, overwrite=True)
+    assert leftovers(tmp_path) == ["merged"]  # no temporary or old folder left behind
     ah.merge(llama_rslora, base=llama_base, out=tmp_path / "fresh")
     second, fresh = read_checkpoint(out), read_checkpoint(tmp_path / "fresh")
     assert all(torch.equal(second[k], fresh[k]) for k in fresh)

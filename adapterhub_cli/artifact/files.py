@@ -1,33 +1,38 @@
-"""File access: safetensors headers (read and checked without torch), JSON, hashing, safe pickles, atomic output.
+"""File access: JSON, hashing, safe pickles, and outputs (checked against the inputs, written atomically).
 
-Reading a safetensors header is pure Python: 8 bytes of little-endian header length, then that many
-bytes of JSON mapping tensor names to ``{"dtype", "shape", "data_offsets"}``. We check every entry
-against the file before any tensor is read, so a truncated or crafted file fails with a message that
-names the file and the tensor, not with a crash deep inside a loader.
+Outputs: :func:`check_output` keeps ``-o`` away from the inputs and from anything this tool did not write;
+:func:`atomic_dir` and :func:`atomic_file` make an output appear complete or not at all (see "outputs" below).
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import mmap
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub_cli.errors import AdapterNotFoundError, CorruptFileError, UnsafeFileError
+from adapterhub_cli._version import __version__
+from adapterhub_cli.artifact.safetensors import read_header
+from adapterhub_cli.errors import (
+    AdapterNotFoundError,
+    AdaptersError,
+    CorruptFileError,
+    UnsafeFileError,
+    UsageError,
+)
 
 
 if TYPE_CHECKING:
     import torch
-
-#: Bits per element of each safetensors dtype.
 
 
 def read_json(path: str | Path, what: str = "JSON file") -> dict[str, Any]:
@@ -115,47 +120,264 @@ def load_pickle_safely(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _sweep_stale(target: Path) -> None:
-    """Remove temporary folders that earlier runs killed mid-way (SIGKILL, power loss) left beside ``target``.
+# ------------------------------------------------------------------------------------------------- outputs
+#
+# Every command that writes (reduce, combine, quantize, dequantize, merge, unmerge, convert, pull) keeps four
+# promises, all kept here:
+#
+# - ``check_output``: ``-o`` is never an input, a folder holding an input, a folder inside an input folder, or a
+#   symbolic link; an existing ``-o`` is replaced only with ``overwrite`` and only if this tool wrote it.
+# - ``atomic_dir`` / ``atomic_file``: an output appears complete or not at all. It is written under a temporary
+#   name beside the target and renamed into place; a replaced output is moved aside first and moved back if the
+#   final rename fails. Temporary names stay within the file-system limit on names.
+# - Temporary folders and moved-aside outputs of runs that died (SIGKILL, power loss) are swept by the next run
+#   writing into the same parent folder; a moved-aside output whose target is missing is put back, never deleted.
+# - Outputs follow the umask: folders are made with mode 0o777 and files opened with 0o666, both less the umask.
 
-    They are named ``.<target>.<pid>.<random>.incomplete``; one whose process no longer runs is garbage.
+#: The file :func:`atomic_dir` writes into every output folder. ``overwrite`` replaces a folder only if it holds
+#: this file (an earlier output of this tool). Hidden: PEFT, transformers and diffusers ignore it, and push leaves
+#: it out.
+OUTPUT_MARKER = ".adapters-output"
+#: The safetensors metadata keys this tool writes (``adapterhub.provenance``, the kohya name table, ...) start with
+#: this. A single-file output (a kohya ``.safetensors``) is recognised as an earlier output by such a key.
+METADATA_PREFIX = "adapterhub."
+#: The longest file name (in bytes) assumed where the file system does not say.
+NAME_MAX = 255
+#: Target names longer than this (in bytes) are shortened in temporary names (plus a hash of the full name), so
+#: ``.<name>.<pid>.<tag>.incomplete`` stays within :data:`NAME_MAX`.
+_STEM_MAX = 200
+_TEMP_KINDS = ("incomplete", "replaced")
+_TEMP_NAME = re.compile(r"\.(?P<stem>.+)\.(?P<pid>[0-9]+)\.(?P<tag>\w+)\.(?P<kind>incomplete|replaced)", re.S | re.A)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether the real path ``path`` is ``folder`` or lies below it."""
+    return path == folder or folder in path.parents
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name the file system of ``folder`` (or its nearest existing ancestor) allows, in bytes."""
+    for candidate in [folder, *folder.parents]:
+        if candidate.is_dir():
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                return int(os.pathconf(candidate, "PC_NAME_MAX"))
+            break
+    return NAME_MAX
+
+
+def is_earlier_output(path: str | Path) -> bool:
+    """Whether ``path`` was written by this tool: a folder holding :data:`OUTPUT_MARKER` (a regular file), or a
+    ``.safetensors`` file whose metadata has a key starting with :data:`METADATA_PREFIX`."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            return stat.S_ISREG(os.lstat(path / OUTPUT_MARKER).st_mode)
+        if stat.S_ISREG(st.st_mode) and path.suffix == ".safetensors":
+            return any(k.startswith(METADATA_PREFIX) for k in read_header(path).metadata)
+    except (OSError, AdaptersError):
+        return False
+    return False
+
+
+def check_output(
+    out: str | Path, inputs: Mapping[str | Path, str] | Iterable[str | Path] = (), *, overwrite: bool = False
+) -> Path:
+    """Refuse an output path that could destroy an input, or anything this tool did not write; the absolute path.
+
+    Judged on real paths (symbolic links resolved): ``out`` may not be an input, a folder containing an input, a
+    folder inside an input folder, or the current folder (or one containing it); ``out`` itself may not be a
+    symbolic link. ``inputs`` are paths, or a mapping of paths to what they are (``"base folder"``, named in the
+    message); those that do not exist locally (a store ref's label) are ignored. An existing ``out`` needs
+    ``overwrite``, and then must be an earlier output of this tool (:func:`is_earlier_output`).
+
+    Raises:
+        UsageError: any of the above (nothing was written).
+        FileExistsError: ``out`` exists and ``overwrite`` is not given.
     """
-    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.incomplete"):
-        parts = leftover.name[len(target.name) + 2 :].split(".")
-        try:
-            pid = int(parts[0])
-        except (ValueError, IndexError):
+    target = Path(os.path.normpath(Path(out).absolute()))  # '..' folded as the shell does
+    if target.name in ("", ".", ".."):
+        raise UsageError(f"output {out}: not a path an output can be written to", hint="give a folder or file name")
+    limit = _name_max(target.parent)
+    if len(os.fsencode(target.name)) > limit:
+        raise UsageError(
+            f"output {out}: the name is longer than the file system allows ({limit} bytes)",
+            hint="choose a shorter name",
+        )
+    if target.is_symlink():
+        raise UsageError(
+            f"output {out} is a symbolic link (to {target.readlink()}): outputs are never written through links",
+            hint="give the real path, or another output path (-o)",
+        )
+    real = Path(os.path.realpath(target))
+    named = inputs if isinstance(inputs, Mapping) else dict.fromkeys(inputs, "input")
+    for given, what in named.items():
+        if not os.path.lexists(given):
             continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(leftover, ignore_errors=True)
-        except PermissionError:  # a live process of another user
+        source = Path(os.path.realpath(given))
+        if _inside(real, source) or _inside(source, real):
+            where = "is" if real == source else "contains" if _inside(source, real) else "is inside"
+            raise UsageError(
+                f"output {out} {where} the {what} {given}: inputs are never modified",
+                hint="choose another output path (-o)",
+            )
+    if _inside(Path(Path.cwd().resolve()), real):
+        raise UsageError(
+            f"output {out} is (or contains) the current folder, which cannot be replaced",
+            hint="choose another output path (-o)",
+        )
+    if os.path.lexists(target):
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists (pass overwrite to replace it)")
+        if not is_earlier_output(target):
+            raise UsageError(
+                f"output {out} exists and was not written by adapters: overwrite replaces only an earlier output "
+                f"(a folder holding {OUTPUT_MARKER}, or a .safetensors file with adapterhub metadata)",
+                hint="choose another output path (-o), or remove it yourself if it may go",
+            )
+    return target
+
+
+def _temp_stem(name: str) -> str:
+    """``name`` as it appears in temporary names: shortened, with a hash of the whole, when it is long."""
+    raw = os.fsencode(name)
+    if len(raw) <= _STEM_MAX:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:8]
+    return os.fsdecode(raw[: _STEM_MAX - 9]) + "~" + digest
+
+
+def _temp_path(target: Path, kind: str) -> Path:
+    """A fresh name ``.<stem>.<pid>.<tag>.<kind>`` beside ``target`` (nothing is created)."""
+    assert kind in _TEMP_KINDS
+    return target.with_name(f".{_temp_stem(target.name)}.{os.getpid()}.{secrets.token_hex(4)}.{kind}")
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a folder tree (a link itself, never what it points to); missing is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+
+
+def _rename(src: Path, dst: Path) -> None:
+    """``rename(2)`` (one function, so a test can make the final rename fail)."""
+    src.rename(dst)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # another user's live process; a nonsense pid
+        return True
+    return True
+
+
+def sweep_stale(parent: str | Path) -> None:
+    """Clean up after runs that died mid-write in ``parent`` (SIGKILL, power loss): their temporary
+    ``.<name>.<pid>.<tag>.incomplete`` folders and files are deleted; an output one had moved aside to replace it
+    (``.<name>.<pid>.<tag>.replaced``) is deleted if ``<name>`` holds its replacement, else moved back to ``<name>``
+    (a shortened long name cannot be moved back: it is kept). Entries of live processes are left alone."""
+    parent = Path(parent)
+    try:
+        names = [entry.name for entry in os.scandir(parent)]
+    except OSError:
+        return
+    for name in names:
+        m = _TEMP_NAME.fullmatch(name)
+        if m is None or _process_alive(int(m["pid"])):
             continue
+        if m["kind"] == "incomplete":
+            _remove(parent / name)
+        elif _temp_stem(m["stem"]) == m["stem"]:  # the full name of the output it replaced
+            _restore_or_remove(parent / name, parent / m["stem"])
+
+
+def _restore_or_remove(old: Path, target: Path) -> None:
+    """An output moved aside by a run that died: back to ``target`` if that is free, else deleted."""
+    if os.path.lexists(target):
+        _remove(old)
+        return
+    with contextlib.suppress(OSError):
+        _rename(old, target)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: some file systems cannot open folders)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` onto ``target``; an existing ``target`` is moved aside first and moved back if that fails."""
+    if not os.path.lexists(target):
+        _rename(tmp, target)
+    else:
+        old = _temp_path(target, "replaced")
+        _rename(target, old)
+        try:
+            _rename(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _rename(old, target)  # the previous output back in place
+            raise
+        _remove(old)
+    _fsync_dir(target.parent)
+
+
+def _prepare(target: str | Path, overwrite: bool) -> Path:
+    """The checked absolute target, its parent folder made, stale temporaries there swept."""
+    path = check_output(target, overwrite=overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path.parent)
+    return path
 
 
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``target``; on success move it into place, on error delete it.
+    """Yield a fresh temporary folder beside ``target``; on success move it into place, on any error (an exception,
+    Ctrl-C, or SIGTERM / SIGHUP turned into an exception by the CLI) delete it.
 
-    The temporary folder lives in the same parent so the final ``os.replace`` is a rename on one file
-    system. With ``overwrite`` an existing target is replaced only once the new output is complete.
+    The folder lives in the same parent, so the final move is a rename on one file system; it gets
+    :data:`OUTPUT_MARKER` just before. ``target`` is checked by :func:`check_output` (with ``overwrite`` an existing
+    earlier output is replaced only once the new one is complete, and restored if the rename fails).
     """
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists (pass overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".incomplete", dir=target.parent))
+    path = _prepare(target, overwrite)
+    while True:
+        tmp = _temp_path(path, "incomplete")
+        try:
+            tmp.mkdir(0o777)  # less the umask, like any folder the user makes
+            break
+        except FileExistsError:
+            continue
     try:
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.replace(old)
-            tmp.replace(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.replace(target)
+        (tmp / OUTPUT_MARKER).write_text(json.dumps({"written_by": "adapterhub-cli", "version": __version__}) + "\n")
+        _move_into_place(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path (not created) beside ``target`` for a single-file output; on success move it
+    into place, on any error delete it. Checked and replaced as :func:`atomic_dir` does; the writer opens the path
+    itself, so the file follows the umask. A single-file output is recognised as this tool's by its metadata
+    (:func:`is_earlier_output`), so write a :data:`METADATA_PREFIX` key into it."""
+    path = _prepare(target, overwrite)
+    tmp = _temp_path(path, "incomplete")
+    try:
+        yield tmp
+        _move_into_place(tmp, path)
+    except BaseException:
+        _remove(tmp)
         raise

@@ -8,12 +8,13 @@ device each update is computed whole, as PEFT computes it there.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.adapter import Adapter, LoraModule
-from adapterhub_cli.errors import UsageError
+from adapterhub_cli.errors import InvalidAdapterError, UsageError
 from adapterhub_cli.merge.plan import Contribution, TensorPlan
 from adapterhub_cli.parallel import default_workers
 
@@ -177,3 +178,31 @@ class _Merger:
         delta = lora_delta(a, b, scale, fan_in_fan_out=transposed)
         magnitude = loaded[m.magnitude.name].to(self.device)
         return merge_dora(weight, base_weight.to(self.device), delta, magnitude, fan_in_fan_out=transposed)
+
+
+def require_finite(t: torch.Tensor, p: TensorPlan, adapters: list[Adapter]) -> None:
+    """Refuse to write ``t``, the tensor the merge produced for ``p`` (merged, replaced by a saved copy, or converted
+    to another dtype), if it holds NaN or inf: the merge's last line of defence, run before the tensor is written,
+    so a failing merge leaves no output. Tensors copied unchanged from the base are not checked.
+
+    One float32 sum per tensor: NaN and inf survive a sum, so a finite sum means every value is finite; only a sum
+    that overflowed on large finite values costs an element-wise check.
+
+    Raises:
+        InvalidAdapterError: ``t`` holds NaN or inf (naming the tensor and the adapters that touched it).
+    """
+    import torch
+
+    if not t.dtype.is_floating_point or t.numel() == 0:
+        return
+    if math.isfinite(float(torch.sum(t, dtype=torch.float32))) or bool(torch.isfinite(t).all()):
+        return
+    touched = sorted({str(adapters[c.adapter].path) for c in p.contributions})
+    if p.replacement is not None:
+        touched.append(str(adapters[p.replacement[0]].path))
+    cause = f"the updates of {', '.join(touched)}" if touched else f"conversion to {p.dtype}"
+    raise InvalidAdapterError(
+        f"refused to write the merge: tensor {p.name} holds NaN or inf after {cause}; nothing was written",
+        module=p.name,
+        hint="check lora_alpha and --weights (an update too large for the dtype overflows), or use a wider --dtype",
+    )

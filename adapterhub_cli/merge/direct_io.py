@@ -89,13 +89,13 @@ class StagedFile:
         self.direct = False
         if want:
             try:
-                self.fd = os.open(path, flags | os.O_DIRECT, 0o644)
+                self.fd = os.open(path, flags | os.O_DIRECT, 0o666)
                 self.direct = True
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
         if not self.direct:
-            self.fd = os.open(path, flags, 0o644)
+            self.fd = os.open(path, flags, 0o666)  # less the umask
         self.size = 0
         self._disk = disk
         self._chunk = chunk - chunk % ALIGN or ALIGN

@@ -26,7 +26,7 @@ from adapterhub_cli.artifact.checkpoint import BaseView
 from adapterhub_cli.artifact.files import atomic_dir
 from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, torch_dtype
 from adapterhub_cli.merge import bnb
-from adapterhub_cli.merge.compute import _Merger, check_device
+from adapterhub_cli.merge.compute import _Merger, check_device, require_finite
 from adapterhub_cli.merge.plan import MergePlan, TensorPlan, build_plan
 from adapterhub_cli.merge.shards import (
     READ_AHEAD,
@@ -88,7 +88,9 @@ def run_merge(
 ) -> MergeResult:
     """Merge (or with ``reverse``, unmerge) ``adapters`` into ``base``, streaming, into ``out`` atomically.
 
-    Every adapter is validated against the base first; a misfit raises before anything is written. A base
+    Every adapter is validated against the base first; a misfit raises before anything is written (the API has
+    checked ``out`` against the inputs: :func:`adapterhub_cli.artifact.files.check_output`). Every tensor the merge
+    computes is checked for NaN / inf before it is written (:func:`.compute.require_finite`). A base
     saved by transformers with bitsandbytes (nf4 / fp4 / int8) is dequantized weight by weight; the output is
     16-bit unless ``quantize`` ("nf4", "fp4" or "int8") asks for the bitsandbytes layout transformers loads.
     """
@@ -99,7 +101,6 @@ def run_merge(
     plan = build_plan(
         base,
         adapters,
-        out,
         weights=weights,
         dtype=dtype,
         max_shard_size=max_shard_size,
@@ -188,6 +189,7 @@ class _Producer:
             t = t.to(torch_dtype(p.dtype))  # as if the base were loaded in the output dtype, then merged
         if p.contributions:
             t = self.merger.apply(p, t)
+        require_finite(t, p, self.merger.adapters)
         release = None if buffer is None else functools.partial(self.buffers.release, buffer)
         if self.plan.quantize and p.quantized_entries:
             return self._quantized(p, t, self.plan.quantize, release)

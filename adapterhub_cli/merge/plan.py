@@ -95,7 +95,6 @@ class MergePlan:
 def build_plan(
     base: BaseView | str | Path,
     adapters: list[Adapter],
-    out: str | Path,
     *,
     weights: list[float] | None,
     dtype: str,
@@ -113,8 +112,6 @@ def build_plan(
     if len(weights) != len(adapters):
         raise UsageError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
     out_dtype = output_dtype(dtype)
-    if Path(out).resolve() == view.path.resolve():
-        raise UsageError("the output folder is the base folder: choose another -o (inputs are never modified)")
     refuse_misfits(adapters, reverse=reverse)
     for a in adapters:
         require_valid(a, base=view)

@@ -288,4 +288,4 @@ def copy_side_files(base: Path, out: Path, config_updates: dict[str, Any], drop:
                 cfg.pop(key, None)
             (out / f.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         else:
-            shutil.copy2(f, out / f.name)
+            shutil.copyfile(f, out / f.name)  # the bytes only: the copy's mode follows the umask
