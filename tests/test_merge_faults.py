@@ -1,5 +1,5 @@
-"""`merge` under faults: a killed merge or a full disk leaves no output folder, an existing output is replaced only
-with --overwrite, and the inputs are never modified."""
+"""`merge` under faults: a killed merge (SIGKILL, SIGTERM, SIGHUP) or a full disk leaves no output folder, an existing
+output is replaced only with --overwrite, and the inputs are never modified."""
 
 from __future__ import annotations
 
@@ -88,6 +88,78 @@ def test_killed_merge_leaves_no_output(llama_base, llama_lora, tmp_path):
     # the next merge to the same OUT is not disturbed by the stale folder
     ah.merge(llama_lora, base=llama_base, out=out)
     assert (out / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------- SIGTERM / SIGHUP
+
+TERMINATED_MERGE = textwrap.dedent(
+    """
+    import importlib, sys, time
+    from pathlib import Path
+    from adapterhub_cli.cli.main import main
+
+    marker = sys.argv.pop(1)
+    compute = importlib.import_module("adapterhub_cli.merge.compute")
+    apply = compute._Merger.apply
+
+    def stalled(self, plan, weight):  # the first merged tensor: announce, then wait (in the main thread)
+        Path(marker).touch()
+        time.sleep(120)
+        return apply(self, plan, weight)
+
+    compute._Merger.apply = stalled
+    sys.argv[0] = "adapters"
+    main()
+    """
+)
+
+
+def _merge_until_signal(args: list[object], marker: Path, sig: signal.Signals) -> subprocess.CompletedProcess:
+    """Run ``adapters merge ARGS`` in a fresh process, send ``sig`` once it is merging its first tensor."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TERMINATED_MERGE, str(marker), "merge", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "the merge never reached its first merged tensor"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, output.decode())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_terminated_merge_cleans_up_like_ctrl_c(llama_base_sharded, llama_lora, tmp_path, sig):
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "merged"
+    before = {p: tree_sha256(p) for p in (llama_lora, llama_base_sharded)}
+    done = _merge_until_signal(
+        [llama_lora, "--into", llama_base_sharded, "-o", out, "--max-shard-size", "100KB"], tmp_path / "m", sig
+    )
+    assert done.returncode == 128 + sig, done.stdout  # the shell's status for a signal
+    assert "Traceback" not in done.stdout
+    assert leftovers(work) == []  # no output, and the temporary folder is gone
+    assert {p: tree_sha256(p) for p in (llama_lora, llama_base_sharded)} == before
+
+
+def test_terminated_overwrite_keeps_the_previous_output(llama_base, llama_lora, llama_rslora, tmp_path):
+    out = tmp_path / "merged"
+    ah.merge(llama_lora, base=llama_base, out=out)
+    previous = tree_sha256(out)
+    done = _merge_until_signal(
+        [llama_rslora, "--into", llama_base, "-o", out, "--overwrite"], tmp_path / "m", signal.SIGTERM
+    )
+    assert done.returncode == 128 + signal.SIGTERM, done.stdout
+    assert leftovers(tmp_path) == ["m", "merged"] and tree_sha256(out) == previous
 
 
 # ---------------------------------------------------------------------------- full disk

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+from types import FrameType
 from typing import Any, cast
 
 import click
@@ -83,6 +85,27 @@ def build_cli() -> click.Group:
     return group
 
 
+#: Signals that end a run the way Ctrl-C does: the exception they raise unwinds through every atomic output, which
+#: deletes its temporary folder (a replaced output stays as it was).
+TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    """Turn SIGTERM / SIGHUP into ``SystemExit(128 + signum)`` (the shell's status for a signal), raised in the main
+    thread; further ones are ignored so they cannot interrupt the clean-up."""
+    for sig in TERMINATING_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
+def install_signal_handlers() -> None:
+    """Make SIGTERM and SIGHUP clean up like SIGINT (only the `adapters` process does this: a library never
+    installs signal handlers in its caller's process)."""
+    for sig in TERMINATING_SIGNALS:
+        signal.signal(sig, _terminate)
+
+
 def main() -> None:
     """Entry point of the `adapters` command."""
+    install_signal_handlers()
     build_cli()(prog_name="adapters")
