@@ -5,14 +5,14 @@ A local folder holds ``model.safetensors`` or shards listed in ``model.safetenso
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from adapterhub_cli.artifact.files import read_json
-from adapterhub_cli.artifact.safetensors import TensorInfo, read_header
-from adapterhub_cli.errors import AdapterNotFoundError, CorruptFileError, InvalidAdapterError
+from adapterhub_cli.artifact.safetensors import SafetensorsHeader, TensorInfo, read_header
+from adapterhub_cli.errors import AdapterNotFoundError, CorruptFileError, InvalidAdapterError, UnsafeFileError
 
 
 # THE checkpoint layout table. Merge, push, pull, validate, the kohya base maps and remote bases all ask here.
@@ -58,25 +58,75 @@ def is_side_file(name: str) -> bool:
     return "/" not in name and not name.startswith(".") and not is_index_file(name) and not is_weight_file(name)
 
 
-def regular_files(folder: Path) -> list[Path]:
-    """The regular files directly inside ``folder``, sorted by name, so nothing read or copied through this list
-    leaves ``folder``: folders, devices and FIFOs are left out, and so is a symlink, except one that stays inside
-    ``folder`` or, in a huggingface_hub cache snapshot (``<repo>/snapshots/<commit>/``), points into that repo's
-    own ``blobs/`` (which is how the cache stores every file).
-    """
-    folder = Path(folder)
+def is_plain_name(name: object) -> bool:
+    """Whether ``name`` is a plain file name: a printable string with no folder part (no ``/`` or ``\\``), not
+    ``.`` or ``..``, and not absolute or drive-relative on any system, so ``folder / name`` stays in ``folder``."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and name.isprintable()
+        and "/" not in name
+        and "\\" not in name
+        and not PureWindowsPath(name).drive
+    )
+
+
+def is_relative_name(name: object) -> bool:
+    """Whether ``name`` is a relative ``/``-separated path of plain names (:func:`is_plain_name`), as a repo
+    listing names its files (``unet/config.json``): no empty, ``.`` or ``..`` parts, not absolute."""
+    return isinstance(name, str) and all(is_plain_name(part) for part in name.split("/"))
+
+
+def _roots(folder: Path) -> list[Path]:
+    """Where the files of ``folder`` may really be: inside it, and for a huggingface_hub cache snapshot
+    (``<repo>/snapshots/<commit>/``) in that repo's own ``blobs/`` too."""
     inside = [folder.resolve()]
     if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
         inside.append((folder.parent.parent / "blobs").resolve())
-    out = []
-    for p in sorted(folder.iterdir()):
-        if p.is_symlink():
-            target = p.resolve()
-            if not any(target.is_relative_to(root) for root in inside):
-                continue
-        if p.is_file():
-            out.append(p)
-    return out
+    return inside
+
+
+def stays_inside(folder: Path, path: Path, roots: list[Path] | None = None) -> bool:
+    """Whether ``path`` (an entry directly in ``folder``) is a regular file that stays inside ``folder``: not a
+    folder, device or FIFO, and not a symlink leading anywhere but inside ``folder`` (or, in a cache snapshot, into
+    its repo's ``blobs/``)."""
+    if path.is_symlink():
+        target = path.resolve()
+        if not any(target.is_relative_to(root) for root in roots or _roots(Path(folder))):
+            return False
+    return path.is_file()
+
+
+def regular_files(folder: Path) -> list[Path]:
+    """The regular files directly inside ``folder``, sorted by name, so nothing read or copied through this list
+    leaves ``folder`` (:func:`stays_inside`): folders, devices and FIFOs are left out, and so is a symlink, except
+    one that stays inside ``folder`` or, in a huggingface_hub cache snapshot (``<repo>/snapshots/<commit>/``),
+    points into that repo's own ``blobs/`` (which is how the cache stores every file).
+    """
+    folder = Path(folder)
+    roots = _roots(folder)
+    return [p for p in sorted(folder.iterdir()) if stays_inside(folder, p, roots)]
+
+
+def file_inside(folder: Path, name: str, *, what: str = "file") -> Path | None:
+    """``folder / name`` when it exists as a regular file inside ``folder`` (:func:`stays_inside`), None when it
+    does not exist.
+
+    Raises:
+        UnsafeFileError: it exists but is not a regular file inside ``folder`` (a symlink leading out, a FIFO, a
+            device, a folder): it is never read.
+    """
+    path = Path(folder) / name
+    if not path.exists() and not path.is_symlink():
+        return None
+    if not stays_inside(folder, path):
+        raise UnsafeFileError(
+            f"{what} {name} is not a regular file inside the folder"
+            + (" (a symlink leading out of it)" if path.is_symlink() else ""),
+            path=folder,
+            hint="copy the file itself into the folder; links out of it are never followed",
+        )
+    return path
 
 
 def side_files(folder: Path) -> list[Path]:
@@ -115,25 +165,69 @@ def find_layout(names: Collection[str]) -> Layout | None:
 
 def read_index(path: Path) -> dict[str, str]:
     """An index's ``weight_map`` (tensor key -> shard file name), checked: every key and shard a string, every
-    shard a plain file name (no folder, no ``..``), so a path built from it stays in the checkpoint's folder.
+    shard a plain file name (:func:`is_plain_name`: no folder, no ``..``, not absolute), so a path built from it
+    stays in the checkpoint's folder.
 
     Raises:
-        CorruptFileError: the index is not JSON, has no ``weight_map`` or names a shard outside the folder.
+        CorruptFileError: the index is not a JSON object, has no ``weight_map`` or names a shard outside the folder.
     """
     doc = read_json(path, path.name)
-    weight_map = doc.get("weight_map")
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict):
         raise CorruptFileError("index has no weight_map", path=path)
     for key, shard in weight_map.items():
         if not isinstance(shard, str) or not isinstance(key, str):
             raise CorruptFileError(f"index entry {key!r}: {shard!r} is not a shard file name", path=path)
-        if not shard or shard in (".", "..") or "/" in shard or "\\" in shard or "\0" in shard:
+        if not is_plain_name(shard) or not shard.endswith(".safetensors"):
             raise CorruptFileError(
-                f"index entry {key!r} names {shard!r}, which is not a plain file name in the checkpoint folder",
+                f"index entry {key!r} names {shard!r}, which is not a plain .safetensors file name in the checkpoint "
+                "folder",
                 path=path,
                 hint="the index is damaged or crafted: shards must sit beside the index",
             )
     return weight_map
+
+
+def index_tensors(
+    weight_map: Mapping[str, str], headers: Mapping[str, SafetensorsHeader], index: Path
+) -> dict[str, TensorInfo]:
+    """A sharded checkpoint's tensors as its index places them: each key read from the shard the index names.
+
+    ``headers``: shard name -> checked header, for every shard the index names, in shard-name order (the order of
+    the result).
+
+    Raises:
+        CorruptFileError: a tensor in two shards; a shard holding a tensor the index places elsewhere or does not
+            list; a tensor the index places in a shard that does not hold it.
+    """
+    holders: dict[str, list[str]] = {}
+    for shard, header in headers.items():
+        for key in header.tensors:
+            holders.setdefault(key, []).append(shard)
+    hint = "the index and its shards disagree: the checkpoint is damaged or crafted; download or copy it again"
+    for key, shards in holders.items():
+        if len(shards) > 1:
+            raise CorruptFileError(
+                f"tensor {key!r} is in {len(shards)} shards ({', '.join(shards)})", path=index, hint=hint
+            )
+        if key not in weight_map:
+            raise CorruptFileError(
+                f"{shards[0]} holds tensor {key!r}, which the index does not list", path=index, hint=hint
+            )
+        if weight_map[key] != shards[0]:
+            raise CorruptFileError(
+                f"the index places tensor {key!r} in {weight_map[key]}, but {shards[0]} holds it",
+                path=index,
+                hint=hint,
+            )
+    missing = [k for k in weight_map if k not in holders]
+    if missing:
+        raise CorruptFileError(
+            f"{len(missing)} tensors in the index are in no shard, e.g. {missing[0]!r} in {weight_map[missing[0]]}",
+            path=index,
+            hint=hint,
+        )
+    return {key: info for header in headers.values() for key, info in header.tensors.items()}
 
 
 @dataclass
@@ -254,29 +348,26 @@ def open_base(path: str | Path) -> BaseView:
         )
     layout = find_layout({p.name for p in path.iterdir() if p.is_file()}) if path.is_dir() else None
     if layout is not None and layout.sharded:
-        index = path / layout.index
+        index = _inside(path, layout.index)
         weight_map = read_index(index)
-        tensors: dict[str, TensorInfo] = {}
-        shard_of: dict[str, Path] = {}
+        headers: dict[str, SafetensorsHeader] = {}
         for shard_name in sorted(set(weight_map.values())):
-            shard = path / shard_name
-            if not shard.is_file():
+            if not (path / shard_name).exists():
                 raise CorruptFileError(
                     f"the index names {shard_name}, which is missing",
                     path=index,
                     hint="the checkpoint is incomplete: download or copy it again",
                 )
-            for key, info in read_header(shard).tensors.items():
-                tensors[key] = info
-                shard_of[key] = shard
-        missing = [k for k in weight_map if k not in tensors]
-        if missing:
-            raise CorruptFileError(
-                f"{len(missing)} tensors in the index are in no shard, e.g. {missing[0]!r}", path=index
-            )
-        return BaseView(path=path, config=_config(path), tensors=tensors, shard_of=shard_of, weights_stem=layout.stem)
+            headers[shard_name] = read_header(_inside(path, shard_name))
+        return BaseView(
+            path=path,
+            config=_config(path),
+            tensors=index_tensors(weight_map, headers, index),
+            shard_of={key: path / shard for key, shard in weight_map.items()},
+            weights_stem=layout.stem,
+        )
     if layout is not None:
-        single = path / layout.single
+        single = _inside(path, layout.single)
         header = read_header(single)
         return BaseView(
             path=path,
@@ -292,6 +383,11 @@ def open_base(path: str | Path) -> BaseView:
     )
 
 
+def _inside(folder: Path, name: str) -> Path:
+    """``folder / name``, a regular file inside ``folder`` (:func:`file_inside`); its absence is left to the reader."""
+    return file_inside(folder, name, what="checkpoint file") or folder / name
+
+
 def _config(folder: Path) -> dict[str, Any]:
-    cfg = folder / CONFIG_FILE
-    return read_json(cfg, CONFIG_FILE) if cfg.is_file() else {}
+    cfg = file_inside(folder, CONFIG_FILE, what="checkpoint file")
+    return read_json(cfg, CONFIG_FILE) if cfg is not None else {}

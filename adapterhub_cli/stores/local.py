@@ -32,16 +32,17 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
-from adapterhub_cli.artifact.checkpoint import CARD_FILE
+from adapterhub_cli.artifact.checkpoint import CARD_FILE, is_plain_name, stays_inside
 from adapterhub_cli.artifact.files import sha256_file
 from adapterhub_cli.artifact.ref import FILE, FILE_SCHEME, AdapterRef, Version, pick_tag
-from adapterhub_cli.errors import CorruptFileError, StoreNotFoundError, UsageError, VersionConflictError
+from adapterhub_cli.errors import CorruptFileError, StoreNotFoundError, UsageError, VersionConflictError, server_text
 from adapterhub_cli.stores.base import Store
 from adapterhub_cli.stores.publish import check_version
 from adapterhub_cli.stores.records import PushResult, Resolved, StoreFile, VersionInfo
@@ -54,6 +55,7 @@ MANIFEST = ".adapters-manifest.json"
 STORED_CARD = "." + CARD_FILE
 VERSIONS = "versions"
 _CHUNK = 8 << 20
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def store_roots() -> list[Path]:
@@ -61,10 +63,6 @@ def store_roots() -> list[Path]:
     raw = os.environ.get(ROOTS_ENV, "")
     entries = [p.strip() for p in raw.split(os.pathsep) if p.strip()]
     return [Path(os.path.normpath(p)) for p in entries if Path(p).is_absolute()]
-
-
-def _plain_file_name(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 class LocalStore(Store):
@@ -133,6 +131,8 @@ class LocalStore(Store):
                 doc = json.loads(raw)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CorruptFileError(f"the manifest is not valid JSON ({e})", path=manifest) from e
+            if not isinstance(doc, dict):
+                raise CorruptFileError("the manifest is not a JSON object", path=manifest)
             out[v.tag] = (d, doc, hashlib.sha256(raw).hexdigest())
         return out
 
@@ -158,10 +158,14 @@ class LocalStore(Store):
             )
         folder, doc, content_id = published[tag]
         files = {}
-        for name, meta in (doc.get("files") or {}).items():
-            if not _plain_file_name(name) or not isinstance(meta, dict):
+        listed = doc.get("files") or {}
+        for name, meta in listed.items() if isinstance(listed, dict) else [(listed, None)]:
+            if not is_plain_name(name) or not isinstance(meta, dict):
                 raise CorruptFileError(f"the manifest lists {name!r}, not a plain file name", path=folder / MANIFEST)
-            files[name] = StoreFile(name, meta.get("size"), meta.get("sha256"))
+            size, sha256 = meta.get("size"), meta.get("sha256")
+            if not (isinstance(size, int) and size >= 0) or not (isinstance(sha256, str) and _SHA256.match(sha256)):
+                raise CorruptFileError(f"the manifest gives {name} no valid size and sha256", path=folder / MANIFEST)
+            files[name] = StoreFile(name, size, sha256)
         assert parsed.repo_id is not None
         return Resolved(FILE, parsed.repo_id, rev, content_id, tag, files, root=self._root_prefix(parsed))
 
@@ -172,9 +176,9 @@ class LocalStore(Store):
                 tag=tag,
                 version=tag.removeprefix("v"),
                 commit=cid,
-                date=doc.get("created"),
+                date=server_text(doc["created"]) if doc.get("created") else None,
                 title=f"adapters push {tag}",
-                message=doc.get("message") or "",
+                message=server_text(doc.get("message") or ""),
             )
             for tag, (_, doc, cid) in self._published(parsed).items()
         ]
@@ -189,6 +193,8 @@ class LocalStore(Store):
 
     def read_range(self, resolved: Resolved, name: str, start: int, length: int) -> bytes:
         path = self._file(resolved, name)
+        if path.is_symlink():
+            raise CorruptFileError(f"{name} of {resolved.label} is a link in the registry, never followed", path=path)
         try:
             with path.open("rb") as f:
                 f.seek(start)
@@ -199,8 +205,14 @@ class LocalStore(Store):
     def fetch(self, resolved: Resolved, name: str) -> Path:
         path = self._file(resolved, name)
         meta = resolved.files[name]
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             raise CorruptFileError(f"{name} of {resolved.label} is missing from the registry", path=path)
+        if path.is_symlink() or not stays_inside(path.parent, path):
+            raise CorruptFileError(
+                f"{name} of {resolved.label} is not a regular file in the registry (a link, a folder or a device)",
+                path=path,
+                hint="the registry copy was altered; publish the artifact again as a new version",
+            )
         size = path.stat().st_size
         if (meta.size is not None and size != meta.size) or (
             meta.sha256 is not None and sha256_file(path) != meta.sha256
@@ -232,7 +244,7 @@ class LocalStore(Store):
             raise UsageError(
                 f"the registry root {root} does not exist", hint=f"create it first (mkdir -p {root}), then push again"
             )
-        bad = [n for n in files if not _plain_file_name(n) or n.startswith(".")]
+        bad = [n for n in files if not is_plain_name(n) or n.startswith(".")]
         if bad:
             raise UsageError(f"cannot publish {bad[0]!r}: files of a version are plain, visible file names")
         versions_dir = self._repo_dir(target) / VERSIONS

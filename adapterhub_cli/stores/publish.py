@@ -20,13 +20,17 @@ from adapterhub_cli.artifact.checkpoint import (
     CARD_FILE,
     INDEX_FILE,
     SINGLE_FILE,
+    file_inside,
     find_layout,
+    is_relative_name,
     is_weight_file,
     regular_files,
+    stays_inside,
 )
 from adapterhub_cli.artifact.files import atomic_dir, read_json, sha256_file
 from adapterhub_cli.artifact.ref import AdapterRef, Version, is_repo_id, require_version
 from adapterhub_cli.errors import (
+    CorruptFileError,
     InvalidAdapterError,
     StoreError,
     StoreNotFoundError,
@@ -41,6 +45,7 @@ from adapterhub_cli.stores.views import select_files
 
 if TYPE_CHECKING:
     from adapterhub_cli.stores.base import Store
+    from adapterhub_cli.stores.records import Resolved
 
 #: Written beside the files of ``pull(..., out=DIR)``: where they came from, the pinned version, their sha256.
 PULL_RECORD = ".adapters-pull.json"
@@ -54,21 +59,25 @@ def push_files(folder: Path) -> tuple[str, dict[str, Path]]:
 
     A merged model is any checkpoint of the layout table (``model.safetensors``, a diffusers component's
     ``diffusion_pytorch_model.safetensors``, either sharded with its index) with its side files; weights in
-    other formats and the card (written by the push) are left out.
+    other formats and the card (written by the push) are left out. Only regular files inside the folder are
+    published (:func:`~adapterhub_cli.artifact.checkpoint.regular_files`): a symlink leading out of it is not.
 
     Raises:
         InvalidAdapterError: not a folder, an adapter without safetensors weights, or neither.
+        UnsafeFileError: an adapter's config or weights are not regular files inside the folder.
     """
     if not folder.is_dir():
         raise InvalidAdapterError("push takes a folder (an adapter or a merged model)", path=folder)
-    if (folder / CONFIG_NAME).is_file():
-        if not (folder / WEIGHTS_NAME).is_file():
+    config = file_inside(folder, CONFIG_NAME, what="adapter file")
+    if config is not None:
+        weights = file_inside(folder, WEIGHTS_NAME, what="adapter file")
+        if weights is None:
             raise InvalidAdapterError(
                 f"no {WEIGHTS_NAME} here (only safetensors adapters are published)",
                 path=folder,
                 hint="convert a legacy .bin by loading it with --allow-pickle and saving it with reduce / quantize",
             )
-        return "adapter", {CONFIG_NAME: folder / CONFIG_NAME, WEIGHTS_NAME: folder / WEIGHTS_NAME}
+        return "adapter", {CONFIG_NAME: config, WEIGHTS_NAME: weights}
     names = [p.name for p in regular_files(folder)]
     if find_layout(names) is not None:
         files = {
@@ -82,6 +91,16 @@ def push_files(folder: Path) -> tuple[str, dict[str, Path]]:
         "component's diffusion_pytorch_model.safetensors)",
         path=folder,
     )
+
+
+def local_card(folder: Path) -> str | None:
+    """The card (README.md) of a folder to push, None when it has none.
+
+    Raises:
+        UnsafeFileError: README.md is not a regular file inside the folder (a symlink out of it is never read).
+    """
+    card = file_inside(folder, CARD_FILE, what="card")
+    return card.read_text(errors="replace") if card is not None else None
 
 
 def declared_repo_id(name: object) -> str | None:
@@ -197,7 +216,7 @@ def push_folder(
     except StoreNotFoundError:
         published = {}
     check_version(target.display, v, published, force)
-    existing = (folder / CARD_FILE).read_text() if (folder / CARD_FILE).is_file() else None
+    existing = local_card(folder)
     if existing is None and published:
         existing = store.previous_card(target.repo_ref)
     card = hub_card(
@@ -234,7 +253,7 @@ def pull_version(
     parsed = store.parse(ref)
     resolved = store.resolve(parsed)
     names = select_files(resolved, allow_pickle=allow_pickle)
-    local = {n: store.fetch(resolved, n) for n in names}
+    local = {n: _fetched(store, resolved, n) for n in names}
     hashes = {n: sha256_file(p) for n, p in local.items()}
     result = PullResult(
         local[names[-1]].parent,  # the weights' folder
@@ -264,6 +283,25 @@ def pull_version(
         (tmp / PULL_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     result.path = Path(out)
     return result
+
+
+def _fetched(store: Store, resolved: Resolved, name: str) -> Path:
+    """``store.fetch(resolved, name)``, refusing a name that is not a relative path of plain names or a fetched
+    path that is not a regular file in its folder (a store's copy is never a link out of it).
+
+    Raises:
+        CorruptFileError: as above.
+    """
+    if not is_relative_name(name):
+        raise CorruptFileError(f"{resolved.label} lists {name!r}, which is not a plain relative file name")
+    path = store.fetch(resolved, name)
+    if not stays_inside(path.parent, path):
+        raise CorruptFileError(
+            f"{name} of {resolved.label} is not a regular file in the store's copy",
+            path=path,
+            hint="the store's copy was altered; nothing was written",
+        )
+    return path
 
 
 def pulled_from(folder: str | Path) -> str | None:

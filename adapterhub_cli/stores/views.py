@@ -26,6 +26,7 @@ from adapterhub_cli.artifact.checkpoint import (
     SINGLE_FILE,
     BaseView,
     find_layout,
+    index_tensors,
     is_side_file,
     is_weight_file,
     read_index,
@@ -44,13 +45,27 @@ if TYPE_CHECKING:
     from adapterhub_cli.stores.records import Resolved, StoreFile
 
 
+#: bytes read by the first range read of a header: the length and, in one request, the JSON of most headers
+HEADER_PROBE = 100_000
+
+
 def header_by_range(store: Store, resolved: Resolved, name: str) -> SafetensorsHeader:
-    """The checked header of safetensors file ``name``: its 8-byte length, then the JSON (two range reads)."""
+    """The header of safetensors file ``name``, read by range (one read, a second for a header longer than
+    :data:`HEADER_PROBE`) and checked as a local file's is (:func:`header_length`, :func:`parse_header`: its
+    length, dtypes, shapes, byte ranges within the file as the store lists its size, no overlaps).
+
+    Raises:
+        CorruptFileError: the header is truncated, too long or malformed.
+    """
     where = store.where(resolved) / name
     meta = resolved.files.get(name)
     size = meta.size if meta is not None else None
-    n = header_length(store.read_range(resolved, name, 0, 8), file_size=size, path=where)
-    raw = store.read_range(resolved, name, 8, n)
+    want = HEADER_PROBE if size is None else min(HEADER_PROBE, size)
+    head = store.read_range(resolved, name, 0, want)[:want]
+    n = header_length(head[:8], file_size=size, path=where)
+    if len(head) == want < 8 + n:  # the header goes on past the first read
+        head += store.read_range(resolved, name, want, 8 + n - want)[: 8 + n - want]
+    raw = head[8 : 8 + n]
     if len(raw) != n:
         raise CorruptFileError("the safetensors header is truncated", path=where)
     header = parse_header(raw, path=where, file_size=size if size is not None else sys.maxsize)
@@ -291,15 +306,19 @@ def open_store_base(store: Store, resolved: Resolved) -> BaseView:
             hint="point --base at a checkpoint saved with save_pretrained (safetensors)",
         )
     config = read_json(store.fetch(resolved, CONFIG_FILE), CONFIG_FILE) if CONFIG_FILE in files else {}
-    shards = sorted(set(read_index(store.fetch(resolved, layout.index)).values())) if layout.sharded else []
-    tensors: dict[str, TensorInfo] = {}
-    shard_names: dict[str, str] = {}
-    for shard in shards or [layout.single]:
+    index = where / layout.index
+    weight_map = read_index(store.fetch(resolved, layout.index)) if layout.sharded else {}
+    headers: dict[str, SafetensorsHeader] = {}
+    for shard in sorted(set(weight_map.values())) or [layout.single]:
         if shard not in files:
-            raise CorruptFileError(f"the index names {shard}, which is missing", path=where / layout.index)
-        for key, info in store.read_header(resolved, shard).tensors.items():
-            tensors[key] = info
-            shard_names[key] = shard
+            raise CorruptFileError(f"the index names {shard}, which is missing", path=index)
+        headers[shard] = store.read_header(resolved, shard)
+    if layout.sharded:
+        tensors = index_tensors(weight_map, headers, index)
+        shard_names = dict(weight_map)
+    else:
+        tensors = dict(headers[layout.single].tensors)
+        shard_names = dict.fromkeys(tensors, layout.single)
     config["_name_or_path"] = resolved.repo_id  # what the adapter's declared base is compared with
     view = StoreBaseView(
         path=where,
