@@ -7,19 +7,71 @@ attributes, and their message says what to do.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 
+# ------------------------------------------------------------------------------------ secrets and server text
+
+#: environment variables whose value is a Hub token (huggingface_hub reads both)
+TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+#: what a secret is replaced with
+REDACTED = "***"
+_MIN_SECRET = 8  # shorter values are not scrubbed by value (they would blank ordinary words)
+_SECRETS: set[str] = set()
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s'\",;]+")
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{30,}")  # a Hub token: hf_ and 34 letters
+_ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves, erasing
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC: window titles, hyperlinks
+    r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"  # DCS, SOS, PM, APC strings
+    r"|\x1b[ -~]?"  # any other escape
+    r"|\x9b[0-?]*[ -/]*[@-~]"  # the 8-bit CSI
+)
+#: C0 controls but tab and newline, DEL, C1 controls, and the bidi overrides that reorder what a terminal shows
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def register_secret(value: str | None) -> None:
+    """Remember ``value`` (a token handed to a store) so :func:`scrub` removes it from every later message."""
+    if isinstance(value, str) and len(value.strip()) >= _MIN_SECRET:
+        _SECRETS.add(value.strip())
+
+
+def scrub(text: str) -> str:
+    """``text`` without secrets: the exact value of every registered token (:func:`register_secret`) and of
+    ``HF_TOKEN`` / ``HUGGING_FACE_HUB_TOKEN``, and anything shaped like one (``Bearer ...``, ``hf_...``).
+
+    Every :class:`AdaptersError` scrubs its message and hint; the CLI scrubs whatever it prints for an error.
+    """
+    secrets = set(_SECRETS)
+    secrets.update(v.strip() for k in TOKEN_ENV_VARS if len((v := os.environ.get(k) or "").strip()) >= _MIN_SECRET)
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return _HF_TOKEN.sub(REDACTED, _BEARER.sub(rf"\g<1>{REDACTED}", text))
+
+
+def server_text(text: object) -> str:
+    """Text that came from a server (a commit title, a tag, an error message): :func:`scrub`-bed, with terminal
+    escape sequences and control characters (but newlines and tabs) stripped, so it prints as plain text."""
+    return scrub(_CONTROLS.sub("", _ESCAPES.sub("", str(text))))
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
 class AdaptersError(Exception):
-    """Root of every error raised for a user mistake or bad input."""
+    """Root of every error raised for a user mistake or bad input. Its message and hint never hold a secret
+    (:func:`scrub`)."""
 
     #: A short hint printed after the message by the CLI.
     hint: str | None = None
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(scrub(str(message)))
         if hint is not None:
-            self.hint = hint
+            self.hint = scrub(str(hint))
 
 
 class AdapterNotFoundError(AdaptersError, FileNotFoundError):
@@ -113,3 +165,9 @@ class HubAuthError(HubError, PermissionError):
 
 class HubNotFoundError(HubError, StoreNotFoundError):
     """Raised when a Hub repo, revision, version or file does not exist (or is private to the caller)."""
+
+
+class HubResponseError(HubError):
+    """Raised when a Hub answer is malformed or unsafe: a commit id, hash or file name that is not what the Hub
+    gives, a listing that disagrees with itself, a download larger than listed, a crafted safetensors header.
+    Nothing is written from such an answer."""

@@ -1,11 +1,15 @@
-"""Turn known exceptions into a message a user can act on. Unknown exceptions are bugs and keep their traceback."""
+"""Turn known exceptions into a message a user can act on. Unknown exceptions are bugs and keep their traceback.
+
+Every message is :func:`~adapterhub_cli.errors.scrub`-bed (no token, by value or by shape), and text a server
+sent is :func:`~adapterhub_cli.errors.server_text` (no escape sequences either).
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 
-from adapterhub_cli.errors import AdapterNotFoundError, AdaptersError
+from adapterhub_cli.errors import AdapterNotFoundError, AdaptersError, scrub, server_text
 
 
 def _adapters_error(e: BaseException) -> str:
@@ -42,7 +46,7 @@ def _hf_http_error(e: BaseException) -> str | None:
     status = getattr(response, "status_code", None)
     repo = getattr(e, "repo_id", None)
     where = f" for {repo}" if repo else ""
-    detail = getattr(e, "server_message", None) or str(e).splitlines()[0]
+    detail = server_text(getattr(e, "server_message", None) or (str(e).splitlines() or [""])[0])
     if status == 401:
         return f"the Hub refused the credentials (401){where}: {detail}\n  hint: check HF_TOKEN / --token"
     if status == 403:
@@ -53,7 +57,12 @@ def _hf_http_error(e: BaseException) -> str | None:
 
 
 def format_known_exception(e: BaseException) -> str | None:
-    """The user-facing message for ``e``, or None when ``e`` is not a known user-facing error."""
+    """The user-facing message for ``e`` without secrets, or None when ``e`` is not a known user-facing error."""
+    message = _known_message(e)
+    return scrub(message) if message is not None else None
+
+
+def _known_message(e: BaseException) -> str | None:
     hf_message = _hf_http_error(e)
     if hf_message is not None:
         return hf_message

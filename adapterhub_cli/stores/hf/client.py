@@ -4,7 +4,10 @@ Every call goes through :class:`Client`: an injected ``huggingface_hub.HfApi`` (
 token bound to one repo. 5xx / 408 / 429 answers and network failures (a dropped connection, a timeout) are
 retried with exponential backoff; what still fails becomes a :class:`HubError` naming the repo and revision
 (401 / 403 -> :class:`HubAuthError`, 404 -> :class:`HubNotFoundError`). The token is handed to
-``huggingface_hub`` and nowhere else.
+``huggingface_hub`` and nowhere else: every token a client may send (``--token``, ``HF_TOKEN``, the saved login) is
+registered with :func:`adapterhub_cli.errors.register_secret`, so no error message holds it, and server text in
+a message is :func:`~adapterhub_cli.errors.server_text` (no token, no escape sequences). A translated error does
+not chain the ``huggingface_hub`` exception (whose text may echo the request's headers).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from adapterhub_cli.errors import HubAuthError, HubError, HubNotFoundError
+from adapterhub_cli.errors import HubAuthError, HubError, HubNotFoundError, register_secret, server_text
 
 
 if TYPE_CHECKING:
@@ -36,6 +39,16 @@ def get_api(api: HfApi | None = None) -> HfApi:
     from huggingface_hub import HfApi
 
     return HfApi()
+
+
+def _saved_token() -> str | None:
+    """The token huggingface_hub would send by default (HF_TOKEN or the saved login), None if none or unreadable."""
+    from huggingface_hub import get_token
+
+    try:
+        return get_token()
+    except Exception:  # an OIDC exchange that failed: no token to hide, the call itself will say what is wrong
+        return None
 
 
 def offline() -> bool:
@@ -155,7 +168,7 @@ def hub_error(
             **kw,
         )
     if http is not None:
-        detail = getattr(http, "server_message", None) or str(http).splitlines()[0]
+        detail = server_text(getattr(http, "server_message", None) or str(http).splitlines()[0])
         return HubError(f"the Hub answered {status} while {action} {where}: {detail}", status=status, **kw)
     if first(hf.LocalEntryNotFoundError):
         return HubError(
@@ -171,6 +184,10 @@ class Client:
     api: HfApi
     token: str | None
     repo_id: str
+
+    def __post_init__(self) -> None:
+        for secret in (self.token, self.api.token, _saved_token()):
+            register_secret(secret if isinstance(secret, str) else None)
 
     def call(
         self,
@@ -213,7 +230,7 @@ def retrying(fn: Callable[[], T], translate: Callable[[BaseException], HubError 
             err = translate(e)
             if err is None:
                 raise
-            raise err from e
+            raise err from None  # the client's exception may quote request headers: never chained
     raise AssertionError("unreachable")
 
 

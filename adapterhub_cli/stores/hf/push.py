@@ -17,7 +17,9 @@ from adapterhub_cli.artifact.files import sha256_file
 from adapterhub_cli.artifact.ref import Version, hub_ref, require_version
 from adapterhub_cli.errors import HubError, UsageError, VersionConflictError
 from adapterhub_cli.stores.hf.client import Client, connect
-from adapterhub_cli.stores.publish import check_version, declared_repo_id, push_files, validate_for_push
+from adapterhub_cli.stores.hf.pull import download
+from adapterhub_cli.stores.hf.resolve import commit_id, listed_files
+from adapterhub_cli.stores.publish import check_version, declared_repo_id, local_card, push_files, validate_for_push
 from adapterhub_cli.stores.records import PushResult
 
 
@@ -31,15 +33,19 @@ def open_repo(client: Client, repo_id: str, version: Version, *, force: bool, pr
     client.call("creating", "create_repo", repo_id, private=private, exist_ok=True)
     refs = client.call("listing the refs of", "list_repo_refs", repo_id)
     check_version(repo_id, version, {t.name: t.target_commit for t in refs.tags}, force)
-    return client.call("reading", "model_info", repo_id, files_metadata=False)
+    head = client.call("reading", "model_info", repo_id, files_metadata=True)
+    commit_id(head.sha, what="the head commit", repo_id=repo_id)
+    return head
 
 
 def remote_card(client: Client, repo_id: str, head: Any) -> str | None:
-    """The README.md at the head commit, if the repo has one."""
-    if not any(s.rfilename == CARD_FILE for s in head.siblings or []):
+    """The README.md at the head commit (a ``model_info(..., files_metadata=True)`` answer), if the repo has one:
+    downloaded as any file is (its listed size at most, hash-checked)."""
+    meta = listed_files(head, repo_id).get(CARD_FILE)
+    if meta is None:
         return None
-    path = client.call("downloading", "hf_hub_download", repo_id, CARD_FILE, revision=head.sha, filename=CARD_FILE)
-    return Path(path).read_text(errors="replace")
+    path = download(client, repo_id, commit_id(head.sha, what="the head commit", repo_id=repo_id), meta)
+    return path.read_text(errors="replace")
 
 
 def publish(
@@ -105,7 +111,7 @@ def push(
     client = connect(repo_id, api, token)
     adapter, config, validated, warnings = validate_for_push(folder, kind, options={"api": client.api, "token": token})
     head = open_repo(client, repo_id, v, force=force, private=private)
-    existing = (folder / CARD_FILE).read_text() if (folder / CARD_FILE).is_file() else None
+    existing = local_card(folder)
     if existing is None:
         existing = remote_card(client, repo_id, head)
     declared = declared_repo_id(config.get("base_model_name_or_path") or config.get("_name_or_path"))
@@ -150,13 +156,13 @@ def _commit(
             commit_description=description or None,
             parent_commit=parent,
         )
-        return str(info.oid)
+        return commit_id(info.oid, what="the new commit", repo_id=repo_id)
     except HubError as e:
         if e.status != 412:
             raise
         latest = client.call("listing the commits of", "list_repo_commits", repo_id)
         if latest and latest[0].title == title and len(latest) > 1 and latest[1].commit_id == parent:
-            return str(latest[0].commit_id)  # our own commit, whose answer was lost before a retry
+            return commit_id(latest[0].commit_id, what="the new commit", repo_id=repo_id)  # ours, its answer lost
         raise VersionConflictError(
             f"{repo_id} changed while pushing (someone else committed); nothing was tagged",
             repo_id=repo_id,

@@ -1,62 +1,71 @@
-"""Range reads of files at a pinned Hub commit: safetensors headers and single tensors, no weights downloaded.
+"""Bytes of files at a pinned Hub commit, by GET requests that never take more than they asked for.
 
-The header of a safetensors file on the Hub is read with HTTP range requests
-(``HfApi.parse_safetensors_file_metadata``), so ``inspect`` and ``validate`` of ``org/name@v1.2.0`` never
-download a weight file; a byte range of a file (the few small tensors read before a merge starts, such as the
-quant-state blobs of a bitsandbytes base) is read by one ranged GET on the same endpoint, with the same headers
-and token. Opening adapters and bases on top of these is the same for every store
-(:mod:`adapterhub_cli.stores.views`).
+A byte range (a safetensors header, a small tensor such as a bitsandbytes quant state) is one ranged GET; a
+whole file (:mod:`adapterhub_cli.stores.hf.pull`) is one GET cut off, and refused, as soon as the server sends
+more than the size the Hub's listing promised. The server's answer is untrusted: a body longer than asked for is
+a :class:`~adapterhub_cli.errors.HubResponseError`, and an error answer is read up to :data:`ERROR_BODY_LIMIT`
+bytes. Headers read this way are checked like a local file's (:func:`adapterhub_cli.stores.views.header_by_range`).
+Requests carry the same headers and token as the ``HfApi`` calls, and are retried and translated like them.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
+from typing import TYPE_CHECKING, BinaryIO
 
-from adapterhub_cli.artifact.safetensors import SafetensorsHeader, TensorInfo
-from adapterhub_cli.errors import CorruptFileError
+from adapterhub_cli.errors import HubResponseError
 from adapterhub_cli.stores.hf.client import Client, hub_error, retrying
-from adapterhub_cli.stores.records import Resolved
 
 
-def remote_header(client: Client, resolved: Resolved, name: str) -> SafetensorsHeader:
-    """The header of a safetensors file at the pinned commit, read by range requests (no tensor data)."""
-    meta = client.call(
-        "reading the safetensors header of",
-        "parse_safetensors_file_metadata",
-        resolved.repo_id,
-        name,
-        revision=resolved.commit,
-        shown=resolved.requested,
-        filename=name,
-    )
-    where = Path(resolved.label) / name
-    tensors = {}
-    for key, t in meta.tensors.items():
-        start, end = (int(x) for x in t.data_offsets)
-        tensors[key] = TensorInfo(
-            name=key, dtype=str(t.dtype), shape=tuple(int(d) for d in t.shape), start=start, end=end
-        )
-    size = resolved.files[name].size if name in resolved.files else None
-    data = max((t.end for t in tensors.values()), default=0)
-    if any(not isinstance(v, str) for v in (meta.metadata or {}).values()):
-        raise CorruptFileError("__metadata__ must map strings to strings", path=where)
-    return SafetensorsHeader(
-        path=where,
-        tensors=tensors,
-        metadata=dict(meta.metadata or {}),
-        header_size=(size - 8 - data) if size else 0,
-        file_size=size or 0,
-    )
+if TYPE_CHECKING:
+    import httpx2
+
+    from adapterhub_cli.stores.records import Resolved
+
+#: the most bytes of an error answer that are read: its message is all that is used
+ERROR_BODY_LIMIT = 1 << 20
+_DROPPED = ("content-encoding", "content-length", "transfer-encoding")
 
 
 def read_range(client: Client, resolved: Resolved, name: str, start: int, length: int) -> bytes:
-    """``length`` bytes of file ``name`` at the pinned commit from ``start``, by one ranged GET (retried and
-    translated like every Hub call); a server that ignores ``Range`` is answered from the full body."""
+    """``length`` bytes of file ``name`` at the pinned commit from ``start`` (fewer only at the end of the file),
+    by one ranged GET; a server that ignores ``Range`` is read up to the end of the range and cut off there.
+
+    Raises:
+        HubResponseError: the server sent more than the range asked for.
+        HubError: the request failed (after retries).
+    """
+    if length <= 0:
+        return b""
+    out = io.BytesIO()
+    get(client, resolved.repo_id, resolved.commit, name, out, start=start, length=length, shown=resolved.requested)
+    return out.getvalue()
+
+
+def get(
+    client: Client,
+    repo_id: str,
+    revision: str,
+    name: str,
+    out: BinaryIO,
+    *,
+    start: int = 0,
+    length: int | None = None,
+    limit: int | None = None,
+    shown: str | None = None,
+) -> None:
+    """Write file ``name`` at ``revision`` into ``out``: bytes ``start`` to ``start + length - 1`` when ``length`` is
+    given, else the whole file, which may not be longer than ``limit`` bytes. ``out`` is rewound before each try.
+
+    Raises:
+        HubResponseError: a ranged answer longer than the range, or a file longer than ``limit`` (cut off there).
+        HubError: the request failed (after retries).
+    """
     from huggingface_hub import constants, hf_hub_url
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+    from huggingface_hub.utils import build_hf_headers, get_session
 
     api = client.api
-    url = hf_hub_url(resolved.repo_id, name, revision=resolved.commit, endpoint=api.endpoint)
+    url = hf_hub_url(repo_id, name, revision=revision, endpoint=api.endpoint)
     headers = build_hf_headers(
         token=client.token if client.token is not None else api.token,
         library_name=api.library_name,
@@ -64,22 +73,98 @@ def read_range(client: Client, resolved: Resolved, name: str, start: int, length
         user_agent=api.user_agent,
         headers=api.headers,
     )
-    headers["range"] = f"bytes={start}-{start + length - 1}"
+    if length is not None:
+        headers["range"] = f"bytes={start}-{start + length - 1}"
+    where = f"{name} of {repo_id}@{revision}"
 
-    def call() -> bytes:
-        response = get_session().get(url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
-        hf_raise_for_status(response)
-        data = response.content
-        return data[start : start + length] if response.status_code == 200 else data  # 200: Range ignored
+    def attempt() -> None:
+        out.seek(0)
+        out.truncate()
+        with get_session().stream("GET", url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+            if response.status_code >= 400:
+                _raise_for_status(response)
+            ignored_range = length is not None and response.status_code == 200
+            if length is not None and response.status_code == 206:
+                _check_content_range(response, start, where)
+            _copy(
+                response,
+                out,
+                skip=start if ignored_range else 0,
+                keep=length,
+                limit=limit,
+                cut=ignored_range,
+                where=where,
+            )
 
-    return retrying(
-        call,
+    retrying(
+        attempt,
         lambda e: hub_error(
             e,
-            repo_id=resolved.repo_id,
-            revision=resolved.requested,
-            action="reading a tensor of",
+            repo_id=repo_id,
+            revision=shown or revision,
+            action="downloading" if length is None else "reading a range of",
             filename=name,
             endpoint=api.endpoint,
         ),
+    )
+
+
+def _copy(
+    response: httpx2.Response, out: BinaryIO, *, skip: int, keep: int | None, limit: int | None, cut: bool, where: str
+) -> None:
+    """The body into ``out``: ``skip`` bytes dropped, then at most ``keep`` (a range) or ``limit`` (a file) bytes.
+    With ``cut`` (a server that ignored ``Range``) the rest of the body is not read; otherwise a longer body is
+    refused as soon as it passes the bound."""
+    bound = keep if keep is not None else limit
+    declared = response.headers.get("content-length", "")
+    if bound is not None and not cut and declared.isdigit() and int(declared) > bound:
+        raise _too_long(where, bound, keep is not None)
+    kept = 0
+    for chunk in response.iter_bytes():
+        if skip:
+            dropped = min(skip, len(chunk))
+            chunk, skip = chunk[dropped:], skip - dropped
+        if bound is not None and kept + len(chunk) > bound:
+            if not cut:
+                raise _too_long(where, bound, keep is not None)
+            chunk = chunk[: bound - kept]
+        out.write(chunk)
+        kept += len(chunk)
+        if cut and kept == bound:
+            return
+
+
+def _check_content_range(response: httpx2.Response, start: int, where: str) -> None:
+    """Refuse a ranged answer that says it holds another range than the one asked for."""
+    content_range = response.headers.get("content-range")
+    if content_range is not None and not content_range.strip().startswith(f"bytes {start}-"):
+        raise HubResponseError(
+            f"the server answered a range of {where} other than the one asked for (from byte {start})",
+            hint="the endpoint is misbehaving or not the Hub (check HF_ENDPOINT)",
+        )
+
+
+def _too_long(where: str, bound: int, ranged: bool) -> HubResponseError:
+    what = f"the {bound} bytes asked for" if ranged else f"the {bound} bytes the Hub's listing gives it"
+    return HubResponseError(
+        f"the server sent more of {where} than {what}; the download was cut off and nothing was kept",
+        hint="the endpoint is misbehaving or not the Hub (check HF_ENDPOINT)",
+    )
+
+
+def _raise_for_status(response: httpx2.Response) -> None:
+    """Raise the ``huggingface_hub`` error of an error answer, reading at most :data:`ERROR_BODY_LIMIT` bytes."""
+    import httpx2
+    from huggingface_hub.utils import hf_raise_for_status
+
+    body = b""
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) >= ERROR_BODY_LIMIT:
+            break
+    headers = [(k, v) for k, v in response.headers.items() if k.lower() not in _DROPPED]
+    hf_raise_for_status(
+        httpx2.Response(
+            response.status_code, headers=headers, content=body[:ERROR_BODY_LIMIT], request=response.request
+        )
     )

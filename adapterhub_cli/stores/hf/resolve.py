@@ -3,17 +3,23 @@
 A version is a git tag (``v1.3.0``) on the Hub repo and is never moved; resolving pins the commit a ref
 points to. Every call goes through :mod:`adapterhub_cli.stores.hf.client` (retries, errors naming repo and
 revision). In offline mode (``HF_HUB_OFFLINE=1``) refs resolve from the local HF cache.
+
+The Hub's answers are untrusted: commit ids must be 40 lowercase hex digits (and the commit a ref was resolved to
+must be the one the listing describes), file names relative paths of plain names, sizes counts and hashes hex,
+before anything is built from them; a :class:`~adapterhub_cli.errors.HubResponseError` refuses anything else.
+Text shown to people (tags, commit titles and messages) is :func:`~adapterhub_cli.errors.server_text`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapterhub_cli.artifact.checkpoint import is_relative_name, regular_files
 from adapterhub_cli.artifact.ref import HF, AdapterRef, Version, hub_ref, pick_tag
-from adapterhub_cli.errors import HubError, HubNotFoundError
+from adapterhub_cli.errors import HubError, HubNotFoundError, HubResponseError, server_text
+from adapterhub_cli.stores.hf import cache
+from adapterhub_cli.stores.hf.cache import SHA1, SHA256
 from adapterhub_cli.stores.hf.client import connect, offline
 from adapterhub_cli.stores.records import Resolved, StoreFile, VersionInfo
 
@@ -21,12 +27,62 @@ from adapterhub_cli.stores.records import Resolved, StoreFile, VersionInfo
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-#: a git object id (a commit, or the blob sha1 the Hub gives for a non-LFS file)
-SHA1 = re.compile(r"^[0-9a-f]{40}$")
-
 #: a file at a pinned commit as the Hub lists it (size; sha256 for LFS files, else the git blob sha1)
 RemoteFile = StoreFile
+
+_UNTRUSTED_HINT = "the endpoint is misbehaving or not the Hub (check HF_ENDPOINT); nothing was written"
+
+
+def _shown(value: object) -> str:
+    """A server value for a message: its repr, short, without secrets or escape sequences."""
+    return server_text(repr(value)[:80])
+
+
+def commit_id(value: object, *, what: str, repo_id: str) -> str:
+    """``value`` if it is a commit id (40 lowercase hex digits), as every commit id from the Hub must be.
+
+    Raises:
+        HubResponseError: anything else.
+    """
+    if not isinstance(value, str) or not SHA1.match(value):
+        raise HubResponseError(
+            f"the Hub answered {_shown(value)} as {what} of {repo_id}, which is not a commit id",
+            repo_id=repo_id,
+            hint=_UNTRUSTED_HINT,
+        )
+    return value
+
+
+def listed_files(info: Any, repo_id: str) -> dict[str, StoreFile]:
+    """The files of a ``model_info(..., files_metadata=True)`` answer, checked: each name a relative path of plain
+    names (listed once), each size a count, each hash hex (an LFS sha256, or the git blob sha1).
+
+    Raises:
+        HubResponseError: a name, size or hash that is not one.
+    """
+    files: dict[str, StoreFile] = {}
+    for s in info.siblings or []:
+        name, size, blob_id = s.rfilename, s.size, getattr(s, "blob_id", None)
+        sha256 = s.lfs.sha256 if s.lfs is not None else None
+        problem = (
+            "a file name that is not a relative path of plain names"
+            if not is_relative_name(name)
+            else "a file listed twice"
+            if name in files
+            else "a size that is not a count of bytes"
+            if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0)
+            else "a git blob id that is not 40 hex digits"
+            if not (isinstance(blob_id, str) and SHA1.match(blob_id))
+            else "an LFS sha256 that is not 64 hex digits"
+            if sha256 is not None and not (isinstance(sha256, str) and SHA256.match(sha256))
+            else None
+        )
+        if problem is not None:
+            raise HubResponseError(
+                f"the Hub's listing of {repo_id} has {problem}: {_shown(name)}", repo_id=repo_id, hint=_UNTRUSTED_HINT
+            )
+        files[name] = RemoteFile(name, size, sha256, blob_id)
+    return files
 
 
 @dataclass(frozen=True)
@@ -69,15 +125,20 @@ def resolve(ref: AdapterRef | str, *, api: HfApi | None = None, token: str | Non
             hint=f"see `adapters versions {ref.repo_id}`",
         )
     target = tags[tag] if tag else branches.get(rev or "", rev)
+    if tag or (kind == "name" and rev in branches):
+        target = commit_id(target, what=f"the commit of {tag or rev}", repo_id=ref.repo_id)
     info = client.call("reading", "model_info", ref.repo_id, revision=target, files_metadata=True, shown=rev)
-    files = {
-        s.rfilename: RemoteFile(
-            s.rfilename, s.size, s.lfs.sha256 if s.lfs is not None else None, getattr(s, "blob_id", None)
+    commit = commit_id(info.sha, what=f"the commit of {rev or 'the default branch'}", repo_id=ref.repo_id)
+    if target is not None and SHA1.match(target) and commit != target:
+        raise HubResponseError(
+            f"the Hub described commit {commit} when asked for {target} of {ref.repo_id}",
+            repo_id=ref.repo_id,
+            revision=rev,
+            hint=_UNTRUSTED_HINT,
         )
-        for s in info.siblings or []
-    }
-    download_rev = tag or (rev if kind == "name" and rev in branches else None if kind == "default" else info.sha)
-    return HfResolved(HF, ref.repo_id, rev, info.sha, tag, files, download_revision=download_rev)
+    files = listed_files(info, ref.repo_id)
+    download_rev = tag or (rev if kind == "name" and rev in branches else None if kind == "default" else commit)
+    return HfResolved(HF, ref.repo_id, rev, commit, tag, files, download_revision=download_rev)
 
 
 def versions(repo_id: str, *, api: HfApi | None = None, token: str | None = None) -> list[VersionInfo]:
@@ -85,23 +146,27 @@ def versions(repo_id: str, *, api: HfApi | None = None, token: str | None = None
     repo_id = hub_ref(repo_id).repo_id or repo_id
     client = connect(repo_id, api, token)
     refs = client.call("listing the refs of", "list_repo_refs", repo_id)
+    targets = {
+        t.name: commit_id(t.target_commit, what=f"the commit of tag {_shown(t.name)}", repo_id=repo_id)
+        for t in refs.tags
+    }
     commits: dict[str, Any] = {}
-    for t in refs.tags:
-        if t.target_commit not in commits:
-            history = client.call("listing the commits of", "list_repo_commits", repo_id, revision=t.target_commit)
+    for target in targets.values():
+        if target not in commits:
+            history = client.call("listing the commits of", "list_repo_commits", repo_id, revision=target)
             commits.update({c.commit_id: c for c in history})
     out = []
-    for t in refs.tags:
-        c = commits.get(t.target_commit)
-        v = Version.parse(t.name)
+    for name, target in targets.items():
+        c = commits.get(target)
+        v = Version.parse(name)
         out.append(
             VersionInfo(
-                tag=t.name,
+                tag=server_text(name),
                 version=str(v) if v else None,
-                commit=t.target_commit,
+                commit=target,
                 date=c.created_at.isoformat() if c is not None and c.created_at else None,
-                title=c.title if c is not None else "",
-                message=(c.message or "") if c is not None else "",
+                title=server_text(c.title or "") if c is not None else "",
+                message=server_text(c.message or "") if c is not None else "",
             )
         )
     semver = sorted(
@@ -111,22 +176,16 @@ def versions(repo_id: str, *, api: HfApi | None = None, token: str | None = None
     return semver + others
 
 
-def _cache_repo_dir(repo_id: str) -> Path:
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
-
-
 def _resolve_from_cache(ref: AdapterRef) -> HfResolved:
+    """Resolve ``ref`` from the HF cache alone (offline mode): its recorded refs and snapshot files, the blob each
+    file links to giving its hash (:mod:`adapterhub_cli.stores.hf.cache` reads only checked names)."""
     assert ref.repo_id is not None
-    repo_dir = _cache_repo_dir(ref.repo_id)
-    refs_dir = repo_dir / "refs"
-    names = {p.name: p.read_text().strip() for p in refs_dir.iterdir() if p.is_file()} if refs_dir.is_dir() else {}
+    names = cache.read_refs(ref.repo_id)
     tag = pick_tag(names, ref)
     rev, kind = ref.revision, ref.kind
     commit = names.get(tag) if tag else names.get(rev or "main") if kind in ("name", "default") else rev
-    snapshot = repo_dir / "snapshots" / (commit or "-")
-    if commit is None or not snapshot.is_dir():
+    snapshot = cache.snapshot_dir(ref.repo_id, commit) if commit is not None and SHA1.match(commit) else None
+    if commit is None or snapshot is None or not snapshot.is_dir():
         raise HubError(
             f"{ref.display} is not in the local cache and offline mode is on (HF_HUB_OFFLINE=1)",
             repo_id=ref.repo_id,
@@ -134,14 +193,13 @@ def _resolve_from_cache(ref: AdapterRef) -> HfResolved:
             hint="unset HF_HUB_OFFLINE, or pull it once while online",
         )
     files = {}
-    for p in sorted(snapshot.iterdir()):
-        if p.is_file():
-            blob = p.resolve().name
-            files[p.name] = RemoteFile(
-                p.name,
-                p.stat().st_size,
-                blob if _SHA256.match(blob) else None,
-                blob if SHA1.match(blob) else None,
-            )
+    for p in regular_files(snapshot):
+        blob = p.resolve().name
+        files[p.name] = RemoteFile(
+            p.name,
+            p.stat().st_size,
+            blob if SHA256.match(blob) else None,
+            blob if SHA1.match(blob) else None,
+        )
     download = tag or (rev if kind in ("name", "commit") else None)
     return HfResolved(HF, ref.repo_id, rev, commit, tag, files, download_revision=download)

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
     from adapterhub_cli.artifact.adapter import Adapter
     from adapterhub_cli.artifact.checkpoint import BaseView
-    from adapterhub_cli.artifact.safetensors import SafetensorsHeader
 
 
 class HfStore(Store):
@@ -74,9 +73,6 @@ class HfStore(Store):
     def read_range(self, resolved: Resolved, name: str, start: int, length: int) -> bytes:
         return remote.read_range(self._client(resolved.repo_id), resolved, name, start, length)
 
-    def read_header(self, resolved: Resolved, name: str) -> SafetensorsHeader:
-        return remote.remote_header(self._client(resolved.repo_id), resolved, name)
-
     def fetch(self, resolved: Resolved, name: str) -> Path:
         return hf_pull.fetch_file(resolved, name, api=self.api, token=self.token)
 
@@ -100,7 +96,7 @@ class HfStore(Store):
         repo_id = self.parse(ref).repo_id
         assert repo_id is not None
         client = self._client(repo_id)
-        return hf_push.remote_card(client, repo_id, client.call("reading", "model_info", repo_id))
+        return hf_push.remote_card(client, repo_id, client.call("reading", "model_info", repo_id, files_metadata=True))
 
     def push(
         self,

@@ -1,0 +1,157 @@
+"""The huggingface_hub cache of one repo (``$HF_HUB_CACHE/models--ORG--NAME/``), read and written with checked
+names only.
+
+The layout is huggingface_hub's, so its own tools and offline mode read what is written here::
+
+    blobs/<sha256 or git blob sha1>          the bytes
+    snapshots/<commit>/<file name>           a relative symlink to its blob
+    refs/<tag or branch>                     the commit it pointed to when fetched
+
+Every name a path is built from is checked first, wherever it came from: the repo id by the ref grammar, commit
+and blob ids as lowercase hex (:data:`SHA1`, :data:`SHA256`), file names as relative paths of plain names, ref
+names as plain names. A blob is written to a fresh file (created exclusively, never through an existing link) and
+renamed into place; a snapshot entry is replaced as a link, never written through; and the folders written into
+must really lie inside the repo's cache folder. A snapshot entry is read only when it is a regular file whose
+real path lies in the repo's ``blobs/`` or in its snapshot folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from adapterhub_cli.artifact.checkpoint import is_plain_name, is_relative_name
+from adapterhub_cli.errors import HubResponseError
+
+
+#: a git object id: a commit, or the blob sha1 the Hub gives for a file not in LFS
+SHA1 = re.compile(r"^[0-9a-f]{40}$")
+#: the sha256 the Hub gives for an LFS file (its blob name in the cache)
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def repo_dir(repo_id: str) -> Path:
+    """``$HF_HUB_CACHE/models--ORG--NAME`` (``repo_id`` is a checked repo id: plain names only)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+
+
+def snapshot_dir(repo_id: str, commit: str) -> Path:
+    """``snapshots/<commit>`` of the repo's cache folder.
+
+    Raises:
+        HubResponseError: ``commit`` is not a 40-hex commit id.
+    """
+    if not SHA1.match(commit):
+        raise HubResponseError(f"{commit[:80]!r} is not a commit id: no cache path is built from it", repo_id=repo_id)
+    return repo_dir(repo_id) / "snapshots" / commit
+
+
+def cached_file(repo_id: str, commit: str, name: str) -> Path | None:
+    """The snapshot entry of file ``name`` at ``commit``: a regular file whose real path lies in the repo's
+    ``blobs/`` or snapshot folder; None when there is none (or only something else: a dangling or outside link,
+    a folder, a FIFO)."""
+    if not is_relative_name(name):
+        return None
+    snapshot = snapshot_dir(repo_id, commit)
+    path = snapshot / name
+    roots = [snapshot.resolve(), (repo_dir(repo_id) / "blobs").resolve()]
+    if not path.is_file() or not any(path.resolve().is_relative_to(root) for root in roots):
+        return None
+    return path
+
+
+def store_file(
+    repo_id: str,
+    commit: str,
+    name: str,
+    blob_id: str,
+    fill: Callable[[BinaryIO], None],
+    check: Callable[[Path], None],
+) -> Path:
+    """Write a file into the cache: ``fill`` writes its bytes into a fresh temporary blob, ``check`` raises if they
+    are wrong (then nothing is kept); the blob is renamed to ``blobs/<blob_id>`` and ``snapshots/<commit>/<name>``
+    becomes a link to it. Returns the snapshot entry.
+
+    Raises:
+        HubResponseError: a name or id that is not safe to build a path from, or a cache folder that really lies
+            outside the repo's cache folder (a link planted there).
+    """
+    if not (SHA1.match(blob_id) or SHA256.match(blob_id)) or not is_relative_name(name):
+        raise HubResponseError(f"{name[:80]!r} ({blob_id[:80]!r}): no cache path is built from these", repo_id=repo_id)
+    repo = repo_dir(repo_id)
+    snapshot = snapshot_dir(repo_id, commit)
+    pointer = snapshot / name
+    blobs = repo / "blobs"
+    for folder, inside in ((blobs, repo), (pointer.parent, snapshot)):
+        folder.mkdir(parents=True, exist_ok=True)
+        _require_inside(folder, inside, repo_id)
+    blob = blobs / blob_id
+    tmp = blobs / f"{blob_id}.{secrets.token_hex(8)}.incomplete"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+        check(tmp)
+        tmp.replace(blob)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _replace_link(pointer, os.path.relpath(blob, pointer.parent))
+    return pointer
+
+
+def write_ref(repo_id: str, ref: str | None, commit: str) -> None:
+    """Record ``refs/<ref>`` -> ``commit`` (what offline mode resolves a tag or branch by); a ref that is not a
+    plain name (``refs/pr/1``) or is a commit itself is not recorded."""
+    if ref is None or not is_plain_name(ref) or SHA1.match(ref) or not SHA1.match(commit):
+        return
+    repo = repo_dir(repo_id)
+    refs = repo / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    _require_inside(refs, repo, repo_id)
+    tmp = refs / f".{ref}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "w") as f:
+        f.write(commit)
+    tmp.replace(refs / ref)
+
+
+def read_refs(repo_id: str) -> dict[str, str]:
+    """The recorded refs of the repo: name -> commit, only those whose file is a regular file holding a commit id."""
+    refs = repo_dir(repo_id) / "refs"
+    out = {}
+    for p in sorted(refs.iterdir()) if refs.is_dir() else []:
+        if is_plain_name(p.name) and p.is_file() and not p.is_symlink():
+            commit = p.read_text(errors="replace").strip()
+            if SHA1.match(commit):
+                out[p.name] = commit
+    return out
+
+
+def _replace_link(pointer: Path, target: str) -> None:
+    """Make ``pointer`` a symlink to ``target``, replacing what is there (a link is replaced, not written through)."""
+    tmp = pointer.parent / f".{pointer.name}.{secrets.token_hex(8)}.link"
+    tmp.symlink_to(target)
+    try:
+        tmp.replace(pointer)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _require_inside(folder: Path, root: Path, repo_id: str) -> None:
+    if not folder.resolve().is_relative_to(root.resolve()):
+        raise HubResponseError(
+            f"the cache folder {folder} leads out of {root} (a link was planted there); nothing was written",
+            repo_id=repo_id,
+            hint="delete that repo's folder from the huggingface_hub cache and try again",
+        )
