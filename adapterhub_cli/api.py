@@ -50,25 +50,25 @@ def _store_paths(store: Store, ref: str | AdapterRef) -> dict[Path, str]:
     return paths
 
 
-def _inputs(
-    sources: Sequence[object], adapters: Sequence[Adapter] = (), bases: Sequence[BaseView] = (), base: str = "base"
-) -> dict[Path, str]:
-    """Every local path an operation reads, and what it is: the sources given as paths, the adapters' folders and
-    tensor files, the ``base`` folders, and the local folders of store refs (:func:`_store_paths`)."""
+def _inputs(*groups: tuple[str, Sequence[object]]) -> dict[Path, str]:
+    """Every local path an operation reads, and what it is (named in a refusal), from ``(what, items)`` groups: an
+    :class:`Adapter` gives its folder and tensor file, a :class:`BaseView` its folder, a path itself, and a store ref
+    the store's local folders (:func:`_store_paths`)."""
     from adapterhub_cli.stores import find_store
 
     paths: dict[Path, str] = {}
-    for b in bases:
-        paths.setdefault(b.path, f"{base} folder")
-    for a in adapters:
-        for p in (a.path, a.tensor_file):
-            if p is not None:
-                paths.setdefault(p, "adapter")
-    for s in sources:
-        if isinstance(s, str | Path):
-            store = find_store(str(s))
-            for p, what in ({Path(s): "input"} if store is None else _store_paths(store, str(s))).items():
-                paths.setdefault(p, what)
+    for what, items in groups:
+        for item in items:
+            found: dict[Path, str] = {}
+            if isinstance(item, Adapter):
+                found = {p: what for p in (item.path, item.tensor_file) if p is not None}
+            elif isinstance(item, BaseView):
+                found = {item.path: what}
+            elif isinstance(item, str | Path):
+                store = find_store(str(item))
+                found = {Path(item): what} if store is None else _store_paths(store, str(item))
+            for path, label in found.items():
+                paths.setdefault(path, label)
     return paths
 
 
@@ -210,7 +210,7 @@ def reduce(
     (per-module ranks as rank_pattern) written atomically; inputs are checked first and never modified.
     """
     adapter = load(source)
-    check_output(out, _inputs([source], [adapter]), overwrite=overwrite)
+    check_output(out, _inputs(("adapter", [adapter, source])), overwrite=overwrite)
     return reduce_adapter(
         adapter,
         out,
@@ -259,7 +259,7 @@ def combine(
     """
     check_weights(weights)
     adapters = [load(s) for s in sources]
-    check_output(out, _inputs(sources, adapters), overwrite=overwrite)
+    check_output(out, _inputs(("adapter", [*adapters, *sources])), overwrite=overwrite)
     return combine_adapters(
         adapters,
         out,
@@ -287,14 +287,14 @@ def quantize(
     ``nf4`` (bitsandbytes), or a ``bf16`` / ``fp16`` cast. The result is read back by :func:`load` (and every
     operation) transparently; :func:`dequantize` turns it into a plain PEFT adapter."""
     adapter = load(source)
-    check_output(out, _inputs([source], [adapter]), overwrite=overwrite)
+    check_output(out, _inputs(("adapter", [adapter, source])), overwrite=overwrite)
     return quantize_adapter(adapter, out, scheme=scheme, block_size=block_size, overwrite=overwrite, progress=progress)
 
 
 def dequantize(source: AdapterLike, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write a quantized adapter back as a PEFT adapter that ``PeftModel.from_pretrained`` loads."""
     adapter = load(source)
-    check_output(out, _inputs([source], [adapter]), overwrite=overwrite)
+    check_output(out, _inputs(("adapter", [adapter, source])), overwrite=overwrite)
     return dequantize_adapter(adapter, out, overwrite=overwrite)
 
 
@@ -333,7 +333,7 @@ def merge(
     check_weights(weights)
     view = base if isinstance(base, BaseView) else open_base(base)
     loaded = [load(a) for a in items]
-    check_output(out, _inputs([*items, base], loaded, [view]), overwrite=overwrite)
+    check_output(out, _inputs(("base folder", [view, base]), ("adapter", [*loaded, *items])), overwrite=overwrite)
     return run_merge(
         view,
         loaded,
@@ -368,7 +368,8 @@ def unmerge(
     check_weights(weights)
     view = merged if isinstance(merged, BaseView) else open_base(merged)
     loaded = [load(a) for a in items]
-    check_output(out, _inputs([*items, merged], loaded, [view], base="merged"), overwrite=overwrite)
+    inputs = _inputs(("merged folder", [view, merged]), ("adapter", [*loaded, *items]))
+    check_output(out, inputs, overwrite=overwrite)
     return run_merge(
         view,
         loaded,
@@ -472,7 +473,8 @@ def convert(
         adapter = KohyaFormat().read(Path(str(source)), base=base, fold_tucker=fold_tucker, fold_loha=fold_loha)
     else:
         adapter = load(source, format=format, base=base)
-    check_output(out, _inputs([source, *([base] if base is not None else [])], [adapter]), overwrite=overwrite)
+    inputs = _inputs(("adapter", [adapter, source]), ("base folder", [base] if base is not None else []))
+    check_output(out, inputs, overwrite=overwrite)
     return convert_adapter(adapter, out, to=to, base=base, overwrite=overwrite)
 
 

@@ -12,7 +12,7 @@ from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.preflight import require_valid
 from adapterhub_cli.artifact.provenance import provenance
 from adapterhub_cli.artifact.safetensors import dtype_name
-from adapterhub_cli.errors import UsageError
+from adapterhub_cli.errors import InvalidAdapterError, UsageError
 from adapterhub_cli.formats.peft import write_peft
 from adapterhub_cli.formats.quantized import QUANT_KEY, SCALE_SUFFIX
 from adapterhub_cli.parallel import map_modules
@@ -89,6 +89,7 @@ def quantize_adapter(
             before += _nbytes(tensor)
             after += _nbytes(q.data) + (_nbytes(q.scale) if q.scale is not None else 0)
             restored[key] = dequantize(q, block_size=block_size, scheme=scheme).to(tensor.dtype)
+            _require_representable(restored[key], tensor, scheme, adapter, name, key)
         a, b, a_q, b_q = loaded[m.A.name], loaded[m.B.name], restored[m.A.name], restored[m.B.name]
         original = LoraFactors(A=a.reshape(a.shape[0], -1), B=b.reshape(b.shape[0], -1), scale=m.scale)
         approx = LoraFactors(A=a_q.reshape(a_q.shape[0], -1), B=b_q.reshape(b_q.shape[0], -1), scale=m.scale)
@@ -131,6 +132,22 @@ def dequantize_adapter(adapter: Adapter, out: str | Path, *, overwrite: bool = F
     tensors = adapter.source.load([t.name for t in adapter.all_tensor_infos()])
     prov = provenance("dequantize", {}, [adapter])
     return write_peft(out, config=dict(adapter.config.raw), tensors=tensors, provenance=prov, overwrite=overwrite)
+
+
+def _require_representable(restored: Any, tensor: Any, scheme: str, adapter: Adapter, module: str, key: str) -> None:
+    """Refuse a factor that ``scheme`` cannot hold (a ``fp16`` cast of values beyond 65504 becomes inf): checked on
+    its round trip, before anything is written."""
+    import torch
+
+    if bool(torch.isfinite(restored).all()):
+        return
+    largest = float(tensor.float().abs().max())
+    raise InvalidAdapterError(
+        f"{scheme} cannot hold tensor {key} (largest |value| {largest:g}): it would be stored as inf or NaN",
+        path=adapter.path,
+        module=module,
+        hint="choose a scheme with a wider range (bf16, or int8 / fp8 with their block scales)",
+    )
 
 
 def _st_dtype(t: Any) -> str:
