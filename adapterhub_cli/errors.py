@@ -20,7 +20,7 @@ TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 REDACTED = "***"
 _MIN_SECRET = 8  # shorter values are not scrubbed by value (they would blank ordinary words)
 _SECRETS: set[str] = set()
-_BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s'\",;]+")
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s'\",;()]+")
 _HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{30,}")  # a Hub token: hf_ and 34 letters
 _ESCAPES = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves, erasing
@@ -56,6 +56,13 @@ def server_text(text: object) -> str:
     """Text that came from a server (a commit title, a tag, an error message): :func:`scrub`-bed, with terminal
     escape sequences and control characters (but newlines and tabs) stripped, so it prints as plain text."""
     return scrub(_CONTROLS.sub("", _ESCAPES.sub("", str(text))))
+
+
+def server_line(text: object, *, limit: int = 300) -> str:
+    """:func:`server_text` on one line (runs of whitespace and newlines become one space), at most ``limit``
+    characters: what an error message quotes of a server's answer."""
+    line = " ".join(server_text(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 # ------------------------------------------------------------------------------------------------- errors

@@ -10,6 +10,14 @@ kept in memory. Tests can inspect what was served and inject faults:
     hub.served_bytes("org/name", "adapter_model.safetensors")  # body bytes sent for that file
     hub.stop()
 
+Hostile behaviours, for the tests that show Hub answers are untrusted:
+
+    hub.fail("GET", r"/refs$", kind="echo")                     # a 400 quoting the request's Authorization header
+    hub.rewrite(r"/revision/", lambda doc: {**doc, "sha": "zz"})  # tamper with JSON answers of matching paths
+    hub.file_headers = {"ETag": '"../../../../x"'}              # override headers of file answers (HEAD and GET)
+    hub.oversize = 1 << 20                                     # whole-file GETs send 1 MiB more than the file ...
+    hub.oversize, hub.declare_size = None, False               # ... or never end, and say no Content-Length
+
 Run ``python tests/hub_server.py`` to serve on a free port (it prints the URL), e.g. for manual CLI checks.
 It proves compatibility with the client, not with the real Hub (no Xet, no CDN redirects, no rate limits).
 """
@@ -17,20 +25,29 @@ It proves compatibility with the client, not with the real Hub (no Xet, no CDN r
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
+import os
 import re
 import socket
+import sys
 import threading
 import traceback
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+
+if TYPE_CHECKING:
+    import pytest
 
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx")
@@ -81,8 +98,12 @@ class Repo:
 class Fault:
     method: str
     pattern: re.Pattern[str]
-    kind: str  # "500" | "drop" | "drop-after"
+    kind: str  # "500" | "drop" | "drop-after" | "echo"
     remaining: int
+
+
+#: an endless body (``oversize=None``) stops here if the client never hangs up
+ENDLESS_LIMIT = 1 << 30
 
 
 class HttpError(Exception):
@@ -106,6 +127,13 @@ class FakeHub:
         self.served: Counter[tuple[str, str]] = Counter()
         self.requests: list[dict[str, Any]] = []
         self.faults: list[Fault] = []
+        self.rewrites: list[tuple[re.Pattern[str], Callable[[Any], Any]]] = []
+        #: headers that replace or add to those of every file answer (``/resolve/``)
+        self.file_headers: dict[str, str] = {}
+        #: bytes a whole-file GET sends beyond the file (0: none; None: no end until the client hangs up)
+        self.oversize: int | None = 0
+        #: whether an oversized answer says its length (Content-Length) or is delimited by closing the connection
+        self.declare_size = True
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self.url = ""
@@ -113,7 +141,7 @@ class FakeHub:
     # ------------------------------------------------------------------ controls
 
     def start(self) -> FakeHub:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        server = _Server(("127.0.0.1", 0), _Handler)
         server.daemon_threads = True
         server.hub = self  # type: ignore[attr-defined]
         self._server = server
@@ -130,11 +158,30 @@ class FakeHub:
     def fail(self, method: str, pattern: str, *, kind: str = "500", times: int = 1) -> None:
         """Make the next ``times`` requests whose method and path match answer 500 (``500``), lose the connection
         before handling them (``drop``), or handle them and then lose the connection before answering
-        (``drop-after``: the request took effect but the client never hears so)."""
-        if kind not in ("500", "drop", "drop-after"):
+        (``drop-after``: the request took effect but the client never hears so), or answer 400 with an error message
+        quoting the request's Authorization header (``echo``: a server that leaks what it was sent)."""
+        if kind not in ("500", "drop", "drop-after", "echo"):
             raise ValueError(kind)
         with self.lock:
             self.faults.append(Fault(method.upper(), re.compile(pattern), kind, times))
+
+    def rewrite(self, pattern: str, fn: Callable[[Any], Any]) -> None:
+        """Pass every successful JSON answer to a request whose path matches ``pattern`` through ``fn`` (a hostile
+        server: a non-hex commit id, a file named ``../../x``, escape sequences in a commit title...)."""
+        with self.lock:
+            self.rewrites.append((re.compile(pattern), fn))
+
+    def stored_bytes(self) -> bytes:
+        """Every byte the server holds (regular files, LFS objects, commit titles and messages, tag messages):
+        what a test searches for a secret that must never reach the Hub."""
+        with self.lock:
+            parts = list(self.lfs.values())
+            for repo in self.repos.values():
+                parts += [m.encode() for _, m in repo.tags.values()]
+                for c in repo.commits.values():
+                    parts += [c.title.encode(), c.message.encode(), *(f.data or b"" for f in c.files.values())]
+                    parts += [p.encode() for p in c.files]
+        return b"\n".join(parts)
 
     def served_bytes(self, repo_id: str, path: str) -> int:
         """Body bytes of ``path`` sent by GET .../resolve/... so far (HEAD and metadata excluded)."""
@@ -241,6 +288,13 @@ class FakeHub:
         return f.data if f.data is not None else self.lfs[f.lfs_sha256 or ""]
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (as one refusing an oversized answer does) is not an error of the server's."""
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "FakeHub/1.0"
@@ -300,12 +354,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, status: int, doc: Any, **headers: str) -> None:
+        if status < 400:
+            for pattern, fn in list(self.hub.rewrites):
+                if pattern.search(self._record["path"]):
+                    doc = fn(doc)
         self._send(status, json.dumps(doc).encode(), **headers)
 
     def _dispatch(self, method: str) -> None:
         body = self._read_body()  # always drain, or keep-alive breaks
         url = urlsplit(self.path)
-        record: dict[str, Any] = {"method": method, "path": url.path, "range": self.headers.get("Range"), "status": 0}
+        record: dict[str, Any] = {
+            "method": method,
+            "path": url.path,
+            "range": self.headers.get("Range"),
+            "auth": self.headers.get("Authorization"),
+            "status": 0,
+        }
         self._record = record
         self.hub.requests.append(record)
         fault = self.hub._take_fault(method, url.path)
@@ -317,6 +381,13 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "500":
             record["status"] = 500
             self._json(500, {"error": "injected fault"})
+            return
+        if fault == "echo":
+            record["status"] = 400
+            auth = self.headers.get("Authorization", "")
+            echoed = f"bad request: token {auth.removeprefix('Bearer ')} is not valid here (Authorization: {auth})"
+            body = {"error": f"\x1b[31m{echoed}\x1b]0;pwned\x07\x1b[2J\r\u202e", "url": self.path}
+            self._json(400, body, X_Error_Message=echoed)
             return
         if fault == "drop-after":
             self.wfile = io.BytesIO()  # handle it, then answer nothing
@@ -563,6 +634,7 @@ class _Handler(BaseHTTPRequestHandler):
             data = hub.content(f)
         etag = f.lfs_sha256 or f.blob_id
         headers = {"X_Repo_Commit": oid, "ETag": f'"{etag}"', "Accept_Ranges": "bytes"}
+        headers.update({k.replace("-", "_"): v for k, v in hub.file_headers.items()})
         start, end, status = 0, len(data) - 1, 200
         rng = self.headers.get("Range")
         if rng and (m := re.match(r"bytes=(\d*)-(\d*)$", rng.strip())):
@@ -577,6 +649,9 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers["Content_Range"] = f"bytes {start}-{end}/{len(data)}"
         record["status"] = status
+        if status == 200 and hub.oversize != 0:
+            self._send_oversized(repo, path, data, headers)
+            return
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(end - start + 1))
@@ -593,6 +668,72 @@ class _Handler(BaseHTTPRequestHandler):
                 hub.served[(repo.repo_id, path)] += n
             self.wfile.write(view[pos : pos + n])
             pos += n
+
+    def _send_oversized(self, repo: Repo, path: str, data: bytes, headers: dict[str, str]) -> None:
+        """The file, then ``hub.oversize`` more bytes (or bytes without end), with or without a Content-Length."""
+        hub = self.hub
+        extra = ENDLESS_LIMIT if hub.oversize is None else hub.oversize
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        if hub.declare_size and hub.oversize is not None:
+            self.send_header("Content-Length", str(len(data) + extra))
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        for k, v in headers.items():
+            self.send_header(k.replace("_", "-"), v)
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        chunk = b"\0" * (1 << 16)
+        body = [data]
+        sent, total = 0, len(data) + extra
+        try:
+            while sent < total:
+                piece = body.pop() if body else chunk[: total - sent]
+                with hub.lock:
+                    hub.served[(repo.repo_id, path)] += len(piece)
+                self.wfile.write(piece)
+                sent += len(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+
+@contextlib.contextmanager
+def serving(monkeypatch: pytest.MonkeyPatch, *, tokens: set[str] | None, token: str | None) -> Iterator[FakeHub]:
+    """A fresh server accepting ``tokens``, with huggingface_hub pointed at it and ``HF_TOKEN`` set to ``token``.
+
+    conftest sets HF_HUB_OFFLINE=1 before huggingface_hub is imported, and the endpoint, Xet switch, offline
+    flag and cache folder are module constants read at import: patch the constants, not only the environment.
+    The saved login is looked for beside the per-test cache (none unless a test writes one), and retries pause
+    10 ms.
+    """
+    from huggingface_hub import constants
+
+    from adapterhub_cli.stores.hf import client as hub_client
+
+    server = FakeHub(tokens=tokens).start()
+    cache = os.environ["HF_HUB_CACHE"]  # the per-test cache conftest set up
+    for name, value in {
+        "ENDPOINT": server.url,
+        "HUGGINGFACE_CO_URL_TEMPLATE": server.url + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HUB_DISABLE_XET": True,
+        "HF_HUB_OFFLINE": False,
+        "HF_HUB_CACHE": cache,
+        "HF_TOKEN_PATH": str(Path(cache).parent / "token"),
+    }.items():
+        monkeypatch.setattr(constants, name, value)
+    for name, value in {"HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}.items():
+        monkeypatch.setenv(name, value)
+    if token is not None:
+        monkeypatch.setenv("HF_TOKEN", token)
+    else:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hub_client, "BACKOFF_SECONDS", 0.01)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def main() -> None:

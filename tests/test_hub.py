@@ -10,7 +10,6 @@ token never showing up in any output.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from hub_server import FakeHub
+from hub_server import FakeHub, serving
 
 import adapterhub_cli as ah
 from adapterhub_cli.artifact.ref import AdapterRef, Version, in_range, version_range
@@ -36,34 +35,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload ra
 
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    """A fresh server accepting ``TOKEN``, with huggingface_hub pointed at it.
-
-    conftest sets HF_HUB_OFFLINE=1 before huggingface_hub is imported, and the endpoint, Xet switch, offline
-    flag and cache folder are module constants read at import: patch the constants, not only the environment.
-    """
-    from huggingface_hub import constants
-
-    server = FakeHub(tokens={TOKEN}).start()
-    cache = os.environ["HF_HUB_CACHE"]  # the per-test cache conftest set up
-    for name, value in {
-        "ENDPOINT": server.url,
-        "HUGGINGFACE_CO_URL_TEMPLATE": server.url + "/{repo_id}/resolve/{revision}/{filename}",
-        "HF_HUB_DISABLE_XET": True,
-        "HF_HUB_OFFLINE": False,
-        "HF_HUB_CACHE": cache,
-        "HF_TOKEN_PATH": str(Path(cache).parent / "token"),
-    }.items():
-        monkeypatch.setattr(constants, name, value)
-    for name, value in {
-        "HF_ENDPOINT": server.url,
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HUB_OFFLINE": "0",
-        "HF_TOKEN": TOKEN,
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(hub_client, "BACKOFF_SECONDS", 0.01)
-    yield server
-    server.stop()
+    """A fresh server accepting ``TOKEN`` (also in ``HF_TOKEN``), with huggingface_hub pointed at it."""
+    with serving(monkeypatch, tokens={TOKEN}, token=TOKEN) as server:
+        yield server
 
 
 def run_cli(*args: str) -> Result:

@@ -1,7 +1,7 @@
 """Turn known exceptions into a message a user can act on. Unknown exceptions are bugs and keep their traceback.
 
 Every message is :func:`~adapterhub_cli.errors.scrub`-bed (no token, by value or by shape), and text a server
-sent is :func:`~adapterhub_cli.errors.server_text` (no escape sequences either).
+sent is :func:`~adapterhub_cli.errors.server_line` (one line, no escape sequences either).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from adapterhub_cli.errors import AdapterNotFoundError, AdaptersError, scrub, server_text
+from adapterhub_cli.errors import AdapterNotFoundError, AdaptersError, scrub, server_line
 
 
 def _adapters_error(e: BaseException) -> str:
@@ -46,7 +46,7 @@ def _hf_http_error(e: BaseException) -> str | None:
     status = getattr(response, "status_code", None)
     repo = getattr(e, "repo_id", None)
     where = f" for {repo}" if repo else ""
-    detail = server_text(getattr(e, "server_message", None) or (str(e).splitlines() or [""])[0])
+    detail = server_line(getattr(e, "server_message", None) or str(e))
     if status == 401:
         return f"the Hub refused the credentials (401){where}: {detail}\n  hint: check HF_TOKEN / --token"
     if status == 403:

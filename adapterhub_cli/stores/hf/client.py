@@ -5,9 +5,9 @@ token bound to one repo. 5xx / 408 / 429 answers and network failures (a dropped
 retried with exponential backoff; what still fails becomes a :class:`HubError` naming the repo and revision
 (401 / 403 -> :class:`HubAuthError`, 404 -> :class:`HubNotFoundError`). The token is handed to
 ``huggingface_hub`` and nowhere else: every token a client may send (``--token``, ``HF_TOKEN``, the saved login) is
-registered with :func:`adapterhub_cli.errors.register_secret`, so no error message holds it, and server text in
-a message is :func:`~adapterhub_cli.errors.server_text` (no token, no escape sequences). A translated error does
-not chain the ``huggingface_hub`` exception (whose text may echo the request's headers).
+registered with :func:`adapterhub_cli.errors.register_secret`, so no error message holds it, and server text
+in a message is :func:`~adapterhub_cli.errors.server_line` (one line, no token, no escape sequences). A
+translated error does not chain the ``huggingface_hub`` exception (whose text may echo the request's headers).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from adapterhub_cli.errors import HubAuthError, HubError, HubNotFoundError, register_secret, server_text
+from adapterhub_cli.errors import HubAuthError, HubError, HubNotFoundError, register_secret, server_line
 
 
 if TYPE_CHECKING:
@@ -168,7 +168,7 @@ def hub_error(
             **kw,
         )
     if http is not None:
-        detail = server_text(getattr(http, "server_message", None) or str(http).splitlines()[0])
+        detail = server_line(getattr(http, "server_message", None) or str(http))
         return HubError(f"the Hub answered {status} while {action} {where}: {detail}", status=status, **kw)
     if first(hf.LocalEntryNotFoundError):
         return HubError(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.checkpoint import is_relative_name, regular_files
 from adapterhub_cli.artifact.ref import HF, AdapterRef, Version, hub_ref, pick_tag
-from adapterhub_cli.errors import HubError, HubNotFoundError, HubResponseError, server_text
+from adapterhub_cli.errors import HubError, HubNotFoundError, HubResponseError, server_line, server_text
 from adapterhub_cli.stores.hf import cache
 from adapterhub_cli.stores.hf.cache import SHA1, SHA256
 from adapterhub_cli.stores.hf.client import connect, offline
@@ -35,7 +35,7 @@ _UNTRUSTED_HINT = "the endpoint is misbehaving or not the Hub (check HF_ENDPOINT
 
 def _shown(value: object) -> str:
     """A server value for a message: its repr, short, without secrets or escape sequences."""
-    return server_text(repr(value)[:80])
+    return server_line(repr(value), limit=80)
 
 
 def commit_id(value: object, *, what: str, repo_id: str) -> str:
@@ -65,21 +65,21 @@ def listed_files(info: Any, repo_id: str) -> dict[str, StoreFile]:
         name, size, blob_id = s.rfilename, s.size, getattr(s, "blob_id", None)
         sha256 = s.lfs.sha256 if s.lfs is not None else None
         problem = (
-            "a file name that is not a relative path of plain names"
+            f"a file name that is not a relative path of plain names: {_shown(name)}"
             if not is_relative_name(name)
-            else "a file listed twice"
+            else f"{name} listed twice"
             if name in files
-            else "a size that is not a count of bytes"
+            else f"a size that is not a count of bytes for {name}: {_shown(size)}"
             if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0)
-            else "a git blob id that is not 40 hex digits"
+            else f"a git blob id that is not 40 hex digits for {name}: {_shown(blob_id)}"
             if not (isinstance(blob_id, str) and SHA1.match(blob_id))
-            else "an LFS sha256 that is not 64 hex digits"
+            else f"an LFS sha256 that is not 64 hex digits for {name}: {_shown(sha256)}"
             if sha256 is not None and not (isinstance(sha256, str) and SHA256.match(sha256))
             else None
         )
         if problem is not None:
             raise HubResponseError(
-                f"the Hub's listing of {repo_id} has {problem}: {_shown(name)}", repo_id=repo_id, hint=_UNTRUSTED_HINT
+                f"the Hub's listing of {repo_id} has {problem}", repo_id=repo_id, hint=_UNTRUSTED_HINT
             )
         files[name] = RemoteFile(name, size, sha256, blob_id)
     return files
