@@ -495,3 +495,18 @@ def test_temporary_names_of_long_targets_stay_within_the_limit(tmp_path):
     assert (target / "f").read_text() == "x" and (target / OUTPUT_MARKER).is_file()
     marker = json.loads((target / OUTPUT_MARKER).read_text())
     assert marker["written_by"] == "adapterhub-cli"
+
+
+def test_pull_never_writes_into_the_hub_cache(scratch):
+    """A Hub ref's input is the huggingface_hub cache its files are fetched into: refused before any request."""
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_HUB_CACHE)
+    cache.mkdir(parents=True, exist_ok=True)
+    before = snapshot(cache)
+    for out in (cache / "models--org--lora", cache.parent):
+        message = cli_error(cli("pull", "org/lora@v1.0.0", "-o", out))
+        assert "the Hugging Face cache" in message and "inputs are never modified" in message
+        with pytest.raises(UsageError, match="the Hugging Face cache"):
+            ah.pull("org/lora@v1.0.0", out=out)
+    assert snapshot(cache) == before
