@@ -165,6 +165,14 @@ def _name_max(folder: Path) -> int:
     return NAME_MAX
 
 
+def _cwd() -> Path:
+    """The real current folder (the root when it was deleted: then nothing can contain it but the root)."""
+    try:
+        return Path.cwd().resolve()
+    except FileNotFoundError:
+        return Path("/")
+
+
 def is_earlier_output(path: str | Path) -> bool:
     """Whether ``path`` was written by this tool: a folder holding :data:`OUTPUT_MARKER` (a regular file), or a
     ``.safetensors`` file whose metadata has a key starting with :data:`METADATA_PREFIX`."""
@@ -221,7 +229,7 @@ def check_output(
                 f"output {out} {where} the {what} {given}: inputs are never modified",
                 hint="choose another output path (-o)",
             )
-    if _inside(Path(Path.cwd().resolve()), real):
+    if _inside(_cwd(), real):
         raise UsageError(
             f"output {out} is (or contains) the current folder, which cannot be replaced",
             hint="choose another output path (-o)",
