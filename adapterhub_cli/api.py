@@ -1,4 +1,10 @@
-"""The public Python API: each function orchestrates formats, validation and ops and returns data (no printing)."""
+"""The public Python API: each function orchestrates formats, validation and ops and returns data (no printing).
+
+Every function that writes (reduce, combine, quantize, dequantize, merge, unmerge, convert, pull) first checks its
+output path against every local path it reads (:func:`adapterhub_cli.artifact.files.check_output`: never an input,
+a folder holding one or inside one; an existing output replaced only with ``overwrite`` and only if this tool wrote
+it), and checks ``weights`` are finite numbers within ``±MAX_WEIGHT``, before anything is written.
+"""
 
 from __future__ import annotations
 
