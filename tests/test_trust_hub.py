@@ -229,6 +229,50 @@ CASES = [
         [".gitattributes listed twice"],
     ),
     Case(
+        "listing not an object",
+        _rewrite_info(lambda doc: ["not", "an", "object"]),
+        PULL,
+        HubResponseError,
+        ["the Hub's answer while reading org/lora@v1.0.0 could not be read"],
+    ),
+    Case(
+        "files not a list",
+        _rewrite_info(lambda doc: {**doc, "siblings": 5}),
+        PULL,
+        HubResponseError,
+        ["org/lora"],
+    ),
+    Case(
+        "file without a name",
+        _rewrite_info(lambda doc: {**doc, "siblings": [{"size": 3}]}),
+        PULL,
+        HubResponseError,
+        ["could not be read (KeyError: 'rfilename')"],
+    ),
+    Case(
+        "refs without tags",
+        lambda hub: hub.rewrite(r"^/api/models/org/lora/refs$", lambda doc: {"branches": 7}),
+        ["versions", "org/lora"],
+        HubResponseError,
+        ["could not be read"],
+    ),
+    Case(
+        "tag name not a string",
+        lambda hub: hub.rewrite(
+            r"^/api/models/org/lora/refs$", lambda doc: {**doc, "tags": [{**doc["tags"][0], "name": 12}]}
+        ),
+        PULL,
+        HubResponseError,
+        ["a tag of org/lora named 12"],
+    ),
+    Case(
+        "commit date not a date",
+        lambda hub: hub.rewrite(r"^/api/models/org/lora/commits/", lambda doc: [{**c, "date": "soon"} for c in doc]),
+        ["versions", "org/lora"],
+        HubResponseError,
+        ["while listing the commits of org/lora", "could not be read"],
+    ),
+    Case(
         "download larger than listed",
         _oversize(1 << 20, declare=True),
         PULL,

@@ -18,7 +18,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from adapterhub_cli.errors import HubAuthError, HubError, HubNotFoundError, register_secret, server_line
+from adapterhub_cli.errors import (
+    AdaptersError,
+    HubAuthError,
+    HubError,
+    HubNotFoundError,
+    HubResponseError,
+    register_secret,
+    server_line,
+)
 
 
 if TYPE_CHECKING:
@@ -30,6 +38,8 @@ T = TypeVar("T")
 RETRIES = 4
 BACKOFF_SECONDS = 0.5
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+#: what huggingface_hub raises when an answer is not shaped as the Hub's are (a missing key, a wrong type, no JSON)
+_UNREADABLE = (KeyError, TypeError, AttributeError, IndexError, ValueError)
 
 
 def get_api(api: HfApi | None = None) -> HfApi:
@@ -99,7 +109,12 @@ def is_transient(e: BaseException) -> bool:
 def hub_error(
     e: BaseException, *, repo_id: str, revision: str | None, action: str, filename: str | None, endpoint: str
 ) -> HubError | None:
-    """The :class:`HubError` a failed Hub call means, or None when ``e`` is not a Hub failure."""
+    """The :class:`HubError` a failed Hub call means, or None when ``e`` is not a Hub failure.
+
+    An answer ``huggingface_hub`` could not parse (a missing key, a wrong type, not JSON) is a
+    :class:`HubResponseError`; arguments it refused (``HFValidationError``) and this package's own errors are not
+    Hub failures.
+    """
     from huggingface_hub import errors as hf
 
     where = f"{repo_id}@{revision}" if revision else repo_id
@@ -173,6 +188,12 @@ def hub_error(
     if first(hf.LocalEntryNotFoundError):
         return HubError(
             f"{filename or 'a file'} of {where} is not in the cache and the Hub could not be reached", **kw
+        )
+    if isinstance(e, _UNREADABLE) and not isinstance(e, (AdaptersError, hf.HFValidationError)):
+        return HubResponseError(
+            f"the Hub's answer while {action} {where} could not be read ({type(e).__name__}: {server_line(e)})",
+            hint="the endpoint is misbehaving or not the Hub (check HF_ENDPOINT); nothing was written",
+            **kw,
         )
     return None
 

@@ -18,7 +18,7 @@ from adapterhub_cli.artifact.ref import Version, hub_ref, require_version
 from adapterhub_cli.errors import HubError, UsageError, VersionConflictError
 from adapterhub_cli.stores.hf.client import Client, connect
 from adapterhub_cli.stores.hf.pull import download
-from adapterhub_cli.stores.hf.resolve import commit_id, listed_files
+from adapterhub_cli.stores.hf.resolve import commit_id, listed_files, repo_refs
 from adapterhub_cli.stores.publish import check_version, declared_repo_id, local_card, push_files, validate_for_push
 from adapterhub_cli.stores.records import PushResult
 
@@ -31,8 +31,8 @@ def open_repo(client: Client, repo_id: str, version: Version, *, force: bool, pr
     """Create the repo if needed, refuse a version that exists or (without ``force``) is lower than the latest,
     and return the head's ``model_info`` (its commit is the parent of the push's commit)."""
     client.call("creating", "create_repo", repo_id, private=private, exist_ok=True)
-    refs = client.call("listing the refs of", "list_repo_refs", repo_id)
-    check_version(repo_id, version, {t.name: t.target_commit for t in refs.tags}, force)
+    tags, _ = repo_refs(client, repo_id)
+    check_version(repo_id, version, tags, force)
     head = client.call("reading", "model_info", repo_id, files_metadata=True)
     commit_id(head.sha, what="the head commit", repo_id=repo_id)
     return head
@@ -177,8 +177,7 @@ def _tag(client: Client, repo_id: str, tag: str, commit: str, message: str) -> N
     except HubError as e:
         if e.status != 409:
             raise
-        refs = client.call("listing the refs of", "list_repo_refs", repo_id)
-        if any(t.name == tag and t.target_commit == commit for t in refs.tags):
+        if repo_refs(client, repo_id)[0].get(tag) == commit:
             return  # our own tag, whose answer was lost before a retry
         raise VersionConflictError(
             f"{repo_id}@{tag} was created by someone else while pushing; commit {commit[:12]} is untagged",

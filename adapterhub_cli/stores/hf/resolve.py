@@ -20,7 +20,7 @@ from adapterhub_cli.artifact.ref import HF, AdapterRef, Version, hub_ref, pick_t
 from adapterhub_cli.errors import HubError, HubNotFoundError, HubResponseError, server_line, server_text
 from adapterhub_cli.stores.hf import cache
 from adapterhub_cli.stores.hf.cache import SHA1, SHA256
-from adapterhub_cli.stores.hf.client import connect, offline
+from adapterhub_cli.stores.hf.client import Client, connect, offline
 from adapterhub_cli.stores.records import Resolved, StoreFile, VersionInfo
 
 
@@ -53,6 +53,27 @@ def commit_id(value: object, *, what: str, repo_id: str) -> str:
     return value
 
 
+def repo_refs(client: Client, repo_id: str, *, shown: str | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """The repo's (tags, branches), each name -> commit id, checked: names are strings, commits commit ids.
+
+    Raises:
+        HubResponseError: a name that is not a string, or a target that is not a commit id.
+        HubError: the call failed.
+    """
+    refs = client.call("listing the refs of", "list_repo_refs", repo_id, shown=shown)
+    out: tuple[dict[str, str], dict[str, str]] = ({}, {})
+    for kind, listed, into in (("tag", refs.tags, out[0]), ("branch", refs.branches, out[1])):
+        for r in listed or []:
+            if not isinstance(r.name, str) or not r.name:
+                raise HubResponseError(
+                    f"the Hub listed a {kind} of {repo_id} named {_shown(r.name)}",
+                    repo_id=repo_id,
+                    hint=_UNTRUSTED_HINT,
+                )
+            into[r.name] = commit_id(r.target_commit, what=f"the commit of {kind} {_shown(r.name)}", repo_id=repo_id)
+    return out
+
+
 def listed_files(info: Any, repo_id: str) -> dict[str, StoreFile]:
     """The files of a ``model_info(..., files_metadata=True)`` answer, checked: each name a relative path of plain
     names (listed once), each size a count, each hash hex (an LFS sha256, or the git blob sha1).
@@ -61,7 +82,10 @@ def listed_files(info: Any, repo_id: str) -> dict[str, StoreFile]:
         HubResponseError: a name, size or hash that is not one.
     """
     files: dict[str, StoreFile] = {}
-    for s in info.siblings or []:
+    siblings = info.siblings or []
+    if not isinstance(siblings, list):
+        raise HubResponseError(f"the Hub's listing of {repo_id} is not a list of files", repo_id=repo_id)
+    for s in siblings:
         name, size, blob_id = s.rfilename, s.size, getattr(s, "blob_id", None)
         sha256 = s.lfs.sha256 if s.lfs is not None else None
         problem = (
@@ -112,9 +136,7 @@ def resolve(ref: AdapterRef | str, *, api: HfApi | None = None, token: str | Non
     tags: dict[str, str] = {}
     branches: dict[str, str] = {}
     if kind not in ("commit", "default"):
-        refs = client.call("listing the refs of", "list_repo_refs", ref.repo_id, shown=rev)
-        tags = {t.name: t.target_commit for t in refs.tags}
-        branches = {b.name: b.target_commit for b in refs.branches}
+        tags, branches = repo_refs(client, ref.repo_id, shown=rev)
     tag = pick_tag(tags, ref)
     if tag is None and kind in ("version", "latest", "range"):
         published = ", ".join(sorted(tags, key=lambda n: Version.parse(n) or Version(0, 0, 0))) or "none"
@@ -125,8 +147,6 @@ def resolve(ref: AdapterRef | str, *, api: HfApi | None = None, token: str | Non
             hint=f"see `adapters versions {ref.repo_id}`",
         )
     target = tags[tag] if tag else branches.get(rev or "", rev)
-    if tag or (kind == "name" and rev in branches):
-        target = commit_id(target, what=f"the commit of {tag or rev}", repo_id=ref.repo_id)
     info = client.call("reading", "model_info", ref.repo_id, revision=target, files_metadata=True, shown=rev)
     commit = commit_id(info.sha, what=f"the commit of {rev or 'the default branch'}", repo_id=ref.repo_id)
     if target is not None and SHA1.match(target) and commit != target:
@@ -145,11 +165,7 @@ def versions(repo_id: str, *, api: HfApi | None = None, token: str | None = None
     """The repo's tags with their commits, dates and messages: semver tags newest first, then other tags."""
     repo_id = hub_ref(repo_id).repo_id or repo_id
     client = connect(repo_id, api, token)
-    refs = client.call("listing the refs of", "list_repo_refs", repo_id)
-    targets = {
-        t.name: commit_id(t.target_commit, what=f"the commit of tag {_shown(t.name)}", repo_id=repo_id)
-        for t in refs.tags
-    }
+    targets, _ = repo_refs(client, repo_id)
     commits: dict[str, Any] = {}
     for target in targets.values():
         if target not in commits:
