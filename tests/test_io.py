@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adapterhub_cli.artifact import files as ah_io
-from adapterhub_cli.artifact.files import atomic_dir, read_json, sha256_file
+from adapterhub_cli.artifact.files import OUTPUT_MARKER, atomic_dir, read_json, sha256_file
 from adapterhub_cli.artifact.safetensors import load_safetensors, read_header
 from adapterhub_cli.errors import AdapterNotFoundError, CorruptFileError
 
@@ -277,19 +277,20 @@ def test_atomic_dir_refuses_existing_target(tmp_path: Path) -> None:
 
 def test_atomic_dir_overwrite(tmp_path: Path) -> None:
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
+    with atomic_dir(target) as tmp:  # an earlier output of this tool: only such a folder may be replaced
+        (tmp / "old.txt").write_text("old")
+    assert sorted(p.name for p in target.iterdir()) == [OUTPUT_MARKER, "old.txt"]
     # A failing overwrite keeps the old output intact.
     with pytest.raises(ValueError, match="fail"), atomic_dir(target, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
         raise ValueError("fail")
-    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [OUTPUT_MARKER, "old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     # A successful one replaces it completely.
     with atomic_dir(target, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
         assert (target / "old.txt").exists()  # still the old one while writing
-    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [OUTPUT_MARKER, "new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -1,13 +1,25 @@
-"""The adapter configuration: PEFT's ``adapter_config.json`` fields, and how PEFT resolves them per module."""
+"""The adapter configuration: PEFT's ``adapter_config.json`` fields, checked by type, and how PEFT resolves them
+per module.
+
+Every field PEFT's ``LoraConfig`` declares is checked against PEFT's declared type when the config is read; a
+wrong type is :class:`InvalidAdapterError` naming the field. The values that scale an update (``lora_alpha``,
+``alpha_pattern`` values, ``r`` and ``rank_pattern`` values) are kept as read even when not finite or out of
+range, so that ``validate`` can report them (:func:`adapterhub_cli.artifact.validate.check_config`) and every
+writing command refuses them before it writes. Regular expressions (a string ``target_modules`` or
+``exclude_modules``, ``rank_pattern`` / ``alpha_pattern`` keys) are compiled when the config is read and run in
+linear time (:mod:`adapterhub_cli.artifact.patterns`).
+"""
 
 from __future__ import annotations
 
 import math
-import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from adapterhub_cli.artifact.patterns import PatternError, SafePattern, compile_pattern
 from adapterhub_cli.errors import InvalidAdapterError
 
 
@@ -63,21 +75,154 @@ KNOWN_CONFIG_KEYS = frozenset(
     }
 )
 
+T = TypeVar("T")
+
+#: The largest rank (``r``, ``rank_pattern`` values) taken as meant; larger ones are reported as out of range.
+MAX_RANK = 1 << 20
+#: The largest ``|lora_alpha|`` (and ``alpha_pattern`` value) taken as meant; larger ones are reported.
+MAX_ALPHA = 1e6
+
+
+# ------------------------------------------------------------------------------------------------ field types
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _is_str(v: object) -> bool:
+    return isinstance(v, str)
+
+
+def _is_bool(v: object) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_dict(v: object) -> bool:
+    return isinstance(v, dict)
+
+
+def _list_of(p: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda v: isinstance(v, list) and all(p(x) for x in v)
+
+
+def _either(*ps: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda v: any(p(v) for p in ps)
+
+
+def _optional(p: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda v: v is None or p(v)
+
+
+def _pair_of_ints(v: object) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v)
+
+
+_STRINGS = _list_of(_is_str)
+_INTS = _list_of(_is_int)
+
+#: PEFT's declared type of each LoraConfig field (peft 0.21), as (check, what the message asks for).
+#: ``r``, ``rank_pattern`` and ``alpha_pattern`` are checked entry by entry in :meth:`AdapterConfig.from_dict`.
+FIELD_TYPES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "task_type": (_optional(_is_str), "a string or null"),
+    "peft_type": (_optional(_is_str), "a string or null"),
+    "auto_mapping": (_optional(_is_dict), "an object or null"),
+    "peft_version": (_optional(_is_str), "a string or null"),
+    "base_model_name_or_path": (_optional(_is_str), "a string or null"),
+    "revision": (_optional(_is_str), "a string or null"),
+    "inference_mode": (_is_bool, "true or false"),
+    "target_modules": (_optional(_either(_STRINGS, _is_str)), "a list of module names, a regex string, or null"),
+    "exclude_modules": (_optional(_either(_STRINGS, _is_str)), "a list of module names, a regex string, or null"),
+    "lora_alpha": (_is_number, "a number"),
+    "lora_dropout": (_is_number, "a number"),
+    "fan_in_fan_out": (_is_bool, "true or false"),
+    "bias": (lambda v: v in ("none", "all", "lora_only"), '"none", "all" or "lora_only"'),
+    "use_rslora": (_is_bool, "true or false"),
+    "modules_to_save": (_optional(_STRINGS), "a list of module names or null"),
+    "init_lora_weights": (_either(_is_bool, _is_str), "true, false or the name of an initialisation"),
+    "layers_to_transform": (_optional(_either(_INTS, _is_int)), "a layer index, a list of them, or null"),
+    "layers_pattern": (_optional(_either(_STRINGS, _is_str)), "a string, a list of strings, or null"),
+    "megatron_config": (_optional(_is_dict), "an object or null"),
+    "megatron_core": (_optional(_is_str), "a string or null"),
+    "trainable_token_indices": (
+        _optional(_either(_INTS, lambda v: isinstance(v, dict) and all(_INTS(x) for x in v.values()))),
+        "a list of token ids, an object mapping module names to them, or null",
+    ),
+    "loftq_config": (_optional(_is_dict), "an object or null"),
+    "eva_config": (_optional(_is_dict), "an object or null"),
+    "corda_config": (_optional(_is_dict), "an object or null"),
+    "lora_ga_config": (_optional(_is_dict), "an object or null"),
+    "use_dora": (_is_bool, "true or false"),
+    "velora_config": (_optional(_is_dict), "an object or null"),
+    "alora_invocation_tokens": (_optional(_INTS), "a list of token ids or null"),
+    "use_qalora": (_is_bool, "true or false"),
+    "qalora_group_size": (_is_int, "an integer"),
+    "monteclora_config": (_optional(_is_dict), "an object or null"),
+    "layer_replication": (_optional(_list_of(_pair_of_ints)), "a list of [start, end] pairs or null"),
+    "lora_bias": (_is_bool, "true or false"),
+    "target_parameters": (_optional(_STRINGS), "a list of parameter names or null"),
+    "use_bdlora": (_optional(_is_dict), "an object or null"),
+    "arrow_config": (_optional(_is_dict), "an object or null"),
+    "kasa_config": (_optional(_is_dict), "an object or null"),
+    "ensure_weight_tying": (_is_bool, "true or false"),
+}
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """A short, printable rendering of a config value for a message (repr escapes control characters)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _finite_or_inf(v: int | float) -> int | float:
+    """``v``, or an infinity of its sign when it is an integer too large for a float (so scales can be computed)."""
+    if isinstance(v, int) and abs(v) > sys.float_info.max:
+        return math.copysign(math.inf, v)
+    return v
+
+
+# ---------------------------------------------------------------------------------------------- pattern rules
+
+
+def _key_pattern(key: str) -> SafePattern:
+    """The pattern PEFT builds from a ``rank_pattern`` / ``alpha_pattern`` key (``peft.utils.other.get_pattern_key``:
+    ``re.match(rf"(.*\\.)?({key})$", module)``)."""
+    return compile_pattern(rf"(.*\.)?({key})$")
+
 
 def pattern_key(pattern_keys: list[str], module: str) -> str | None:
-    """The first key of ``rank_pattern`` / ``alpha_pattern`` that matches ``module``, as PEFT matches it.
+    """The key of ``rank_pattern`` / ``alpha_pattern`` that applies to ``module``, as PEFT chooses it.
 
-    PEFT (``peft.utils.other.get_pattern_key``) treats each key as a regex that must match a suffix of the
-    module name at a ``.`` boundary: ``"v_proj"`` matches ``"model.layers.0.self_attn.v_proj"``.
+    PEFT (``peft.utils.other.get_pattern_key``) takes the first key that, as a regex, matches a suffix of the
+    module name at a ``.`` boundary (``"v_proj"`` matches ``"model.layers.0.self_attn.v_proj"``); when none
+    does, it looks the module name up as a key itself.
+
+    Raises:
+        PatternError: a key that cannot be matched safely (see :func:`compile_pattern`).
     """
     for key in pattern_keys:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return key
-        except re.error:
-            if module == key or module.endswith("." + key):
-                return key
-    return None
+        if _key_pattern(key).match(module):
+            return key
+    return module if module in pattern_keys else None
+
+
+def _matches(rule: list[str] | str | None, module: str) -> bool:
+    """PEFT's target rule (``check_target_module_exists``): a string is a regex the whole name must match, a
+    list holds names the module name equals or ends with (after a ``.``)."""
+    if rule is None:
+        return False
+    if isinstance(rule, str):
+        if rule == "all-linear":
+            return True  # PEFT expands it on save; a hand-written config may still hold it
+        return compile_pattern(rule).fullmatch(module)
+    return any(module == t or module.endswith("." + t) for t in rule)
+
+
+# ------------------------------------------------------------------------------------------------ the config
 
 
 @dataclass
@@ -103,47 +248,33 @@ class AdapterConfig:
     peft_version: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
     unknown_keys: list[str] = field(default_factory=list)
+    #: the file the config was read from, named by errors raised while matching patterns
+    path: Path | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], *, path: str | Path | None = None) -> AdapterConfig:
-        """Build from a parsed ``adapter_config.json``; wrong types raise :class:`InvalidAdapterError`."""
+        """Build from a parsed ``adapter_config.json``.
 
-        def bad(msg: str) -> InvalidAdapterError:
-            return InvalidAdapterError(
-                f"adapter_config.json: {msg}", path=path, hint="fix the config, or re-save the adapter with PEFT"
-            )
-
+        Raises:
+            InvalidAdapterError: a field of the wrong type (the message names it), a rank that is not a positive
+                integer, a pattern that is invalid or cannot be matched in linear time, a combination PEFT refuses.
+        """
+        _check_types(doc, path)
         peft_type = str(doc.get("peft_type") or "LORA").upper()
         if peft_type != "LORA":
-            raise bad(f"peft_type is {peft_type!r}; only LoRA adapters (peft_type LORA) are supported")
-        r = doc.get("r", 8)
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-            raise bad(f"r must be a positive integer, got {r!r}")
-        alpha = doc.get("lora_alpha", 8)
-        if not isinstance(alpha, int | float) or isinstance(alpha, bool):
-            raise bad(f"lora_alpha must be a number, got {alpha!r}")
-        rank_pattern = doc.get("rank_pattern") or {}
-        alpha_pattern = doc.get("alpha_pattern") or {}
-        if not isinstance(rank_pattern, dict) or not all(isinstance(v, int) and v > 0 for v in rank_pattern.values()):
-            raise bad(f"rank_pattern must map module patterns to positive ranks, got {rank_pattern!r}")
-        if not isinstance(alpha_pattern, dict) or not all(isinstance(v, int | float) for v in alpha_pattern.values()):
-            raise bad(f"alpha_pattern must map module patterns to numbers, got {alpha_pattern!r}")
+            raise _bad(f"peft_type is {peft_type!r}; only LoRA adapters (peft_type LORA) are supported", path)
         targets = doc.get("target_modules")
-        if targets is not None and not isinstance(targets, str | list):
-            raise bad(f"target_modules must be a list or a regex string, got {targets!r}")
         mts = doc.get("modules_to_save")
-        if mts is not None and not isinstance(mts, list):
-            raise bad(f"modules_to_save must be a list, got {mts!r}")
-        return cls(
-            r=r,
-            lora_alpha=alpha,
+        config = cls(
+            r=doc.get("r", 8),
+            lora_alpha=_finite_or_inf(doc.get("lora_alpha", 8)),
             peft_type=peft_type,
             target_modules=sorted(set(targets)) if isinstance(targets, list) else targets,
-            rank_pattern=dict(rank_pattern),
-            alpha_pattern=dict(alpha_pattern),
-            use_rslora=bool(doc.get("use_rslora", False)),
-            use_dora=bool(doc.get("use_dora", False)),
-            fan_in_fan_out=bool(doc.get("fan_in_fan_out", False)),
+            rank_pattern=dict(doc.get("rank_pattern") or {}),
+            alpha_pattern={k: _finite_or_inf(v) for k, v in (doc.get("alpha_pattern") or {}).items()},
+            use_rslora=doc.get("use_rslora", False),
+            use_dora=doc.get("use_dora", False),
+            fan_in_fan_out=doc.get("fan_in_fan_out", False),
             modules_to_save=list(dict.fromkeys(mts)) if mts else None,
             base_model_name_or_path=doc.get("base_model_name_or_path"),
             revision=doc.get("revision"),
@@ -154,7 +285,27 @@ class AdapterConfig:
             peft_version=doc.get("peft_version"),
             raw=dict(doc),
             unknown_keys=sorted(k for k in doc if k not in KNOWN_CONFIG_KEYS),
+            path=Path(path) if path is not None else None,
         )
+        config._compile_patterns()
+        return config
+
+    def _compile_patterns(self) -> None:
+        """Compile every regular expression of the config once, so a bad one is refused when the config is read."""
+        for name in ("target_modules", "exclude_modules"):
+            rule = getattr(self, name)
+            if isinstance(rule, str) and rule != "all-linear":
+                self._compiled(name, compile_pattern, rule)
+        for name, keys in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key in keys:
+                self._compiled(f"{name} key {key!r}", _key_pattern, key)
+
+    def _compiled(self, what: str, run: Callable[..., T], *args: Any) -> T:
+        """``run(*args)``, with a :class:`PatternError` raised as :class:`InvalidAdapterError` naming ``what``."""
+        try:
+            return run(*args)
+        except PatternError as e:
+            raise _bad(f"{what}: {e}", self.path, hint="fix the pattern in adapter_config.json") from None
 
     @property
     def scale_rule(self) -> str:
@@ -163,30 +314,65 @@ class AdapterConfig:
 
     def rank_for(self, module: str) -> int:
         """The rank PEFT gives ``module`` (its rank_pattern entry, else ``r``)."""
-        key = pattern_key(list(self.rank_pattern), module)
+        key = self._compiled("rank_pattern", pattern_key, list(self.rank_pattern), module)
         return self.rank_pattern[key] if key is not None else self.r
 
     def alpha_for(self, module: str) -> float:
         """The alpha PEFT gives ``module`` (its alpha_pattern entry, else ``lora_alpha``)."""
-        key = pattern_key(list(self.alpha_pattern), module)
+        key = self._compiled("alpha_pattern", pattern_key, list(self.alpha_pattern), module)
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
 
     def scale_for(self, module: str, rank: int | None = None) -> float:
-        """PEFT's scaling for ``module``: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        """PEFT's scaling for ``module``: alpha / r, or alpha / sqrt(r) with rsLoRA.
+
+        NaN when the rank is beyond :data:`MAX_RANK` (``validate`` reports it; writers refuse it).
+        """
         r = rank if rank is not None else self.rank_for(module)
+        if r > MAX_RANK:
+            return math.nan
         alpha = self.alpha_for(module)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def targets(self, module: str) -> bool:
         """Whether PEFT's target rule (``target_modules``, ``exclude_modules``) selects ``module``."""
-        return _matches(self.target_modules, module) and not _matches(self.exclude_modules, module)
+        return self._compiled(
+            "target_modules",
+            lambda: _matches(self.target_modules, module) and not _matches(self.exclude_modules, module),
+        )
 
 
-def _matches(rule: list[str] | str | None, module: str) -> bool:
-    if rule is None:
-        return False
-    if isinstance(rule, str):
-        if rule == "all-linear":
-            return True  # PEFT expands it on save; a hand-written config may still hold it
-        return re.fullmatch(rule, module) is not None
-    return any(module == t or module.endswith("." + t) for t in rule)
+def _bad(message: str, path: str | Path | None, hint: str | None = None) -> InvalidAdapterError:
+    return InvalidAdapterError(
+        f"adapter_config.json: {message}",
+        path=path,
+        hint=hint or "fix the config, or re-save the adapter with PEFT",
+    )
+
+
+def _check_types(doc: dict[str, Any], path: str | Path | None) -> None:
+    """Check every field against PEFT's declared type, and the combinations PEFT's LoraConfig refuses."""
+    for name, (ok, wanted) in FIELD_TYPES.items():
+        if name in doc and not ok(doc[name]):
+            raise _bad(f"{name} must be {wanted}, got {_show(doc[name])}", path)
+    r = doc.get("r", 8)
+    if not _is_int(r) or r <= 0:
+        raise _bad(f"r must be a positive integer, got {_show(r)}", path)
+    for name, ok, wanted in (
+        ("rank_pattern", lambda v: _is_int(v) and v > 0, "a positive integer (a rank)"),
+        ("alpha_pattern", _is_number, "a number (an alpha)"),
+    ):
+        entries = doc.get(name)
+        if entries is None:
+            continue
+        if not isinstance(entries, dict):
+            raise _bad(f"{name} must map module patterns to {wanted.split(' (')[0]}s, got {_show(entries)}", path)
+        for key, value in entries.items():
+            if not ok(value):
+                raise _bad(f"{name}[{key!r}] must be {wanted}, got {_show(value)}", path)
+    # what peft.LoraConfig.__post_init__ refuses
+    if isinstance(doc.get("target_modules"), str):
+        for name in ("layers_to_transform", "layers_pattern"):
+            if doc.get(name) is not None:
+                raise _bad(f"{name} cannot be used when target_modules is a regex string (PEFT refuses it)", path)
+    if doc.get("layers_pattern") and doc.get("layers_to_transform") is None:
+        raise _bad("layers_pattern needs layers_to_transform (PEFT refuses it without)", path)

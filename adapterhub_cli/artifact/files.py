@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli._version import __version__
+from adapterhub_cli.artifact.jsonsafe import MAX_JSON_BYTES, parse_json
 from adapterhub_cli.artifact.safetensors import read_header
 from adapterhub_cli.errors import (
     AdapterNotFoundError,
@@ -36,14 +37,21 @@ if TYPE_CHECKING:
 
 
 def read_json(path: str | Path, what: str = "JSON file") -> dict[str, Any]:
-    """Read a JSON object from ``path``; a missing file, bad JSON or a non-object raise typed errors."""
+    """Read a JSON object from ``path``, checked as :func:`~adapterhub_cli.artifact.jsonsafe.parse_json` checks
+    untrusted JSON.
+
+    Raises:
+        AdapterNotFoundError: no such file.
+        CorruptFileError: larger than :data:`~adapterhub_cli.artifact.jsonsafe.MAX_JSON_BYTES`, not JSON (or
+            nested too deeply, a number too long, a lone surrogate), or not an object.
+    """
     path = Path(path)
     if not path.is_file():
         raise AdapterNotFoundError(path, what)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(f"{what} is not valid JSON ({e})", path=path, hint="fix or regenerate the file") from e
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise CorruptFileError(f"{what} is {size} bytes; JSON over {MAX_JSON_BYTES} bytes is refused", path=path)
+    doc = parse_json(path.read_bytes(), path=path, what=what)
     if not isinstance(doc, dict):
         raise CorruptFileError(f"{what} must hold a JSON object", path=path)
     return doc

@@ -6,13 +6,15 @@ to do. Only the adapter's own (small) tensors are loaded; the base is read throu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from adapterhub_cli.artifact.adapter import Adapter, LoraModule
 from adapterhub_cli.artifact.checkpoint import BaseView
-from adapterhub_cli.artifact.safetensors import TensorInfo
+from adapterhub_cli.artifact.config import MAX_ALPHA, MAX_RANK
+from adapterhub_cli.artifact.safetensors import FLOAT_DTYPES, TensorInfo
 
 
 Severity = Literal["error", "warning", "info"]
@@ -56,6 +58,7 @@ def validate_against(adapter: Adapter, base: BaseView, *, check_weights: bool = 
     for w in adapter.warnings:
         add(Finding("adapter-warning", "warning", w))
     add_all = report.findings.extend
+    add_all(check_config(adapter))
     add_all(_check_ranks(adapter))
     add_all(_check_targets(adapter, base))
     for m in adapter.modules.values():
@@ -65,6 +68,51 @@ def validate_against(adapter: Adapter, base: BaseView, *, check_weights: bool = 
     if check_weights:
         add_all(_check_weights(adapter))
     return report
+
+
+def check_config(adapter: Adapter) -> list[Finding]:
+    """The config's values that scale an update, checked: ``lora_alpha`` and ``alpha_pattern`` values finite and at
+    most :data:`MAX_ALPHA` in size (``alpha-not-finite``, ``alpha-out-of-range``), ``r`` and ``rank_pattern``
+    values at most :data:`MAX_RANK` (``rank-out-of-range``). Every writing command refuses these errors."""
+    cfg = adapter.config
+    out = []
+    alphas: list[tuple[str, str | None, float]] = [("lora_alpha", None, cfg.lora_alpha)]
+    alphas += [(f"alpha_pattern[{key!r}]", key, value) for key, value in cfg.alpha_pattern.items()]
+    for what, key, alpha in alphas:
+        if not math.isfinite(alpha):
+            out.append(
+                Finding(
+                    "alpha-not-finite",
+                    "error",
+                    f"{what} is {alpha}: every update it scales would be NaN or infinite; set a finite alpha in "
+                    "adapter_config.json",
+                    key,
+                )
+            )
+        elif abs(alpha) > MAX_ALPHA:
+            out.append(
+                Finding(
+                    "alpha-out-of-range",
+                    "error",
+                    f"{what} is {alpha:g}, beyond +-{MAX_ALPHA:g}: no trained adapter uses such a scale (a damaged "
+                    "or crafted config); set the alpha it was trained with",
+                    key,
+                )
+            )
+    ranks: list[tuple[str, str | None, int]] = [("r", None, cfg.r)]
+    ranks += [(f"rank_pattern[{key!r}]", key, v) for key, v in cfg.rank_pattern.items()]
+    for what, key, rank in ranks:
+        if rank > MAX_RANK:
+            shown = str(rank) if rank < 10**30 else f"a {len(str(rank))}-digit number"
+            out.append(
+                Finding(
+                    "rank-out-of-range",
+                    "error",
+                    f"{what} is {shown}, beyond {MAX_RANK}: set the rank the tensors have",
+                    key,
+                )
+            )
+    return out
 
 
 def _check_ranks(adapter: Adapter) -> list[Finding]:
@@ -169,8 +217,18 @@ def _check_module_shape(adapter: Adapter, base: BaseView, m: LoraModule) -> list
             )
         ]
     w = base.tensors[key]
-    fits, against_flag = _expected_shapes(adapter, m, w)
     out = []
+    if w.dtype not in FLOAT_DTYPES and not base.config.get("quantization_config"):
+        out.append(
+            Finding(
+                "base-weight-not-float",
+                "error",
+                f"the base stores {key} as {w.dtype}: a LoRA update can only be added to a floating-point weight "
+                "(is the checkpoint damaged, or quantized without a quantization_config?)",
+                m.name,
+            )
+        )
+    fits, against_flag = _expected_shapes(adapter, m, w)
     if not fits:
         out.append(
             Finding(

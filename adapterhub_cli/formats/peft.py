@@ -20,6 +20,7 @@ from adapterhub_cli.artifact.config import AdapterConfig
 from adapterhub_cli.artifact.files import atomic_dir, load_pickle_safely, read_json
 from adapterhub_cli.artifact.provenance import PROVENANCE_KEY, Provenance
 from adapterhub_cli.artifact.safetensors import (
+    FLOAT_DTYPES,
     SafetensorsHeader,
     TensorInfo,
     dtype_name,
@@ -216,6 +217,7 @@ def _module(path: Path, name: str, p: dict[str, TensorInfo], config: AdapterConf
             path=path,
             module=name,
         )
+    _check_factors(path, name, p)
     kind = "embedding" if "embedding" in p else ("conv" if len(a.shape) == 4 else "linear")
     rank = a.shape[0]
     d_in = 1
@@ -233,6 +235,32 @@ def _module(path: Path, name: str, p: dict[str, TensorInfo], config: AdapterConf
         B=b,
         magnitude=p.get("lora_magnitude_vector"),
     )
+
+
+def _check_factors(path: Path, name: str, p: dict[str, TensorInfo]) -> None:
+    """Refuse factors no LoRA has: rank 0 (PEFT refuses ``r=0``), an empty dimension, integer storage."""
+    a, b = p["lora_A"], p["lora_B"]
+    if a.shape[0] == 0:
+        raise InvalidAdapterError(
+            f"module {name!r} has rank 0 (lora_A {list(a.shape)}): PEFT refuses r=0",
+            path=path,
+            module=name,
+            hint="the file is damaged or was written by a broken tool; drop the module or re-save the adapter",
+        )
+    for part, info in (("lora_A", a), ("lora_B", b), ("lora_magnitude_vector", p.get("lora_magnitude_vector"))):
+        if info is None:
+            continue
+        if 0 in info.shape:
+            raise InvalidAdapterError(
+                f"module {name!r}: {part} {list(info.shape)} has an empty dimension", path=path, module=name
+            )
+        if info.dtype not in FLOAT_DTYPES:
+            raise InvalidAdapterError(
+                f"module {name!r}: {part} is stored as {info.dtype}; LoRA factors are floating point",
+                path=path,
+                module=name,
+                hint="the file is damaged or was written by a broken tool; re-save the adapter with PEFT",
+            )
 
 
 def _infer_config(parts: dict[str, dict[str, TensorInfo]], metadata: dict[str, str]) -> dict:
