@@ -17,6 +17,7 @@ Hostile behaviours, for the tests that show Hub answers are untrusted:
     hub.file_headers = {"ETag": '"../../../../x"'}              # override headers of file answers (HEAD and GET)
     hub.oversize = 1 << 20                                     # whole-file GETs send 1 MiB more than the file ...
     hub.oversize, hub.declare_size = None, False               # ... or never end, and say no Content-Length
+    hub.range_padding = 16                                     # ranged answers send 16 bytes more than asked
 
 Run ``python tests/hub_server.py`` to serve on a free port (it prints the URL), e.g. for manual CLI checks.
 It proves compatibility with the client, not with the real Hub (no Xet, no CDN redirects, no rate limits).
@@ -134,6 +135,8 @@ class FakeHub:
         self.oversize: int | None = 0
         #: whether an oversized answer says its length (Content-Length) or is delimited by closing the connection
         self.declare_size = True
+        #: bytes a ranged (206) answer sends beyond the range it was asked for
+        self.range_padding = 0
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self.url = ""
@@ -652,14 +655,18 @@ class _Handler(BaseHTTPRequestHandler):
         if status == 200 and hub.oversize != 0:
             self._send_oversized(repo, path, data, headers)
             return
+        padding = hub.range_padding if status == 206 else 0
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Content-Length", str(end - start + 1 + padding))
         for k, v in headers.items():
             self.send_header(k.replace("_", "-"), v)
         self.end_headers()
         if self.command == "HEAD":
             return
+        if padding:  # a ranged answer longer than the range it says it holds
+            data = data[: end + 1] + bytes(padding)
+            end += padding
         view = memoryview(data)
         pos = start
         while pos <= end:  # stream outside the metadata lock

@@ -287,6 +287,13 @@ CASES = [
         ["cut off"],
     ),
     Case(
+        "ranged answer longer than asked",
+        lambda hub: setattr(hub, "range_padding", 16),
+        ["inspect", "org/lora@v1.0.0"],
+        HubResponseError,
+        [f"the server sent more of {WEIGHTS} of org/lora@", "bytes asked for"],
+    ),
+    Case(
         "error echoing HF_TOKEN",
         _echo(r"/refs$"),
         ["versions", "org/lora"],
@@ -314,12 +321,14 @@ CASES = [
 
 
 def _api_call(args: list[str]) -> Callable[[], Any]:
-    """The API function of the command line ``args`` (pull / versions / push), with the same options."""
+    """The API function of the command line ``args`` (pull / versions / inspect), with the same options."""
     token = args[args.index("--token") + 1] if "--token" in args else None
     if args[0] == "pull":
         return lambda: ah.pull(args[1], out=args[3], token=token)
     if args[0] == "versions":
         return lambda: ah.versions(args[1], token=token)
+    if args[0] == "inspect":
+        return lambda: ah.inspect(args[1])
     raise AssertionError(args)
 
 

@@ -13,6 +13,7 @@ import click
 
 from adapterhub_cli.cli._output import out
 from adapterhub_cli.cli._params import allow_pickle_option, json_option
+from adapterhub_cli.errors import scrub
 
 
 def token_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -67,7 +68,7 @@ def push_cmd(
         out.json(result.to_dict())
         return
     for w in result.warnings:
-        out.warn(w)
+        out.warn(scrub(w))
     checked = f" (validated against {result.validated_against})" if result.validated_against else ""
     out.print(f"pushed {', '.join(result.files)}{checked}")
     out.print(f"commit {result.commit}")
