@@ -172,6 +172,13 @@ CASES = [
         "index has no weight_map",
         store=True,
     ),
+    Case(
+        "weight_map empty",
+        lambda b, e: edit_index(b, lambda d: {**d, "weight_map": {}}),
+        CorruptFileError,
+        "index lists no tensors",
+        store=True,
+    ),
     Case("index a list", lambda b, e: edit_index(b, lambda d: [d]), CorruptFileError, "must hold a JSON object"),
     Case(
         "tensor in another shard than indexed",

@@ -169,12 +169,15 @@ def read_index(path: Path) -> dict[str, str]:
     stays in the checkpoint's folder.
 
     Raises:
-        CorruptFileError: the index is not a JSON object, has no ``weight_map`` or names a shard outside the folder.
+        CorruptFileError: the index is not a JSON object, has no (or an empty) ``weight_map`` or names a shard
+            outside the folder.
     """
     doc = read_json(path, path.name)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict):
         raise CorruptFileError("index has no weight_map", path=path)
+    if not weight_map:
+        raise CorruptFileError("index lists no tensors (its weight_map is empty)", path=path)
     for key, shard in weight_map.items():
         if not isinstance(shard, str) or not isinstance(key, str):
             raise CorruptFileError(f"index entry {key!r}: {shard!r} is not a shard file name", path=path)

@@ -309,7 +309,7 @@ def open_store_base(store: Store, resolved: Resolved) -> BaseView:
     index = where / layout.index
     weight_map = read_index(store.fetch(resolved, layout.index)) if layout.sharded else {}
     headers: dict[str, SafetensorsHeader] = {}
-    for shard in sorted(set(weight_map.values())) or [layout.single]:
+    for shard in sorted(set(weight_map.values())) if layout.sharded else [layout.single]:
         if shard not in files:
             raise CorruptFileError(f"the index names {shard}, which is missing", path=index)
         headers[shard] = store.read_header(resolved, shard)
