@@ -237,6 +237,7 @@ def test_sharded_output_equals_single_file(llama_base, llama_base_sharded, llama
     single = ah.merge(llama_lora, base=llama_base, out=tmp_path / "single")
     assert single.shards == 1
     assert sorted(p.name for p in (tmp_path / "single").iterdir()) == [
+        ".adapters-output",  # marks an output of this tool: --overwrite replaces only those
         "config.json",
         "generation_config.json",
         "model.safetensors",

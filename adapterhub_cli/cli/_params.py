@@ -20,7 +20,9 @@ existing_path = click.Path(path_type=str)
 def output_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """``-o/--output`` (required) and ``--overwrite`` for commands that write an adapter."""
     f = click.option(
-        "--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete)."
+        "--overwrite",
+        is_flag=True,
+        help="Replace OUT if adapters wrote it (an earlier output), only once the new one is complete.",
     )(f)
     return click.option("-o", "--output", required=True, help="Output folder (written atomically).")(f)
 
