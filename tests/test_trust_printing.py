@@ -299,3 +299,25 @@ def test_reduce_json_stays_valid_and_exact(
     doc = json.loads(r.stdout)
     assert name in {m["name"] for m in doc["modules"]}
     assert name in doc["rank_pattern"] or doc["r"] == 2
+
+
+def test_tokens_never_print_even_from_a_file(
+    llama_lora: Path, copy_adapter: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config that quotes the user's token (or anything shaped like one) never gets it printed, plain or JSON:
+    the sink scrubs every string as a last line of defence."""
+    secret = "s3cret-token-value-0123456789"
+    shaped = "hf_" + "A1b2C3d4E5" * 4
+    monkeypatch.setenv("HF_TOKEN", secret)
+    d = copy_adapter(llama_lora)
+    cfg = json.loads((d / CONFIG).read_text())
+    cfg["base_model_name_or_path"] = f"https://example.invalid/?t={secret}&u={shaped}"
+    cfg["revision"] = f"Bearer {secret}x"
+    (d / CONFIG).write_text(json.dumps(cfg))
+    for args in (["inspect", str(d)], ["inspect", str(d), "--json"]):
+        r = cli(*args)
+        assert_clean(r, 0)
+        text = r.stdout + r.stderr
+        assert secret not in text and shaped not in text
+        assert "https://example.invalid/?t=***&u=***" in text and "Bearer ***" in text
+    assert json.loads(cli("inspect", str(d), "--json").stdout)["revision"] == "Bearer ***"

@@ -7,7 +7,9 @@ by visible escapes (``\\x1b``, ``\\r``, ``\\udcff``), and never fails on a chara
 
 - ``out.print("...")``, table cells, key-value rows, warnings and errors take plain strings literally;
 - styled pieces are built with :func:`styled` (the only way a command adds style), never with markup strings;
-- ``out.json`` writes strict ASCII JSON (``NaN`` and ``Infinity`` become the strings ``"nan"``, ``"inf"``).
+- ``out.json`` writes strict ASCII JSON (``NaN`` and ``Infinity`` become the strings ``"nan"``, ``"inf"``);
+- every string, printed or in JSON, is :func:`~adapterhub_cli.errors.scrub`-bed of Hub tokens first (a last line
+  of defence: the code that handles a token already keeps it out of what it returns and raises).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from dataclasses import asdict, is_dataclass
 from typing import TYPE_CHECKING, Any
 
 import click
+
+from adapterhub_cli.errors import scrub
 
 
 if TYPE_CHECKING:
@@ -45,10 +49,12 @@ def _escape_char(c: str) -> str:
 
 
 def visible(text: str, *, newlines: bool = False) -> str:
-    """``text`` with every control character, bidi override and lone surrogate replaced by a visible escape.
+    """``text`` scrubbed of tokens, with every control character, bidi override and lone surrogate replaced by a
+    visible escape.
 
     ``newlines=True`` keeps ``\\n`` (messages span lines; a name or a table cell never does).
     """
+    text = scrub(text)
     if text.isprintable():
         return text
     chars = []
@@ -88,12 +94,17 @@ def _plain_json(obj: Any) -> Any:
     if is_dataclass(obj) and not isinstance(obj, type):
         return _plain_json(asdict(obj))
     if isinstance(obj, Mapping):
-        return {(k if isinstance(k, (str, int)) else str(k)): _plain_json(v) for k, v in obj.items()}
+        return {
+            (scrub(k) if isinstance(k, str) else k if isinstance(k, int) else str(k)): _plain_json(v)
+            for k, v in obj.items()
+        }
     if isinstance(obj, (list, tuple, set, frozenset)):
         return [_plain_json(v) for v in obj]
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else str(obj)
-    if obj is None or isinstance(obj, (str, int, bool)):
+    if isinstance(obj, str):
+        return scrub(obj)
+    if obj is None or isinstance(obj, (int, bool)):
         return obj
     return str(obj)
 
