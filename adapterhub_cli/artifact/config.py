@@ -181,7 +181,7 @@ def _show(value: object, limit: int = 60) -> str:
 def _finite_or_inf(v: int | float) -> int | float:
     """``v``, or an infinity of its sign when it is an integer too large for a float (so scales can be computed)."""
     if isinstance(v, int) and abs(v) > sys.float_info.max:
-        return math.copysign(math.inf, v)
+        return math.inf if v > 0 else -math.inf
     return v
 
 
@@ -365,7 +365,7 @@ def _check_types(doc: dict[str, Any], path: str | Path | None) -> None:
         if entries is None:
             continue
         if not isinstance(entries, dict):
-            raise _bad(f"{name} must map module patterns to {wanted.split(' (')[0]}s, got {_show(entries)}", path)
+            raise _bad(f"{name} must be an object mapping module patterns to values, got {_show(entries)}", path)
         for key, value in entries.items():
             if not ok(value):
                 raise _bad(f"{name}[{key!r}] must be {wanted}, got {_show(value)}", path)

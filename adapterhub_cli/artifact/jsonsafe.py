@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,9 @@ def parse_json(raw: bytes, *, path: Path, what: str, max_depth: int | None = MAX
         raise CorruptFileError(f"{what} is not valid JSON ({e})", path=path, hint="fix or regenerate the file") from e
     except RecursionError:
         raise CorruptFileError(f"{what} nests JSON arrays or objects too deeply", path=path) from None
-    except ValueError as e:  # Python's int-string conversion limit
-        raise CorruptFileError(f"{what} holds a number that is too long ({e})", path=path) from None
+    except ValueError:  # Python's int-string conversion limit
+        limit = sys.get_int_max_str_digits()
+        raise CorruptFileError(f"{what} holds a number that is too long (over {limit} digits)", path=path) from None
     check_strings = _SURROGATE_ESCAPE.search(raw) is not None
     if check_strings or max_depth is not None:
         _walk(doc, path=path, what=what, max_depth=max_depth, check_strings=check_strings)

@@ -9,8 +9,9 @@ matches in time linear in the name, whatever the pattern.
 What runs, and what is refused (:class:`PatternError`, a ``ValueError``):
 
 - Everything RE2 can run: literals, classes, ``.``, groups, alternation, greedy and lazy repeats (up to 1000),
-  anchors, the ``i`` / ``s`` / ``m`` / ``a`` / ``x`` flags. ``\\d``, ``\\w`` and ``\\s`` keep Python's Unicode
-  meaning (Unicode classes in RE2; they differ from Python only where the two Unicode databases differ).
+  anchors, the ``i`` / ``s`` / ``m`` / ``a`` / ``x`` flags (``a`` and ``i`` not together). ``\\d``, ``\\w`` and
+  ``\\s`` keep Python's Unicode meaning (Unicode classes in RE2; they differ from Python only where the two
+  Unicode databases differ, as case-insensitive matching may for a few letters such as Turkish dotted I).
 - Lookaheads at the very start of the pattern, as configs in the wild use them to leave out a vision tower
   (``^(?!.*vision).*\\.(q_proj|v_proj)$``): each is a separate RE2 match at the start of the name, so the whole
   match stays linear. A lookaround anywhere else is refused.
@@ -157,13 +158,20 @@ def _build(source: str, items: list[tuple[Any, Any]], flags: int) -> SafePattern
         if op in (_parser.ASSERT, _parser.ASSERT_NOT):
             lookaheads.append((op is _parser.ASSERT, _build(source, list(av[1]), flags)))
     translator = _Translator()
-    body = translator.sequence(items, flags)
+    body = translator.sequence(items, _checked(flags))
     try:
         regexp = re2.compile(body, _options())
     except re2.error as e:
         reason = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
         raise PatternError(f"the pattern is too large or complex for the linear-time engine ({reason})") from None
     return SafePattern(source, regexp, tuple(lookaheads), translator.ascii_boundary)
+
+
+def _checked(flags: int) -> int:
+    """``flags``, unless they ask for what RE2 cannot do as Python does."""
+    if flags & _A and flags & _I:
+        raise PatternError("the pattern combines the a and i flags (ASCII-only case folding), which RE2 cannot do")
+    return flags
 
 
 def _zero_width_at_start(item: tuple[Any, Any]) -> bool:
@@ -211,7 +219,7 @@ class _Translator:
             return "(?:" + "|".join(self.sequence(list(alt), flags) for alt in av[1]) + ")"
         if op is _parser.SUBPATTERN:
             _group, add, remove, sub = av
-            return "(?:" + self.sequence(list(sub), (flags | add) & ~remove) + ")"
+            return "(?:" + self.sequence(list(sub), _checked((flags | add) & ~remove)) + ")"
         if op in (_parser.MAX_REPEAT, _parser.MIN_REPEAT):
             return self.repeat(av, flags, lazy=op is _parser.MIN_REPEAT)
         if op is _parser.AT:

@@ -103,16 +103,20 @@ def check_config(adapter: Adapter) -> list[Finding]:
     ranks += [(f"rank_pattern[{key!r}]", key, v) for key, v in cfg.rank_pattern.items()]
     for what, key, rank in ranks:
         if rank > MAX_RANK:
-            shown = str(rank) if rank < 10**30 else f"a {len(str(rank))}-digit number"
             out.append(
                 Finding(
                     "rank-out-of-range",
                     "error",
-                    f"{what} is {shown}, beyond {MAX_RANK}: set the rank the tensors have",
+                    f"{what} is {_number(rank)}, beyond {MAX_RANK}: set the rank the tensors have",
                     key,
                 )
             )
     return out
+
+
+def _number(n: int) -> str:
+    """An integer for a message: its digits, or how many there are when they are too many to read."""
+    return str(n) if n < 10**30 else f"a {len(str(n))}-digit number"
 
 
 def _check_ranks(adapter: Adapter) -> list[Finding]:
@@ -126,8 +130,8 @@ def _check_ranks(adapter: Adapter) -> list[Finding]:
                 Finding(
                     "rank-mismatch",
                     "error",
-                    f"the tensors have rank {m.rank} but the config ({rule}) says {want}: the scale alpha/r would be "
-                    f"wrong; fix r / rank_pattern in adapter_config.json",
+                    f"the tensors have rank {m.rank} but the config ({rule}) says {_number(want)}: the scale "
+                    "alpha/r would be wrong; fix r / rank_pattern in adapter_config.json",
                     m.name,
                 )
             )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.config import AdapterConfig
+from adapterhub_cli.artifact.jsonsafe import parse_json
 from adapterhub_cli.artifact.safetensors import read_header
 from adapterhub_cli.errors import InvalidAdapterError
 
@@ -156,10 +157,7 @@ def _component_configs(path: Path, metadata: dict[str, str]) -> tuple[dict[str, 
     raw = metadata.get(METADATA_KEY)
     if raw is None:
         return {}, []
-    try:
-        packed = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise InvalidAdapterError(f"{METADATA_KEY} is not JSON ({e})", path=path) from e
+    packed = parse_json(raw.encode(), path=path, what=f"{METADATA_KEY} metadata")
     if not isinstance(packed, dict):
         raise InvalidAdapterError(f"{METADATA_KEY} is not a JSON object", path=path)
     docs: dict[str, dict[str, Any]] = {}

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from adapterhub_cli.artifact.adapter import Adapter, TensorSource
 from adapterhub_cli.artifact.checkpoint import CONFIG_FILE, find_layout, open_base
 from adapterhub_cli.artifact.files import read_json
+from adapterhub_cli.artifact.jsonsafe import parse_json
 from adapterhub_cli.artifact.safetensors import (
     SafetensorsHeader,
     TensorInfo,
@@ -42,7 +43,7 @@ from adapterhub_cli.artifact.safetensors import (
     read_header,
     torch_dtype,
 )
-from adapterhub_cli.errors import InvalidAdapterError, UsageError
+from adapterhub_cli.errors import CorruptFileError, InvalidAdapterError, UsageError
 from adapterhub_cli.formats.lycoris import detect_lycoris, refuse_lycoris
 
 
@@ -426,11 +427,10 @@ class KohyaFormat:
         base = base if base is not None else os.environ.get(BASE_ENV) or None
         stored: dict[str, str] | None = None
         if NAMES_KEY in header.metadata:
-            try:
-                doc = json.loads(header.metadata[NAMES_KEY])
-                stored = {str(k): str(v) for k, v in doc.items()}
-            except (json.JSONDecodeError, AttributeError) as e:
-                raise InvalidAdapterError(f"bad {NAMES_KEY} metadata ({e})", path=path) from e
+            doc = parse_json(header.metadata[NAMES_KEY].encode(), path=path, what=f"{NAMES_KEY} metadata")
+            if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
+                raise InvalidAdapterError(f"bad {NAMES_KEY} metadata (not an object of names)", path=path)
+            stored = dict(doc)
         if base is None and stored is None:
             raise InvalidAdapterError(
                 "kohya LoRA file: its module names cannot be read back without the base model (underscores in "
@@ -609,7 +609,10 @@ class KohyaFormat:
         stash = header.metadata.get(PEFT_STASH_KEY)
         if stash is not None:
             try:
-                sdoc = json.loads(stash)
+                sdoc = parse_json(stash.encode(), path=path, what=f"{PEFT_STASH_KEY} metadata")
+            except CorruptFileError:
+                sdoc = None
+            if isinstance(sdoc, dict):
                 loaded = source.load(list(infos))
                 items = [
                     (k.module, loaded[f"{k.module}.lora_A.weight"], loaded[f"{k.module}.lora_B.weight"])
@@ -617,7 +620,7 @@ class KohyaFormat:
                 ]
                 if sdoc.get("digest") == factor_digest(items) and isinstance(sdoc.get("config"), dict):
                     doc = sdoc["config"]  # written by us from a PEFT adapter, factors unchanged: its exact config
-            except json.JSONDecodeError:
+            else:
                 warnings.append(f"ignored unreadable {PEFT_STASH_KEY} metadata")
         renamed = SafetensorsHeader(
             path=path,

@@ -7,13 +7,13 @@ read by the kohya format.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from adapterhub_cli.artifact.jsonsafe import parse_json
 from adapterhub_cli.artifact.safetensors import read_header
-from adapterhub_cli.errors import InvalidAdapterError
+from adapterhub_cli.errors import CorruptFileError, InvalidAdapterError
 
 
 if TYPE_CHECKING:
@@ -51,8 +51,8 @@ def detect_lycoris(keys: list[str], metadata: dict[str, str]) -> str | None:
                 return what
     if metadata.get("ss_network_module", "").startswith("lycoris"):
         try:
-            args = json.loads(metadata.get("ss_network_args") or "{}")
-        except json.JSONDecodeError:
+            args = parse_json((metadata.get("ss_network_args") or "{}").encode(), path=Path(), what="ss_network_args")
+        except CorruptFileError:
             args = {}
         algo = str(args.get("algo", "")).lower() if isinstance(args, dict) else ""
         if algo not in _PLAIN_ALGOS:

@@ -9,12 +9,14 @@ operation reads it through :class:`QuantizedTensorSource`, which dequantizes ten
 
 from __future__ import annotations
 
-import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.adapter import TensorSource
+from adapterhub_cli.artifact.jsonsafe import parse_json
 from adapterhub_cli.artifact.safetensors import (
     COMPUTE_DTYPES,
     SafetensorsHeader,
@@ -39,22 +41,72 @@ class QuantizationInfo:
     tensors: dict[str, dict[str, Any]]
 
 
+#: The largest block size read: dequantizing pads each tensor to a whole block.
+MAX_BLOCK_SIZE = 1 << 20
+#: What each scheme with block scales stores: the stored dtype, and stored elements for ``n`` values.
+_STORED: dict[str, tuple[str, Callable[[int], int]]] = {
+    "int8": ("I8", lambda n: n),
+    "fp8": ("F8_E4M3", lambda n: n),
+    "nf4": ("U8", lambda n: (n + 1) // 2),  # two 4-bit codes per byte, as bitsandbytes packs them
+}
+
+
 def quantization_of(header: SafetensorsHeader) -> QuantizationInfo | None:
-    """The quantization a file declares in its metadata, or None for a plain file."""
+    """The quantization a file declares in its metadata (checked against the stored tensors), or None for a plain
+    file.
+
+    Raises:
+        CorruptFileError: the metadata is not JSON, names an unknown scheme, a block size out of range, a dtype or
+            shape that is not a float dtype and a list of sizes, a missing tensor or scale, or a stored tensor whose
+            dtype or size disagrees with the scheme.
+    """
     raw = header.metadata.get(QUANT_KEY)
     if raw is None:
         return None
-    try:
-        doc = json.loads(raw)
-        info = QuantizationInfo(
-            scheme=str(doc["scheme"]), block_size=int(doc["block_size"]), tensors=dict(doc["tensors"])
-        )
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CorruptFileError(f"bad {QUANT_KEY} metadata ({e})", path=header.path) from e
-    missing = [k for k in info.tensors if k not in header.tensors]
-    if missing:
-        raise CorruptFileError(f"quantization metadata names missing tensors, e.g. {missing[0]!r}", path=header.path)
-    return info
+    doc = parse_json(raw.encode(), path=header.path, what=f"{QUANT_KEY} metadata")
+
+    def bad(message: str) -> CorruptFileError:
+        return CorruptFileError(f"bad {QUANT_KEY} metadata: {message}", path=header.path)
+
+    if not isinstance(doc, dict) or not {"scheme", "block_size", "tensors"} <= doc.keys():
+        raise bad("expected an object with scheme, block_size and tensors")
+    scheme, block_size, tensors = doc["scheme"], doc["block_size"], doc["tensors"]
+    if scheme not in _STORED:
+        raise bad(f"scheme {scheme!r} is not one of {', '.join(_STORED)}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise bad(f"block_size must be an integer from 1 to {MAX_BLOCK_SIZE}, got {block_size!r}")
+    if not isinstance(tensors, dict):
+        raise bad("tensors must be an object")
+    for key, meta in tensors.items():
+        _check_quantized(header, scheme, block_size, key, meta, bad)
+    return QuantizationInfo(scheme=scheme, block_size=block_size, tensors=tensors)
+
+
+def _check_quantized(
+    header: SafetensorsHeader,
+    scheme: str,
+    block_size: int,
+    key: str,
+    meta: object,
+    bad: Callable[[str], CorruptFileError],
+) -> None:
+    """One quantized tensor's description against what the file stores under its key and its scale's."""
+    if not isinstance(meta, dict) or meta.get("dtype") not in COMPUTE_DTYPES:
+        raise bad(f"tensor {key!r} needs a dtype among {sorted(COMPUTE_DTYPES)}")
+    shape = meta.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise bad(f"tensor {key!r}: shape {shape!r} is not a list of sizes")
+    stored, scale = header.tensors.get(key), header.tensors.get(key + SCALE_SUFFIX)
+    if stored is None or scale is None:
+        raise bad(f"names tensor {key!r}, but the file lacks it or its {SCALE_SUFFIX} scales")
+    n = math.prod(shape)
+    dtype, stored_numel = _STORED[scheme]
+    if stored.dtype != dtype or stored.numel != stored_numel(n):
+        raise bad(f"tensor {key!r} of shape {shape} in {scheme} is stored as {stored.dtype} x {stored.numel}")
+    if scale.dtype != "F32" or scale.numel != -(-n // block_size):
+        raise bad(f"tensor {key!r} has {scale.numel} {scale.dtype} scales; {scheme} needs {-(-n // block_size)} F32")
 
 
 def logical_infos(header: SafetensorsHeader, q: QuantizationInfo) -> dict[str, TensorInfo]:
