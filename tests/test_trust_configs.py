@@ -743,3 +743,105 @@ def test_header_of_200k_entries_reads_cleanly(tmp_path: Path) -> None:
     f.write_bytes(st_bytes("{" + entries + "}", bytes(4 * n)))
     header = read_header(f)
     assert len(header.tensors) == n and header.tensors["t199999"].end == 4 * n
+
+
+# ------------------------------------------------------------------- metadata JSON inside safetensors files
+
+
+def rewrite_metadata(file: Path, **changes: str) -> None:
+    """Set ``__metadata__`` entries of a safetensors file in place (tensor data and offsets unchanged)."""
+    raw = file.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header.setdefault("__metadata__", {}).update(changes)
+    file.write_bytes(st_bytes(header, raw[8 + n :]))
+
+
+@pytest.fixture(scope="module")
+def int8_adapter(llama_lora: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("quantized") / "int8"
+    ah.quantize(llama_lora, out, scheme="int8", block_size=64)
+    return out
+
+
+def _quant(doc: Any) -> str:
+    return doc if isinstance(doc, str) else json.dumps(doc)
+
+
+def _q(scheme: Any = "int8", block_size: Any = 64, **tensors: Any) -> dict[str, Any]:
+    """Quantization metadata; ``a0=(dtype, shape)`` describes layer 0's q_proj lora_A."""
+    names = {"a0": _A0, "nope": "nope"}
+    described = {names[k]: {"dtype": dtype, "shape": shape} for k, (dtype, shape) in tensors.items()}
+    return {"scheme": scheme, "block_size": block_size, "tensors": described}
+
+
+QUANT_CASES = {
+    "not-json": ("{", "adapterhub.quantization metadata is not valid JSON"),
+    "nested": ('{"scheme": ' + _deep(100_000) + "}", "adapterhub.quantization metadata nests JSON"),
+    "not-an-object": ([1], "expected an object with scheme, block_size and tensors"),
+    "scheme": (_q("int9"), "scheme 'int9' is not one of int8, fp8, nf4"),
+    "block-size-0": (_q(block_size=0), "block_size must be an integer from 1"),
+    "block-size-bool": (_q(block_size=True), "got True"),
+    "block-size-huge": (_q(block_size=10**30), "block_size must be an integer"),
+    "dtype": (_q(a0=("I32", [8, 64])), "needs a dtype"),
+    "shape": (_q(a0=("F32", [8, True])), "shape [8, True] is not a list of sizes"),
+    "size": (_q(a0=("F32", [9, 64])), "of shape [9, 64] in int8 is stored as I8 x 512"),
+    "scales": (_q(block_size=32, a0=("F32", [8, 64])), "has 8 F32 scales; int8 needs 16 F32"),
+    "missing": (_q(nope=("F32", [8, 64])), "names tensor 'nope', but the file lacks it"),
+    "wrong-scheme": (_q("nf4", a0=("F32", [8, 64])), "in nf4 is stored as I8 x 512"),
+}
+
+
+@pytest.mark.parametrize("case", list(QUANT_CASES))
+def test_quantization_metadata_is_checked_against_the_tensors(
+    case: str, int8_adapter: Path, llama_base: Path, tmp_path: Path
+) -> None:
+    doc, part = QUANT_CASES[case]
+    d = tmp_path / "q"
+    shutil.copytree(int8_adapter, d)
+    rewrite_metadata(d / WEIGHTS, **{"adapterhub.quantization": _quant(doc)})
+    with pytest.raises(CorruptFileError, match=re.escape(part)) as exc:
+        ah.load(d)
+    assert exc.value.path == d / WEIGHTS
+    before = tree_digest(d)
+    for args in (["inspect", str(d)], ["dequantize", str(d), "-o", str(tmp_path / "out")]):
+        message = cli_error(cli(*args))
+        assert part in message and str(d / WEIGHTS) in message
+    assert tree_digest(d) == before and not (tmp_path / "out").exists()
+
+
+def test_kohya_names_metadata_is_untrusted_json(llama_lora: Path, tmp_path: Path) -> None:
+    f = tmp_path / "k.safetensors"
+    ah.convert(llama_lora, f, to="kohya")
+    for value, part in [
+        (_deep(100_000), "adapterhub.kohya_names metadata nests JSON arrays or objects too deeply"),
+        ('{"a": "b\\ud800"}', "adapterhub.kohya_names metadata holds a string with a lone surrogate"),
+        ('{"a": 1}', "bad adapterhub.kohya_names metadata (not an object of names)"),
+    ]:
+        rewrite_metadata(f, **{"adapterhub.kohya_names": value})
+        with pytest.raises(CorruptFileError if "JSON" in part or "surrogate" in part else InvalidAdapterError) as exc:
+            ah.load(f)
+        assert part in str(exc.value)
+        assert part in cli_error(cli("inspect", str(f)))
+
+
+def _diffusers_file(folder: Path, metadata: str) -> Path:
+    folder.mkdir()
+    tensors = {"unet.blk.proj.lora_A.weight": torch.randn(4, 8), "unet.blk.proj.lora_B.weight": torch.randn(8, 4)}
+    save_file(tensors, folder / "pytorch_lora_weights.safetensors", metadata={"lora_adapter_metadata": metadata})
+    return folder
+
+
+def test_diffusers_metadata_is_untrusted_json_and_its_scales_are_checked(tmp_path: Path) -> None:
+    deep = _diffusers_file(tmp_path / "deep", '{"unet.r": ' + _deep(100_000) + "}")
+    with pytest.raises(CorruptFileError, match=re.escape("lora_adapter_metadata metadata nests JSON")):
+        ah.load(deep)
+    typed = _diffusers_file(tmp_path / "typed", '{"unet.r": "4", "unet.lora_alpha": 4}')
+    with pytest.raises(InvalidAdapterError, match=re.escape("r must be a positive integer, got '4'")):
+        ah.load(typed)
+    assert "r must be a positive integer" in cli_error(cli("inspect", str(typed)))
+    nan = _diffusers_file(tmp_path / "nan", '{"unet.r": 4, "unet.lora_alpha": NaN}')
+    adapter = ah.load(nan)  # read, so that validate reports it and writers refuse it
+    assert math.isnan(adapter.modules["unet.blk.proj"].alpha)
+    assert "alpha-not-finite" in cli_error(cli("reduce", str(nan), "--rank", "2", "-o", str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()

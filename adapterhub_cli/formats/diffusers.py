@@ -133,7 +133,7 @@ class DiffusersFormat:
             "r": r,
             "lora_alpha": lora_alpha,
             "rank_pattern": rank_pattern,
-            "alpha_pattern": {n: a for n, a in sorted(alphas.items()) if a != lora_alpha},
+            "alpha_pattern": {n: a for n, a in sorted(alphas.items()) if not _same(a, lora_alpha)},
             "target_modules": sorted(ranks),
             "use_rslora": rslora == {True},
             "use_dora": any(cfg.use_dora for cfg in configs.values()),
@@ -142,9 +142,14 @@ class DiffusersFormat:
         adapter.path = Path(path)
         adapter.warnings += warnings
         for mod in adapter.modules.values():
-            if mod.alpha != alphas[mod.name]:
+            if not _same(mod.alpha, alphas[mod.name]):
                 raise InvalidAdapterError(f"internal: alpha of {mod.name} does not resolve", path=f, module=mod.name)
         return adapter
+
+
+def _same(a: float, b: float) -> bool:
+    """Equal alphas, NaN included (a NaN alpha is kept for ``validate`` to report and writers to refuse)."""
+    return a == b or (math.isnan(a) and math.isnan(b))
 
 
 def _layout(ranks: dict[str, int]) -> tuple[int, dict[str, int]]:
