@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import time
@@ -313,6 +314,59 @@ def test_read_json(tmp_path: Path) -> None:
     arr.write_text("[1]")
     with pytest.raises(CorruptFileError, match="must hold a JSON object"):
         read_json(arr)
+
+
+def test_read_json_keeps_what_is_valid_and_odd(tmp_path: Path) -> None:
+    """Surrogate pairs (an emoji), NaN, infinities, 1e400 (inf), long floats and 64 levels of nesting are read."""
+    f = tmp_path / "odd.json"
+    nested = "[" * 63 + "]" * 63
+    f.write_text(
+        '{"name": "a\\ud83d\\ude00", "nan": NaN, "inf": -Infinity, "big": 1e400, "long": 0.'
+        + "1" * 5000
+        + f', "deep": {nested}}}'
+    )
+    doc = read_json(f)
+    assert doc["name"] == "a\U0001f600" and doc["inf"] == -math.inf and doc["big"] == math.inf
+    assert math.isnan(doc["nan"]) and doc["long"] == pytest.approx(0.1111111111)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 65 + "]" * 65, "nests JSON more than 64 levels deep"),
+        ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nests JSON arrays or objects too deeply"),
+        ('{"a": 1' + "0" * 4300 + "}", "holds a number that is too long (over 4300 digits)"),
+        ('{"a": "x\\udc00y"}', "holds a string with a lone surrogate (\\udc00), which is not Unicode: x\\udc00y"),
+        ('{"a\\ud800": 1}', "holds a string with a lone surrogate (\\ud800)"),
+        ('{"a": ["\\ud83d"]}', "lone surrogate (\\ud83d)"),  # the first half of a pair, alone
+    ],
+)
+def test_read_json_refuses_odd_documents_cleanly(tmp_path: Path, text: str, message: str) -> None:
+    f = tmp_path / "x.json"
+    f.write_text(text)
+    with pytest.raises(CorruptFileError) as exc:
+        read_json(f, "config.json")
+    assert str(exc.value).startswith(f"{f}: config.json ") and message in str(exc.value)
+    assert exc.value.path == f and "\n" not in str(exc.value)
+
+
+def test_read_json_refuses_a_file_over_the_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "big.json"
+    f.write_text('{"a": "' + "x" * 100 + '"}')
+    monkeypatch.setattr(ah_io, "MAX_JSON_BYTES", 64)
+    with pytest.raises(CorruptFileError, match=f"config.json is {f.stat().st_size} bytes; JSON over 64 bytes"):
+        read_json(f, "config.json")
+
+
+def test_read_header_accepts_unicode_names_and_refuses_lone_surrogates(tmp_path: Path) -> None:
+    good = tmp_path / "good.safetensors"
+    save_file({"blocks.\u00e9t\U0001f600.weight": torch.zeros(2)}, good, metadata={"note": "\u00e9t\U0001f600"})
+    assert list(read_header(good).tensors) == ["blocks.\u00e9t\U0001f600.weight"]
+    bad = tmp_path / "bad.safetensors"
+    js = b'{"x\\udfff": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    bad.write_bytes(struct.pack("<Q", len(js)) + js + bytes(4))
+    with pytest.raises(CorruptFileError, match=r"header holds a string with a lone surrogate \(\\udfff\)"):
+        read_header(bad)
 
 
 def test_save_safetensors_round_trips_and_is_reproducible(tmp_path: Path) -> None:
