@@ -473,3 +473,22 @@ def test_conv_dora_magnitude_shape_is_peft_s(tmp_path):
     report = ah.validate(adapter, base=base)
     assert not [f for f in report.findings if f.code == "magnitude-shape"], report.findings
     assert ah.load(adapter).modules["conv_in"].magnitude.shape[1] > 1  # the 4-d shape really was checked
+
+
+def test_bitsandbytes_int8_base_is_not_an_integer_weight_misfit(tmp_path: Path) -> None:
+    """A LoRA on integer base weights is an error (``base-weight-not-float``), except for bitsandbytes' int8
+    storage, which its ``quantization_config`` declares and merge dequantizes."""
+    pytest.importorskip("bitsandbytes")
+    from bnb_fixtures import build_tiny_llama, load_quantized
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    bf16 = build_tiny_llama(tmp_path / "bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_quantized(bf16, "int8").save_pretrained(tmp_path / "int8")
+    model = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "lora"))
+    stored = ah.validate(tmp_path / "lora", base=tmp_path / "int8")
+    assert any(t.dtype == "I8" for t in ah.open_base(tmp_path / "int8").tensors.values())
+    assert "base-weight-not-float" not in {f.code for f in stored.findings}
