@@ -250,6 +250,18 @@ def test_word_boundary_runs_on_ascii_names_and_refuses_others() -> None:
     assert compile_pattern(r"(?a).*\bq").fullmatch("é.q")  # ASCII boundaries asked for: exact anywhere
 
 
+def test_a_name_with_a_lone_surrogate_is_refused_not_crashed_on() -> None:
+    """Header names cannot hold one (refused when read), but a legacy pickle's keys could."""
+    with pytest.raises(PatternError, match=re.escape("the name 'x.q\\\\ud800' holds a lone surrogate")):
+        compile_pattern(".*q.*").match("x.q\ud800")
+    cfg = AdapterConfig.from_dict(
+        {"r": 8, "target_modules": ".*q.*", "rank_pattern": {"q": 4}, "alpha_pattern": {"q": 2}}
+    )
+    for lookup in (cfg.targets, cfg.rank_for, cfg.alpha_for):
+        with pytest.raises(InvalidAdapterError, match="holds a lone surrogate"):
+            lookup("x.q\ud800")
+
+
 CATASTROPHIC = "(a+)+$"
 
 

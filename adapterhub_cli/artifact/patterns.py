@@ -116,6 +116,13 @@ class SafePattern:
         return self._ahead(text) and self.body.fullmatch(text) is not None
 
     def _ahead(self, text: str) -> bool:
+        """Check ``text`` can be matched, and match the leading lookaheads."""
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = text.encode("ascii", "backslashreplace").decode()
+                raise PatternError(f"the name {shown!r} holds a lone surrogate: it is not Unicode") from None
         if self.ascii_boundary and not text.isascii():
             raise PatternError(
                 f"pattern {self.source!r} uses \\b or \\B, which is matched only against ASCII names, "
