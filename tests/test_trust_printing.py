@@ -321,3 +321,32 @@ def test_tokens_never_print_even_from_a_file(
         assert secret not in text and shaped not in text
         assert "https://example.invalid/?t=***&u=***" in text and "Bearer ***" in text
     assert json.loads(cli("inspect", str(d), "--json").stdout)["revision"] == "Bearer ***"
+
+
+@pytest.mark.parametrize("fmt", ["plain", "json"])
+def test_a_reader_that_went_away_does_not_fail_a_written_output(
+    fmt: str, llama_lora: Path, copy_adapter: Callable[..., Path], tmp_path: Path
+) -> None:
+    """``adapters reduce ... | head -0``: stdout is a pipe nobody reads. The output is written, so the command
+    still exits 0, quietly (no ``Error: Broken pipe``, no ``Exception ignored`` at exit)."""
+    import os
+    import subprocess
+
+    d, _ = hostile(llama_lora, copy_adapter, MARKUP_AND_CONTROLS)
+    out = tmp_path / "reduced"
+    args = ["reduce", str(d), "--rank", "2", "-o", str(out), *(["--json"] if fmt == "json" else [])]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", "from adapterhub_cli.cli.main import main; main()", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert (out / WEIGHTS).is_file()

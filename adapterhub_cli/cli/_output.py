@@ -9,7 +9,9 @@ by visible escapes (``\\x1b``, ``\\r``, ``\\udcff``), and never fails on a chara
 - styled pieces are built with :func:`styled` (the only way a command adds style), never with markup strings;
 - ``out.json`` writes strict ASCII JSON (``NaN`` and ``Infinity`` become the strings ``"nan"``, ``"inf"``);
 - every string, printed or in JSON, is :func:`~adapterhub_cli.errors.scrub`-bed of Hub tokens first (a last line
-  of defence: the code that handles a token already keeps it out of what it returns and raises).
+  of defence: the code that handles a token already keeps it out of what it returns and raises);
+- a reader that went away (``adapters reduce ... | head -1``) silences the output instead of failing the command:
+  the exit status stays what the work earned, since an output may already be written.
 """
 
 from __future__ import annotations
@@ -122,6 +124,36 @@ def _fit(text: str, stream: Any) -> str:
     return text
 
 
+def _silence(stream: Any) -> None:
+    """After a broken pipe: send what is still written to ``stream`` (and the flush at exit) to /dev/null."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+
+
+def _new_console(**kwargs: Any) -> Console:
+    from rich.console import Console
+
+    class QuietOnBrokenPipe(Console):
+        """Goes quiet when its reader has gone, where rich would exit with status 1."""
+
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            _silence(self.file)
+
+    return QuietOnBrokenPipe(**kwargs)
+
+
+def _echo(text: str, *, err: bool = False) -> None:
+    try:
+        click.echo(text, err=err)
+    except BrokenPipeError:
+        _silence(sys.stderr if err else sys.stdout)
+
+
 def _make_table(**kwargs: Any) -> Table:
     from rich.table import Table
 
@@ -144,24 +176,20 @@ class Output:
     @property
     def console(self) -> Console:
         if self._console is None:
-            from rich.console import Console
-
             # piped output is read by people too: do not squeeze tables into 80 columns
             wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
-            self._console = Console(highlight=False, soft_wrap=False, width=wide, markup=False, emoji=False)
+            self._console = _new_console(highlight=False, soft_wrap=False, width=wide, markup=False, emoji=False)
         return self._console
 
     @property
     def err_console(self) -> Console:
         if self._err is None:
-            from rich.console import Console
-
-            self._err = Console(stderr=True, highlight=False, markup=False, emoji=False)
+            self._err = _new_console(stderr=True, highlight=False, markup=False, emoji=False)
         return self._err
 
     def json(self, data: Any) -> None:
         """One strict JSON document (ASCII, no NaN / Infinity tokens): valid whatever strings the data holds."""
-        click.echo(json.dumps(_plain_json(data), indent=2, allow_nan=False, ensure_ascii=True))
+        _echo(json.dumps(_plain_json(data), indent=2, allow_nan=False, ensure_ascii=True))
 
     def print(self, *objects: Any) -> None:
         """Print strings literally (one line or several) and rich renderables (tables from :meth:`table`)."""
@@ -174,8 +202,11 @@ class Output:
         except UnicodeEncodeError:  # a terminal that is not UTF-8: write what it cannot show as escapes
             with console.capture() as captured:
                 console.print(*objects)
-            console.file.write(_fit(captured.get(), console.file))
-            console.file.flush()
+            try:
+                console.file.write(_fit(captured.get(), console.file))
+                console.file.flush()
+            except BrokenPipeError:
+                console.on_broken_pipe()
 
     def table(self, title: str | None = None, *columns: str, wrap_last: bool = False) -> Table:
         """A table whose cells never wrap (names and numbers stay whole), except the last column if asked.
@@ -221,9 +252,9 @@ class Output:
         """Print an error unwrapped (one line per message line), in red on a colour terminal."""
         message = _fit(visible(message, newlines=True), sys.stderr)
         if self.err_console.is_terminal and not self.err_console.no_color:
-            click.echo(click.style("Error:", fg="red", bold=True) + f" {message}", err=True)
+            _echo(click.style("Error:", fg="red", bold=True) + f" {message}", err=True)
         else:
-            click.echo(f"Error: {message}", err=True)
+            _echo(f"Error: {message}", err=True)
 
 
 out = Output()
