@@ -55,3 +55,29 @@ def test_the_safetensors_writer_refuses_non_finite_tensors(tmp_path, bad):
         save_safetensors({"ok": torch.zeros(2), "bad": t}, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
     save_safetensors({"ints": torch.arange(3), "f8": torch.zeros(2, dtype=torch.float8_e4m3fn)}, tmp_path / "y.st")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_merge_refuses_a_base_already_holding_nan_in_an_untouched_tensor(llama_base, llama_lora, tmp_path, bad):
+    """No adapter touches the final norm, yet a NaN / inf there never reaches an output with exit 0."""
+    from click.testing import CliRunner
+
+    from adapterhub_cli.artifact.safetensors import load_safetensors
+    from adapterhub_cli.cli.main import build_cli
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_base, base)
+    tensors = load_safetensors(base / "model.safetensors")
+    tensors["model.norm.weight"][3] = bad
+    save = dict(tensors)
+    (base / "model.safetensors").unlink()
+    import safetensors.torch
+
+    safetensors.torch.save_file(save, base / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InvalidAdapterError, match=r"model\.norm\.weight already holds NaN or inf"):
+        ah.merge(llama_lora, base=base, out=tmp_path / "merged")
+    result = CliRunner().invoke(
+        build_cli(), ["merge", str(llama_lora), "--into", str(base), "-o", str(tmp_path / "m")]
+    )
+    assert result.exit_code == 2 and "already holds NaN or inf" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no output, no temporary folder

@@ -189,7 +189,7 @@ class _Producer:
             t = t.to(torch_dtype(p.dtype))  # as if the base were loaded in the output dtype, then merged
         if p.contributions:
             t = self.merger.apply(p, t)
-        require_finite(t, p, self.merger.adapters)
+        require_finite(t, p, self.merger.adapters, base_dtype=_dtype_of(self.plan.view, p.source))
         release = None if buffer is None else functools.partial(self.buffers.release, buffer)
         if self.plan.quantize and p.quantized_entries:
             return self._quantized(p, t, self.plan.quantize, release)
@@ -224,3 +224,8 @@ def _result(plan: MergePlan, out: Path, written: int, seconds: float, device: st
         if untied
         else [],
     )
+
+
+def _dtype_of(view: BaseView, key: str) -> str | None:
+    info = view.tensors.get(key)
+    return info.dtype if info is not None else None
