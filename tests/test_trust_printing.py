@@ -350,3 +350,24 @@ def test_a_reader_that_went_away_does_not_fail_a_written_output(
         os.close(write_end)
     assert (done.returncode, done.stderr) == (0, "")
     assert (out / WEIGHTS).is_file()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["combine", "{a}", "{src}", "--weights", "1,-1", "--force", "-o", "{out}"],
+        ["quantize", "{a}", "--to", "int8", "-o", "{out}"],
+        ["convert", "{a}", "--to", "peft", "-o", "{out}"],
+    ],
+    ids=["combine", "quantize", "convert"],
+)
+def test_other_writers_print_hostile_names_literally_after_writing(
+    command: list[str], llama_lora: Path, copy_adapter: Callable[..., Path], tmp_path: Path
+) -> None:
+    d, name = hostile(llama_lora, copy_adapter, MARKUP_AND_CONTROLS)
+    out = tmp_path / "written"
+    r = cli(*(arg.format(a=d, src=llama_lora, out=out) for arg in command))
+    assert_clean(r, 0)
+    assert (out / WEIGHTS).is_file() and f"wrote {out}" in r.stdout
+    if command[0] != "convert":  # convert prints a summary line, no module table
+        assert visible(name) in r.stdout
