@@ -216,6 +216,7 @@ def test_python_whitespace_is_the_engine_s() -> None:
         (r"(?>q)_proj", "atomic group"),
         (r"(q)?(?(1)_proj|x)", "conditional"),
         (r"a{1001}", "more than 1000 times"),
+        (r"a{99999999999}", "invalid regular expression: the repetition number is too large"),
         (r"[[:alpha:]]+", "ambiguous"),
         (r"q_proj(", "invalid regular expression: missing )"),
         (r"[", "invalid regular expression"),
@@ -353,7 +354,7 @@ def _tensors_case(edit: Callable[[dict[str, torch.Tensor]], None], parts: list[s
     return make
 
 
-def _entry(dtype: str = "F32", shape: Any = (8, 64), offsets: Any = (0, 2048)) -> dict[str, Any]:
+def _entry(dtype: Any = "F32", shape: Any = (8, 64), offsets: Any = (0, 2048)) -> dict[str, Any]:
     return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
 
 
@@ -453,6 +454,22 @@ CASES: dict[str, Maker] = {
     "target_modules-lookbehind": _config_case(
         ["target_modules: the pattern uses a lookahead or lookbehind that is not at the start"],
         target_modules=".*(?<=q)_proj",
+    ),
+    "exclude_modules-huge-repeat": _config_case(
+        ["exclude_modules: invalid regular expression: the repetition number is too large"],
+        exclude_modules="a{99999999999}",
+    ),
+    "rank_pattern-huge-repeat": _config_case(
+        ["rank_pattern key 'q{99999999999}': invalid regular expression: the repetition number is too large"],
+        rank_pattern={"q{99999999999}": 2},
+    ),
+    "header-dtype-list": _weights_case(
+        {_A0: _entry(dtype=["F32"], shape=[1], offsets=[0, 4])}, bytes(4), [f"tensor {_A0!r}: unknown dtype ['F32']"]
+    ),
+    "header-dtype-object": _weights_case(
+        {_A0: _entry(dtype={"F": 32}, shape=[1], offsets=[0, 4])},
+        bytes(4),
+        [f"tensor {_A0!r}: unknown dtype {{'F': 32}}"],
     ),
     "exclude_modules-possessive": _config_case(
         ["exclude_modules: the pattern uses a possessive repeat"], exclude_modules="v_proj++"

@@ -147,6 +147,8 @@ def compile_pattern(source: str) -> SafePattern:
             re.compile(source)
     except re.error as e:
         raise PatternError(f"invalid regular expression: {e}") from None
+    except OverflowError as e:  # a repeat count beyond what Python's parser takes (a{99999999999})
+        raise PatternError(f"invalid regular expression: {e}") from None
     except Warning as e:
         raise PatternError(f"ambiguous regular expression ({e}): escape the '[' if it is meant literally") from None
     except RecursionError:

@@ -219,9 +219,9 @@ def _parse_entry(path: Path, name: str, entry: Any, data_size: int) -> TensorInf
     if not isinstance(entry, dict):
         raise CorruptFileError(f"tensor {name!r}: header entry is not an object", path=path, module=name)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise CorruptFileError(
-            f"tensor {name!r}: unknown dtype {dtype!r}",
+            f"tensor {name!r}: unknown dtype {_short(dtype)}",
             path=path,
             module=name,
             hint=f"known dtypes: {', '.join(sorted(DTYPE_BITS))}",
