@@ -357,3 +357,34 @@ def test_merge_error_against_the_bf16_original(models):
         delta_err.append(float((back - wq - delta).norm() / delta.norm()))
     assert 0.08 < sum(merged_err) / len(merged_err) < 0.11
     assert sum(delta_err) / len(delta_err) > 0.9
+
+
+def _transformers_skips(pattern: str, module: str) -> bool:
+    """transformers' own rule (should_convert_module), on Python's re: the reference."""
+    import re
+
+    try:
+        return re.match(rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))", module) is not None
+    except re.error:
+        return module.startswith(pattern) and module[len(pattern) : len(pattern) + 1] in ("", ".")
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["lm_head", "model.layers.1", "model.layers.1.", r"model\.layers\.\d+\.mlp", "layers.1", "mlp", "[", "lm_", ".*"],
+)
+def test_skip_modules_match_transformers(pattern):
+    modules = ["lm_head", "model.layers.1.mlp.down_proj", "model.layers.10.mlp.up_proj", "model.embed_tokens"]
+    for module in modules:
+        want = not (_transformers_skips(pattern, module) or module.endswith(pattern))
+        assert B._should_convert(module, [pattern]) == want, (pattern, module)
+
+
+def test_a_catastrophic_skip_pattern_from_a_base_config_cannot_hang_a_merge():
+    import time
+
+    started = time.perf_counter()
+    assert B._should_convert("a" * 5000 + "!", ["(a+)+$"])  # backtracking would take longer than the universe
+    assert time.perf_counter() - started < 1.0
+    with pytest.raises(InvalidAdapterError, match="llm_int8_skip_modules"):
+        B._should_convert("model.layers.0", [r"(a)\1"])  # a backreference: refused, not run

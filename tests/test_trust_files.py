@@ -81,3 +81,32 @@ def test_merge_refuses_a_base_already_holding_nan_in_an_untouched_tensor(llama_b
     )
     assert result.exit_code == 2 and "already holds NaN or inf" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no output, no temporary folder
+
+
+@pytest.mark.parametrize("to", ["peft", "diffusers"])
+def test_convert_refuses_a_nan_alpha_instead_of_writing_it(llama_lora, tmp_path, to):
+    import json
+
+    from click.testing import CliRunner
+
+    from adapterhub_cli.cli.main import build_cli
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_lora, src)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = float("nan")
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InvalidAdapterError, match="alpha"):
+        ah.convert(src, tmp_path / "out", to=to)
+    result = CliRunner().invoke(build_cli(), ["convert", str(src), "--to", to, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_pickle_with_a_lone_surrogate_tensor_name_is_refused(tmp_path):
+    from adapterhub_cli.artifact.files import load_pickle_safely
+    from adapterhub_cli.errors import CorruptFileError
+
+    torch.save({"base_model.model.q\ud800.lora_A.weight": torch.zeros(2, 2)}, tmp_path / "adapter_model.bin")
+    with pytest.raises(CorruptFileError, match="not valid text"):
+        load_pickle_safely(tmp_path / "adapter_model.bin")

@@ -125,6 +125,14 @@ def load_pickle_safely(path: str | Path) -> dict[str, torch.Tensor]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
         raise CorruptFileError("the pickle does not hold a {name: tensor} state dict", path=path)
+    for key in obj:
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CorruptFileError(
+                f"a tensor name in the pickle is not valid text ({key.encode('utf-8', 'backslashreplace')!r})",
+                path=path,
+            ) from None
     return obj
 
 

@@ -322,6 +322,10 @@ def write_peft(
     with atomic_dir(out, overwrite=overwrite) as tmp:
         meta = {"format": "pt", PROVENANCE_KEY: json.dumps(provenance, sort_keys=True), **(metadata or {})}
         save_safetensors(tensors, tmp / WEIGHTS_NAME, meta)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        try:
+            text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
+        except ValueError:  # the last line of defence: callers check scales before writing
+            raise InvalidAdapterError("refused to write a config holding NaN or inf", path=out) from None
+        (tmp / CONFIG_NAME).write_text(text + "\n")
         (tmp / CARD_FILE).write_text(model_card(config, provenance))
     return out

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.checkpoint import BaseView
+from adapterhub_cli.artifact.patterns import PatternError, compile_pattern
 from adapterhub_cli.artifact.safetensors import TensorInfo, dtype_name, header_length, torch_dtype, torch_name
 from adapterhub_cli.errors import CorruptFileError, InvalidAdapterError, UsageError
 
@@ -237,15 +238,30 @@ def should_quantize(key: str, shape: tuple[int, ...], config: dict[str, Any]) ->
 def _should_convert(module: str, patterns: list[str]) -> bool:
     """transformers' ``should_convert_module``: a pattern skips a module as a prefix or regex ending at a module
     boundary, or as a suffix."""
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
     for pattern in patterns:
-        try:
-            matched = re.match(rf"(?:{pattern}){boundary}", module) is not None
-        except re.error:
-            matched = module.startswith(pattern) and module[len(pattern) : len(pattern) + 1] in ("", ".")
-        if matched or module.endswith(pattern):
+        if _skips(pattern, module) or module.endswith(pattern):
             return False
     return True
+
+
+def _skips(pattern: str, module: str) -> bool:
+    r"""``re.match(rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))", module)`` in linear time: the pattern (from an untrusted
+    ``config.json``) runs on RE2 against each prefix of ``module`` that ends at a module boundary. A pattern Python
+    cannot compile is a literal prefix, as in transformers; one RE2 cannot run safely is refused."""
+    try:
+        re.compile(pattern)
+    except (re.error, OverflowError, RecursionError):
+        return module.startswith(pattern) and module[len(pattern) : len(pattern) + 1] in ("", ".")
+    try:
+        safe = compile_pattern(pattern)
+    except PatternError as e:
+        raise InvalidAdapterError(
+            f"the base's llm_int8_skip_modules entry {pattern!r} cannot be matched safely: {e}",
+            hint="edit quantization_config.llm_int8_skip_modules in the base's config.json",
+        ) from None
+    ends = [i for i, c in enumerate(module) if c == "."]
+    prefixes = {module, *(module[:i] for i in ends), *(module[: i + 1] for i in ends)}
+    return any(safe.fullmatch(prefix) for prefix in prefixes)
 
 
 # --------------------------------------------------------------------------------------------- reading

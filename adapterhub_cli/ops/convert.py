@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub_cli.artifact.adapter import Adapter
+from adapterhub_cli.artifact.preflight import require_valid
 from adapterhub_cli.artifact.provenance import provenance
 from adapterhub_cli.formats import get_writer, write_adapter
 
@@ -37,6 +38,7 @@ def convert_adapter(
         UnknownFormatError: ``to`` is not a registered format that can write; the message lists those that can.
     """
     fmt = get_writer(to)
+    require_valid(adapter, check_weights=False)  # ranks and scales (NaN alpha); writers refuse NaN tensors
     out = Path(out)
     params: dict[str, Any] = {"to": to}
     if base is not None:

@@ -129,6 +129,7 @@ def dequantize_adapter(adapter: Adapter, out: str | Path, *, overwrite: bool = F
     """Write a quantized adapter back as a plain PEFT adapter (factors in their original dtype)."""
     if not adapter.metadata.get(QUANT_KEY):
         raise UsageError(f"{adapter.path} is not quantized by this tool; nothing to dequantize")
+    require_valid(adapter, check_weights=False)
     tensors = adapter.source.load([t.name for t in adapter.all_tensor_infos()])
     prov = provenance("dequantize", {}, [adapter])
     return write_peft(out, config=dict(adapter.config.raw), tensors=tensors, provenance=prov, overwrite=overwrite)
