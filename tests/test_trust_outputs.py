@@ -191,15 +191,6 @@ WRITERS = [
 #: each writer with each of its inputs, as (writer, role)
 AIMED = [pytest.param(w, role, id=f"{w.name}-{role.replace(' ', '_')}") for w in WRITERS for role in w.inputs]
 BY_NAME = [pytest.param(w, id=w.name) for w in WRITERS]
-#: kohya.py writes its file through its own temporary file (tempfile.mkstemp: mode 0600, no sweep, no restore, a
-#: name 20 bytes longer than the target's), not through artifact.files.atomic_file
-KOHYA_OWN_TEMP = pytest.mark.xfail(
-    reason="formats/kohya.py does not write through artifact.files.atomic_file yet", strict=True
-)
-BY_NAME_ATOMIC = [
-    pytest.param(w, id=w.name, marks=KOHYA_OWN_TEMP) if w.name == "convert-kohya" else pytest.param(w, id=w.name)
-    for w in WRITERS
-]
 
 
 def _aimed_input(writer: Writer, ins: Inputs, role: str) -> tuple[str, Path]:
@@ -315,7 +306,7 @@ def _stale_temporaries(parent: Path) -> dict[str, Path]:
     return made
 
 
-@pytest.mark.parametrize("writer", BY_NAME_ATOMIC)
+@pytest.mark.parametrize("writer", BY_NAME)
 def test_each_writer_writes_a_long_relative_name_with_the_umask_and_sweeps(ins, scratch, writer, monkeypatch):
     stale = _stale_temporaries(scratch)
     name = "o" * (255 - len(writer.suffix)) + writer.suffix  # the longest name the file system allows
@@ -345,7 +336,7 @@ def test_each_writer_writes_a_long_relative_name_with_the_umask_and_sweeps(ins, 
     assert sorted(p.name for p in scratch.iterdir()) == sorted(["gone", "there", stale["live"].name, name])
 
 
-@pytest.mark.parametrize("writer", BY_NAME_ATOMIC)
+@pytest.mark.parametrize("writer", BY_NAME)
 def test_a_failed_final_rename_restores_the_previous_output(ins, scratch, writer, monkeypatch):
     out = scratch / ("out" + writer.suffix)
     writer.call(ins, out, False)

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.adapter import Adapter, TensorSource
 from adapterhub_cli.artifact.checkpoint import CONFIG_FILE, find_layout, open_base
-from adapterhub_cli.artifact.files import read_json
+from adapterhub_cli.artifact.files import atomic_file, read_json
 from adapterhub_cli.artifact.jsonsafe import parse_json
 from adapterhub_cli.artifact.safetensors import (
     SafetensorsHeader,
@@ -753,8 +752,6 @@ def write_kohya(
 
     check_convertible(adapter, "kohya")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite to replace it)")
     raw = _raw_factors(adapter)
     digest = _adapter_digest(adapter, raw)
     stash = kohya_stash(adapter)
@@ -810,16 +807,8 @@ def write_kohya(
             from adapterhub_cli.artifact.provenance import PROVENANCE_KEY
 
             metadata[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".incomplete", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(out, overwrite=overwrite) as tmp:  # checked, swept, restored and umask'd like every output
         save_safetensors(tensors, tmp, metadata)
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 
