@@ -25,6 +25,7 @@ from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.checkpoint import BaseView
 from adapterhub_cli.artifact.files import atomic_dir
 from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, torch_dtype
+from adapterhub_cli.errors import InvalidAdapterError
 from adapterhub_cli.merge import bnb
 from adapterhub_cli.merge.compute import _Merger, check_device, require_finite
 from adapterhub_cli.merge.plan import MergePlan, TensorPlan, build_plan
@@ -183,6 +184,13 @@ class _Producer:
         if self.progress:
             self.progress(self.done, self.total)
         if self.plan.copied(p):
+            if p.dtype in COMPUTE_DTYPES and not self.reader.all_finite(p.source):
+                raise InvalidAdapterError(
+                    f"refused to write the merge: the base's tensor {p.name} already holds NaN or inf; "
+                    "nothing was written",
+                    module=p.name,
+                    hint="the base checkpoint is damaged: download or copy it again",
+                )
             return functools.partial(self.reader.copy_raw, p.source)
         t, buffer = self.read_ahead.take(p)
         if p.dtype in COMPUTE_DTYPES:

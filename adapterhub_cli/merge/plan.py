@@ -83,12 +83,10 @@ class MergePlan:
         return sum(p.nbytes for p in self.tensors)
 
     def copied(self, p: TensorPlan) -> bool:
-        """Whether ``p``'s stored bytes are copied from the base unchanged, without being looked at: only tensors
-        that cannot hold NaN / inf in a dtype torch computes in (integers, 8-bit floats). A floating tensor no
-        adapter touches is still read and checked for NaN / inf before it is written (a few ms per GB)."""
+        """Whether ``p``'s stored bytes are copied from the base unchanged (the engine still checks a floating one
+        for NaN / inf first, in small pieces: :meth:`.shards._BaseReader.all_finite`)."""
         return (
-            p.dtype not in COMPUTE_DTYPES
-            and not p.touched
+            not p.touched
             and p.dtype == self.view.tensors[p.source].dtype
             and p.source not in self.quantized_in
             and p.quantized_entries is None

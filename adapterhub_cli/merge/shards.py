@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import queue
 import shutil
@@ -23,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.checkpoint import CONFIG_FILE, BaseView, index_file, shard_file, side_files, single_file
-from adapterhub_cli.artifact.safetensors import encode_header, header_length, read_tensor
+from adapterhub_cli.artifact.safetensors import encode_header, header_length, read_tensor, torch_dtype
+from adapterhub_cli.errors import CorruptFileError
 from adapterhub_cli.merge import bnb
 from adapterhub_cli.merge.direct_io import StagedFile
 from adapterhub_cli.merge.plan import MergePlan, TensorPlan
@@ -50,6 +52,7 @@ class _BaseReader:
         self._path: Path | None = None
         self._handle: Any = None
         self._data_start: dict[Path, int] = {}
+        self._scratch: torch.Tensor | None = None
 
     def _start(self, path: Path) -> int:
         if path not in self._data_start:
@@ -67,6 +70,36 @@ class _BaseReader:
             self._handle = path.open("rb")
             self._path = path
         return read_tensor(self._handle.fileno(), self.base.tensors[key], self._start(path), path=path, into=into)
+
+    def all_finite(self, key: str, chunk_bytes: int = 16 << 20) -> bool:
+        """Whether the stored tensor ``key`` (a 16/32/64-bit float) holds no NaN / inf, read in pieces of at most
+        ``chunk_bytes`` into one reused buffer (so memory stays bounded whatever the tensor's size): a sum per
+        piece in the tensor's own dtype, and an element-wise check only where a sum overflowed."""
+        import torch
+
+        info = self.base.tensors[key]
+        dtype = torch_dtype(info.dtype)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if self._scratch is None or self._scratch.numel() < chunk_bytes:
+            self._scratch = torch.empty(chunk_bytes, dtype=torch.uint8)
+        path = self.base.shard_of[key]
+        start, remaining = self._start(path) + info.start, info.nbytes
+        step = chunk_bytes // itemsize * itemsize
+        with path.open("rb") as src:
+            while remaining:
+                n = min(step, remaining)
+                view = memoryview(self._scratch.numpy().data).cast("B")[:n]
+                got = 0
+                while got < n:
+                    read = os.preadv(src.fileno(), [view[got:]], start + got)
+                    if read == 0:
+                        raise CorruptFileError(f"tensor {key!r}: the file ends early", path=path, module=key)
+                    got += read
+                piece = self._scratch[:n].view(dtype)
+                if not math.isfinite(float(piece.sum())) and not bool(torch.isfinite(piece).all()):
+                    return False
+                start, remaining = start + n, remaining - n
+        return True
 
     def copy_raw(self, key: str, sink: StagedFile) -> None:
         """Append the stored bytes of ``key`` to ``sink`` unchanged."""
