@@ -5,7 +5,7 @@ on the factors and never form the dense (d_out, d_in) matrix unless their name s
 """
 
 from lora_ops.combine import DenseMethod, concat, dense_merge, magnitude_prune_mask, random_prune, rescale
-from lora_ops.errors import LoraOpsError, ShapeMismatchError
+from lora_ops.errors import LoraOpsError, NonFiniteError, ShapeMismatchError
 from lora_ops.factors import LoraFactors, check_factors, delta
 from lora_ops.lycoris import fold_loha, fold_tucker
 from lora_ops.merge import conv_lora_delta, lora_delta, merge_delta, merge_dora, merge_lora, unmerge_delta
@@ -28,6 +28,7 @@ __all__ = [
     "DenseMethod",
     "LoraFactors",
     "LoraOpsError",
+    "NonFiniteError",
     "Quantized",
     "ReducedLora",
     "ShapeMismatchError",

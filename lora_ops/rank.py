@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from lora_ops.errors import LoraOpsError
+from lora_ops.errors import LoraOpsError, NonFiniteError
 from lora_ops.factors import LoraFactors, check_factors
 
 
@@ -38,6 +38,14 @@ class CoreSVD(NamedTuple):
     Q_a: torch.Tensor
 
 
+def _finite(core: torch.Tensor) -> torch.Tensor:
+    """``core`` (r, r) itself, or :class:`NonFiniteError`: NaN / inf in A, B or the scale reach the r x r core, and
+    LAPACK would fail on it with an unhelpful error (or loop)."""
+    if not bool(torch.isfinite(core).all()):
+        raise NonFiniteError("the update holds NaN or inf (in its factors or its scale)")
+    return core
+
+
 def core_svd(f: LoraFactors) -> CoreSVD:
     """SVD of ``scale * B @ A`` through thin QR of B (d_out, r) and Aᵀ (d_in, r) and an r x r SVD, in float64.
 
@@ -49,7 +57,7 @@ def core_svd(f: LoraFactors) -> CoreSVD:
     check_factors(f)
     q_b, r_b = torch.linalg.qr(f.B.detach().to(torch.float64), mode="reduced")
     q_a, r_a = torch.linalg.qr(f.A.detach().to(torch.float64).T, mode="reduced")
-    core = float(f.scale) * (r_b @ r_a.T)
+    core = _finite(float(f.scale) * (r_b @ r_a.T))
     # reduced SVD: when r exceeds d_out or d_in the core is not square and a full SVD's U / Vh would not
     # multiply out with diag(S)
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
@@ -199,7 +207,7 @@ def reduce_rank(
     b64, a64 = f.B.detach().to(torch.float64), f.A.detach().to(torch.float64)
     r_b = torch.linalg.qr(b64, mode="r").R
     r_a = torch.linalg.qr(a64.T, mode="r").R
-    u, s, vh = torch.linalg.svd(float(f.scale) * (r_b @ r_a.T), full_matrices=False)
+    u, s, vh = torch.linalg.svd(_finite(float(f.scale) * (r_b @ r_a.T)), full_matrices=False)
     k = choose_rank(s, rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank)
     out_scale = float(f.scale if scale is None else scale(k) if callable(scale) else scale)
     if not out_scale > 0:

@@ -105,8 +105,16 @@ class Adapter:
         """Load one stored tensor by its header key."""
         return self.source.load([key])[key]
 
-    def factors(self, module: str) -> LoraFactors:
-        """The factors of ``module`` as float tensors: A (r, d_in), B (d_out, r) and PEFT's scale."""
+    def factors(self, module: str, *, finite: bool = False) -> LoraFactors:
+        """The factors of ``module`` as float tensors: A (r, d_in), B (d_out, r) and PEFT's scale.
+
+        With ``finite``, an :class:`InvalidAdapterError` naming the module when A, B or the scale hold NaN / inf
+        (for analyses that decompose the update: the spectrum, subspace overlaps).
+        """
+        import math
+
+        import torch
+
         from lora_ops import LoraFactors
 
         try:
@@ -115,6 +123,13 @@ class Adapter:
             raise InvalidAdapterError(f"no LoRA module named {module!r}", path=self.path, module=module) from None
         t = self.source.load([m.A.name, m.B.name])
         a, b = t[m.A.name], t[m.B.name]
+        if finite and not (math.isfinite(m.scale) and bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            raise InvalidAdapterError(
+                f"module {module}: its update holds NaN or inf (factors or scale)",
+                path=self.path,
+                module=module,
+                hint="training diverged or the file is damaged; validate lists every such module",
+            )
         return LoraFactors(A=a.reshape(a.shape[0], -1), B=b.reshape(b.shape[0], -1), scale=m.scale)
 
     @property

@@ -154,7 +154,7 @@ def module_spectra(adapter: Adapter) -> list[ModuleSpectrum]:
 
     out = []
     for name in adapter.modules:
-        s = singular_values(adapter.factors(name))
+        s = singular_values(adapter.factors(name, finite=True))
         out.append(
             ModuleSpectrum(
                 name=name,

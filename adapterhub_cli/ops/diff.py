@@ -103,7 +103,7 @@ def diff_adapters(a: Adapter, b: Adapter) -> DiffReport:
             )
     rows = []
     for name in shared:
-        fa, fb = a.factors(name), b.factors(name)
+        fa, fb = a.factors(name, finite=True), b.factors(name, finite=True)
         na, nb = norm(fa), norm(fb)
         dist = distance(fa, fb)
         rows.append(

@@ -247,3 +247,22 @@ def test_energy_rank_zero_and_empty_spectrum_is_none() -> None:
 def test_energy_rank_rejects_bad_energy(energy: float) -> None:
     with pytest.raises(LoraOpsError, match="energy must be in"):
         energy_rank(torch.tensor([1.0, 0.5]), energy)
+
+
+@pytest.mark.parametrize("where", ["A", "B", "scale"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_decompositions_refuse_non_finite_updates(where, bad):
+    from lora_ops import NonFiniteError, core_svd, reduce_rank
+
+    torch.manual_seed(0)
+    a, b, scale = torch.randn(4, 16), torch.randn(8, 4), 0.5
+    if where == "A":
+        a[1, 2] = bad
+    elif where == "B":
+        b[3, 0] = bad
+    else:
+        scale = bad
+    f = LoraFactors(a, b, scale)
+    for op in (core_svd, singular_values, lambda f: reduce_rank(f, rank=2)):
+        with pytest.raises(NonFiniteError, match="NaN or inf"):
+            op(f)
