@@ -235,11 +235,7 @@ RAW_CONFIGS: dict[str, Callable[[dict[str, Any]], bytes]] = {
 }
 #: generated inputs with a known open bug (someone else's, in progress): the fuzz tests leave them out and
 #: ``test_raw_documents`` pins each as an xfail; delete an entry once its bug is fixed
-KNOWN_OPEN: dict[str, str] = {
-    "svd:non-finite": "NaN / inf in a tensor, or in lora_alpha / alpha_pattern: `diff` and `inspect --spectrum` crash "
-    "with LinAlgError from torch.linalg.svd (lora_ops/rank.py core_svd, called from ops/diff.py diff_adapters and "
-    "artifact/report.py module_spectra): no finiteness check before the SVD",
-}
+KNOWN_OPEN: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------- (a) safetensors headers
@@ -672,7 +668,7 @@ SCALE_FIELDS = st.sampled_from(["lora_alpha", "alpha_pattern", "rank_pattern", "
 NON_FINITE = st.sampled_from([math.nan, math.inf, -math.inf])
 
 
-@pytest.mark.xfail(strict=False, reason=f"open (issue 12): {KNOWN_OPEN.get('svd:non-finite')}")
+@pytest.mark.xfail("svd:non-finite" in KNOWN_OPEN, strict=False, reason=f"open: {KNOWN_OPEN.get('svd:non-finite')}")
 @pytest.mark.parametrize("where", ["tensor", "lora_alpha", "alpha_pattern"])
 @pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
 @pytest.mark.parametrize("command", ["diff", "inspect-spectrum"])
