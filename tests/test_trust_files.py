@@ -110,3 +110,15 @@ def test_a_pickle_with_a_lone_surrogate_tensor_name_is_refused(tmp_path):
     torch.save({"base_model.model.q\ud800.lora_A.weight": torch.zeros(2, 2)}, tmp_path / "adapter_model.bin")
     with pytest.raises(CorruptFileError, match="not valid text"):
         load_pickle_safely(tmp_path / "adapter_model.bin")
+
+
+def test_pickles_are_refused_on_a_torch_whose_weights_only_loader_is_unsafe(tmp_path, monkeypatch):
+    """CVE-2025-32434: torch.load(weights_only=True) could run code before torch 2.6."""
+    from adapterhub_cli.artifact.files import load_pickle_safely
+    from adapterhub_cli.errors import UnsafeFileError
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "adapter_model.bin")
+    assert set(load_pickle_safely(tmp_path / "adapter_model.bin")) == {"w"}  # this torch (>= 2.6) loads it
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(UnsafeFileError, match="CVE-2025-32434"):
+        load_pickle_safely(tmp_path / "adapter_model.bin")

@@ -98,11 +98,18 @@ def sha256_file(path: str | Path, *, use_cache: bool = True) -> str:
     return digest
 
 
+def _torch_version(text: str) -> tuple[int, int]:
+    """``"2.13.0+cpu"`` -> ``(2, 13)``."""
+    major, minor = [*text.split("+")[0].split("."), "0"][:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def load_pickle_safely(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a legacy PyTorch ``.bin`` state dict with ``torch.load(weights_only=True)``.
 
     Only plain tensors and containers are allowed: a pickle that references any other global (the way
-    code-execution payloads do) is refused with :class:`UnsafeFileError`.
+    code-execution payloads do) is refused with :class:`UnsafeFileError`. torch before 2.6 is refused outright:
+    its ``weights_only`` loader could be made to run code (CVE-2025-32434).
     """
     import pickle
 
@@ -111,6 +118,13 @@ def load_pickle_safely(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise AdapterNotFoundError(path, "weights file")
+    if _torch_version(torch.__version__) < (2, 6):
+        raise UnsafeFileError(
+            f"refused to unpickle with torch {torch.__version__}: torch.load(weights_only=True) could run code "
+            "before torch 2.6 (CVE-2025-32434)",
+            path=path,
+            hint="upgrade torch to 2.6 or newer, or convert the adapter to safetensors with a trusted tool",
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
