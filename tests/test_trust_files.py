@@ -122,3 +122,15 @@ def test_pickles_are_refused_on_a_torch_whose_weights_only_loader_is_unsafe(tmp_
     monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
     with pytest.raises(UnsafeFileError, match="CVE-2025-32434"):
         load_pickle_safely(tmp_path / "adapter_model.bin")
+
+
+def test_a_token_shaped_string_in_a_config_never_reaches_a_written_card(llama_lora, tmp_path):
+    import json
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_lora, src)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = f"org/model-{SECRET}"
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    out = ah.reduce(src, out=tmp_path / "out", rank=2).path
+    assert SECRET not in (out / "README.md").read_text()

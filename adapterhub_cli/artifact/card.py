@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from adapterhub_cli.errors import scrub
+
 
 def model_card(config: dict[str, Any], provenance: dict[str, Any]) -> str:
     """README.md text: YAML front matter the Hub reads, then what produced the adapter and from what."""
@@ -32,4 +34,4 @@ def model_card(config: dict[str, Any], provenance: dict[str, Any]) -> str:
         f"- rank_pattern: {len(config.get('rank_pattern') or {})} entries",
         "",
     ]
-    return "\n".join(front + lines)
+    return scrub("\n".join(front + lines))  # cards get published: nothing shaped like a token goes in

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from adapterhub_cli.artifact.ref import is_repo_id
+from adapterhub_cli.errors import scrub
 
 
 CARD_START = "<!-- adapterhub-cli:card:start -->"
@@ -69,7 +70,7 @@ def hub_card(
     else:
         body = body.rstrip() + "\n\n" + section + "\n"
     card.text = body
-    return str(card)
+    return scrub(str(card))  # a card is published: nothing shaped like a token goes with it
 
 
 def _hub_section(

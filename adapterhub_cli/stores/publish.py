@@ -36,6 +36,7 @@ from adapterhub_cli.errors import (
     StoreNotFoundError,
     UsageError,
     VersionConflictError,
+    scrub,
 )
 from adapterhub_cli.formats.peft import CONFIG_NAME, WEIGHTS_NAME
 from adapterhub_cli.stores.records import PullResult, PushResult
@@ -280,7 +281,7 @@ def pull_version(
         for n, p in local.items():
             (tmp / n).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(p, tmp / n)
-        (tmp / PULL_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        (tmp / PULL_RECORD).write_text(scrub(json.dumps(record, indent=2, sort_keys=True)) + "\n")
     result.path = Path(out)
     return result
 
