@@ -260,9 +260,7 @@ class AdapterConfig:
                 integer, a pattern that is invalid or cannot be matched in linear time, a combination PEFT refuses.
         """
         _check_types(doc, path)
-        peft_type = str(doc.get("peft_type") or "LORA").upper()
-        if peft_type != "LORA":
-            raise _bad(f"peft_type is {peft_type!r}; only LoRA adapters (peft_type LORA) are supported", path)
+        peft_type = check_peft_type({"peft_type": "LORA", **{k: v for k, v in doc.items() if v is not None}}, path)
         targets = doc.get("target_modules")
         mts = doc.get("modules_to_save")
         config = cls(
@@ -339,6 +337,71 @@ class AdapterConfig:
             "target_modules",
             lambda: _matches(self.target_modules, module) and not _matches(self.exclude_modules, module),
         )
+
+
+#: PEFT's non-LoRA methods (``peft.utils.peft_types.PeftType``, peft 0.21) by the name a message gives them.
+PROMPT_LEARNING_TYPES = frozenset(
+    {"PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT", "CPT", "CARTRIDGE"}
+)
+OTHER_PEFT_TYPES: dict[str, str] = {
+    "PROMPT_TUNING": "prompt tuning",
+    "MULTITASK_PROMPT_TUNING": "multitask prompt tuning",
+    "P_TUNING": "P-tuning",
+    "PREFIX_TUNING": "prefix tuning",
+    "ADAPTION_PROMPT": "adaption prompt (LLaMA-Adapter)",
+    "CPT": "context-aware prompt tuning (CPT)",
+    "CARTRIDGE": "cartridges (prefix tuning)",
+    "ADALORA": "AdaLoRA (SVD-parameterised LoRA, lora_E)",
+    "IA3": "IA3 (learned rescaling vectors)",
+    "LOHA": "LoHa (Hadamard-product LoRA)",
+    "LOKR": "LoKr (Kronecker-product LoRA)",
+    "XLORA": "X-LoRA (a mixture of LoRA experts)",
+    "VERA": "VeRA (shared random projections)",
+    "BOFT": "BOFT (butterfly orthogonal fine-tuning)",
+    "OFT": "OFT (orthogonal fine-tuning)",
+    "POLY": "Poly (a mixture of LoRA skills)",
+    "LN_TUNING": "LayerNorm tuning",
+    "TRAINABLE_TOKENS": "trainable tokens",
+}
+
+
+def check_peft_type(doc: dict[str, Any], path: str | Path | None) -> str:
+    """``"LORA"``, or :class:`InvalidAdapterError` for a config PEFT would not load as a LoRA.
+
+    PEFT reads ``peft_type`` to choose the config class (``PeftConfig._get_peft_type``): a config file without it
+    does not load at all (``KeyError: 'peft_type'``), and any other type is another method, refused here by name.
+    Readers of ``adapter_config.json`` files call this; :meth:`AdapterConfig.from_dict` takes a missing type as
+    LoRA (a config built in code).
+    """
+    if "peft_type" not in doc or doc["peft_type"] is None:
+        raise _bad(
+            "has no peft_type: PEFT cannot load it (PeftConfig._get_peft_type raises KeyError 'peft_type')",
+            path,
+            hint='add "peft_type": "LORA" if the adapter is a LoRA',
+        )
+    value = doc["peft_type"]
+    if not isinstance(value, str):
+        raise _bad(f"peft_type must be {FIELD_TYPES['peft_type'][1]}, got {_show(value)}", path)
+    peft_type = value.upper()
+    if peft_type == "LORA":
+        return peft_type
+    what = OTHER_PEFT_TYPES.get(peft_type)
+    if what is None:
+        raise _bad(
+            f"peft_type is {value!r}, not a PEFT method this tool knows; only LoRA adapters (peft_type LORA) "
+            "are supported",
+            path,
+        )
+    why = (
+        "it trains virtual tokens, not weight updates: there is nothing to merge, reduce or combine"
+        if peft_type in PROMPT_LEARNING_TYPES
+        else "its weights are not LoRA's A and B factors"
+    )
+    raise _bad(
+        f"peft_type is {value!r}: {what}, not LoRA ({why}); only LoRA adapters (peft_type LORA) are supported",
+        path,
+        hint="load it with PEFT itself (PeftModel.from_pretrained)",
+    )
 
 
 def _bad(message: str, path: str | Path | None, hint: str | None = None) -> InvalidAdapterError:

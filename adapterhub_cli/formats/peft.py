@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from adapterhub_cli.artifact.adapter import Adapter, LoraModule, TensorSource
 from adapterhub_cli.artifact.card import model_card
 from adapterhub_cli.artifact.checkpoint import CARD_FILE
-from adapterhub_cli.artifact.config import AdapterConfig
+from adapterhub_cli.artifact.config import AdapterConfig, check_peft_type
 from adapterhub_cli.artifact.files import atomic_dir, load_pickle_safely, read_json
 from adapterhub_cli.artifact.provenance import PROVENANCE_KEY, Provenance
 from adapterhub_cli.artifact.safetensors import (
@@ -100,6 +100,8 @@ class PeftFormat:
     def _assemble(
         self, path: Path, doc: dict | None, header: SafetensorsHeader | None, tensors: dict[str, torch.Tensor] | None
     ) -> Adapter:
+        if doc is not None:
+            check_peft_type(doc, path)  # a config file without peft_type does not load in PEFT
         return assemble_adapter(path, doc, header=header, tensors=tensors, format_name=self.name)
 
 
@@ -134,6 +136,11 @@ def assemble_adapter(
             f"{doc['lora_alpha']} assumed (scale {doc['lora_alpha'] / doc['r']:g})"
         )
     config = AdapterConfig.from_dict(doc, path=path)
+    if not inferred and "r" not in doc:
+        warnings.append(
+            f"{CONFIG_NAME} has no r: PEFT takes its default r=8 (and lora_alpha {config.lora_alpha:g}); validate "
+            "reports modules whose tensors have another rank"
+        )
     if config.unknown_keys:
         warnings.append(
             "config keys unknown to this PEFT version (written by a newer PEFT?), ignored: "
