@@ -150,3 +150,40 @@ def build_unet_and_lora(tmp: Path) -> tuple[Path, Path]:
     make_kohya(tmp / "k.safetensors", sd_base, targets, dtype=torch.float32)
     ah.convert(tmp / "k.safetensors", tmp / "unet-lora", to="peft", base=sd_base / "unet")
     return sd_base / "unet", tmp / "unet-lora"
+
+
+def save_diffusers_lora(base: Path, out: Path, *, text_encoder: bool = False, seed: int = 3) -> Path:
+    """A LoRA file written by diffusers itself (``save_lora_weights``) for the tiny pipeline: the UNet with mixed
+    ranks and alphas (rank_pattern, alpha_pattern, a conv), and with ``text_encoder`` the CLIP text encoder too;
+    r / alpha in ``lora_adapter_metadata``."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict
+    from transformers import CLIPTextModel
+
+    g = torch.Generator().manual_seed(seed)
+
+    def fill(model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for n, prm in model.named_parameters():
+                if "lora_" in n:
+                    prm.copy_(torch.randn(prm.shape, generator=g))
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    ucfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["to_q", "conv1"], rank_pattern={"conv1": 2}, alpha_pattern={"to_q": 3}
+    )
+    unet.add_adapter(ucfg)
+    fill(unet)
+    kwargs: dict[str, object] = {
+        "unet_lora_layers": get_peft_model_state_dict(unet),
+        "unet_lora_adapter_metadata": ucfg.to_dict(),
+    }
+    if text_encoder:
+        te = CLIPTextModel.from_pretrained(base / "text_encoder")
+        tcfg = LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "fc1"])
+        te.add_adapter(tcfg)
+        fill(te)
+        kwargs["text_encoder_lora_layers"] = get_peft_model_state_dict(te)
+        kwargs["text_encoder_lora_adapter_metadata"] = tcfg.to_dict()
+    StableDiffusionPipeline.save_lora_weights(out, **kwargs)  # type: ignore[arg-type]
+    return out

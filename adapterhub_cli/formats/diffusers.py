@@ -6,6 +6,11 @@ live in the header key ``lora_adapter_metadata`` (each component's ``LoraConfig.
 prefixed, ``"unet.lora_alpha"``). Without it diffusers assumes alpha = r, and so do we, with a warning.
 Our modules are named ``<component>.<module>``. The legacy layout (``...processor.to_q_lora.down.weight``,
 ``lora_linear_layer``) is refused.
+
+To PEFT (:func:`split_components`, :func:`write_peft_components`): PEFT loads an adapter onto one model, so the
+component prefix goes. A file holding one component gives one PEFT folder at ``OUT`` whose names are that
+component's own (``PeftModel.from_pretrained(unet, OUT)``); a file holding several gives one PEFT folder per
+component, ``OUT/unet``, ``OUT/text_encoder``, ``OUT/text_encoder_2``, ... (written together, atomically).
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapterhub_cli.artifact.adapter import TensorSource
 from adapterhub_cli.artifact.config import AdapterConfig
 from adapterhub_cli.artifact.jsonsafe import parse_json
 from adapterhub_cli.artifact.safetensors import read_header
@@ -24,6 +32,8 @@ from adapterhub_cli.errors import InvalidAdapterError
 
 
 if TYPE_CHECKING:
+    import torch
+
     from adapterhub_cli.artifact.adapter import Adapter
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -170,6 +180,8 @@ def _component_configs(path: Path, metadata: dict[str, str]) -> tuple[dict[str, 
         comp, _, field = str(key).partition(".")
         if comp in COMPONENTS and field:
             docs.setdefault(comp, {})[field] = value
+    for d in docs.values():  # diffusers writes LoraConfig.to_dict(); a hand-made entry may leave the type out
+        d.setdefault("peft_type", "LORA")
     return {c: AdapterConfig.from_dict(d, path=path) for c, d in docs.items()}, []
 
 
@@ -225,4 +237,105 @@ def write_diffusers(
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ to PEFT
+
+
+def has_components(adapter: Adapter) -> bool:
+    """True for an adapter read from a diffusers file: every module name starts with its component."""
+    return adapter.format == DiffusersFormat.name and all(
+        n.partition(".")[0] in COMPONENTS and n.partition(".")[2] for n in adapter.modules
+    )
+
+
+def split_components(adapter: Adapter) -> dict[str, Adapter]:
+    """One adapter per component (``unet``, ``text_encoder``, ...), its modules named as in that component alone
+    (``unet.down_blocks.0...`` -> ``down_blocks.0...``), so that PEFT matches them on that model. Factors are
+    the same tensors (renamed on load); each module keeps its rank and alpha."""
+    from adapterhub_cli.artifact.adapter import Adapter
+    from adapterhub_cli.formats.peft import rank_layout
+
+    groups: dict[str, dict[str, Any]] = {}
+    for name, m in adapter.modules.items():
+        comp, inner = component_of(name)
+        groups.setdefault(comp, {})[inner] = m
+    parts: dict[str, Adapter] = {}
+    for comp, mods in sorted(groups.items()):
+        rename: dict[str, str] = {}
+        modules = {}
+        for inner, m in sorted(mods.items()):
+            fields = {}
+            for attr, part in (("A", "lora_A"), ("B", "lora_B"), ("magnitude", "lora_magnitude_vector")):
+                info = getattr(m, attr)
+                if info is not None:
+                    key = f"{inner}.{part}.weight"
+                    rename[key] = info.name
+                    fields[attr] = replace(info, name=key)
+            modules[inner] = replace(m, name=inner, **fields)
+        r, rank_pattern = rank_layout({n: m.rank for n, m in modules.items()})
+        alpha = Counter(m.alpha for m in modules.values()).most_common(1)[0][0]
+        doc: dict[str, Any] = {
+            "peft_type": "LORA",
+            "r": r,
+            "lora_alpha": alpha,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": {n: m.alpha for n, m in modules.items() if not _same(m.alpha, alpha)},
+            "target_modules": sorted(modules),
+            "use_rslora": adapter.config.use_rslora,
+            "use_dora": any(m.magnitude is not None for m in modules.values()),
+            "lora_dropout": 0.0,
+            "bias": "none",
+        }
+        config = AdapterConfig.from_dict(doc, path=adapter.path)
+        for n, m in modules.items():
+            if config.rank_for(n) != m.rank or not _same(float(config.alpha_for(n)), m.alpha):
+                raise InvalidAdapterError(f"internal: {comp}.{n} would not resolve to its rank and alpha")
+        parts[comp] = Adapter(
+            path=adapter.path,
+            format=adapter.format,
+            config=config,
+            modules=modules,
+            extra_tensors={},
+            source=_RenamedSource(adapter.source, rename),
+            warnings=list(adapter.warnings),
+            provenance=adapter.provenance,
+        )
+    return parts
+
+
+class _RenamedSource(TensorSource):
+    """Loads factors by new keys from another source (a component's adapter over the whole file's source)."""
+
+    def __init__(self, inner: TensorSource, rename: dict[str, str]) -> None:
+        super().__init__(header=inner.header)
+        self.inner = inner
+        self.rename = rename
+
+    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        raw = self.inner.load([self.rename.get(k, k) for k in keys])
+        return {k: raw[self.rename.get(k, k)] for k in keys}
+
+
+def write_peft_components(
+    adapter: Adapter,
+    out: str | Path,
+    write_one: Callable[..., Path],
+    *,
+    overwrite: bool = False,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write a diffusers-read adapter as PEFT: ``out`` itself for one component, ``out/<component>`` for each of
+    several (one atomic folder). ``write_one(adapter, path, overwrite=..., provenance=...)`` writes one PEFT
+    folder (the PEFT format's writer)."""
+    from adapterhub_cli.artifact.files import atomic_dir
+
+    parts = split_components(adapter)
+    out = Path(out)
+    if len(parts) == 1:
+        return write_one(next(iter(parts.values())), out, overwrite=overwrite, provenance=provenance)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for comp, part in parts.items():
+            write_one(part, tmp / comp, provenance=provenance)
     return out
