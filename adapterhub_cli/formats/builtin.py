@@ -16,6 +16,7 @@ from typing import Any
 
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.formats.diffusers import DiffusersFormat
+from adapterhub_cli.formats.gguf import GgufFormat
 from adapterhub_cli.formats.kohya import KOHYA_STASH_KEY, KohyaFormat, kohya_stash
 from adapterhub_cli.formats.lycoris import LycorisFormat
 from adapterhub_cli.formats.peft import PeftFormat, peft_key, write_peft
@@ -65,3 +66,4 @@ def adapters_register_formats(register: Callable[[Any], None]) -> None:
     register(KohyaFormat())
     register(DiffusersFormat())
     register(LycorisFormat())
+    register(GgufFormat())
