@@ -404,7 +404,7 @@ def test_cli_json_output(llama_lora: Path, llama_base: Path, copy_adapter: Calla
     assert doc == {"adapter": str(llama_lora), "base": str(llama_base), "ok": True, "findings": []}
 
     d = copy_adapter(llama_lora)
-    set_config(d, target_modules=["q_proj", "v_proj", "nonexistent_proj"], base_model_name_or_path="other/model")
+    set_config(d, target_modules=["nonexistent_proj"], base_model_name_or_path="other/model")
     result = cli("validate", str(d), "--base", str(llama_base), "--json")
     assert result.exit_code == 1
     doc = json.loads(result.stdout)
@@ -416,7 +416,8 @@ def test_cli_json_output(llama_lora: Path, llama_base: Path, copy_adapter: Calla
         assert isinstance(f["message"], str)
         assert f["message"]
     assert [(f["code"], f["severity"], f["module"]) for f in doc["findings"]] == [
-        ("target-missing", "error", "nonexistent_proj"),
+        ("targets-not-found", "error", None),
+        ("untargeted-tensors", "warning", "model.layers.0.self_attn.q_proj"),
         ("base-name-mismatch", "warning", None),
     ]
 

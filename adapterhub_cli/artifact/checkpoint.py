@@ -5,6 +5,7 @@ A local folder holds ``model.safetensors`` or shards listed in ``model.safetenso
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
@@ -297,25 +298,66 @@ class BaseView:
                 return hits[0]
         return None
 
-    def find_weight(self, module: str, suffix: str = "weight") -> str | None:
-        """The checkpoint key holding ``module``'s parameter, tolerating a missing or extra leading prefix.
+    def base_model_prefix(self) -> str | None:
+        """The attribute under which the checkpoint's head model holds its bare model (``model`` for Llama,
+        ``transformer`` for GPT-2), as transformers declares it (``PreTrainedModel.base_model_prefix``); None when
+        transformers does not know the architecture (a diffusers component, a custom model)."""
+        architectures = self.config.get("architectures") or []
+        arch = architectures[0] if isinstance(architectures, list) and architectures else None
+        model_type = self.config.get("model_type")
+        return _base_model_prefix(
+            arch if isinstance(arch, str) else None, model_type if isinstance(model_type, str) else None
+        )
 
-        An adapter trained on ``LlamaForCausalLM`` names ``model.layers.0.self_attn.q_proj``; a checkpoint
-        saved from ``LlamaModel`` stores ``layers.0.self_attn.q_proj.weight``, and the reverse happens too.
+    def weight_match(self, module: str, suffix: str = "weight") -> tuple[str, str] | None:
+        """Where ``module``'s parameter is in the checkpoint once transformers has loaded it, and how it got there;
+        None when the model transformers builds from this checkpoint has no such module (PEFT would not apply it).
+
+        ``how`` is ``"exact"`` (the stored key), ``"prefix-added"`` (a bare-model checkpoint, e.g. saved from
+        ``LlamaModel``, loaded as the head model, e.g. ``LlamaForCausalLM``: transformers adds the
+        ``base_model_prefix``), ``"prefix-removed"`` (a head-model checkpoint loaded as its bare model, e.g. with
+        ``AutoModel``: transformers removes it) or ``"tied"`` (a tied ``lm_head`` stored only as the input
+        embedding). No other prefix is tolerated, as PEFT tolerates none: see :meth:`prefix_hint`.
         """
         key = f"{module}.{suffix}" if suffix else module
         if key in self.tensors:
-            return key
-        parts = key.split(".")
-        for i in range(1, len(parts) - 1):  # the checkpoint lacks a leading prefix
-            shorter = ".".join(parts[i:])
-            if shorter in self.tensors:
-                return shorter
-        ends = [k for k in self.tensors if k.endswith("." + key)]  # the checkpoint has an extra prefix
+            return key, "exact"
+        prefix = self.base_model_prefix()
+        if prefix:
+            head = prefix + "."
+            if key.startswith(head) and key[len(head) :] in self.tensors and not self._has_prefix(head):
+                return key[len(head) :], "prefix-added"
+            if head + key in self.tensors:
+                return head + key, "prefix-removed"
+        if key == "lm_head.weight":
+            tied = self.tied_embedding()
+            if tied is not None:
+                return tied, "tied"
+        return None
+
+    def _has_prefix(self, head: str) -> bool:
+        return any(k.startswith(head) for k in self.tensors)
+
+    def find_weight(self, module: str, suffix: str = "weight") -> str | None:
+        """The checkpoint key holding ``module``'s parameter, as PEFT finds it on the model transformers builds
+        from this checkpoint (:meth:`weight_match`); None when it finds none."""
+        match = self.weight_match(module, suffix)
+        return match[0] if match else None
+
+    def near_match(self, module: str, suffix: str = "weight") -> tuple[str, str] | None:
+        """For a ``module`` that :meth:`weight_match` does not find: ``("strip", prefix)`` when it matches after
+        removing the leading ``prefix`` from its name, ``("add", prefix)`` when it matches after adding one (the
+        stored key ending with the name must be unique); None when neither helps. PEFT applies neither: this is
+        only a hint for ``adapters convert --strip-prefix / --add-prefix``."""
+        parts = module.split(".")
+        for i in range(1, len(parts)):
+            if self.weight_match(".".join(parts[i:]), suffix) is not None:
+                return "strip", ".".join(parts[:i]) + "."
+        key = f"{module}.{suffix}" if suffix else module
+        ends = [k for k in self.tensors if k.endswith("." + key)]
         if len(ends) == 1:
-            return ends[0]
-        if key == "lm_head.weight":  # a tied head is stored only as the input embedding
-            return self.tied_embedding()
+            added = ends[0][: -len(key)]
+            return "add", added
         return None
 
     def module_names(self) -> list[str]:
@@ -324,6 +366,31 @@ class BaseView:
         if self.tied_embedding():
             names.add("lm_head")
         return sorted(names)
+
+
+@functools.lru_cache(maxsize=64)
+def _base_model_prefix(architecture: str | None, model_type: str | None) -> str | None:
+    """transformers' ``base_model_prefix`` of ``architecture`` (else of ``model_type``'s bare model); transformers
+    is imported only here, when a name is not found as stored."""
+    if architecture is None and model_type is None:
+        return None
+    try:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+    except Exception:  # transformers missing or broken: no tolerance, only exact names
+        return None
+    names = [architecture] if architecture else []
+    bare = MODEL_MAPPING_NAMES.get(model_type) if model_type else None
+    if isinstance(bare, str):
+        names.append(bare)
+    for name in names:
+        try:
+            prefix = getattr(getattr(transformers, name), "base_model_prefix", None)
+        except Exception:  # an unknown class name, or one whose module fails to import
+            continue
+        if isinstance(prefix, str) and prefix:
+            return prefix
+    return None
 
 
 def open_base(path: str | Path) -> BaseView:

@@ -7,6 +7,7 @@ to do. Only the adapter's own (small) tensors are loaded; the base is read throu
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,9 @@ from adapterhub_cli.artifact.safetensors import FLOAT_DTYPES, TensorInfo
 
 
 Severity = Literal["error", "warning", "info"]
+
+#: PEFT task types whose AutoPeftModel class loads a head model (``AutoModelForCausalLM`` ...), not the bare one
+HEAD_TASKS = frozenset({"CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS"})
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ def validate_against(adapter: Adapter, base: BaseView, *, check_weights: bool = 
     add_all(check_config(adapter))
     add_all(_check_ranks(adapter))
     add_all(_check_targets(adapter, base))
+    add_all(_check_names(adapter, base))
     for m in adapter.modules.values():
         add_all(_check_module_shape(adapter, base, m))
     add_all(_check_extra_tensors(adapter, base))
@@ -158,24 +163,52 @@ def _check_ranks(adapter: Adapter) -> list[Finding]:
     return out
 
 
-def _target_matches(target: str, base_modules: list[str]) -> bool:
-    return any(b == target or b.endswith("." + target) or target.endswith("." + b) for b in base_modules)
+def _namings(base: BaseView) -> list[str]:
+    """The names of the base's weight modules as the models transformers builds from the checkpoint know them:
+    as stored, and across the ``base_model_prefix`` (a head model loaded from a bare checkpoint, a bare model
+    loaded from a head checkpoint)."""
+    names = base.module_names()
+    prefix = base.base_model_prefix()
+    if not prefix:
+        return names
+    head = prefix + "."
+    if any(n.startswith(head) for n in names):
+        other = [n[len(head) :] for n in names if n.startswith(head)]
+    else:
+        other = [head + n for n in names]
+    return sorted(set(names) | set(other))
 
 
 def _check_targets(adapter: Adapter, base: BaseView) -> list[Finding]:
+    """PEFT's rule: the config must select at least one module of the model (else ``inject_adapter`` raises
+    "Target modules ... not found in the base model"); list entries that match nothing are fine as long as one
+    matches (target lists written for several architectures are common)."""
     out = []
     cfg = adapter.config
-    base_modules = base.module_names()
-    if isinstance(cfg.target_modules, list):
-        for t in cfg.target_modules:
-            if not _target_matches(t, base_modules):
+    if cfg.target_modules is not None and not adapter.config_inferred:
+        names = base.module_names()
+        if not any(cfg.targets(n) for n in names):
+            names = _namings(base)
+        if not any(cfg.targets(n) for n in names):
+            out.append(
+                Finding(
+                    "targets-not-found",
+                    "error",
+                    f"target_modules {_show_targets(cfg.target_modules)} select no module of the base: PEFT refuses "
+                    "to load the adapter (Target modules ... not found in the base model); is it for another "
+                    "architecture?",
+                )
+            )
+        elif isinstance(cfg.target_modules, list):
+            unused = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+            if unused:
                 out.append(
                     Finding(
-                        "target-missing",
-                        "error",
-                        f"target module {t!r} matches no module of the base: is this adapter for "
-                        "another architecture?",
-                        t,
+                        "target-unused",
+                        "info",
+                        f"target_modules entries {unused} match no module of this base; PEFT needs only one entry "
+                        "to match (lists written for several architectures are common)",
+                        unused[0],
                     )
                 )
     untargeted = [m for m in adapter.modules if not adapter.config_inferred and not cfg.targets(m)]
@@ -190,6 +223,91 @@ def _check_targets(adapter: Adapter, base: BaseView) -> list[Finding]:
             )
         )
     return out
+
+
+def _show_targets(targets: list[str] | str) -> str:
+    text = repr(targets)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _check_names(adapter: Adapter, base: BaseView) -> list[Finding]:
+    """Each LoRA module against the modules of the model transformers builds from the base, as PEFT maps saved
+    keys (``base_model.model.<module>``) onto it: only the names themselves, transformers' ``base_model_prefix``
+    and a tied ``lm_head`` are tolerated. A module PEFT would not find is an error (PEFT loads the adapter without
+    applying it); a name that would match after removing or adding a leading prefix gets a hint to rewrite it."""
+    missing: list[str] = []
+    bare: list[str] = []
+    for m in adapter.modules.values():
+        match = base.weight_match(m.name)
+        if match is None:
+            missing.append(m.name)
+        elif match[1] == "prefix-removed":
+            bare.append(m.name)
+    task = adapter.config.task_type
+    prefix = base.base_model_prefix()
+    arch = (base.config.get("architectures") or ["the head model"])[0]
+    loaded_as_head = task is not None and task in HEAD_TASKS
+    out = []
+    if bare and loaded_as_head:
+        # PEFT (AutoPeftModelFor<task>) loads the head model: its names carry the prefix these lack
+        out += [
+            Finding(
+                "module-missing",
+                "error",
+                f"{name} is named as in the bare model, but task_type {task} loads the base as {arch}, whose "
+                f"module is {prefix}.{name}: PEFT would load the adapter without applying it; run `adapters "
+                f"convert {adapter.path} --to peft --add-prefix {prefix}. -o OUT` to rewrite the names",
+                name,
+            )
+            for name in bare
+        ]
+    elif bare and task != "FEATURE_EXTRACTION":
+        out.append(
+            Finding(
+                "bare-model-names",
+                "warning",
+                f"{len(bare)} modules are named as in the bare model (e.g. {bare[0]}) while the base stores a "
+                f"{arch} (keys under {prefix}.): PEFT applies them only when the base is loaded as its bare model "
+                f"(AutoModel); loaded as {arch} it applies none. For the head model run `adapters convert "
+                f"{adapter.path} --to peft --add-prefix {prefix}. -o OUT`",
+                bare[0],
+            )
+        )
+    hint = _prefix_hint(adapter, base, missing)
+    for name in missing:
+        out.append(
+            Finding(
+                "module-missing",
+                "error",
+                f"the base has no module {name} (no {name}.weight): PEFT would load the adapter without applying "
+                "this module's weights; " + (hint or "is the adapter for another model?"),
+                name,
+            )
+        )
+    if hint:
+        out.append(Finding("name-prefix", "info", hint, missing[0]))
+    return out
+
+
+def _prefix_hint(adapter: Adapter, base: BaseView, missing: list[str]) -> str | None:
+    """The tolerant lookup, as a hint only: the one leading prefix whose removal (or addition) makes the most
+    missing names match, and the command that rewrites them."""
+    if not missing:
+        return None
+    votes = Counter(hit for hit in (base.near_match(n) for n in missing) if hit is not None)
+    if not votes:
+        return None
+    (op, prefix), n = votes.most_common(1)[0]
+    which = "these names match" if n == len(missing) else f"{n} of these {len(missing)} names match"
+    if op == "strip":
+        return (
+            f"{which} after removing the prefix {prefix!r}: run `adapters convert {adapter.path} --to peft "
+            f"--strip-prefix {prefix} -o OUT` to rewrite them"
+        )
+    return (
+        f"{which} after adding the prefix {prefix!r}: run `adapters convert {adapter.path} --to peft "
+        f"--add-prefix {prefix} -o OUT` to rewrite them"
+    )
 
 
 def _expected_shapes(adapter: Adapter, m: LoraModule, w: TensorInfo) -> tuple[bool, bool]:
@@ -212,14 +330,7 @@ def _expected_shapes(adapter: Adapter, m: LoraModule, w: TensorInfo) -> tuple[bo
 def _check_module_shape(adapter: Adapter, base: BaseView, m: LoraModule) -> list[Finding]:
     key = base.find_weight(m.name)
     if key is None:
-        return [
-            Finding(
-                "module-missing",
-                "error",
-                f"the base has no weight for this module ({m.name}.weight): is the adapter for another model?",
-                m.name,
-            )
-        ]
+        return []  # module-missing: _check_names
     w = base.tensors[key]
     out = []
     if w.dtype not in FLOAT_DTYPES and not base.config.get("quantization_config"):

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from adapterhub_cli.cli._output import out
 from adapterhub_cli.cli._params import json_option, writable_format_choice
+
+
+if TYPE_CHECKING:
+    from adapterhub_cli.artifact.adapter import Adapter
 
 
 @click.command("convert")
@@ -34,6 +40,17 @@ from adapterhub_cli.cli._params import json_option, writable_format_choice
     help="Read a LyCORIS LoHa file (hada_w1_a ...) as the LoRA of rank r1·r2 it equals exactly (needs --base).",
 )
 @click.option(
+    "--strip-prefix",
+    metavar="PREFIX",
+    help="Remove PREFIX (e.g. `unet.`) from the start of every module name, so that PEFT matches the names on the "
+    "base (`adapters validate` names the prefix when one makes them match).",
+)
+@click.option(
+    "--add-prefix",
+    metavar="PREFIX",
+    help="Put PREFIX (e.g. `model.`) before every module name (after --strip-prefix).",
+)
+@click.option(
     "-o",
     "--output",
     required=True,
@@ -49,6 +66,8 @@ def convert_cmd(
     fmt: str | None,
     fold_tucker: bool,
     fold_loha: bool,
+    strip_prefix: str | None,
+    add_prefix: str | None,
     output: str,
     overwrite: bool,
     as_json: bool,
@@ -61,8 +80,18 @@ def convert_cmd(
     """
     from adapterhub_cli import api
 
+    source: str | Adapter = adapter
+    if strip_prefix is not None or add_prefix is not None:
+        from adapterhub_cli.errors import UsageError
+        from adapterhub_cli.ops.convert import rename_modules
+
+        if fold_tucker or fold_loha:
+            raise UsageError("--strip-prefix / --add-prefix cannot be combined with --fold-tucker / --fold-loha")
+        source = rename_modules(
+            api.load(adapter, format=fmt, base=base), strip_prefix=strip_prefix, add_prefix=add_prefix
+        )
     result = api.convert(
-        adapter,
+        source,
         output,
         to=to,
         base=base,
