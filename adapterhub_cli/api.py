@@ -19,7 +19,8 @@ from adapterhub_cli.artifact.checkpoint import BaseView
 from adapterhub_cli.artifact.files import check_output, sha256_file
 from adapterhub_cli.artifact.ref import AdapterRef
 from adapterhub_cli.artifact.report import InspectReport, build_report
-from adapterhub_cli.artifact.validate import ValidationReport, check_gguf_ready, validate_against
+from adapterhub_cli.artifact.serving import check_target
+from adapterhub_cli.artifact.validate import ValidationReport, validate_against
 from adapterhub_cli.errors import InvalidAdapterError, UsageError
 from adapterhub_cli.formats import detect_format, get_format
 from adapterhub_cli.merge.engine import MergeResult, run_merge
@@ -174,7 +175,13 @@ def inspect(
 
 
 def validate(
-    source: AdapterLike, *, base: BaseLike, check_weights: bool = True, gguf: bool = False
+    source: AdapterLike,
+    *,
+    base: BaseLike,
+    check_weights: bool = True,
+    gguf: bool = False,
+    target: str | Sequence[str] | None = None,
+    max_lora_rank: int | None = None,
 ) -> ValidationReport:
     """Check that an adapter fits a base checkpoint (read through config and headers only).
 
@@ -182,17 +189,26 @@ def validate(
         base: a checkpoint folder (config.json + model.safetensors or shards with their index), a store ref
             (``org/name@rev``, ``file:///srv/adapters/org/name@1.2.0``) read by range requests, or a BaseView.
         check_weights: also load the adapter's tensors and check they are finite.
-        gguf: also report what llama.cpp's GGUF LoRA converter would refuse or silently lose
-            (``gguf-*`` findings: alpha_pattern, rsLoRA, DoRA, biases, modules_to_save).
+        target: serving targets to check as well (``"gguf"``, ``"vllm"``, or several): what llama.cpp's GGUF
+            converter and loader, or vLLM's LoRA loader, would refuse or silently lose (``gguf-*`` / ``vllm-*``
+            findings; see :mod:`adapterhub_cli.artifact.serving`).
+        gguf: the same as ``target="gguf"`` (kept for compatibility).
+        max_lora_rank: vLLM's ``--max-lora-rank`` for the ``vllm`` target (default 16, vLLM's default).
 
     Returns:
         a report whose ``ok`` is False when an error-level finding was made.
+
+    Raises:
+        UsageError: an unknown target.
     """
+    targets = [target] if isinstance(target, str) else list(target or [])
+    if gguf and "gguf" not in targets:
+        targets.append("gguf")
     adapter = load(source, strict=False)
     view = base if isinstance(base, BaseView) else open_base(base)
     report = validate_against(adapter, view, check_weights=check_weights)
-    if gguf:
-        report.findings.extend(check_gguf_ready(adapter))
+    for name in targets:
+        report.findings.extend(check_target(name, adapter, view, max_lora_rank=max_lora_rank))
     return report
 
 

@@ -18,14 +18,39 @@ _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
     required=True,
     help="Base checkpoint: a folder (config.json + safetensors, single or sharded) or a Hub ref (org/name@rev).",
 )
-@click.option("--gguf", is_flag=True, help="Also check what llama.cpp's GGUF LoRA converter would refuse or lose.")
+@click.option(
+    "--target",
+    "targets",
+    type=click.Choice(["gguf", "vllm"]),
+    multiple=True,
+    help="Also check what a serving stack would refuse or silently lose: gguf (llama.cpp's converter and loader), "
+    "vllm (vLLM's LoRA loader). Repeatable.",
+)
+@click.option("--gguf", is_flag=True, help="The same as --target gguf.")
+@click.option(
+    "--max-lora-rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="vLLM's --max-lora-rank for --target vllm (default 16, vLLM's default).",
+)
 @click.option("--no-weights", is_flag=True, help="Skip loading the adapter's tensors (no NaN / inf check).")
 @allow_pickle_option
 @json_option
-def validate_cmd(adapter: str, base: str, gguf: bool, no_weights: bool, allow_pickle: bool, as_json: bool) -> None:
+def validate_cmd(
+    adapter: str,
+    base: str,
+    targets: tuple[str, ...],
+    gguf: bool,
+    max_lora_rank: int | None,
+    no_weights: bool,
+    allow_pickle: bool,
+    as_json: bool,
+) -> None:
     """Check that ADAPTER fits the base model: targets, shapes, ranks, modules_to_save, declared base, NaN.
 
-    With --gguf, also what llama.cpp's convert_lora_to_gguf.py would refuse or silently lose.
+    With --target gguf (or --gguf), also what llama.cpp's convert_lora_to_gguf.py and loader would refuse or
+    silently lose (`adapters convert --to gguf` fixes the scale findings); with --target vllm, what vLLM's LoRA
+    loader would.
 
     Reads the base's config and tensor headers only. Exit status 0 when no error was found, 1 when
     errors were found, 2 for bad input.
@@ -33,7 +58,9 @@ def validate_cmd(adapter: str, base: str, gguf: bool, no_weights: bool, allow_pi
     from adapterhub_cli import api
 
     lora = api.load(adapter, allow_pickle=allow_pickle, strict=False)
-    report = api.validate(lora, base=base, check_weights=not no_weights, gguf=gguf)
+    report = api.validate(
+        lora, base=base, check_weights=not no_weights, gguf=gguf, target=list(targets), max_lora_rank=max_lora_rank
+    )
     if as_json:
         out.json(
             {
