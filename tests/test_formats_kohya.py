@@ -640,3 +640,75 @@ def test_loha_folds_exactly_at_rank_r_squared(sd_base: Path, tmp_path: Path) -> 
     k = ah.load(tmp_path / "k.safetensors", base=sd_base)
     for module, ref in refs.items():
         torch.testing.assert_close(update(k, module), ref, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ warnings
+
+
+def test_llm_adapter_to_diffusion_formats_is_warned(llama_lora: Path, tmp_path: Path) -> None:
+    """An LLM adapter written as kohya / diffusers is a valid file nothing in diffusers would apply: a warning
+    naming its modules and pointing to PEFT / GGUF; the file still reads back exactly."""
+    for to, out in (("kohya", tmp_path / "k.safetensors"), ("diffusers", tmp_path / "d")):
+        r = run_cli("convert", str(llama_lora), "--to", to, "-o", str(out))
+        assert r.exit_code == 0, r.output
+        assert "language-model adapter" in r.output and "model.layers.0" in r.output
+        res = ah.convert(llama_lora, tmp_path / f"api-{to}{out.suffix}", to=to)
+        assert any("language-model adapter" in w for w in res.warnings)
+    src, back = ah.load(llama_lora), ah.load(tmp_path / "k.safetensors")
+    assert sorted(back.modules) == sorted(src.modules)
+
+
+def test_unet_adapter_to_kohya_is_not_warned(sd_base: Path, tmp_path: Path) -> None:
+    """A UNet adapter with one alpha: no warning (diffusers' kohya loader reads it right)."""
+    src = tmp_path / "k.safetensors"
+    targets = [(m, r) for m, r in fd.SD_TARGETS if m.startswith("unet.")]
+    fd.make_kohya(src, sd_base, targets, dtype=torch.float32)
+    ah.convert(src, tmp_path / "p", to="peft", base=sd_base)
+    res = ah.convert(tmp_path / "p", tmp_path / "k2.safetensors", to="kohya")
+    assert res.warnings == []
+
+
+def _peft_dir(sd_base: Path, tmp_path: Path, *, text_encoder: bool = False) -> Path:
+    from adapterhub_cli.formats import get_writer
+    from adapterhub_cli.formats.diffusers import write_peft_components
+
+    d = fd.save_diffusers_lora(sd_base, tmp_path / "d", text_encoder=text_encoder)  # to_q alpha 3, conv1 alpha 8
+    return write_peft_components(ah.load(d), tmp_path / "p", get_writer("peft").write)
+
+
+def test_unet_alpha_pattern_to_kohya_is_read_right_by_diffusers(sd_base: Path, tmp_path: Path) -> None:
+    """UNet modules with different alphas -> kohya: no warning, because diffusers' kohya loader gives each UNet
+    module its own alpha (output equal to PeftModel's on the source adapter)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import PeftModel
+
+    peft_dir = _peft_dir(sd_base, tmp_path)
+    assert len({m.alpha for m in ah.load(peft_dir).modules.values()}) == 2
+    res = ah.convert(peft_dir, tmp_path / "k.safetensors", to="kohya")
+    assert res.warnings == []
+    unet = UNet2DConditionModel.from_pretrained(sd_base / "unet").double().eval()
+    want = _unet_output(PeftModel.from_pretrained(unet, peft_dir).eval())
+    theirs = UNet2DConditionModel.from_pretrained(sd_base / "unet").double().eval()
+    state, alphas = StableDiffusionPipeline.lora_state_dict(tmp_path / "k.safetensors")
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, theirs)
+    torch.testing.assert_close(_unet_output(theirs), want, rtol=0, atol=1e-10)
+
+
+def test_text_encoder_alphas_to_kohya_warn_and_point_to_diffusers(sd_base: Path, tmp_path: Path) -> None:
+    """Text-encoder modules with different alphas -> kohya: a warning pointing to `--to diffusers`, because
+    diffusers' kohya loader builds alpha_pattern keys PEFT ignores (shown here: PEFT's own warning, one alpha)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    src = tmp_path / "k.safetensors"
+    targets = [(m, r) for m, r in fd.SD_TARGETS if m.startswith("text_encoder.")]
+    fd.make_kohya(src, sd_base, targets, dtype=torch.float32, alpha={targets[0][0]: 5.0, targets[1][0]: 1.0})
+    ah.convert(src, tmp_path / "p", to="peft", base=sd_base)
+    r = run_cli("convert", str(tmp_path / "p"), "--to", "kohya", "-o", str(tmp_path / "k2.safetensors"))
+    assert r.exit_code == 0, r.output
+    assert "different alphas (1, 5)" in r.output and "--to diffusers" in r.output
+    assert not ah.convert(tmp_path / "p", tmp_path / "d", to="diffusers").warnings
+    te = CLIPTextModel.from_pretrained(sd_base / "text_encoder").double().eval()
+    state, alphas = StableDiffusionPipeline.lora_state_dict(tmp_path / "k2.safetensors")
+    with pytest.warns(RuntimeWarning, match="alpha_pattern keys did not match any targeted module"):
+        StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, te)

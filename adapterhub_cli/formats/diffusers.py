@@ -196,10 +196,11 @@ def write_diffusers(
     from adapterhub_cli.artifact.files import atomic_dir
     from adapterhub_cli.artifact.provenance import PROVENANCE_KEY
     from adapterhub_cli.artifact.safetensors import save_safetensors
-    from adapterhub_cli.formats.kohya import check_convertible
+    from adapterhub_cli.formats.kohya import check_convertible, diffusion_warnings
     from adapterhub_cli.formats.peft import rank_layout
 
     check_convertible(adapter, "diffusers")
+    adapter.warnings += [w for w in diffusion_warnings(adapter, "diffusers") if w not in adapter.warnings]
     keys = [k for m in adapter.modules.values() for k in (m.A.name, m.B.name)]
     loaded = adapter.source.load(keys)
     tensors = {}

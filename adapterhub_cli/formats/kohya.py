@@ -660,7 +660,10 @@ def kohya_name(module: str, *, sdxl: bool = False) -> str:
     for sub, (prefixes, _text) in PIPELINE_COMPONENTS.items():
         if module.startswith(sub + "."):
             prefix = "lora_te1" if sdxl and sub == "text_encoder" else prefixes[0]
-            return prefix + "_" + flatten(module[len(sub) + 1 :])
+            rest = module[len(sub) + 1 :]
+            if sub in ("text_encoder", "text_encoder_2") and rest.startswith(("encoder.layers.", "embeddings.")):
+                rest = "text_model." + rest  # transformers 5 saves CLIP without `text_model.`; kohya names keep it
+            return prefix + "_" + flatten(rest)
     for strip, prefixes in SINGLE_FILE_PREFIXES.items():
         if module.startswith(strip):
             return prefixes[0] + "_" + flatten(module[len(strip) :])
@@ -724,6 +727,52 @@ def check_convertible(adapter: Adapter, to: str) -> None:
         raise InvalidAdapterError(f"cannot write this adapter as {to}: " + "; ".join(problems), path=adapter.path)
 
 
+# names a diffusion pipeline's parts use: pipeline components, single-file prefixes, CLIP, UNet and DiT top levels
+_DIFFUSION_NAME = re.compile(
+    r"^(unet|text_encoder(_[23])?|transformer|prior|decoder)\.|^(model\.diffusion_model|cond_stage_model|"
+    r"conditioner\.embedders)\.|^(text_model|encoder\.layers|down_blocks|up_blocks|mid_block|"
+    r"(single_)?transformer_blocks|time_embedding|add_embedding|time_text_embed|context_embedder|x_embedder|"
+    r"pos_embed|norm_out|proj_out|conv_in|conv_out|conv_norm_out|input_blocks|middle_block|output_blocks|"
+    r"double_blocks|single_blocks|joint_blocks)(\.|$)"
+)
+_LLM_TASKS = {"CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}
+
+
+def diffusion_warnings(adapter: Adapter, to: str) -> list[str]:
+    """What a diffusion loader would do wrong with ``adapter`` written as ``to`` (kohya or diffusers).
+
+    Decided by the target loaders: diffusers' ``load_lora_weights`` (and its kohya converter) apply these files
+    only to a pipeline's UNet / transformer / text encoders, so a language model's modules (``model.layers.0...``,
+    a ``CAUSAL_LM`` task) would be applied to nothing. The file itself is valid and reads back exactly here, so
+    this is a warning, not a refusal. For kohya: diffusers' kohya loader (0.42.1) reads the UNet's per-module alphas
+    right (its alpha_pattern keys are module names) but builds a text encoder's alpha_pattern keys without the
+    module's last name part (``...self_attn`` for ``...self_attn.q_proj``), which PEFT then ignores; so differing
+    alphas among text-encoder modules (``alpha_pattern``, ``reduce --energy``) get one alpha there. diffusers' own
+    layout keeps them (``lora_adapter_metadata``)."""
+    warnings = []
+    foreign = sorted(n for n in adapter.modules if not _DIFFUSION_NAME.search(n))
+    task = adapter.config.task_type
+    if foreign or task in _LLM_TASKS:
+        what = f"modules such as {_fmt_keys(foreign, 3)}" if foreign else f"task_type {task}"
+        warnings.append(
+            f"this looks like a language-model adapter ({what}), not a diffusion one: diffusers' loaders apply "
+            f"{to} files only to a pipeline's unet / transformer / text encoders, so it would change nothing "
+            "there (keep it as PEFT for transformers, or --to gguf for llama.cpp)"
+        )
+    if to == "kohya":
+        te = [m for m in adapter.modules.values() if kohya_name(m.name).startswith("lora_te")]
+        alphas = sorted({m.alpha * (math.sqrt(m.rank) if adapter.config.use_rslora else 1) for m in te})
+        if len(alphas) > 1:
+            shown = ", ".join(f"{a:g}" for a in alphas[:5]) + (", ..." if len(alphas) > 5 else "")
+            warnings.append(
+                f"text-encoder modules have different alphas ({shown}): diffusers' kohya loader (load_lora_weights, "
+                "0.42) builds their alpha_pattern keys without the module's own name, so PEFT ignores them and one "
+                "alpha scales every text-encoder module (sd-scripts and ComfyUI read each module's alpha); "
+                "`--to diffusers` keeps every module's alpha for diffusers"
+            )
+    return warnings
+
+
 def _alpha_tensor(value: float) -> torch.Tensor:
     import torch
 
@@ -751,6 +800,7 @@ def write_kohya(
     from adapterhub_cli.artifact.safetensors import save_safetensors
 
     check_convertible(adapter, "kohya")
+    adapter.warnings += [w for w in diffusion_warnings(adapter, "kohya") if w not in adapter.warnings]
     out = Path(out)
     raw = _raw_factors(adapter)
     digest = _adapter_digest(adapter, raw)
