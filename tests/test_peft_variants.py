@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from click.testing import CliRunner
 from fixtures_models import build_lora_adapter, load_base_model
 from peft import PeftModel
+from peft_helpers import load_base, read_checkpoint
 
 import adapterhub_cli as ah
 from adapterhub_cli.cli.main import build_cli
@@ -142,3 +144,270 @@ def test_unknown_peft_type_refused(llama_lora, copy_adapter):
     set_config(adapter, peft_type="NOT_A_METHOD")
     with pytest.raises(InvalidAdapterError, match="not a PEFT method"):
         ah.load(adapter)
+
+
+# ------------------------------------------------------------------------------------------ 2. lora_bias
+
+
+def peft_merged_tensors(base: Path, adapter: Path, task: str, dtype: torch.dtype, out: Path) -> dict:
+    """PEFT's reference: the base in ``dtype``, the adapter loaded, ``merge_and_unload()``, ``save_pretrained``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(load_base(base, task, dtype), str(adapter))
+        model.merge_and_unload().save_pretrained(out)
+    return read_checkpoint(out)
+
+
+@pytest.fixture(scope="module")
+def bias_adapters(llama_base, gpt2_base, roberta_base, tmp_path_factory) -> dict[str, tuple[Path, Path, str]]:
+    """lora_bias=True adapters saved by PEFT: name -> (adapter, base, task)."""
+    from peft import LoraConfig
+
+    root = tmp_path_factory.mktemp("lora_bias")
+    specs = {
+        "roberta": (
+            roberta_base,
+            "seq-cls",
+            LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", lora_bias=True),
+        ),
+        "gpt2": (
+            gpt2_base,
+            "causal-lm",
+            LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, lora_bias=True),
+        ),
+        "llama": (
+            llama_base,
+            "causal-lm",
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True),
+        ),
+    }
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # llama: "the targeted layer has no bias"
+        for name, (base, task, config) in specs.items():
+            out[name] = (build_lora_adapter(base, root / name, config, seed=21, task=task), base, task)
+    return out
+
+
+def test_lora_bias_read_as_the_bias_of_lora_b(bias_adapters):
+    adapter, base, task = bias_adapters["roberta"]
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        bias_keys = [k for k in f.keys() if k.endswith("lora_B.bias")]
+    assert len(bias_keys) == 4  # query and value in 2 layers
+    lora = ah.load(adapter)
+    assert len(lora.modules) == 4
+    model = peft_loads(base, adapter, task)
+    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "lora_B")}
+    for name, m in lora.modules.items():
+        assert m.bias is not None and m.bias.shape == (m.d_out,)
+        assert torch.equal(lora.tensor(m.bias.name), layers[name].lora_B["default"].bias.detach())
+    assert not any("lora_" in k for k in lora.extra_tensors)  # only the classifier (modules_to_save)
+
+
+def test_lora_bias_shown_by_inspect(bias_adapters):
+    adapter, _, _ = bias_adapters["roberta"]
+    report = ah.inspect(adapter, modules=True)
+    assert report.lora_bias is True
+    stored = read_checkpoint(adapter)
+    assert report.num_parameters == sum(t.numel() for t in stored.values())  # the biases are counted once
+    code, text = cli("inspect", adapter, "--modules", "--no-hash")
+    assert code == 0, text
+    assert "lora_B has a bias" in text
+    code, text = cli("inspect", adapter, "--json", "--no-hash")
+    assert code == 0 and json.loads(text)["lora_bias"] is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["roberta", "gpt2"])
+def test_lora_bias_merge_bit_identical_to_peft(bias_adapters, name, dtype, tmp_path):
+    """merge adds scale * lora_B.bias to each layer's bias, bit for bit as PEFT's merge_and_unload."""
+    adapter, base, task = bias_adapters[name]
+    typed = tmp_path / "base"
+    load_base(base, task, dtype).save_pretrained(typed)
+    ref = peft_merged_tensors(typed, adapter, task, dtype, tmp_path / "peft")
+    ah.merge(adapter, base=typed, out=tmp_path / "ours")
+    ours = read_checkpoint(tmp_path / "ours")
+    assert set(ref) <= set(ours)
+    changed = 0
+    base_tensors = read_checkpoint(typed)
+    for key, t in ref.items():
+        assert ours[key].dtype == t.dtype, key
+        assert torch.equal(ours[key], t), key
+        targeted = key.endswith(("query.bias", "value.bias", "c_attn.bias"))
+        changed += targeted and not torch.equal(t, base_tensors[key])
+    assert changed == (4 if name == "roberta" else 2)  # every targeted layer's bias moved
+
+
+def test_lora_bias_unmerge_gives_base_back(bias_adapters, tmp_path):
+    adapter, base, _ = bias_adapters["roberta"]
+    ah.merge(adapter, base=base, out=tmp_path / "merged")
+    ah.unmerge(adapter, merged=tmp_path / "merged", out=tmp_path / "back")
+    back, orig = read_checkpoint(tmp_path / "back"), read_checkpoint(base)
+    for key in orig:
+        if key.endswith(("query.bias", "value.bias")):
+            assert torch.allclose(back[key], orig[key], atol=1e-6), key
+
+
+def test_lora_bias_on_layers_without_bias_refused_like_peft(bias_adapters, tmp_path):
+    adapter, base, task = bias_adapters["llama"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft_loads(base, adapter, task)
+        with pytest.raises(RuntimeError, match="base layer has no bias"):
+            model.merge_and_unload()
+    code, text = cli("merge", adapter, "--into", base, "-o", tmp_path / "out")
+    assert code == 2 and "Traceback" not in text
+    assert "base layer has no bias" in " ".join(text.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_bias_reduce_keeps_the_bias_term(bias_adapters, tmp_path):
+    """reduce keeps lora_B.bias, rescaled so PEFT's bias term scale * bias is unchanged at the new rank."""
+    adapter, base, task = bias_adapters["roberta"]
+    ah.reduce(adapter, out=tmp_path / "r2", rank=2)
+    before, after = peft_loads(base, adapter, task), peft_loads(base, tmp_path / "r2", task)
+
+    def terms(model: PeftModel) -> dict[str, torch.Tensor]:
+        return {
+            n: m.lora_B["default"].bias.detach().double() * m.scaling["default"]
+            for n, m in model.named_modules()
+            if hasattr(m, "lora_B") and "default" in m.lora_B
+        }
+
+    t0, t1 = terms(before), terms(after)
+    assert set(t0) == set(t1) and len(t0) == 4
+    for n in t0:
+        assert after.get_submodule(n).lora_A["default"].weight.shape[0] == 2
+        assert torch.allclose(t0[n], t1[n], rtol=1e-6, atol=0), n
+
+
+def test_lora_bias_combine_refused_by_name(bias_adapters, tmp_path):
+    adapter, _, _ = bias_adapters["roberta"]
+    with pytest.raises(AdaptersError, match="lora_bias"):
+        ah.combine([adapter, adapter], out=tmp_path / "c", weights=[0.5, 0.5])
+    code, text = cli("combine", adapter, adapter, "-o", tmp_path / "c")
+    assert code == 2 and "lora_bias" in text and "Traceback" not in text
+    assert not (tmp_path / "c").exists()
+
+
+def test_lora_bias_with_dora_refused_like_peft(llama_dora, copy_adapter):
+    from peft import LoraConfig
+
+    with pytest.raises(ValueError, match="not supported for DoRA"):
+        LoraConfig(use_dora=True, lora_bias=True)
+    adapter = copy_adapter(llama_dora)
+    set_config(adapter, lora_bias=True)
+    with pytest.raises(InvalidAdapterError, match="not supported for DoRA"):
+        ah.load(adapter)
+
+
+# ------------------------------------------------------------------------------ 3. aLoRA, layer_replication
+
+
+def build(base: Path, out: Path, task: str = "causal-lm", **kwargs: Any) -> Path:
+    from peft import LoraConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_lora_adapter(base, out, LoraConfig(**kwargs), seed=31, task=task)
+
+
+def test_alora_shown_by_inspect_and_merge_refused_like_peft(llama_base, tmp_path):
+    adapter = build(
+        llama_base,
+        tmp_path / "alora",
+        r=4,
+        target_modules=["q_proj", "v_proj"],
+        task_type="CAUSAL_LM",
+        alora_invocation_tokens=[5, 6],
+    )
+    model = peft_loads(llama_base, adapter)
+    with pytest.raises(NotImplementedError, match="aLoRA does not support merging"):
+        model.merge_and_unload()
+    report = ah.inspect(adapter)
+    assert report.alora_invocation_tokens == [5, 6]
+    code, text = cli("inspect", adapter, "--no-hash")
+    assert code == 0 and "aLoRA" in text and "[5, 6]" in text
+    code, text = cli("merge", adapter, "--into", llama_base, "-o", tmp_path / "out")
+    assert code == 2 and "Traceback" not in text
+    assert "aLoRA does not support merging" in " ".join(text.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_layer_replication_merge_refused_as_peft_means_to(llama_base, tmp_path):
+    """PEFT's LoraModel._check_merge_allowed means to refuse ("Cannot merge LORA layers when base model layers are
+    replicated"), but peft 0.21 reads the flag from the wrong dict and merges: the replicated layers share their
+    base weights, so each copy's update lands in every copy and the merged model is not the adapted one."""
+    from peft_helpers import logits
+
+    adapter = build(llama_base, tmp_path / "rep", r=4, target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]])
+    model = peft_loads(llama_base, adapter)
+    adapted = logits(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = model.merge_and_unload()
+    assert not torch.allclose(logits(merged), adapted, atol=1e-4)
+    code, text = cli("merge", adapter, "--into", llama_base, "-o", tmp_path / "out")
+    assert code == 2 and "Traceback" not in text
+    assert "layers are replicated" in " ".join(text.split())
+    assert not (tmp_path / "out").exists()
+    code, text = cli("merge", adapter, "--into", llama_base, "-o", tmp_path / "out")
+    assert code == 2 and "Traceback" not in text
+    assert "layers are replicated" in " ".join(text.split())
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ 4. trainable_token_indices
+
+
+def perturb_tokens(adapter: Path) -> None:
+    """Move the saved token rows away from the base's (PEFT saves them as initialised: copies of the originals)."""
+    from safetensors.torch import load_file, save_file
+
+    f = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(f))
+    gen = torch.Generator().manual_seed(5)
+    for k, t in tensors.items():
+        if k.endswith("trainable_tokens_delta"):
+            tensors[k] = t + 0.1 * torch.randn(t.shape, generator=gen)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trainable_tokens_merge_bit_identical_to_peft(llama_base, dtype, tmp_path):
+    """merge replaces the trained embedding rows (PEFT's TrainableTokensLayer.merge) and adds the LoRA updates."""
+    adapter = build(llama_base, tmp_path / "tt", r=4, target_modules=["q_proj"], trainable_token_indices=[5, 3, 9])
+    perturb_tokens(adapter)
+    typed = tmp_path / "base"
+    load_base(llama_base, "causal-lm", dtype).save_pretrained(typed)
+    ref = peft_merged_tensors(typed, adapter, "causal-lm", dtype, tmp_path / "peft")
+    ah.merge(adapter, base=typed, out=tmp_path / "ours")
+    ours, orig = read_checkpoint(tmp_path / "ours"), read_checkpoint(typed)
+    assert set(ref) <= set(ours)
+    for key, t in ref.items():
+        assert ours[key].dtype == t.dtype and torch.equal(ours[key], t), key
+    emb = "model.embed_tokens.weight"
+    changed = (ours[emb] != orig[emb]).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [3, 5, 9]
+
+
+def test_trainable_tokens_unmerge_refused(llama_base, tmp_path):
+    adapter = build(llama_base, tmp_path / "tt", r=4, target_modules=["q_proj"], trainable_token_indices=[5, 3])
+    ah.merge(adapter, base=llama_base, out=tmp_path / "merged")
+    code, text = cli("unmerge", adapter, "--from", tmp_path / "merged", "-o", tmp_path / "back")
+    assert code == 2 and "Traceback" not in text and "trainable_token_indices" in text
+    assert not (tmp_path / "back").exists()
+
+
+# ----------------------------------------------------------------------------------------------- 5. BD-LoRA
+
+
+def test_bdlora_refused_by_name(llama_base, tmp_path):
+    from peft.tuners.lora.config import BdLoraConfig
+
+    bd = BdLoraConfig(target_modules_bd_a=["o_proj"], target_modules_bd_b=["q_proj"], nblocks=2)
+    adapter = build(llama_base, tmp_path / "bd", r=4, target_modules=["q_proj", "o_proj"], use_bdlora=bd)
+    peft_loads(llama_base, adapter)  # PEFT loads it: its q_proj lora_B holds only the diagonal blocks
+    assert_refused_everywhere(adapter, llama_base, tmp_path / "out", ["BD-LoRA", "block-diagonal"])

@@ -41,6 +41,9 @@ class LoraModule:
     A: TensorInfo
     B: TensorInfo
     magnitude: TensorInfo | None = None
+    #: ``lora_B.bias`` (d_out,) of an adapter saved with ``lora_bias=True``: the update adds ``scale * bias`` to
+    #: the base layer's bias
+    bias: TensorInfo | None = None
 
     @property
     def dtype(self) -> str:
@@ -48,7 +51,12 @@ class LoraModule:
 
     @property
     def numel(self) -> int:
-        return self.A.numel + self.B.numel + (self.magnitude.numel if self.magnitude else 0)
+        return (
+            self.A.numel
+            + self.B.numel
+            + (self.magnitude.numel if self.magnitude else 0)
+            + (self.bias.numel if self.bias else 0)
+        )
 
 
 class TensorSource:
@@ -139,5 +147,5 @@ class Adapter:
     def all_tensor_infos(self) -> list[TensorInfo]:
         infos: list[TensorInfo] = []
         for m in self.modules.values():
-            infos += [m.A, m.B] + ([m.magnitude] if m.magnitude else [])
+            infos += [m.A, m.B] + [t for t in (m.magnitude, m.bias) if t is not None]
         return infos + list(self.extra_tensors.values())

@@ -306,6 +306,17 @@ class AdapterConfig:
             raise _bad(f"{what}: {e}", self.path, hint="fix the pattern in adapter_config.json") from None
 
     @property
+    def lora_bias(self) -> bool:
+        """``lora_bias=True``: PEFT's lora_B has a bias (saved as ``lora_B.bias``)."""
+        return bool(self.raw.get("lora_bias"))
+
+    @property
+    def alora_invocation_tokens(self) -> list[int] | None:
+        """aLoRA's invocation tokens: the adapter acts only after them, so it cannot be merged (PEFT refuses)."""
+        tokens = self.raw.get("alora_invocation_tokens")
+        return list(tokens) if tokens is not None else None
+
+    @property
     def scale_rule(self) -> str:
         """``"alpha/sqrt(r)"`` with rsLoRA, else ``"alpha/r"``."""
         return "alpha/sqrt(r)" if self.use_rslora else "alpha/r"
@@ -437,5 +448,15 @@ def _check_types(doc: dict[str, Any], path: str | Path | None) -> None:
         for name in ("layers_to_transform", "layers_pattern"):
             if doc.get(name) is not None:
                 raise _bad(f"{name} cannot be used when target_modules is a regex string (PEFT refuses it)", path)
+    bd = doc.get("use_bdlora")
+    if bd is not None:
+        raise _bad(
+            f"use_bdlora is set: this is a BD-LoRA adapter (block-diagonal LoRA, {bd.get('nblocks', '?')} blocks), "
+            "whose lora_A or lora_B stores only the diagonal blocks; BD-LoRA is not supported",
+            path,
+            hint="load it with PEFT itself, or serve it with an engine that supports BD-LoRA",
+        )
+    if doc.get("lora_bias") and doc.get("use_dora"):
+        raise _bad("lora_bias=True is not supported for DoRA (PEFT refuses use_dora with lora_bias)", path)
     if doc.get("layers_pattern") and doc.get("layers_to_transform") is None:
         raise _bad("layers_pattern needs layers_to_transform (PEFT refuses it without)", path)

@@ -79,6 +79,10 @@ class InspectReport:
     modules: list[ModuleRow] | None = None
     spectrum: list[ModuleSpectrum] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: lora_bias=True: lora_B carries a bias, added as ``scale * bias`` to the layer's bias
+    lora_bias: bool = False
+    #: aLoRA: the token ids after which the adapter acts (PEFT refuses to merge it)
+    alora_invocation_tokens: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,6 +127,8 @@ def build_report(adapter: Adapter, *, sha256: str | None, modules: bool, spectru
         provenance=read_provenance(adapter),
         modules=module_rows(adapter) if modules else None,
         spectrum=module_spectra(adapter) if spectrum else None,
+        lora_bias=cfg.lora_bias or any(m.bias is not None for m in adapter.modules.values()),
+        alora_invocation_tokens=cfg.alora_invocation_tokens,
     )
 
 

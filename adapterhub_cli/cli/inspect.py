@@ -70,6 +70,7 @@ def inspect_cmd(
         ("alpha_pattern", report.alpha_pattern or "-"),
         ("target_modules", ", ".join(targets) if isinstance(targets, list) else targets),
         ("DoRA", "yes" if report.use_dora else "no"),
+        ("lora_bias", "yes: lora_B has a bias, added to the layer's bias" if report.lora_bias else "no"),
         ("fan_in_fan_out", "yes" if report.fan_in_fan_out else "no"),
         ("modules_to_save", ", ".join(report.modules_to_save) if report.modules_to_save else "-"),
         ("base model", report.base_model_name_or_path or "-"),
@@ -81,6 +82,14 @@ def inspect_cmd(
         ("file", f"{report.tensor_file or '-'}  ({_size(report.file_size)})"),
         ("sha256", report.sha256 or "-"),
     ]
+    if report.alora_invocation_tokens is not None:
+        rows.append(
+            (
+                "aLoRA",
+                f"acts only after the invocation tokens {report.alora_invocation_tokens}; cannot be merged "
+                "(PEFT refuses it too)",
+            )
+        )
     if report.quantization:
         rows.append(("quantization", f"{report.quantization}; `adapters dequantize` gives a PEFT-loadable copy"))
     if report.provenance:

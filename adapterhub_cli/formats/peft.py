@@ -40,7 +40,7 @@ PEFT_PREFIX = "base_model.model."
 
 _LORA_KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
-    r"(?:\.(?!weight$)(?P<adapter_name>[^.]+))?(?:\.weight)?$"
+    r"(?:\.(?!weight$|bias$)(?P<adapter_name>[^.]+))?(?:\.(?P<suffix>weight|bias))?$"
 )
 
 
@@ -196,6 +196,15 @@ def _split_keys(
             extra[name] = info
             continue
         part = m["part"].replace("lora_embedding_", "lora_")
+        if m["suffix"] == "bias":  # lora_bias=True: PEFT's lora_B is an nn.Linear with a bias
+            if part != "lora_B":
+                raise InvalidAdapterError(
+                    f"module {m['module']!r} stores a bias of {m['part']}; PEFT gives only lora_B a bias "
+                    "(lora_bias=True)",
+                    path=path,
+                    module=m["module"],
+                )
+            part = "lora_B_bias"
         slot = parts.setdefault(m["module"], {})
         if part in slot:
             raise InvalidAdapterError(
@@ -241,6 +250,7 @@ def _module(path: Path, name: str, p: dict[str, TensorInfo], config: AdapterConf
         A=a,
         B=b,
         magnitude=p.get("lora_magnitude_vector"),
+        bias=p.get("lora_B_bias"),
     )
 
 
@@ -254,7 +264,20 @@ def _check_factors(path: Path, name: str, p: dict[str, TensorInfo]) -> None:
             module=name,
             hint="the file is damaged or was written by a broken tool; drop the module or re-save the adapter",
         )
-    for part, info in (("lora_A", a), ("lora_B", b), ("lora_magnitude_vector", p.get("lora_magnitude_vector"))):
+    bias = p.get("lora_B_bias")
+    if bias is not None and tuple(bias.shape) != (b.shape[0],):
+        raise InvalidAdapterError(
+            f"module {name!r}: lora_B.bias {list(bias.shape)} does not fit lora_B {list(b.shape)} (it must be "
+            f"[{b.shape[0]}])",
+            path=path,
+            module=name,
+        )
+    for part, info in (
+        ("lora_A", a),
+        ("lora_B", b),
+        ("lora_magnitude_vector", p.get("lora_magnitude_vector")),
+        ("lora_B.bias", bias),
+    ):
         if info is None:
             continue
         if 0 in info.shape:
@@ -303,8 +326,9 @@ def rank_layout(ranks: dict[str, int]) -> tuple[int, dict[str, int]]:
 
 
 def peft_key(module: str, part: str) -> str:
-    """The stored key of one factor: ``base_model.model.<module>.lora_A.weight`` and the like."""
-    suffix = "" if part == "lora_magnitude_vector" else ".weight"
+    """The stored key of one factor: ``base_model.model.<module>.lora_A.weight`` and the like (``lora_B.bias``:
+    the bias of ``lora_bias=True``)."""
+    suffix = "" if part in ("lora_magnitude_vector", "lora_B.bias") else ".weight"
     return f"{PEFT_PREFIX}{module}.{part}{suffix}"
 
 

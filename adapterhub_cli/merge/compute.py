@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.adapter import Adapter, LoraModule
 from adapterhub_cli.errors import InvalidAdapterError, UsageError
-from adapterhub_cli.merge.plan import Contribution, TensorPlan
+from adapterhub_cli.merge.plan import TOKENS_SUFFIX, Contribution, TensorPlan, token_indices
 from adapterhub_cli.parallel import default_workers
 
 
@@ -144,7 +144,10 @@ class _Merger:
         """
         import torch
 
-        dora = any(self.adapters[c.adapter].modules[c.module].magnitude is not None for c in plan.contributions)
+        dora = any(
+            c.part == "weight" and self.adapters[c.adapter].modules[c.module].magnitude is not None
+            for c in plan.contributions
+        )
         base_weight = weight.clone() if dora and not self.on_device else weight  # DoRA needs the unmerged weight
         stored = weight
         weight = weight.to(self.device, non_blocking=True) if self.on_device else weight
@@ -162,11 +165,15 @@ class _Merger:
         from lora_ops import conv_lora_delta, lora_delta, merge_delta, merge_dora, merge_lora, unmerge_delta
 
         adapter = self.adapters[c.adapter]
+        if c.part == "tokens":
+            return self._replace_tokens(adapter, c.module, weight)
         m: LoraModule = adapter.modules[c.module]
+        scale = m.scale * c.weight
+        if c.part == "bias":
+            return self._add_bias(adapter, m, scale, weight)
         loaded = adapter.source.load([m.A.name, m.B.name] + ([m.magnitude.name] if m.magnitude else []))
         a, b = loaded[m.A.name].to(self.device), loaded[m.B.name].to(self.device)
         transposed = fan_in_fan_out(m.kind, adapter.config.fan_in_fan_out, tuple(weight.shape), (m.d_out, m.d_in))
-        scale = m.scale * c.weight
         if m.magnitude is None and m.kind != "conv" and not self.on_device:
             return self._merge_lora(weight, a, b, scale, transposed, merge_lora)
         if m.magnitude is None:  # a convolution, or any LoRA on the GPU: the whole update at once
@@ -178,6 +185,33 @@ class _Merger:
         delta = lora_delta(a, b, scale, fan_in_fan_out=transposed)
         magnitude = loaded[m.magnitude.name].to(self.device)
         return merge_dora(weight, base_weight.to(self.device), delta, magnitude, fan_in_fan_out=transposed)
+
+    def _replace_tokens(self, adapter: Adapter, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """PEFT's trainable-tokens merge: rows ``trainable_token_indices`` of the embedding replaced by the stored
+        rows, cast to the weight's dtype (``weight.index_copy(0, indices, deltas.to(weight))``)."""
+        import torch
+
+        info = adapter.extra_tensors[name]
+        rows = adapter.source.load([info.name])[info.name].to(device=weight.device, dtype=weight.dtype)
+        index = torch.tensor(token_indices(adapter, name.removesuffix(TOKENS_SUFFIX)), device=weight.device)
+        return weight.index_copy(0, index, rows)
+
+    def _add_bias(self, adapter: Adapter, m: LoraModule, scale: float, bias: torch.Tensor) -> torch.Tensor:
+        """``bias`` with ``scale * lora_B.bias`` added (subtracted with ``reverse``), as PEFT's ``merge`` does it:
+        ``base_layer.bias.data += lora_B.bias * scaling``, the adapter's bias in float32 when stored in 16 bits
+        (PEFT loads adapters in float32), promoted and rounded once to the bias's dtype."""
+        import torch
+
+        assert m.bias is not None
+        b = adapter.source.load([m.bias.name])[m.bias.name].to(self.device)
+        if b.dtype in (torch.float16, torch.bfloat16):
+            b = b.float()
+        out = bias.clone()
+        if self.reverse:  # PEFT's unmerge: bias.data -= lora_B.bias * scaling
+            out -= b * scale
+        else:
+            out += b * scale
+        return out
 
 
 def require_finite(t: torch.Tensor, p: TensorPlan, adapters: list[Adapter], *, base_dtype: str | None = None) -> None:

@@ -21,6 +21,8 @@ from adapterhub_cli.merge import bnb
 
 
 CONV1D_MODEL_TYPES = ("gpt2", "gpt_bigcode", "openai-gpt")
+#: what PEFT stores trainable tokens (``trainable_token_indices``) under: ``<embedding>.token_adapter.<this>``
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,9 @@ class Contribution:
     adapter: int
     module: str
     weight: float
+    #: ``"weight"``: the update ``scale * B @ A``; ``"bias"``: ``scale * lora_B.bias`` added to the layer's bias
+    #: (an adapter saved with ``lora_bias=True``)
+    part: str = "weight"
 
 
 @dataclass
@@ -159,6 +164,13 @@ def refuse_misfits(adapters: list[Adapter], *, reverse: bool) -> None:
     """Refuse what the merge cannot do exactly, before anything is written: undoing a DoRA merge, and DoRA on a
     convolution (PEFT's conv DoRA normalises per output channel over the whole kernel, which is not done yet)."""
     for a in adapters:
+        refuse_unmergeable(a)
+        if reverse and any(name.endswith(TOKENS_SUFFIX) for name in a.extra_tensors):
+            raise UsageError(
+                f"{a.path} trains token embeddings (trainable_token_indices): a merge replaced those rows, and the "
+                "original rows are not in the adapter, so it cannot be undone",
+                hint="merge into the original base again instead",
+            )
         for m in a.modules.values():
             if m.magnitude is None:
                 continue
@@ -173,6 +185,25 @@ def refuse_misfits(adapters: list[Adapter], *, reverse: bool) -> None:
                     f"{a.path}: module {m.name}: DoRA on convolutions cannot be merged yet",
                     hint="merge a LoRA without use_dora, or load the adapter with PEFT and merge_and_unload()",
                 )
+
+
+def refuse_unmergeable(a: Adapter) -> None:
+    """Refuse, by name, the config variants PEFT itself will not merge (or that this merge cannot do exactly)."""
+    cfg = a.config
+    if cfg.alora_invocation_tokens is not None:
+        raise UsageError(
+            f"{a.path} is an aLoRA adapter (alora_invocation_tokens {cfg.alora_invocation_tokens}): it acts only "
+            "on the tokens after its invocation sequence, so no merged weight equals it; PEFT refuses to merge it "
+            '("aLoRA does not support merging")',
+            hint="serve it unmerged (PEFT, or vLLM with aLoRA support)",
+        )
+    if cfg.raw.get("layer_replication"):
+        raise UsageError(
+            f"{a.path} uses layer_replication {cfg.raw['layer_replication']}: its replicated layers share "
+            'their base weights, so no merged checkpoint equals it; PEFT means to refuse it too ("Cannot merge LORA '
+            'layers when base model layers are replicated", LoraModel._check_merge_allowed)',
+            hint="load it with PEFT unmerged",
+        )
 
 
 def plan_merge(
@@ -197,7 +228,12 @@ def plan_merge(
             key = base.find_weight(m.name)
             assert key is not None  # validation ran first
             plans[key].contributions.append(Contribution(i, m.name, w))
+            if m.bias is not None:
+                plans[_bias_key(base, adapter, m.name, key)].contributions.append(Contribution(i, m.name, w, "bias"))
         for name, info in adapter.extra_tensors.items():
+            if name.endswith(TOKENS_SUFFIX):
+                _plan_tokens(plans, base, adapter, i, name, tied)
+                continue
             # PEFT saves a targeted embedding / head as `<module>.base_layer.weight` (save_embedding_layers)
             target = name.replace(".base_layer.", ".")
             if tied and target.split(".")[-2:] == ["lm_head", "weight"]:
@@ -211,6 +247,58 @@ def plan_merge(
     if tied and plans[tied].touched:
         _untied_head(plans, tied)
     return list(plans.values())
+
+
+def token_indices(adapter: Adapter, module: str) -> list[int]:
+    """The token ids whose embedding rows ``module``'s trainable tokens replace (``trainable_token_indices``: a
+    list for the input embedding, or an object mapping module names to lists), in the stored rows' order."""
+    spec = adapter.config.raw.get("trainable_token_indices")
+    if isinstance(spec, list):
+        return [int(i) for i in spec]
+    if isinstance(spec, dict):
+        for key, ids in spec.items():
+            if module == key or module.endswith("." + key):
+                return [int(i) for i in ids]
+    raise UsageError(f"{adapter.path}: module {module} stores trainable tokens but trainable_token_indices names none")
+
+
+def _plan_tokens(
+    plans: dict[str, TensorPlan], base: BaseView, adapter: Adapter, i: int, name: str, tied: str | None
+) -> None:
+    """Plan PEFT's trainable-tokens merge: the embedding rows of ``trainable_token_indices`` are replaced by the
+    stored rows (``TrainableTokensLayer.merge``: ``weight.index_copy(0, indices, deltas)``)."""
+    module = name.removesuffix(TOKENS_SUFFIX)
+    key = base.find_weight(module)
+    info = adapter.extra_tensors[name]
+    if key is None:
+        raise UsageError(f"{adapter.path}: trainable tokens of {module}: the base has no such module")
+    if tied and key == tied:
+        raise UsageError(
+            f"{adapter.path}: trainable tokens on a base with tied embeddings cannot be merged yet",
+            hint="load it with PEFT and merge_and_unload()",
+        )
+    ids = token_indices(adapter, module)
+    rows = base.tensors[key].shape
+    if len(info.shape) != 2 or info.shape != (len(ids), rows[1]) or any(not 0 <= t < rows[0] for t in ids):
+        raise UsageError(
+            f"{adapter.path}: trainable tokens of {module}: {list(info.shape)} rows for token ids {ids} do not fit "
+            f"the base's {list(rows)} embedding"
+        )
+    plans[key].contributions.append(Contribution(i, name, 1.0, "tokens"))
+
+
+def _bias_key(base: BaseView, adapter: Adapter, module: str, weight_key: str) -> str:
+    """The base tensor holding the bias of ``module`` (whose weight is ``weight_key``), which a ``lora_bias``
+    adapter's ``lora_B.bias`` is added to; refused as PEFT refuses it when the layer has none."""
+    key = weight_key.removesuffix("weight") + "bias"
+    if key not in base.tensors:
+        raise UsageError(
+            f"{adapter.path}: module {module} has a lora_B bias (lora_bias=True) but the base layer has no bias: "
+            'PEFT cannot merge it either ("Impossible to merge LoRA with `lora_bias=True` because the base layer '
+            'has no bias")',
+            hint="merge into a base whose layers have biases, or use the adapter unmerged with PEFT",
+        )
+    return key
 
 
 def _untied_head(plans: dict[str, TensorPlan], tied: str) -> TensorPlan:

@@ -44,7 +44,8 @@ class CombineResult:
 
 def check_compatible(adapters: list[Adapter], *, force: bool = False) -> None:
     """Refuse inputs that cannot be combined: a module with other shapes, other declared bases (unless
-    ``force``), DoRA, non-linear LoRA layers, saved full modules, or disagreeing fan_in_fan_out."""
+    ``force``), DoRA, ``lora_bias`` biases, non-linear LoRA layers, saved full modules, or disagreeing
+    fan_in_fan_out."""
     shapes: dict[str, tuple[tuple[int, int], str, tuple[int, ...]]] = {}
     for a in adapters:
         for m in a.modules.values():
@@ -56,6 +57,12 @@ def check_compatible(adapters: list[Adapter], *, force: bool = False) -> None:
                     f"module {m.name} is {seen[0][0]} x {seen[0][1]} in {seen[1]} but {m.d_out} x {m.d_in} in "
                     f"{a.path}: the adapters are for different base models"
                 )
+        if any(m.bias is not None for m in a.modules.values()):
+            raise UsageError(
+                f"{a.path} has lora_B biases (lora_bias=True): combine does not blend biases (the combine methods "
+                "work on the A and B factors only)",
+                hint="merge lora_bias adapters into the base one at a time instead",
+            )
         if a.config.use_dora:
             raise UsageError(
                 f"{a.path} is a DoRA adapter: its magnitude vectors cannot be combined linearly",

@@ -72,7 +72,9 @@ def reduce_adapter(
     :func:`lora_ops.choose_rank`); ``max_rank`` caps it. Modules keep their alpha and scale rule (alpha/r or
     rsLoRA's alpha/sqrt(r)) with the new rank, and the factors absorb the difference, so each output module's
     update is exactly the truncated SVD of the input's. DoRA magnitude vectors and modules_to_save tensors are
-    copied unchanged. Per-module ranks are written as PEFT's ``r`` + ``rank_pattern``.
+    copied unchanged; ``lora_B.bias`` tensors (``lora_bias=True``) are kept, multiplied by old scale / new scale so
+    the bias term ``scale * bias`` is unchanged (to the storage dtype's rounding).
+    Per-module ranks are written as PEFT's ``r`` + ``rank_pattern``.
     """
     from lora_ops import reduce_rank
 
@@ -116,6 +118,15 @@ def reduce_adapter(
         for m in adapter.modules.values()
         if m.magnitude is not None
     }
+    biases = {m.bias.name: m for m in adapter.modules.values() if m.bias is not None}
+    if biases:  # lora_bias: the bias term is scale * bias; keep it as the scale changes with the rank
+        after_rank = {row.name: row.rank_after for row in rows}
+        loaded_biases = adapter.source.load(list(biases))
+        require_finite(adapter, loaded_biases)
+        for key, m in biases.items():
+            new_scale = _scale_rule(m.alpha, cfg.use_rslora)(after_rank[m.name])
+            b = loaded_biases[key]
+            tensors[peft_key(m.name, "lora_B.bias")] = (b.double() * (m.scale / new_scale)).to(b.dtype)
     extra = {adapter.key_prefix + name: info.name for name, info in adapter.extra_tensors.items()}
     loaded = adapter.source.load(list(magnitudes.values()) + list(extra.values()))
     require_finite(adapter, loaded)
