@@ -411,3 +411,38 @@ def test_bdlora_refused_by_name(llama_base, tmp_path):
     adapter = build(llama_base, tmp_path / "bd", r=4, target_modules=["q_proj", "o_proj"], use_bdlora=bd)
     peft_loads(llama_base, adapter)  # PEFT loads it: its q_proj lora_B holds only the diagonal blocks
     assert_refused_everywhere(adapter, llama_base, tmp_path / "out", ["BD-LoRA", "block-diagonal"])
+
+
+# -------------------------------------------------------------- 5. exclude_modules, layers_to_transform, ...
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"target_modules": ["q_proj", "v_proj"], "exclude_modules": ["model.layers.0.self_attn.q_proj"]},
+        {"target_modules": ["q_proj", "up_proj"], "exclude_modules": r".*layers\.1\..*"},
+        {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1]},
+        {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": 0, "layers_pattern": "layers"},
+        {"target_modules": ["q_proj"], "layers_to_transform": [0, 1], "layers_pattern": ["h", "layers"]},
+        {"target_modules": ["q_proj", "model.layers.1.self_attn.k_proj"], "layers_to_transform": [0]},
+        {"target_modules": r".*\.(q|v)_proj"},
+        {"target_modules": ["lm_head", "q_proj"], "modules_to_save": ["lm_head"]},
+    ],
+    ids=lambda kw: "-".join(f"{k}" for k in kw),
+)
+def test_targets_select_what_peft_selects(llama_base, kwargs, tmp_path):
+    """For every module of the base, ``AdapterConfig.targets`` agrees with PEFT's check_target_module_exists, and
+    the adapter PEFT saves with that config holds exactly the modules both select."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from adapterhub_cli.artifact.config import AdapterConfig
+
+    peft_config = LoraConfig(r=4, **kwargs)
+    adapter = build(llama_base, tmp_path / "a", r=4, **kwargs)
+    ours = AdapterConfig.from_dict(json.loads((adapter / CONFIG).read_text()))
+    names = [n for n, _ in load_base_model(llama_base).named_modules() if n]
+    for name in names:
+        assert ours.targets(name) == bool(check_target_module_exists(peft_config, name)), name
+    lora = ah.load(adapter)
+    assert set(lora.modules) == {n for n in names if ours.targets(n)}

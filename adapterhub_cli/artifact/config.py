@@ -222,6 +222,43 @@ def _matches(rule: list[str] | str | None, module: str) -> bool:
     return any(module == t or module.endswith("." + t) for t in rule)
 
 
+def _saved_module(saved: list[str] | None, module: str) -> bool:
+    r"""PEFT never puts a LoRA on a ``modules_to_save`` module or inside one (``re.match(rf"(^|.*\.){m}($|\..*)",
+    key)``, with the name taken literally)."""
+    return any(
+        module == m or module.startswith(m + ".") or module.endswith("." + m) or f".{m}." in module
+        for m in saved or []
+    )
+
+
+def _is_index(segment: str) -> bool:
+    return segment.isascii() and segment.isdigit()
+
+
+def layer_index(module: str, layers_pattern: list[str] | str | None) -> int | None:
+    r"""The layer index PEFT reads from ``module`` for ``layers_to_transform`` (``check_target_module_exists``).
+
+    Without ``layers_pattern``: the first all-digit segment with at least two segments before it and one after
+    (``re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)``). With it: the first all-digit segment right after a run
+    of segments one of the patterns matches, followed by another segment (``(?:^|.*?\.){pattern}\.(\d+)\.``).
+
+    Raises:
+        PatternError: a layers_pattern that cannot be matched safely.
+    """
+    parts = module.split(".")
+    if not layers_pattern:
+        for j in range(2, len(parts) - 1):
+            if _is_index(parts[j]):
+                return int(parts[j])
+        return None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        compiled = compile_pattern(pattern)
+        for j in range(1, len(parts) - 1):  # PEFT's lazy prefix: the earliest index wins
+            if _is_index(parts[j]) and any(compiled.fullmatch(".".join(parts[i:j])) for i in range(j)):
+                return int(parts[j])
+    return None
+
+
 # ------------------------------------------------------------------------------------------------ the config
 
 
@@ -343,11 +380,28 @@ class AdapterConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def targets(self, module: str) -> bool:
-        """Whether PEFT's target rule (``target_modules``, ``exclude_modules``) selects ``module``."""
-        return self._compiled(
-            "target_modules",
-            lambda: _matches(self.target_modules, module) and not _matches(self.exclude_modules, module),
-        )
+        """Whether PEFT's target rule selects ``module`` (``peft.tuners.tuners_utils.check_target_module_exists``):
+        not excluded (``exclude_modules``), not a ``modules_to_save`` module, matched by ``target_modules``, and,
+        for a list matched by suffix, in ``layers_to_transform`` (the index read with ``layers_pattern``)."""
+        return self._compiled("target_modules", self._targets, module)
+
+    def _targets(self, module: str) -> bool:
+        if _matches(self.exclude_modules, module) or _saved_module(self.modules_to_save, module):
+            return False
+        rule = self.target_modules
+        if not isinstance(rule, list):
+            return _matches(rule, module)
+        if module in rule:
+            return True  # PEFT takes a name listed whole without looking at layers_to_transform
+        if not _matches(rule, module):
+            return False
+        wanted = self.layers_to_transform
+        if wanted is None or wanted == []:
+            return True
+        index = layer_index(module, self.raw.get("layers_pattern"))
+        if index is None:
+            return False
+        return index == wanted if isinstance(wanted, int) else index in wanted
 
 
 #: PEFT's non-LoRA methods (``peft.utils.peft_types.PeftType``, peft 0.21) by the name a message gives them.
