@@ -333,18 +333,26 @@ def test_dora_magnitude_of_wrong_shape(llama_dora: Path, llama_base: Path, copy_
         peft_load(llama_base, d)
 
 
-def test_untargeted_tensors(llama_lora: Path, llama_base: Path, copy_adapter: Callable[..., Path]) -> None:
+def test_untargeted_tensors(
+    llama_lora: Path, llama_base: Path, copy_adapter: Callable[..., Path], tmp_path: Path
+) -> None:
     d = copy_adapter(llama_lora)
     set_config(d, target_modules=["q_proj"])
     report = ah.validate(d, base=llama_base)
-    assert report.ok
-    assert codes(report) == [("untargeted-tensors", "warning", "model.layers.0.self_attn.v_proj")]
+    assert not report.ok
+    assert codes(report) == [("untargeted-tensors", "error", "model.layers.0.self_attn.v_proj")]
     assert "2 modules have LoRA tensors but target_modules does not select them" in report.findings[0].message
-    _, result, _ = peft_load(llama_base, d)
+    peft_model, result, _ = peft_load(llama_base, d)
     assert sorted({k.split(".lora_")[0] for k in result.unexpected_keys}) == [
         f"{PREFIX}model.layers.0.self_attn.v_proj",
         f"{PREFIX}model.layers.1.self_attn.v_proj",
     ]
+    assert not [n for n, _ in peft_model.named_modules() if "v_proj.lora_A" in n]  # v_proj is not wrapped
+    # PEFT does not apply them, so merge refuses rather than apply them
+    out = tmp_path / "merged"
+    with pytest.raises(ah.IncompatibleBaseError, match="untargeted-tensors"):
+        ah.merge(d, base=llama_base, out=out)
+    assert not out.exists()
 
 
 def test_module_the_base_lacks(llama_lora: Path, llama_base: Path, copy_adapter: Callable[..., Path]) -> None:
@@ -417,7 +425,7 @@ def test_cli_json_output(llama_lora: Path, llama_base: Path, copy_adapter: Calla
         assert f["message"]
     assert [(f["code"], f["severity"], f["module"]) for f in doc["findings"]] == [
         ("targets-not-found", "error", None),
-        ("untargeted-tensors", "warning", "model.layers.0.self_attn.q_proj"),
+        ("untargeted-tensors", "error", "model.layers.0.self_attn.q_proj"),
         ("base-name-mismatch", "warning", None),
     ]
 

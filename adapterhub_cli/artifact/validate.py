@@ -216,9 +216,10 @@ def _check_targets(adapter: Adapter, base: BaseView) -> list[Finding]:
         out.append(
             Finding(
                 "untargeted-tensors",
-                "warning",
+                "error",
                 f"{len(untargeted)} modules have LoRA tensors but target_modules does not select them "
-                f"(e.g. {untargeted[0]}); PEFT will ignore them: add them to target_modules",
+                f"(e.g. {untargeted[0]}): PEFT loads the adapter without applying them (a merge would differ from "
+                "PEFT); add them to target_modules, or drop their tensors",
                 untargeted[0],
             )
         )
