@@ -191,3 +191,64 @@ def test_gguf_api_and_provenance(llama_lora, llama_base, tmp_path):
     assert out.path == tmp_path / "x.gguf"
     fields, _ = _read(out.path)
     assert json.loads(fields["adapterhub.provenance"])["operation"] == "convert"
+
+
+# --------------------------------------------------------------- against llama.cpp's own convert_lora_to_gguf.py
+
+VENDOR = Path(__file__).parent / "vendor" / "llama.cpp"
+
+
+def _llama_cpp_convert(adapter: Path, base: Path, out: Path) -> None:
+    """Run the vendored convert_lora_to_gguf.py (llama.cpp, with its own gguf-py) in a subprocess, offline."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": f"{VENDOR / 'gguf-py'}{os.pathsep}{VENDOR}", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(VENDOR / "convert_lora_to_gguf.py"), "--base", str(base), "--outfile", str(out)]
+    res = subprocess.run([*cmd, str(adapter)], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ["llama_lora", "llama_all_linear", "llama_rslora", "llama_patterns"])
+def test_gguf_matches_llama_cpp_converter(name, request, llama_base, tmp_path):
+    """Same architecture, tensor names, shapes, alpha and A factors as llama.cpp's converter; B equal too (the same
+    q/k permutation) up to each module's baked ratio s_i * r_i / alpha, which is 1 for plain LoRA. llama.cpp's
+    converter drops rsLoRA and alpha_pattern (its file gives a different update); ours keeps PEFT's."""
+    adapter = request.getfixturevalue(name)
+    _llama_cpp_convert(adapter, llama_base, tmp_path / "ref.gguf")
+    assert _convert(adapter, llama_base, tmp_path / "ours.gguf").exit_code == 0
+    ref_fields, ref = _read(tmp_path / "ref.gguf")
+    ours_fields, ours = _read(tmp_path / "ours.gguf")
+    for key in ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha"):
+        assert ours_fields[key] == ref_fields[key], key
+    assert sorted(ours) == sorted(ref)
+    lora = ah.load(adapter)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    alpha = float(ref_fields["adapter.lora.alpha"])
+    baked = False
+    for module, m in lora.modules.items():
+        g = names.get_name(module)
+        a, b = f"{g}.weight.lora_a", f"{g}.weight.lora_b"
+        assert ours[a].shape == ref[a].shape and ours[b].shape == ref[b].shape
+        torch.testing.assert_close(ours[a], ref[a], rtol=0, atol=0)
+        ratio = m.scale * m.rank / alpha
+        baked |= ratio != 1.0
+        torch.testing.assert_close(ours[b].double(), ref[b].double() * ratio, rtol=1e-6, atol=1e-9)
+    assert baked == (name in ("llama_rslora", "llama_patterns"))
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"])
+def test_gguf_families_match_llama_cpp_converter(kind, tmp_path):
+    base = _family_base(kind, tmp_path / "base")
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
+    adapter = build_lora_adapter(base, tmp_path / "lora", cfg, seed=12)
+    _llama_cpp_convert(adapter, base, tmp_path / "ref.gguf")
+    assert _convert(adapter, base, tmp_path / "ours.gguf").exit_code == 0
+    ref_fields, ref = _read(tmp_path / "ref.gguf")
+    ours_fields, ours = _read(tmp_path / "ours.gguf")
+    assert ours_fields["general.architecture"] == ref_fields["general.architecture"]
+    assert ours_fields["adapter.lora.alpha"] == ref_fields["adapter.lora.alpha"]
+    assert sorted(ours) == sorted(ref)
+    for key in ref:
+        torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
