@@ -446,3 +446,52 @@ def test_targets_select_what_peft_selects(llama_base, kwargs, tmp_path):
         assert ours.targets(name) == bool(check_target_module_exists(peft_config, name)), name
     lora = ah.load(adapter)
     assert set(lora.modules) == {n for n in names if ours.targets(n)}
+
+
+def test_layer_replication_modules_map_to_the_base_layers_peft_uses(llama_base, tmp_path):
+    """With layer_replication, adapter module ``layers.i`` sits on base layer ``stacked[i]``: ``base_module``
+    names the base weight PEFT's replicated layer shares, and every module has one (no false module-missing)."""
+    ranges = [[0, 2], [1, 2]]
+    adapter = build(llama_base, tmp_path / "rep", r=4, target_modules=["q_proj", "v_proj"], layer_replication=ranges)
+    lora = ah.load(adapter)
+    base = read_checkpoint(llama_base)
+    assert any(".layers.2." in n for n in lora.modules)  # a layer the base does not have
+    model = peft_loads(llama_base, adapter)
+    for name in lora.modules:
+        source = lora.config.base_module(name)
+        assert source + ".weight" in base, name
+        peft_weight = model.base_model.model.get_submodule(name).base_layer.weight.detach()
+        assert torch.equal(peft_weight, base[source + ".weight"]), name
+    report = ah.inspect(adapter)
+    assert report.layer_replication == ranges
+    code, text = cli("inspect", adapter, "--no-hash")
+    assert code == 0 and "layer_replication" in text
+
+
+def test_trainable_tokens_shown_by_inspect(llama_base, tmp_path):
+    adapter = build(llama_base, tmp_path / "tt", r=4, target_modules=["q_proj"], trainable_token_indices=[5, 3])
+    assert ah.inspect(adapter).trainable_token_indices == [5, 3]
+    code, text = cli("inspect", adapter, "--no-hash")
+    assert code == 0 and "trainable tokens" in text and "[5, 3]" in text
+
+
+def test_old_keys_ignored_like_peft(llama_base, llama_lora, copy_adapter):
+    """merge_weights and an all-true enable_lora (PEFT < 0.4) are ignored by today's PEFT: loaded, with a warning."""
+    adapter = copy_adapter(llama_lora)
+    set_config(adapter, merge_weights=True, enable_lora=[True, True, True])
+    peft_loads(llama_base, adapter)
+    lora = ah.load(adapter)
+    assert any("merge_weights" in w and "enable_lora" in w for w in lora.warnings)
+    assert ah.validate(adapter, base=llama_base).ok
+
+
+def test_partial_enable_lora_refused_by_name(llama_base, llama_lora, copy_adapter, tmp_path):
+    adapter = copy_adapter(llama_lora)
+    set_config(adapter, enable_lora=[True, False, True])
+    assert_refused_everywhere(adapter, llama_base, tmp_path / "out", ["enable_lora", "MergedLinear"])
+
+
+def test_megatron_config_named(llama_lora, copy_adapter):
+    adapter = copy_adapter(llama_lora)
+    set_config(adapter, megatron_config={"tensor_model_parallel_size": 2}, megatron_core="megatron.core")
+    assert any("megatron_config" in w for w in ah.load(adapter).warnings)

@@ -354,6 +354,30 @@ class AdapterConfig:
         return list(tokens) if tokens is not None else None
 
     @property
+    def layer_replication(self) -> list[list[int]] | None:
+        """PEFT's ``layer_replication``: ``[[start, end), ...]`` ranges of base layers stacked into the adapted
+        model (``peft.tuners.tuners_utils.replicate_layers``); None without it."""
+        ranges = self.raw.get("layer_replication")
+        return [list(r) for r in ranges] if ranges else None
+
+    def base_module(self, module: str) -> str:
+        """The base module whose weights ``module`` of the adapted model uses: with ``layer_replication``, layer
+        ``i`` of the stacked model is base layer ``[k for s, e in ranges for k in range(s, e)][i]`` (PEFT clones
+        each layer sharing its weights); without it, ``module`` itself."""
+        ranges = self.layer_replication
+        if not ranges:
+            return module
+        stacked = [k for start, end in ranges for k in range(start, end)]
+        parts = module.split(".")
+        for j in range(1, len(parts) - 1):  # the first layer index, as PEFT finds the layer list
+            if _is_index(parts[j]):
+                i = int(parts[j])
+                if i < len(stacked):
+                    parts[j] = str(stacked[i])
+                return ".".join(parts)
+        return module
+
+    @property
     def scale_rule(self) -> str:
         """``"alpha/sqrt(r)"`` with rsLoRA, else ``"alpha/r"``."""
         return "alpha/sqrt(r)" if self.use_rslora else "alpha/r"
@@ -509,6 +533,14 @@ def _check_types(doc: dict[str, Any], path: str | Path | None) -> None:
             "whose lora_A or lora_B stores only the diagonal blocks; BD-LoRA is not supported",
             path,
             hint="load it with PEFT itself, or serve it with an engine that supports BD-LoRA",
+        )
+    enable = doc.get("enable_lora")
+    if isinstance(enable, list) and not all(enable):
+        raise _bad(
+            f"enable_lora is {_show(enable)}: a LoRA on only some parts of a fused layer (PEFT < 0.4's "
+            "MergedLinear); today's PEFT ignores this key and cannot load such factors, and neither can this tool",
+            path,
+            hint="re-train or re-save the adapter with a current PEFT",
         )
     if doc.get("lora_bias") and doc.get("use_dora"):
         raise _bad("lora_bias=True is not supported for DoRA (PEFT refuses use_dora with lora_bias)", path)

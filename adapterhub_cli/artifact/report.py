@@ -83,6 +83,10 @@ class InspectReport:
     lora_bias: bool = False
     #: aLoRA: the token ids after which the adapter acts (PEFT refuses to merge it)
     alora_invocation_tokens: list[int] | None = None
+    #: layer_replication: the ranges of base layers stacked into the adapted model
+    layer_replication: list[list[int]] | None = None
+    #: trainable_token_indices: embedding rows the adapter replaces (a list, or module name -> list)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +133,8 @@ def build_report(adapter: Adapter, *, sha256: str | None, modules: bool, spectru
         spectrum=module_spectra(adapter) if spectrum else None,
         lora_bias=cfg.lora_bias or any(m.bias is not None for m in adapter.modules.values()),
         alora_invocation_tokens=cfg.alora_invocation_tokens,
+        layer_replication=cfg.layer_replication,
+        trainable_token_indices=cfg.raw.get("trainable_token_indices"),
     )
 
 

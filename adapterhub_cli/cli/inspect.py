@@ -90,6 +90,10 @@ def inspect_cmd(
                 "(PEFT refuses it too)",
             )
         )
+    if report.layer_replication:
+        rows.append(("layer_replication", f"{report.layer_replication} (base layers stacked; cannot be merged)"))
+    if report.trainable_token_indices is not None:
+        rows.append(("trainable tokens", f"{report.trainable_token_indices} (embedding rows replaced)"))
     if report.quantization:
         rows.append(("quantization", f"{report.quantization}; `adapters dequantize` gives a PEFT-loadable copy"))
     if report.provenance:

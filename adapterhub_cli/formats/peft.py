@@ -141,6 +141,14 @@ def assemble_adapter(
             f"{CONFIG_NAME} has no r: PEFT takes its default r=8 (and lora_alpha {config.lora_alpha:g}); validate "
             "reports modules whose tensors have another rank"
         )
+    old_keys = [k for k in ("enable_lora", "merge_weights") if doc.get(k) is not None]
+    if old_keys:
+        warnings.append(f"{', '.join(old_keys)}: keys of an old PEFT release, ignored (as today's PEFT ignores them)")
+    if doc.get("megatron_config") is not None:
+        warnings.append(
+            "megatron_config: trained on a Megatron-core model (tensor-parallel layers); check it against that "
+            "model's module names"
+        )
     if config.unknown_keys:
         warnings.append(
             "config keys unknown to this PEFT version (written by a newer PEFT?), ignored: "
