@@ -310,3 +310,29 @@ def test_find_weight_tolerates_only_what_transformers_does(llama_base: Path, bar
         assert head.find_weight(wrong) is None, wrong
     assert head.near_match("foo." + q) == ("strip", "foo.")
     assert head.near_match("self_attn.q_proj") is None  # two layers end so: no unique hint
+
+
+def test_gpt2_missing_transformer_prefix_and_a_partly_prefixed_adapter(
+    gpt2_lora: Path, gpt2_base: Path, copy_adapter: Callable[..., Path], tmp_path: Path
+) -> None:
+    """GPT-2's base_model_prefix is ``transformer``: names without it are the bare model's (task_type CAUSAL_LM:
+    an error PEFT confirms); a prefix on only some names leaves the others matching, and only the prefixed ones
+    are errors."""
+    d = copy_adapter(gpt2_lora)
+    rename_keys(d, lambda name: name.removeprefix("transformer."))
+    assert [f.code for f in ah.validate(d, base=gpt2_base).warnings] == ["bare-model-names"]  # no task_type
+    set_config(d, task_type="CAUSAL_LM")
+    changed, messages = peft_apply(gpt2_base, d)
+    assert changed == {} and missing_keys_warned(messages)
+    report = ah.validate(d, base=gpt2_base)
+    assert {f.code for f in report.errors} == {"module-missing"}
+    assert "--add-prefix transformer." in report.errors[0].message
+
+    d = copy_adapter(gpt2_lora, "partly")
+    rename_keys(d, lambda name: "extra." + name if ".h.0." in name else name)
+    changed, messages = peft_apply(gpt2_base, d)
+    assert changed and all(".h.1." in k for k in changed) and missing_keys_warned(messages)
+    report = ah.validate(d, base=gpt2_base)
+    assert {f.module for f in report.errors} == {m for m in ah.load(d).modules if m.startswith("extra.")}
+    with pytest.raises(IncompatibleBaseError):
+        ah.merge(d, base=gpt2_base, out=tmp_path / "merged")

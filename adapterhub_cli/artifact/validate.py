@@ -275,13 +275,17 @@ def _check_names(adapter: Adapter, base: BaseView) -> list[Finding]:
             )
         )
     hint = _prefix_hint(adapter, base, missing)
-    for name in missing:
+    for i, name in enumerate(missing):
+        if hint:
+            what = hint if i == 0 else "see the name-prefix note"
+        else:
+            what = "is the adapter for another model?"
         out.append(
             Finding(
                 "module-missing",
                 "error",
                 f"the base has no module {name} (no {name}.weight): PEFT would load the adapter without applying "
-                "this module's weights; " + (hint or "is the adapter for another model?"),
+                f"this module's weights; {what}",
                 name,
             )
         )
