@@ -495,3 +495,19 @@ def test_megatron_config_named(llama_lora, copy_adapter):
     adapter = copy_adapter(llama_lora)
     set_config(adapter, megatron_config={"tensor_model_parallel_size": 2}, megatron_core="megatron.core")
     assert any("megatron_config" in w for w in ah.load(adapter).warnings)
+
+
+def test_combine_refuses_mixed_alora_and_lora(llama_base, llama_lora, tmp_path):
+    """aLoRA acts only after its invocation tokens: it cannot be blended with a plain LoRA (or another aLoRA with
+    other tokens); two aLoRAs with the same tokens combine, and the output keeps the tokens (PEFT loads it)."""
+    kwargs: dict[str, Any] = {"r": 4, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
+    a1 = build(llama_base, tmp_path / "a1", alora_invocation_tokens=[5, 6], **kwargs)
+    a2 = build(llama_base, tmp_path / "a2", alora_invocation_tokens=[7], **kwargs)
+    code, text = cli("combine", a1, llama_lora, "-o", tmp_path / "c")
+    assert code == 2 and "alora_invocation_tokens" in text and "Traceback" not in text
+    code, text = cli("combine", a1, a2, "-o", tmp_path / "c")
+    assert code == 2 and "alora_invocation_tokens" in text
+    assert not (tmp_path / "c").exists()
+    ah.combine([a1, a1], out=tmp_path / "same", weights=[0.5, 0.5])
+    assert ah.inspect(tmp_path / "same").alora_invocation_tokens == [5, 6]
+    peft_loads(llama_base, tmp_path / "same")

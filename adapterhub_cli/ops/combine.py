@@ -73,6 +73,16 @@ def check_compatible(adapters: list[Adapter], *, force: bool = False) -> None:
                 f"{a.path} saves full modules ({', '.join(sorted(a.extra_tensors)[:3])}): combine cannot blend them",
                 hint="combine adapters without modules_to_save",
             )
+    for what, value in (
+        ("alora_invocation_tokens (aLoRA)", lambda a: str(a.config.alora_invocation_tokens)),
+        ("layer_replication", lambda a: str(a.config.layer_replication)),
+    ):
+        if len({value(a) for a in adapters}) > 1:
+            raise IncompatibleBaseError(
+                f"the adapters disagree on {what}: {', '.join(f'{a.path}: {value(a)}' for a in adapters)}; "
+                "one adapter cannot hold both",
+                hint="combine adapters of the same kind",
+            )
     if len({a.config.fan_in_fan_out for a in adapters}) > 1:
         raise IncompatibleBaseError("the adapters disagree on fan_in_fan_out: they target different layer types")
     declared = {a.config.base_model_name_or_path for a in adapters if a.config.base_model_name_or_path}
