@@ -511,3 +511,25 @@ def test_combine_refuses_mixed_alora_and_lora(llama_base, llama_lora, tmp_path):
     ah.combine([a1, a1], out=tmp_path / "same", weights=[0.5, 0.5])
     assert ah.inspect(tmp_path / "same").alora_invocation_tokens == [5, 6]
     peft_loads(llama_base, tmp_path / "same")
+
+
+def test_reduce_keeps_alora_and_trainable_tokens(llama_base, tmp_path):
+    """reduce keeps aLoRA's invocation tokens and the trainable token rows: PEFT loads the outputs, with the same
+    tokens and the same rows."""
+    alora = build(
+        llama_base,
+        tmp_path / "alora",
+        r=4,
+        target_modules=["q_proj"],
+        task_type="CAUSAL_LM",
+        alora_invocation_tokens=[5, 6],
+    )
+    ah.reduce(alora, out=tmp_path / "alora2", rank=2)
+    assert peft_loads(llama_base, tmp_path / "alora2").peft_config["default"].alora_invocation_tokens == [5, 6]
+    tokens = build(llama_base, tmp_path / "tt", r=4, target_modules=["q_proj"], trainable_token_indices=[5, 3])
+    perturb_tokens(tokens)
+    ah.reduce(tokens, out=tmp_path / "tt2", rank=2)
+    key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    assert torch.equal(read_checkpoint(tmp_path / "tt2")[key], read_checkpoint(tokens)[key])
+    model = peft_loads(llama_base, tmp_path / "tt2")
+    assert model.peft_config["default"].trainable_token_indices == [5, 3]
