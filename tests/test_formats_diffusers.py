@@ -106,7 +106,6 @@ def test_unet_and_text_encoder_give_one_peft_adapter_each(sd_base: Path, tmp_pat
     assert len(te_mods) == 2 and not any(n.startswith("text_encoder.") for n in te_mods)
 
 
-@pytest.mark.xfail(reason="needs PeftWriter.write (formats/builtin.py) to call write_peft_components", strict=False)
 def test_convert_cli_writes_one_peft_adapter_per_component(sd_base: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 

@@ -305,7 +305,7 @@ def test_duplicate_format_name_is_refused(llama_lora):
 
 
 def test_unknown_format_name_lists_known(llama_lora):
-    with pytest.raises(ah.UnknownFormatError, match="known formats: diffusers, kohya, lycoris, peft"):
+    with pytest.raises(ah.UnknownFormatError, match="known formats: diffusers, gguf, kohya, lycoris, peft"):
         ah.load(llama_lora, format="nope")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub_cli.artifact.adapter import Adapter
-from adapterhub_cli.formats.diffusers import DiffusersFormat
+from adapterhub_cli.formats.diffusers import DiffusersFormat, has_components, write_peft_components
 from adapterhub_cli.formats.gguf import GgufFormat
 from adapterhub_cli.formats.kohya import KOHYA_STASH_KEY, KohyaFormat, kohya_stash
 from adapterhub_cli.formats.lycoris import LycorisFormat
@@ -32,6 +32,8 @@ class PeftWriter(PeftFormat):
     def write(
         self, adapter: Adapter, path: Path, *, overwrite: bool = False, provenance: dict[str, Any] | None = None
     ) -> Path:
+        if has_components(adapter):  # a diffusers file: one PEFT adapter per component, prefixes removed
+            return write_peft_components(adapter, path, self.write, overwrite=overwrite, provenance=provenance)
         keys = [k for m in adapter.modules.values() for k in (m.A.name, m.B.name)]
         keys += [m.magnitude.name for m in adapter.modules.values() if m.magnitude is not None]
         loaded = adapter.source.load(keys)
