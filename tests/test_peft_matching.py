@@ -336,3 +336,20 @@ def test_gpt2_missing_transformer_prefix_and_a_partly_prefixed_adapter(
     assert {f.module for f in report.errors} == {m for m in ah.load(d).modules if m.startswith("extra.")}
     with pytest.raises(IncompatibleBaseError):
         ah.merge(d, base=gpt2_base, out=tmp_path / "merged")
+
+
+def test_layer_replication_modules_match_the_layers_peft_copies(llama_base: Path, tmp_path: Path) -> None:
+    """With layer_replication the adapted model has more layers than the checkpoint (PEFT copies them): each module
+    matches the base layer its copy shares, so validate reports no module-missing, and PEFT applies every module."""
+    import fixtures_models as fm
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layer_replication=[[0, 2], [1, 2]])
+    adapter = fm.build_lora_adapter(llama_base, tmp_path / "rep", config, seed=3)
+    assert any(".layers.2." in n for n in ah.load(adapter).modules)
+    report = ah.validate(adapter, base=llama_base)
+    assert not [f for f in report.findings if f.code == "module-missing"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(load_model(llama_base), str(adapter))
+    assert not missing_keys_warned([str(w.message) for w in caught])

@@ -239,7 +239,7 @@ def _check_names(adapter: Adapter, base: BaseView) -> list[Finding]:
     missing: list[str] = []
     bare: list[str] = []
     for m in adapter.modules.values():
-        match = base.weight_match(m.name)
+        match = base.weight_match(adapter.config.base_module(m.name))  # layer_replication: the layer it copies
         if match is None:
             missing.append(m.name)
         elif match[1] == "prefix-removed":
@@ -333,7 +333,7 @@ def _expected_shapes(adapter: Adapter, m: LoraModule, w: TensorInfo) -> tuple[bo
 
 
 def _check_module_shape(adapter: Adapter, base: BaseView, m: LoraModule) -> list[Finding]:
-    key = base.find_weight(m.name)
+    key = base.find_weight(adapter.config.base_module(m.name))
     if key is None:
         return []  # module-missing: _check_names
     w = base.tensors[key]
