@@ -196,29 +196,50 @@ def test_gguf_api_and_provenance(llama_lora, llama_base, tmp_path):
 # --------------------------------------------------------------- against llama.cpp's own convert_lora_to_gguf.py
 
 VENDOR = Path(__file__).parent / "vendor" / "llama.cpp"
+LLAMA_CASES = ["llama_lora", "llama_all_linear", "llama_rslora", "llama_patterns"]
+FAMILIES = ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"]
 
 
-def _llama_cpp_convert(adapter: Path, base: Path, out: Path) -> None:
-    """Run the vendored convert_lora_to_gguf.py (llama.cpp, with its own gguf-py) in a subprocess, offline."""
+@pytest.fixture(scope="module")
+def llama_cpp_outputs(request, llama_base, tmp_path_factory) -> dict[str, tuple[Path, Path, Path]]:
+    """case -> (adapter, base, the GGUF llama.cpp's vendored convert_lora_to_gguf.py wrote for it).
+
+    The converter (with its own gguf-py) runs offline in one subprocess that executes the script once per case
+    (runpy, as ``python convert_lora_to_gguf.py --base BASE --outfile OUT ADAPTER``), so torch and transformers
+    are imported once."""
     import os
     import subprocess
     import sys
 
+    root = tmp_path_factory.mktemp("llama_cpp")
+    cases = {name: (request.getfixturevalue(name), llama_base) for name in LLAMA_CASES}
+    for kind in FAMILIES:
+        base = _family_base(kind, root / kind / "base")
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
+        cases[kind] = (build_lora_adapter(base, root / kind / "lora", cfg, seed=12), base)
+    jobs = [[str(base), str(root / f"{name}.gguf"), str(adapter)] for name, (adapter, base) in cases.items()]
+    driver = (
+        "import json, runpy, sys\n"
+        "script = sys.argv[1]\n"
+        "for base, out, adapter in json.loads(sys.argv[2]):\n"
+        "    sys.argv = [script, '--base', base, '--outfile', out, adapter]\n"
+        "    runpy.run_path(script, run_name='__main__')\n"
+    )
     env = {**os.environ, "PYTHONPATH": f"{VENDOR / 'gguf-py'}{os.pathsep}{VENDOR}", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(VENDOR / "convert_lora_to_gguf.py"), "--base", str(base), "--outfile", str(out)]
-    res = subprocess.run([*cmd, str(adapter)], env=env, capture_output=True, text=True, timeout=300, check=False)
+    cmd = [sys.executable, "-c", driver, str(VENDOR / "convert_lora_to_gguf.py"), json.dumps(jobs)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
+    return {name: (adapter, base, root / f"{name}.gguf") for name, (adapter, base) in cases.items()}
 
 
-@pytest.mark.parametrize("name", ["llama_lora", "llama_all_linear", "llama_rslora", "llama_patterns"])
-def test_gguf_matches_llama_cpp_converter(name, request, llama_base, tmp_path):
+@pytest.mark.parametrize("name", LLAMA_CASES)
+def test_gguf_matches_llama_cpp_converter(name, llama_cpp_outputs, tmp_path):
     """Same architecture, tensor names, shapes, alpha and A factors as llama.cpp's converter; B equal too (the same
     q/k permutation) up to each module's baked ratio s_i * r_i / alpha, which is 1 for plain LoRA. llama.cpp's
     converter drops rsLoRA and alpha_pattern (its file gives a different update); ours keeps PEFT's."""
-    adapter = request.getfixturevalue(name)
-    _llama_cpp_convert(adapter, llama_base, tmp_path / "ref.gguf")
-    assert _convert(adapter, llama_base, tmp_path / "ours.gguf").exit_code == 0
-    ref_fields, ref = _read(tmp_path / "ref.gguf")
+    adapter, base, ref_path = llama_cpp_outputs[name]
+    assert _convert(adapter, base, tmp_path / "ours.gguf").exit_code == 0
+    ref_fields, ref = _read(ref_path)
     ours_fields, ours = _read(tmp_path / "ours.gguf")
     for key in ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha"):
         assert ours_fields[key] == ref_fields[key], key
@@ -238,14 +259,12 @@ def test_gguf_matches_llama_cpp_converter(name, request, llama_base, tmp_path):
     assert baked == (name in ("llama_rslora", "llama_patterns"))
 
 
-@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"])
-def test_gguf_families_match_llama_cpp_converter(kind, tmp_path):
-    base = _family_base(kind, tmp_path / "base")
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
-    adapter = build_lora_adapter(base, tmp_path / "lora", cfg, seed=12)
-    _llama_cpp_convert(adapter, base, tmp_path / "ref.gguf")
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_gguf_families_match_llama_cpp_converter(kind, llama_cpp_outputs, tmp_path):
+    """Plain LoRA on each family: the same file contents as llama.cpp's converter, tensor for tensor."""
+    adapter, base, ref_path = llama_cpp_outputs[kind]
     assert _convert(adapter, base, tmp_path / "ours.gguf").exit_code == 0
-    ref_fields, ref = _read(tmp_path / "ref.gguf")
+    ref_fields, ref = _read(ref_path)
     ours_fields, ours = _read(tmp_path / "ours.gguf")
     assert ours_fields["general.architecture"] == ref_fields["general.architecture"]
     assert ours_fields["adapter.lora.alpha"] == ref_fields["adapter.lora.alpha"]
