@@ -271,3 +271,11 @@ def test_gguf_families_match_llama_cpp_converter(kind, llama_cpp_outputs, tmp_pa
     assert sorted(ours) == sorted(ref)
     for key in ref:
         torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_gguf_file_is_named_when_read(llama_lora, llama_base, tmp_path):
+    """A .gguf is recognised (magic bytes) and refused by name: this tool writes GGUF, it does not read it."""
+    out = tmp_path / "a.gguf"
+    assert _convert(llama_lora, llama_base, out).exit_code == 0
+    res = CliRunner().invoke(build_cli(), ["inspect", str(out)])
+    assert res.exit_code == 2 and "GGUF" in res.output and "Traceback" not in res.output
