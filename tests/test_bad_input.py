@@ -525,16 +525,21 @@ def test_adapter_for_a_wider_base(llama_lora_wide: Path, llama_base: Path) -> No
 
 
 def test_target_module_the_base_lacks(llama_lora: Path, llama_base: Path, copy_adapter: Callable[..., Path]) -> None:
+    """PEFT needs only one target_modules entry to match (multi-architecture lists are common): an entry that
+    matches nothing is a note, not an error; nothing matching at all is what PEFT refuses."""
     d = copy_adapter(llama_lora)
     set_config(d, target_modules=["q_proj", "v_proj", "nonexistent_proj"])
     ah.load(d)  # loads: the config is well-formed
     report = ah.validate(d, base=llama_base)
-    assert not report.ok
-    assert [(f.code, f.severity, f.module) for f in report.errors] == [("target-missing", "error", "nonexistent_proj")]
-    assert "'nonexistent_proj' matches no module of the base" in report.errors[0].message
+    assert report.ok
+    notes = [(f.code, f.severity, f.module) for f in report.findings if f.code == "target-unused"]
+    assert notes == [("target-unused", "info", "nonexistent_proj")]
     result = cli("validate", str(d), "--base", str(llama_base))
-    assert result.exit_code == 1
-    assert "target-missing" in result.stdout
+    assert result.exit_code == 0 and "target-unused" in result.stdout
+    set_config(d, target_modules=["nonexistent_proj"])
+    report = ah.validate(d, base=llama_base)
+    assert "targets-not-found" in [f.code for f in report.errors]
+    assert cli("validate", str(d), "--base", str(llama_base)).exit_code == 1
 
 
 # --------------------------------------------------------------------------------- bad bases
