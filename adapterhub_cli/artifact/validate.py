@@ -245,7 +245,7 @@ def _check_names(adapter: Adapter, base: BaseView) -> list[Finding]:
         elif match[1] == "prefix-removed":
             bare.append(m.name)
     task = adapter.config.task_type
-    prefix = base.base_model_prefix()
+    prefix = base.base_model_prefix() if bare else None  # transformers is imported only when needed
     arch = (base.config.get("architectures") or ["the head model"])[0]
     loaded_as_head = task is not None and task in HEAD_TASKS
     out = []
