@@ -19,7 +19,7 @@ from adapterhub_cli.formats.diffusers import DiffusersFormat, has_components, wr
 from adapterhub_cli.formats.gguf import GgufFormat
 from adapterhub_cli.formats.kohya import KOHYA_STASH_KEY, KohyaFormat, kohya_stash
 from adapterhub_cli.formats.lycoris import LycorisFormat
-from adapterhub_cli.formats.peft import PeftFormat, peft_key, write_peft
+from adapterhub_cli.formats.peft import PEFT_PREFIX, PeftFormat, peft_key, write_peft
 from adapterhub_cli.plugins.hookspecs import hookimpl
 
 
@@ -36,6 +36,7 @@ class PeftWriter(PeftFormat):
             return write_peft_components(adapter, path, self.write, overwrite=overwrite, provenance=provenance)
         keys = [k for m in adapter.modules.values() for k in (m.A.name, m.B.name)]
         keys += [m.magnitude.name for m in adapter.modules.values() if m.magnitude is not None]
+        keys += [m.bias.name for m in adapter.modules.values() if m.bias is not None]
         loaded = adapter.source.load(keys)
         tensors = {}
         for m in adapter.modules.values():
@@ -43,9 +44,11 @@ class PeftWriter(PeftFormat):
             tensors[peft_key(m.name, "lora_B")] = loaded[m.B.name]
             if m.magnitude is not None:
                 tensors[peft_key(m.name, "lora_magnitude_vector")] = loaded[m.magnitude.name]
-        if adapter.extra_tensors:
-            extra = adapter.source.load(list(adapter.extra_tensors))
-            tensors.update({f"base_model.model.{k}": v for k, v in extra.items()})
+            if m.bias is not None:  # lora_bias=True: PEFT saves lora_B's bias beside its weight
+                tensors[f"{PEFT_PREFIX}{m.name}.lora_B.bias"] = loaded[m.bias.name]
+        if adapter.extra_tensors:  # modules_to_save copies: stored names in, PEFT's names out
+            extra = adapter.source.load([info.name for info in adapter.extra_tensors.values()])
+            tensors.update({f"{PEFT_PREFIX}{key}": extra[info.name] for key, info in adapter.extra_tensors.items()})
         metadata: dict[str, str] = {}
         stash = kohya_stash(adapter)
         if stash is not None:
