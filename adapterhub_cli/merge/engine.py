@@ -218,7 +218,7 @@ def _result(plan: MergePlan, out: Path, written: int, seconds: float, device: st
         tensors=len(plan.tensors),
         tensors_merged=sum(bool(p.contributions) for p in plan.tensors),
         tensors_replaced=sum(p.replacement is not None for p in plan.tensors),
-        modules=sum(len(p.contributions) for p in plan.tensors),
+        modules=sum(c.part == "weight" for p in plan.tensors for c in p.contributions),
         shards=len(plan.shards),
         bytes_written=written,
         seconds=seconds,
