@@ -472,6 +472,8 @@ def convert(
     overwrite: bool = False,
     fold_tucker: bool = False,
     fold_loha: bool = False,
+    strip_prefix: str | None = None,
+    add_prefix: str | None = None,
 ) -> ConvertResult:
     """Convert an adapter between layouts: ``to="peft"`` (a folder), ``to="kohya"`` (one ``.safetensors`` file),
     ``to="diffusers"`` (a folder with ``pytorch_lora_weights.safetensors``), or any registered format that can
@@ -484,7 +486,8 @@ def convert(
     and values, metadata and the PEFT config while the factors are unchanged. DoRA, modules_to_save, biases and
     embeddings cannot be written as kohya and are refused. ``fold_tucker`` reads a LyCORIS LoCon-Tucker file
     (``lora_mid``) as the LoRA it equals exactly, at the same rank; ``fold_loha`` a LyCORIS LoHa file as the LoRA
-    of rank r1·r2 it equals exactly (needs ``base``).
+    of rank r1·r2 it equals exactly (needs ``base``). ``strip_prefix`` / ``add_prefix`` rewrite every module name
+    first (e.g. ``strip_prefix="unet."``) so that PEFT matches them on the base; ``validate`` suggests them.
     """
     from adapterhub_cli.formats.kohya import KohyaFormat
     from adapterhub_cli.ops.convert import convert_adapter
@@ -497,7 +500,11 @@ def convert(
         adapter = load(source, format=format, base=base)
     inputs = _inputs(("adapter", [adapter, source]), ("base folder", [base] if base is not None else []))
     check_output(out, inputs, overwrite=overwrite)
-    return convert_adapter(adapter, out, to=to, base=base, overwrite=overwrite)
+    if (strip_prefix is not None or add_prefix is not None) and (fold_tucker or fold_loha):
+        raise UsageError("--strip-prefix / --add-prefix cannot be combined with --fold-tucker / --fold-loha")
+    return convert_adapter(
+        adapter, out, to=to, base=base, overwrite=overwrite, strip_prefix=strip_prefix, add_prefix=add_prefix
+    )
 
 
 __all__ = [

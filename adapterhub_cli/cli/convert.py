@@ -11,7 +11,7 @@ from adapterhub_cli.cli._params import json_option, writable_format_choice
 
 
 if TYPE_CHECKING:
-    from adapterhub_cli.artifact.adapter import Adapter
+    pass
 
 
 @click.command("convert")
@@ -57,7 +57,11 @@ if TYPE_CHECKING:
     help="Output: a folder for peft and diffusers, a .safetensors file for kohya, what the format writes for "
     "others (written atomically).",
 )
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace OUT if adapters wrote it (an earlier output), only once the new one is complete.",
+)
 @json_option
 def convert_cmd(
     adapter: str,
@@ -80,18 +84,8 @@ def convert_cmd(
     """
     from adapterhub_cli import api
 
-    source: str | Adapter = adapter
-    if strip_prefix is not None or add_prefix is not None:
-        from adapterhub_cli.errors import UsageError
-        from adapterhub_cli.ops.convert import rename_modules
-
-        if fold_tucker or fold_loha:
-            raise UsageError("--strip-prefix / --add-prefix cannot be combined with --fold-tucker / --fold-loha")
-        source = rename_modules(
-            api.load(adapter, format=fmt, base=base), strip_prefix=strip_prefix, add_prefix=add_prefix
-        )
     result = api.convert(
-        source,
+        adapter,
         output,
         to=to,
         base=base,
@@ -99,6 +93,8 @@ def convert_cmd(
         overwrite=overwrite,
         fold_tucker=fold_tucker,
         fold_loha=fold_loha,
+        strip_prefix=strip_prefix,
+        add_prefix=add_prefix,
     )
     if as_json:
         out.json(
