@@ -181,7 +181,16 @@ def save_diffusers_lora(base: Path, out: Path, *, text_encoder: bool = False, se
     if text_encoder:
         te = CLIPTextModel.from_pretrained(base / "text_encoder")
         tcfg = LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "fc1"])
-        te.add_adapter(tcfg)
+        try:
+            te.add_adapter(tcfg)
+        except ValueError as e:  # transformers >= 5.24 asks for a PEFT newer than any released (0.21.2)
+            if "version of PEFT" not in str(e):
+                raise
+            import pytest
+
+            pytest.skip(
+                f"this transformers cannot load text-encoder LoRA with this PEFT ({e}); diffusers cannot either"
+            )
         fill(te)
         kwargs["text_encoder_lora_layers"] = get_peft_model_state_dict(te)
         kwargs["text_encoder_lora_adapter_metadata"] = tcfg.to_dict()
