@@ -19,6 +19,7 @@ from peft_helpers import dense_delta, lora_layers, peft_model, randomize_embeddi
 
 from adapterhub_cli import api as ah
 from adapterhub_cli.cli.main import build_cli
+from adapterhub_cli.errors import UsageError
 from adapterhub_cli.formats.gguf import ARCHITECTURES, unpermute_rows
 
 
@@ -279,3 +280,16 @@ def test_gguf_file_is_named_when_read(llama_lora, llama_base, tmp_path):
     assert _convert(llama_lora, llama_base, out).exit_code == 0
     res = CliRunner().invoke(build_cli(), ["inspect", str(out)])
     assert res.exit_code == 2 and "GGUF" in res.output and "Traceback" not in res.output
+
+
+def test_overwrite_replaces_an_earlier_gguf_output_only(llama_lora, llama_base, tmp_path):
+    out = tmp_path / "a.gguf"
+    ah.convert(llama_lora, out, to="gguf", base=llama_base)
+    first = out.read_bytes()
+    ah.convert(llama_lora, out, to="gguf", base=llama_base, overwrite=True)  # ours: replaced
+    assert out.read_bytes() == first  # byte-for-byte reproducible
+    foreign = tmp_path / "b.gguf"
+    foreign.write_bytes(b"GGUF not ours")
+    with pytest.raises(UsageError, match="not written by adapters"):
+        ah.convert(llama_lora, foreign, to="gguf", base=llama_base, overwrite=True)
+    assert foreign.read_bytes() == b"GGUF not ours"

@@ -205,7 +205,7 @@ def _cwd() -> Path:
 
 def is_earlier_output(path: str | Path) -> bool:
     """Whether ``path`` was written by this tool: a folder holding :data:`OUTPUT_MARKER` (a regular file), or a
-    ``.safetensors`` file whose metadata has a key starting with :data:`METADATA_PREFIX`."""
+    ``.safetensors`` or ``.gguf`` file whose metadata has a key starting with :data:`METADATA_PREFIX`."""
     path = Path(path)
     try:
         st = os.lstat(path)
@@ -213,9 +213,20 @@ def is_earlier_output(path: str | Path) -> bool:
             return stat.S_ISREG(os.lstat(path / OUTPUT_MARKER).st_mode)
         if stat.S_ISREG(st.st_mode) and path.suffix == ".safetensors":
             return any(k.startswith(METADATA_PREFIX) for k in read_header(path).metadata)
+        if stat.S_ISREG(st.st_mode) and path.suffix == ".gguf":
+            return _gguf_has_our_metadata(path)
     except (OSError, AdaptersError):
         return False
     return False
+
+
+def _gguf_has_our_metadata(path: Path) -> bool:
+    try:
+        import gguf
+
+        return any(k.startswith(METADATA_PREFIX) for k in gguf.GGUFReader(str(path)).fields)
+    except Exception:  # no gguf package, or a file it cannot read: not recognisably ours
+        return False
 
 
 def check_output(
