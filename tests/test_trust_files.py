@@ -134,3 +134,24 @@ def test_a_token_shaped_string_in_a_config_never_reaches_a_written_card(llama_lo
     (src / "adapter_config.json").write_text(json.dumps(cfg))
     out = ah.reduce(src, out=tmp_path / "out", rank=2).path
     assert SECRET not in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("doc", [b"[" * 100000, b'{"n": ' + b"1" * 5000 + b"}"])
+def test_untrusted_json_in_metadata_and_manifests_is_a_clean_error(llama_lora, tmp_path, doc):
+    """Deep nesting and numbers past Python's int-string limit: never a RecursionError / ValueError traceback."""
+    from adapterhub_cli.artifact.provenance import PROVENANCE_KEY, read_provenance
+    from adapterhub_cli.errors import CorruptFileError
+    from adapterhub_cli.stores.local import LocalStore
+
+    adapter = ah.load(llama_lora)
+    adapter.metadata[PROVENANCE_KEY] = doc.decode()
+    assert read_provenance(adapter) is None  # unreadable provenance is no provenance
+
+    root = tmp_path / "registry"
+    root.mkdir()
+    ah.push(llama_lora, f"file://{root}/acme/lora", version="1.0.0")
+    manifest = next((root / "acme" / "lora" / "versions").glob("*/.adapters-manifest.json"))
+    manifest.chmod(0o644)
+    manifest.write_bytes(doc)
+    with pytest.raises(CorruptFileError, match="manifest"):
+        LocalStore().resolve(f"file://{root}/acme/lora@1.0.0")

@@ -93,7 +93,7 @@ def _recorded(metadata: dict[str, str]) -> dict[str, Any] | None:
         return None
     try:
         doc = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # not JSON, a number too long, or nested too deeply
         return None
     return doc if isinstance(doc, dict) else None
 

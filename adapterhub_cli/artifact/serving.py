@@ -8,14 +8,14 @@ The checks read the adapter's config and tensor headers (and the base's config.j
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.checkpoint import BaseView
+from adapterhub_cli.artifact.jsonsafe import parse_json
 from adapterhub_cli.artifact.validate import Finding
-from adapterhub_cli.errors import UsageError
+from adapterhub_cli.errors import CorruptFileError, UsageError
 
 
 #: The safetensors metadata key ``adapters quantize`` writes (formats/quantized.py ``QUANT_KEY``; artifact/ sits
@@ -28,8 +28,8 @@ def _quantized_scheme(adapter: Adapter) -> str | None:
     if raw is None:
         return None
     try:
-        scheme = json.loads(raw).get("scheme")
-    except (ValueError, AttributeError):
+        scheme = parse_json(raw.encode(), path=adapter.path, what=_QUANT_KEY).get("scheme")
+    except (CorruptFileError, UnicodeEncodeError, AttributeError):
         return "unknown"
     return scheme if isinstance(scheme, str) else "unknown"
 

@@ -807,9 +807,10 @@ def write_kohya(
     stash = kohya_stash(adapter)
     if stash is None and KOHYA_STASH_KEY in adapter.metadata:
         try:
-            stash = json.loads(adapter.metadata[KOHYA_STASH_KEY])
-        except json.JSONDecodeError:
-            stash = None
+            doc = parse_json(adapter.metadata[KOHYA_STASH_KEY].encode(), path=adapter.path, what=KOHYA_STASH_KEY)
+        except (CorruptFileError, UnicodeEncodeError):
+            doc = None
+        stash = doc if isinstance(doc, dict) else None
     restore = stash is not None and stash.get("digest") == digest and set(stash.get("names", {})) == set(raw)
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, str]

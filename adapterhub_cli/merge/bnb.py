@@ -597,7 +597,7 @@ def _parse_state(raw: bytes, key: str, view: BaseView, blob_key: str) -> _State4
         shape = tuple(int(d) for d in doc["shape"])
         nested = "nested_offset" in doc
         offset = float(doc["nested_offset"]) if nested else 0.0
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (UnicodeDecodeError, KeyError, TypeError, ValueError, RecursionError) as e:  # JSONDecodeError: a ValueError
         raise CorruptFileError(
             f"tensor {blob_key!r} is not a bitsandbytes quant state ({e})", path=path, module=key
         ) from e

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.checkpoint import CONFIG_FILE, BaseView, index_file, shard_file, side_files, single_file
+from adapterhub_cli.artifact.files import read_json
 from adapterhub_cli.artifact.safetensors import encode_header, header_length, read_tensor, torch_dtype
 from adapterhub_cli.errors import CorruptFileError
 from adapterhub_cli.merge import bnb
@@ -315,7 +316,7 @@ def copy_side_files(base: Path, out: Path, config_updates: dict[str, Any], drop:
     ``base`` into ``out``; ``config.json`` gets ``config_updates`` and loses the keys ``drop``."""
     for f in side_files(base):
         if f.name == CONFIG_FILE and (config_updates or drop):
-            cfg = json.loads(f.read_text())
+            cfg = read_json(f, CONFIG_FILE)
             cfg.update(config_updates)
             for key in drop:
                 cfg.pop(key, None)

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from adapterhub_cli.artifact.checkpoint import CARD_FILE, is_plain_name, stays_inside
 from adapterhub_cli.artifact.files import sha256_file
+from adapterhub_cli.artifact.jsonsafe import parse_json
 from adapterhub_cli.artifact.ref import FILE, FILE_SCHEME, AdapterRef, Version, pick_tag
 from adapterhub_cli.errors import CorruptFileError, StoreNotFoundError, UsageError, VersionConflictError, server_text
 from adapterhub_cli.stores.base import Store
@@ -127,10 +128,7 @@ class LocalStore(Store):
             if d.name.startswith(".") or v is None or str(v) != d.name or not manifest.is_file():
                 continue
             raw = manifest.read_bytes()
-            try:
-                doc = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CorruptFileError(f"the manifest is not valid JSON ({e})", path=manifest) from e
+            doc = parse_json(raw, path=manifest, what="the manifest")
             if not isinstance(doc, dict):
                 raise CorruptFileError("the manifest is not a JSON object", path=manifest)
             out[v.tag] = (d, doc, hashlib.sha256(raw).hexdigest())
