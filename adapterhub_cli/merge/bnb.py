@@ -105,7 +105,7 @@ _CODES: dict[str, tuple[float, ...]] = {
         0.5,
         0.1666666716337204,
         0.25,
-        0.0,
+        -0.0,  # code 0b1000: bitsandbytes' kernels apply the sign bit, so it dequantizes to -0.0
         -0.0052083334885537624,
         -0.6666666865348816,
         -1.0,
