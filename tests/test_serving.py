@@ -157,3 +157,245 @@ def test_both_targets_and_bad_input(llama_dora, llama_base):
         assert res.exit_code == 2 and "Traceback" not in res.output
     with pytest.raises(ah.UsageError, match="known targets: gguf, vllm"):
         ah.validate(llama_dora, base=llama_base, target="tgi")
+
+
+# ------------------------------------------------------------- vLLM: rank, keys, files, vocabulary, dropped modules
+
+
+def _vllm(adapter: Path, base: Path, **kw: object) -> list[object]:
+    return [f for f in ah.validate(adapter, base=base, target="vllm", **kw).findings if f.code.startswith("vllm")]
+
+
+def test_vllm_rank_mismatch(llama_lora, llama_base, llama_patterns, copy_adapter):
+    """A config whose r disagrees with the tensors: PEFT refuses to load it, vLLM (lora_weights.py from_config)
+    takes the config's r for the scale and serves it silently; rank_pattern that agrees is not flagged."""
+    from peft import PeftModel
+
+    bad = copy_adapter(llama_lora)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["r"] = 16
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(load_base_model(llama_base), str(bad))
+    (f,) = [f for f in _vllm(bad, llama_base) if f.code == "vllm-rank-mismatch"]
+    assert f.severity == "error" and "alpha/16" in f.message and f.module in ah.load(bad, strict=False).modules
+    assert "vllm-rank-mismatch" not in _codes(llama_patterns, llama_base, "vllm")
+
+
+def test_vllm_bad_tensor_key(llama_base, tmp_path):
+    """Factors saved from ``model.state_dict()`` keep PEFT's adapter name (``lora_A.default.weight``): vLLM's
+    parse_fine_tuned_lora_name refuses them; `convert --to peft` writes PEFT's names, which it reads."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    good = build_lora_adapter(
+        llama_base, tmp_path / "good", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), seed=3
+    )
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_base_model(llama_base), str(good))
+    raw = {k: v.detach().contiguous() for k, v in model.state_dict().items() if "lora_" in k}
+    assert raw and all(".default." in k for k in raw)
+    named = tmp_path / "named"
+    named.mkdir()
+    shutil.copy(good / "adapter_config.json", named / "adapter_config.json")
+    save_file(raw, str(named / "adapter_model.safetensors"))
+    assert _codes(good, llama_base, "vllm") == {}
+    (f,) = [f for f in _vllm(named, llama_base) if f.code == "vllm-bad-tensor-key"]
+    assert f.severity == "error" and ".lora_A.default.weight" in f.module + f.message
+    ah.convert(named, tmp_path / "fixed", to="peft")
+    assert _codes(tmp_path / "fixed", llama_base, "vllm") == {}
+    fixed = ah.load(tmp_path / "fixed")
+    for name, m in ah.load(good).modules.items():  # the same factors under PEFT's names
+        assert torch.equal(fixed.tensor(fixed.modules[name].B.name), ah.load(good).tensor(m.B.name))
+
+
+def test_vllm_missing_weights(llama_lora, llama_base, tmp_path):
+    """vLLM reads adapter_config.json and adapter_model.safetensors from one folder: a bare file is not found."""
+    import shutil
+
+    bare = tmp_path / "bare.safetensors"
+    shutil.copy(llama_lora / "adapter_model.safetensors", bare)
+    (f,) = [f for f in _vllm(bare, llama_base) if f.code == "vllm-missing-weights"]
+    assert f.severity == "error" and "bare tensor file" in f.message
+    assert "vllm-missing-weights" not in _codes(llama_lora, llama_base, "vllm")
+
+
+def test_vllm_vocab_mismatch(llama_base, llama_lora, copy_adapter, tmp_path):
+    """An embedding LoRA trained on a resized vocabulary (136 tokens) against the 128-token base: vLLM refuses it
+    (lora_model.py from_lora_tensors); on the resized base it is fine. Added tokens past the base's vocabulary and
+    new_embeddings files (never read since vLLM 0.12) are named."""
+    import torch
+
+    model = load_base_model(llama_base)
+    model.resize_token_embeddings(136)
+    model.save_pretrained(tmp_path / "resized")
+    torch.manual_seed(0)
+    peft = get_peft_model(
+        load_base_model(tmp_path / "resized"), LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    )
+    randomize_adapter_weights(peft, seed=2)
+    randomize_embedding_lora(peft, seed=3)
+    peft.save_pretrained(tmp_path / "emb")
+    (f,) = [f for f in _vllm(tmp_path / "emb", llama_base) if f.code == "vllm-vocab-mismatch"]
+    assert f.severity == "error" and "136" in f.message and "128" in f.message
+    assert "vllm-vocab-mismatch" not in _codes(tmp_path / "emb", tmp_path / "resized", "vllm")
+
+    added = copy_adapter(llama_lora)
+    (added / "added_tokens.json").write_text(json.dumps({"<tool>": 128, "<eot>": 129}))
+    (f,) = [f for f in _vllm(added, llama_base) if f.code == "vllm-vocab-mismatch"]
+    assert f.severity == "error" and "2 tokens" in f.message
+    inside = copy_adapter(llama_lora)
+    (inside / "added_tokens.json").write_text(json.dumps({"<pad>": 5}))  # an id the base has: nothing to lose
+    assert "vllm-vocab-mismatch" not in _codes(inside, llama_base, "vllm")
+    (inside / "new_embeddings.safetensors").write_bytes((llama_lora / "adapter_model.safetensors").read_bytes())
+    assert _codes(inside, llama_base, "vllm")["vllm-vocab-mismatch"] == "warning"
+
+
+@pytest.mark.parametrize(
+    ("deploy", "dropped"),
+    [
+        (["q_proj", "v_proj"], set()),
+        (["qkv_proj"], set()),  # vLLM's packed layer holds q, k and v
+        (["k_proj"], set()),  # ... and a child named selects the whole packed layer
+        (["o_proj", "down_proj"], {"q_proj", "v_proj"}),
+        (["v_proj", "gate_up_proj"], set()),
+    ],
+)
+def test_vllm_target_filter_drop(llama_lora, llama_base, deploy, dropped):
+    """vllm/lora/utils.py is_in_target_modules on the packed layers vLLM builds (qkv_proj, gate_up_proj)."""
+    found = [f for f in _vllm(llama_lora, llama_base, lora_target_modules=deploy) if f.code.endswith("filter-drop")]
+    if not dropped:
+        assert found == []
+        return
+    (f,) = found
+    assert f.severity == "error"  # every module dropped: the adapter changes nothing
+    assert f"{len(ah.load(llama_lora).modules)} of" in f.message and str(sorted(dropped)) in f.message
+
+
+def test_vllm_target_filter_cli(llama_patterns, llama_base):
+    """Some modules dropped: a warning (exit 0); q_proj selects vLLM's whole qkv_proj layer, not gate_up_proj."""
+    res = _cli(
+        "validate", str(llama_patterns), "--base", str(llama_base), "--target", "vllm", "--lora-target-modules",
+        "q_proj,o_proj", "--json",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    (f,) = [f for f in json.loads(res.stdout)["findings"] if f["code"] == "vllm-target-filter-drop"]
+    assert f["severity"] == "warning" and "['up_proj']" in f["message"] and f["module"].endswith("up_proj")
+    res = _cli(
+        "validate", str(llama_patterns), "--base", str(llama_base), "--target", "vllm", "--lora-target-modules",
+        "qkv_proj", "--lora-target-modules", "up_proj", "--json",
+    )  # fmt: skip
+    assert res.exit_code == 0 and "vllm-target-filter-drop" not in res.stdout
+
+
+# --------------------------------------------- a multimodal base, an unsupported one, against llama.cpp's converter
+
+VENDOR = Path(__file__).parent / "vendor" / "llama.cpp"
+
+
+def _llama_cpp_convert(base: Path, adapter: Path, out: Path) -> tuple[int, str]:
+    """Run the vendored llama.cpp convert_lora_to_gguf.py offline: (exit status, its log)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": f"{VENDOR / 'gguf-py'}{os.pathsep}{VENDOR}", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(VENDOR / "convert_lora_to_gguf.py"), "--base", str(base), "--outfile", str(out)]
+    res = subprocess.run([*cmd, str(adapter)], env=env, capture_output=True, text=True, timeout=600, check=False)
+    return res.returncode, res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny LLaVA (CLIP vision tower + projector + Llama) and a PEFT LoRA on q_proj (both towers) and the
+    projector's linear_1."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("llava")
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8
+    )
+    text = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(
+        LlavaConfig(vision_config=vision, text_config=text, image_token_index=127)
+    ).save_pretrained(root / "base")
+    model = get_peft_model(
+        LlavaForConditionalGeneration.from_pretrained(root / "base"),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "linear_1"]),
+    )
+    randomize_adapter_weights(model, seed=7)
+    model.save_pretrained(root / "lora")
+    return root / "base", root / "lora"
+
+
+def test_gguf_filtered_modules_as_llama_cpp_drops_them(llava, tmp_path):
+    """llama.cpp's converter skips the vision tower's and the projector's LoRA without a word (its GGUF holds only
+    the language model's): validate names exactly those modules."""
+    import gguf
+
+    base, lora = llava
+    code, log = _llama_cpp_convert(base, lora, tmp_path / "ref.gguf")
+    assert code == 0, log[-2000:]
+    written = {t.name for t in gguf.GGUFReader(tmp_path / "ref.gguf").tensors}
+    modules = ah.load(lora).modules
+    assert len(written) == 2 * sum("language_model" in n for n in modules) < 2 * len(modules)
+    (f,) = [f for f in ah.validate(lora, base=base, target="gguf").findings if f.code == "gguf-filtered-modules"]
+    assert f.severity == "warning" and f"{len(modules) - len(written) // 2} of {len(modules)}" in f.message
+    assert "language_model" not in f.module
+    assert "gguf-unsupported-arch" not in _codes(lora, base, "gguf")  # LLaVA converts (its language model)
+
+
+def test_vllm_tower_modules_are_dropped(llava):
+    base, lora = llava
+    (f,) = [f for f in _vllm(lora, base) if f.code == "vllm-target-filter-drop"]
+    assert f.severity == "warning" and "--enable-tower-connector-lora" in f.message
+    assert "2 modules" in f.message and "language_model" not in f.module  # the tower's q_proj and the projector
+
+
+def test_gguf_unsupported_arch_as_llama_cpp_refuses(tmp_path):
+    """An OPT base: llama.cpp's converter stops with "Model OPTForCausalLM is not supported"; validate says so."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    OPTForCausalLM(
+        OPTConfig(
+            hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=128,
+            word_embed_proj_dim=32, max_position_embeddings=64,
+        )
+    ).save_pretrained(tmp_path / "base")  # fmt: skip
+    lora = build_lora_adapter(
+        tmp_path / "base", tmp_path / "lora", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]), seed=1
+    )
+    code, log = _llama_cpp_convert(tmp_path / "base", lora, tmp_path / "ref.gguf")
+    assert code != 0 and "OPTForCausalLM is not supported" in log
+    (f,) = [f for f in ah.validate(lora, base=tmp_path / "base", target="gguf").findings if "arch" in f.code]
+    assert f.code == "gguf-unsupported-arch" and f.severity == "error" and "OPTForCausalLM" in f.message
+
+
+def test_llama_cpp_architectures_are_the_converters():
+    """Our copy of the converter's architecture table equals the vendored converter's TEXT_MODEL_MAP."""
+    import subprocess
+    import sys
+
+    from adapterhub_cli.artifact.serving import LLAMA_CPP_TEXT_ARCHITECTURES, llama_cpp_architecture
+
+    code = (
+        "import json, sys; sys.path[:0] = sys.argv[1:]; from conversion import TEXT_MODEL_MAP as m; "
+        "print(json.dumps(sorted(m)))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(VENDOR), str(VENDOR / "gguf-py")], capture_output=True, text=True, check=True
+    )
+    assert set(json.loads(res.stdout)) == LLAMA_CPP_TEXT_ARCHITECTURES
+    # conversion/base.py get_model_architecture: text_config's architectures win, except for a few wrappers
+    wrapped = {"architectures": ["SomeVLM"], "text_config": {"architectures": ["LlamaForCausalLM"]}}
+    assert llama_cpp_architecture(wrapped) == "LlamaForCausalLM"
+    kimi = {"architectures": ["KimiK3ForConditionalGeneration"], "text_config": {"architectures": ["X"]}}
+    assert llama_cpp_architecture(kimi) == "KimiK3ForConditionalGeneration"

@@ -8,7 +8,7 @@ The checks read the adapter's config and tensor headers (and the base's config.j
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from adapterhub_cli.artifact.adapter import Adapter
@@ -53,6 +53,176 @@ def _copies(adapter: Adapter) -> tuple[list[str], list[str], list[str]]:
 
 # ------------------------------------------------------------------------------------------- llama.cpp (GGUF)
 
+#: The ``architectures`` names llama.cpp's converter maps to a text model class (``conversion/__init__.py``
+#: ``TEXT_MODEL_MAP``, which ``get_model_class`` looks up; ``convert_lora_to_gguf.py`` exits with "Model X is not
+#: supported" for any other). Copied from ggml-org/llama.cpp@0c1e57098 (the copy vendored under tests/vendor,
+#: which tests/test_gguf.py compares this set with).
+LLAMA_CPP_TEXT_ARCHITECTURES = frozenset(
+    """
+    AfmoeForCausalLM ApertusForCausalLM ArceeForCausalLM ArcticForCausalLM AudioFlamingo3ForConditionalGeneration
+    BaiChuanForCausalLM BaichuanForCausalLM BailingMoeForCausalLM BailingMoeV2ForCausalLM BailingMoeV3ForCausalLM
+    BailingMoeV3VLForConditionalGeneration BambaForCausalLM BertForMaskedLM BertForSequenceClassification BertModel
+    BitNetForCausalLM BitnetForCausalLM BloomForCausalLM BloomModel CamembertModel ChameleonForCausalLM
+    ChameleonForConditionalGeneration ChatGLMForConditionalGeneration ChatGLMModel CodeShellForCausalLM
+    CogVLMForCausalLM Cohere2ForCausalLM Cohere2MoeForCausalLM CohereForCausalLM DFlash2DraftModel DFlashDraftModel
+    DSparkDraftModel DSparkSpeculator DbrxForCausalLM DeciLMForCausalLM DeepseekForCausalLM DeepseekOCRForCausalLM
+    DeepseekV2ForCausalLM DeepseekV32ForCausalLM DeepseekV3ForCausalLM DeepseekV4DSparkModel DeepseekV4ForCausalLM
+    DistilBertForMaskedLM DistilBertForSequenceClassification DistilBertModel Dots1ForCausalLM Dots3NoteForCausalLM
+    Dots3NoteForConditionalGeneration Dots3NoteTextForCausalLM DotsOCRForCausalLM DreamModel Eagle3DraftModel
+    Eagle3LlamaForCausalLM Eagle3Speculator Ernie4_5ForCausalLM Ernie4_5_ForCausalLM Ernie4_5_MoeForCausalLM
+    EuroBertModel Exaone4ForCausalLM Exaone4_5_ForConditionalGeneration ExaoneForCausalLM ExaoneMoEForCausalLM
+    ExaoneMoeForCausalLM FalconForCausalLM FalconH1ForCausalLM FalconMambaForCausalLM GPT2LMHeadModel
+    GPTBigCodeForCausalLM GPTNeoXForCausalLM GPTRefactForCausalLM Gemma2ForCausalLM Gemma3ForCausalLM
+    Gemma3ForConditionalGeneration Gemma3TextModel Gemma3nForCausalLM Gemma3nForConditionalGeneration
+    Gemma4AssistantForCausalLM Gemma4DSparkModel Gemma4ForCausalLM Gemma4ForConditionalGeneration
+    Gemma4UnifiedAssistantForCausalLM Gemma4UnifiedForConditionalGeneration GemmaForCausalLM Glm4ForCausalLM
+    Glm4MoeForCausalLM Glm4MoeLiteForCausalLM Glm4vForConditionalGeneration Glm4vMoeForConditionalGeneration
+    Glm5NextForConditionalGeneration GlmForCausalLM GlmMoeDsaForCausalLM GlmOcrForConditionalGeneration
+    GptOssForCausalLM GraniteForCausalLM GraniteMoeForCausalLM GraniteMoeHybridForCausalLM GraniteMoeSWAForCausalLM
+    GraniteMoeSharedForCausalLM GraniteSWAForCausalLM GraniteSpeechForConditionalGeneration
+    GraniteSpeechPlusForConditionalGeneration GraniteSwitchForCausalLM Grok1ForCausalLM GrokForCausalLM
+    GroveMoeForCausalLM HYV3ForCausalLM HYV4ForCausalLM HrmTextForCausalLM HunYuanDenseV1ForCausalLM
+    HunYuanMoEV1ForCausalLM HunYuanVLForConditionalGeneration IQuestCoderForCausalLM InternLM2ForCausalLM
+    InternLM3ForCausalLM JAISLMHeadModel Jais2ForCausalLM JambaForCausalLM JanusForConditionalGeneration
+    JinaBertForMaskedLM JinaBertModel JinaEmbeddingsV5Model KORMoForCausalLM KimiK25ForConditionalGeneration
+    KimiK3ForConditionalGeneration KimiLinearForCausalLM KimiLinearModel KimiVLForConditionalGeneration
+    LFM2ForCausalLM LLaDAMoEModel LLaDAMoEModelLM LLaDAModelLM LLaMAForCausalLM LagunaForCausalLM
+    Lfm25AudioTokenizer Lfm2BidirectionalModel Lfm2DSparkDraftModel Lfm2ForCausalLM Lfm2Model Lfm2MoeForCausalLM
+    LingDSparkModel Llama4ForCausalLM Llama4ForConditionalGeneration LlamaBidirectionalModel LlamaForCausalLM
+    LlamaForCausalLMEagle3 LlamaModel LlavaForConditionalGeneration LlavaStableLMEpochForCausalLM MPTForCausalLM
+    MT5ForConditionalGeneration MaincoderForCausalLM Mamba2ForCausalLM MambaForCausalLM MambaLMHeadModel
+    MapleForCausalLM MellumForCausalLM MiMoV2FlashForCausalLM MiMoV2ForCausalLM MiniCPM3ForCausalLM
+    MiniCPMForCausalLM MiniCPMV4_6ForConditionalGeneration MiniMaxM1ForCausalLM MiniMaxM2ForCausalLM
+    MiniMaxM3SparseForCausalLM MiniMaxM3SparseForConditionalGeneration MiniMaxText01ForCausalLM
+    Ministral3ForCausalLM Mistral3ForConditionalGeneration MistralForCausalLM MixtralForCausalLM
+    ModernBertForMaskedLM ModernBertForSequenceClassification ModernBertModel MuseGlimmerAssistantModel
+    MuseGlimmerForConditionalGeneration NanbeigeForCausalLM NemotronForCausalLM NemotronHForCausalLM
+    NemotronHPuzzleForCausalLM NeoBERT NeoBERTForSequenceClassification NeoBERTLMHead NomicBertModel
+    OLMoForCausalLM Olmo2ForCausalLM Olmo3ForCausalLM OlmoForCausalLM OlmoeForCausalLM OpenELMForCausalLM
+    OrionForCausalLM PLMForCausalLM PLaMo2ForCausalLM PLaMo3ForCausalLM PaddleOCRVLForConditionalGeneration
+    PanguEmbeddedForCausalLM Phi3ForCausalLM Phi4ForCausalLMV PhiForCausalLM PhiMoEForCausalLM Plamo2ForCausalLM
+    Plamo3ForCausalLM PlamoForCausalLM PocketTTSModel QWenLMHeadModel Qwen2AudioForConditionalGeneration
+    Qwen2ForCausalLM Qwen2Model Qwen2MoeForCausalLM Qwen2VLForConditionalGeneration Qwen2VLModel Qwen2_5OmniModel
+    Qwen2_5_VLForConditionalGeneration Qwen3ASRForConditionalGeneration Qwen3DSparkModel Qwen3ForCausalLM
+    Qwen3Model Qwen3MoeForCausalLM Qwen3NextForCausalLM Qwen3OmniMoeForConditionalGeneration
+    Qwen3TTSForConditionalGeneration Qwen3VLForConditionalGeneration Qwen3VLMoeForConditionalGeneration
+    Qwen3_5ForCausalLM Qwen3_5ForConditionalGeneration Qwen3_5MoeForCausalLM Qwen3_5MoeForConditionalGeneration
+    Qwen4ExpForCausalLM Qwen4ExpForConditionalGeneration RND1 RWForCausalLM RWKV6Qwen2ForCausalLM RWKV7ForCausalLM
+    RobertaForSequenceClassification RobertaModel RuGPT3XLForCausalLM Rwkv6ForCausalLM Rwkv7ForCausalLM
+    RwkvHybridForCausalLM Sarashina2VisionForCausalLM SarvamMoEForCausalLM SeedOssForCausalLM
+    SmallThinkerForCausalLM SmolLM3ForCausalLM SolarOpenForCausalLM Spark2_5ForCausalLM StableLMEpochForCausalLM
+    StableLmForCausalLM Starcoder2ForCausalLM Step3p5ForCausalLM Step3p7ForConditionalGeneration
+    StepVLForConditionalGeneration T5EncoderModel T5ForConditionalGeneration T5WithLMHeadModel TalkieForCausalLM
+    UMT5ForConditionalGeneration UMT5Model UltravoxModel UnlimitedOCRForCausalLM VLlama3ForCausalLM
+    VoxtralForConditionalGeneration WavTokenizerDec XLMRobertaForSequenceClassification XLMRobertaModel
+    XverseForCausalLM YoutuForCausalLM YoutuVLForConditionalGeneration modeling_grove_moe.GroveMoeForCausalLM
+    modeling_sarvam_moe.SarvamMoEForCausalLM
+    """.split()
+)
+#: ``conversion/base.py`` ``get_model_architecture``: these top-level names win over ``text_config``'s.
+_LLAMA_CPP_TOP_LEVEL = frozenset(
+    {
+        "StepVLForConditionalGeneration",
+        "Sarashina2VisionForCausalLM",
+        "Exaone4_5_ForConditionalGeneration",
+        "Step3p7ForConditionalGeneration",
+        "KimiK3ForConditionalGeneration",
+    }
+)
+
+
+def llama_cpp_architecture(config: dict[str, Any]) -> str | None:
+    """The architecture name llama.cpp's converter looks up for a base ``config.json`` (``conversion/base.py``
+    ``get_model_architecture`` for a text model): ``architectures[0]``, replaced by ``text_config``'s
+    ``architectures[0]`` when that exists (a multimodal wrapper converted as its language model)."""
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    if arch is None and isinstance(config.get("ssm_cfg"), dict):
+        layer = config["ssm_cfg"].get("layer", "Mamba")
+        arch = f"{layer}ForCausalLM" if isinstance(layer, str) else None
+    if arch in _LLAMA_CPP_TOP_LEVEL:
+        return arch
+    text = config.get("text_config")
+    sub = text.get("architectures") if isinstance(text, dict) else None
+    if isinstance(sub, list) and sub and isinstance(sub[0], str):
+        return sub[0]
+    return arch
+
+
+def _llama_cpp_filtered(base_name: str) -> bool:
+    """conversion/base.py ``TextModel.filter_tensors``: multimodal tensors a text conversion skips (``get_tensors``
+    of convert_lora_to_gguf.py then ``continue``s: no message). ``base_name`` is the LoRA key as
+    ``get_base_tensor_name`` gives it (``base_model.model.`` removed, ``.lora_A.weight`` -> ``.weight``)."""
+    name = base_name
+    if name.startswith(
+        (
+            "mlp",
+            "vit.",
+            "vpm.",
+            "siglip2.",
+            "conformer.",
+            "merger.",
+            "resampler.",
+            "sound_encoder.",
+            "sound_projection.",
+            "speech_embeddings.",
+        )
+    ):
+        return True
+    pieces = (
+        "visual.",
+        "vision.",
+        "audio.",
+        "talker.",
+        "vision_",
+        "audio_",
+        "token2wav.",
+        "code2wav.",
+        "projector.",
+        "pre_mm_projector_norm",
+        "image_newline",
+        "view_seperator",
+        "patch_embed",
+        "patch_embedding",
+        "patch_merger.",
+        "patch_merge_mlp.",
+        "model.connector.",
+    )
+    return any(p in name for p in pieces)
+
+
+def _gguf_base_checks(adapter: Adapter, base: BaseView | None) -> list[Finding]:
+    """``gguf-unsupported-arch`` (convert_lora_to_gguf.py: ``get_model_class(get_model_architecture(hparams))``,
+    else "Model X is not supported", exit 1) and ``gguf-filtered-modules`` (modules its ``filter_tensors`` skips
+    without a word: their update is missing from the GGUF)."""
+    out: list[Finding] = []
+    if base is not None:
+        arch = llama_cpp_architecture(base.config)
+        if arch not in LLAMA_CPP_TEXT_ARCHITECTURES:
+            out.append(
+                Finding(
+                    "gguf-unsupported-arch",
+                    "error",
+                    f"llama.cpp has no converter for the base architecture {arch or '(none in config.json)'}: "
+                    f'convert_lora_to_gguf.py stops with "Model {arch} is not supported"; serve the adapter '
+                    "with PEFT / transformers or vLLM, or merge it and use a runtime for that architecture",
+                )
+            )
+    dropped = [n for n in sorted(adapter.modules) if _llama_cpp_filtered(n + ".weight")]
+    if dropped:
+        every = len(dropped) == len(adapter.modules)
+        out.append(
+            Finding(
+                "gguf-filtered-modules",
+                "error" if every else "warning",
+                f"{len(dropped)} of {len(adapter.modules)} modules belong to a vision / audio tower or projector "
+                f"(e.g. {dropped[0]}): llama.cpp's converter skips them without a word, so the GGUF lacks their "
+                "update (llama.cpp converts the language model only); merge the adapter to keep them",
+                dropped[0],
+            )
+        )
+    return out
+
 
 def check_gguf(adapter: Adapter, base: BaseView | None = None) -> list[Finding]:
     """What llama.cpp's ``convert_lora_to_gguf.py`` (and its loader, ``src/llama-adapter.cpp``) would refuse or
@@ -64,7 +234,7 @@ def check_gguf(adapter: Adapter, base: BaseView | None = None) -> list[Finding]:
     base with tied embeddings (``"lm_head is present in adapter, but is ignored in base model"``).
     """
     cfg = adapter.config
-    out: list[Finding] = []
+    out: list[Finding] = _gguf_base_checks(adapter, base)
     fix = "or export with `adapters convert ADAPTER --to gguf --base BASE -o OUT.gguf`, which bakes it into lora_B"
     scheme = _quantized_scheme(adapter)
     if scheme is not None:
@@ -172,13 +342,18 @@ _VLLM_SAVED = {"classifier", "score"}
 
 
 def check_vllm(
-    adapter: Adapter, base: BaseView | None = None, *, max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK
+    adapter: Adapter,
+    base: BaseView | None = None,
+    *,
+    max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK,
+    lora_target_modules: Sequence[str] | None = None,
 ) -> list[Finding]:
     """What vLLM's LoRA loader (v0.33.0: ``vllm/lora/peft_helper.py`` ``PEFTHelper.from_dict`` / ``validate_legal``
     / ``_validate_features``, ``vllm/lora/lora_model.py`` ``from_local_checkpoint``, ``vllm/lora/utils.py``
     ``parse_fine_tuned_lora_name``, ``vllm/lora/worker_manager.py`` ``_load_adapter``) refuses or loses.
 
-    ``max_lora_rank`` is the server's ``--max-lora-rank``.
+    ``max_lora_rank`` is the server's ``--max-lora-rank``; ``lora_target_modules`` its ``--lora-target-modules``
+    (the deploy-time filter; None: no filter).
     """
     cfg = adapter.config
     raw: dict[str, Any] = cfg.raw
@@ -304,6 +479,11 @@ def check_vllm(
             "rank_pattern / alpha_pattern are applied by vLLM >= 0.33 only; older vLLM (<= 0.27) uses one scale for "
             "every module and serves a wrong update",
         )
+    out += _vllm_rank_mismatch(adapter)
+    out += _vllm_bad_keys(adapter, bias + saved + norm)
+    out += _vllm_missing_weights(adapter)
+    out += _vllm_vocab(adapter, base)
+    out += _vllm_dropped(adapter, base, lora_target_modules)
     if adapter.format != "peft":
         add(
             "vllm-format",
@@ -314,12 +494,245 @@ def check_vllm(
     return out
 
 
+def _vllm_rank_mismatch(adapter: Adapter) -> list[Finding]:
+    """vLLM never compares the tensors' rank with the config: ``LoRALayerWeights.from_config`` (vllm/lora/
+    lora_weights.py) takes rank and scale from ``PEFTHelper`` (``r`` / ``rank_pattern``, ``lora_alpha`` /
+    ``alpha_pattern``), and ``set_lora`` (vllm/lora/layers/base_linear.py) copies any narrower factors into the first
+    columns of its ``max_lora_rank`` slots. PEFT refuses such an adapter (size mismatch); vLLM serves it with the
+    config's scale."""
+    cfg = adapter.config
+    if adapter.config_inferred:
+        return []
+    bad = [(m, cfg.rank_for(m.name)) for m in adapter.modules.values() if m.rank != cfg.rank_for(m.name)]
+    if not bad:
+        return []
+    m, want = bad[0]
+    rule = "rank_pattern" if want != cfg.r else "r"
+    return [
+        Finding(
+            "vllm-rank-mismatch",
+            "error",
+            f"{len(bad)} modules have tensors of another rank than the config gives them (e.g. rank {m.rank}, "
+            f"{rule} says {want}): vLLM does not check this and serves them with the config's scale (alpha/{want}, "
+            f"not alpha/{m.rank}), a silently wrong update, where PEFT refuses the adapter; fix r / rank_pattern "
+            "in adapter_config.json",
+            m.name,
+        )
+    ]
+
+
+def _vllm_parses(key: str) -> bool:
+    """vllm/lora/utils.py ``parse_fine_tuned_lora_name``: ``….lora_A.weight`` / ``….lora_B.weight`` or
+    ``….lora_embedding_A`` / ``….lora_embedding_B``; anything else raises "… is unsupported LoRA weight"
+    (``is_base_embeddding_weights`` keys, PEFT's ``embed_tokens`` / ``lm_head`` ``base_layer`` copies, are skipped
+    before it)."""
+    parts = key.split(".")
+    if key.endswith((".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight")):
+        return True
+    if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in ("lora_A", "lora_B"):
+        return True
+    return parts[-1] in ("lora_embedding_A", "lora_embedding_B")
+
+
+def _vllm_bad_keys(adapter: Adapter, reported: list[str]) -> list[Finding]:
+    """Stored tensor names vLLM's parser refuses, beyond those other findings name (DoRA magnitudes, biases,
+    modules_to_save copies): mostly keys still holding PEFT's adapter name (``….lora_A.default.weight``, from
+    saving ``model.state_dict()`` instead of ``save_pretrained``)."""
+    if adapter.format != "peft" or _quantized_scheme(adapter) is not None:
+        return []  # vllm-format / vllm-quantized
+    keys = [t.name for m in adapter.modules.values() for t in (m.A, m.B)]
+    keys += [adapter.key_prefix + n for n in adapter.extra_tensors if n not in reported]
+    bad = [k for k in keys if not _vllm_parses(k)]
+    if not bad:
+        return []
+    return [
+        Finding(
+            "vllm-bad-tensor-key",
+            "error",
+            f"{len(bad)} tensor names are not PEFT's saved form (e.g. {bad[0]!r}): vLLM's loader refuses them "
+            '("… is unsupported LoRA weight"; it reads only ….lora_A.weight / ….lora_B.weight / '
+            "….lora_embedding_A / ….lora_embedding_B); run `adapters convert ADAPTER --to peft -o OUT`, which "
+            "writes PEFT's names",
+            bad[0],
+        )
+    ]
+
+
+def _vllm_missing_weights(adapter: Adapter) -> list[Finding]:
+    """vllm/lora/peft_helper.py ``from_local_dir`` opens ``<dir>/adapter_config.json`` and vllm/lora/lora_model.py
+    ``from_local_checkpoint`` reads ``<dir>/adapter_model.safetensors`` (else ``.bin``, else ``.pt``; else "…
+    doesn't contain tensors"): one folder holding both. A bare tensor file, or a folder without the config, is not
+    found (``LoRAAdapterNotFoundError`` / HTTP 404 from the server)."""
+    if adapter.format != "peft":
+        return []  # vllm-format
+    if adapter.path.is_dir() and not adapter.config_inferred:
+        return []
+    what = "a bare tensor file" if not adapter.path.is_dir() else "a folder without adapter_config.json"
+    return [
+        Finding(
+            "vllm-missing-weights",
+            "error",
+            f"this is {what}: vLLM loads a folder holding adapter_config.json and adapter_model.safetensors, and "
+            "finds no adapter here; run `adapters convert ADAPTER --to peft -o OUT` (check the written r and "
+            "lora_alpha: they were inferred)",
+        )
+    ]
+
+
+def _vocab_size(base: BaseView) -> int | None:
+    """The vocabulary size vLLM compares with (``ModelConfig.get_vocab_size``: the text config's ``vocab_size``)."""
+    text = base.config.get("text_config")
+    for cfg in (text if isinstance(text, dict) else {}, base.config):
+        value = cfg.get("vocab_size")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _vllm_vocab(adapter: Adapter, base: BaseView | None) -> list[Finding]:
+    """Vocabulary the adapter brings that vLLM cannot serve.
+
+    - vllm/lora/lora_model.py ``from_lora_tensors``: ``lora_embedding_A.shape[1]`` must equal the model's vocabulary
+      size, or "The embedding LoRA size(…) must be consistent with the base model's vocabulary size(…)".
+    - Extra vocabulary is gone since vLLM 0.12: ``new_embeddings.safetensors`` / ``.bin`` (read by v0.11's
+      ``lora/models.py`` ``from_local_checkpoint`` with ``lora_extra_vocab_size``) are never read by v0.20 to
+      v0.33, so rows for added tokens are silently lost; tokens an ``added_tokens.json`` numbers past the base's
+      vocabulary have no embedding row at all.
+    """
+    out: list[Finding] = []
+    vocab = _vocab_size(base) if base is not None else None
+    for m in adapter.modules.values():
+        if m.kind == "embedding" and vocab is not None and m.A.shape[1] != vocab:
+            out.append(
+                Finding(
+                    "vllm-vocab-mismatch",
+                    "error",
+                    f"the embedding LoRA covers {m.A.shape[1]} tokens but the base's vocab_size is {vocab}: vLLM "
+                    "refuses it (\"The embedding LoRA size … must be consistent with the base model's vocabulary "
+                    'size"); serve a base resized to this vocabulary, or merge the adapter',
+                    m.name,
+                )
+            )
+            break
+    folder = adapter.path if adapter.path.is_dir() else None
+    if folder is None:
+        return out
+    new = [p.name for p in sorted(folder.glob("new_embeddings.*")) if p.suffix in (".safetensors", ".bin")]
+    added = _added_token_ids(folder)
+    past = sorted(i for i in added if vocab is not None and i >= vocab)
+    if past:
+        out.append(
+            Finding(
+                "vllm-vocab-mismatch",
+                "error",
+                f"added_tokens.json adds {len(past)} tokens past the base's vocabulary ({vocab}, first id "
+                f"{past[0]}): vLLM (>= 0.12) has no extra-vocabulary support, so they have no embedding row; resize "
+                "the base (resize_token_embeddings), merge the adapter into it and serve the merged model",
+            )
+        )
+    elif new:
+        out.append(
+            Finding(
+                "vllm-vocab-mismatch",
+                "warning",
+                f"{new[0]} holds embeddings for added tokens: vLLM >= 0.12 never reads it (extra vocabulary was "
+                "removed), so those rows are lost; merge the adapter into a resized base instead",
+            )
+        )
+    return out
+
+
+def _added_token_ids(folder: Any) -> list[int]:
+    path = folder / "added_tokens.json"
+    if not path.is_file() or path.stat().st_size > 16 * 2**20:
+        return []
+    try:
+        doc = parse_json(path.read_bytes(), path=path, what="added_tokens.json")
+    except (CorruptFileError, OSError):
+        return []
+    if not isinstance(doc, dict):
+        return []
+    return [v for v in doc.values() if isinstance(v, int) and not isinstance(v, bool)]
+
+
+#: The packed layers vLLM builds from separate HF projections (``packed_modules_mapping`` of its Llama, Mistral,
+#: Qwen2/3, Gemma, … classes, e.g. vllm/model_executor/models/llama.py ``LlamaForCausalLM.packed_modules_mapping``).
+_VLLM_PACKED: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+#: Module-name pieces of vision / audio towers and their connectors: vLLM gives them no LoRA wrapper unless it
+#: runs with ``--enable-tower-connector-lora`` (vllm/lora/model_manager.py ``_create_lora_modules``: "no matching
+#: PunicaWrapper is found; … will be ignored").
+_TOWER_MARKERS = (
+    "vision_tower",
+    "vision_model",
+    "visual.",
+    "vision_encoder",
+    "audio_tower",
+    "audio_encoder",
+    "multi_modal_projector",
+    "mm_projector",
+)
+
+
+def _vllm_passes_filter(name: str, wanted: set[str]) -> bool:
+    """vllm/lora/utils.py ``is_in_target_modules`` on the layer vLLM builds for adapter module ``name``: its suffix
+    (a q/k/v or gate/up projection lives in the packed layer), its full name, or a packed layer's child named."""
+    suffix = name.rsplit(".", 1)[-1]
+    layer = next((p for p, kids in _VLLM_PACKED.items() if suffix in kids), suffix)
+    if layer in wanted or name in wanted:
+        return True
+    return any(kid in wanted for kid in _VLLM_PACKED.get(layer, ()))
+
+
+def _vllm_dropped(adapter: Adapter, base: BaseView | None, wanted: Sequence[str] | None) -> list[Finding]:
+    """Modules vLLM loads and never applies, without an error: those outside the server's ``--lora-target-modules``
+    (vllm/lora/model_manager.py ``_create_lora_modules`` gives them no LoRA layer; the load check
+    ``check_unexpected_modules`` uses the model's modules, not this filter), and vision / audio tower modules of a
+    multimodal base (no punica wrapper without ``--enable-tower-connector-lora``)."""
+    names = sorted(adapter.modules)
+    out: list[Finding] = []
+    if wanted is not None:
+        dropped = [n for n in names if not _vllm_passes_filter(n, set(wanted))]
+        if dropped:
+            out.append(
+                Finding(
+                    "vllm-target-filter-drop",
+                    "warning" if len(dropped) < len(names) else "error",
+                    f"{len(dropped)} of {len(names)} modules are outside --lora-target-modules "
+                    f"{','.join(wanted)} (e.g. {dropped[0]}): vLLM loads them and silently never applies them; add "
+                    f"{sorted({n.rsplit('.', 1)[-1] for n in dropped})} to --lora-target-modules",
+                    dropped[0],
+                )
+            )
+    multimodal = base is None or any(k in base.config for k in ("vision_config", "audio_config"))
+    towers = [n for n in names if multimodal and "language_model" not in n and any(t in n for t in _TOWER_MARKERS)]
+    if towers:
+        out.append(
+            Finding(
+                "vllm-target-filter-drop",
+                "warning",
+                f"{len(towers)} modules sit in a vision / audio tower or its connector (e.g. {towers[0]}): vLLM "
+                'ignores them unless it runs with --enable-tower-connector-lora ("no matching PunicaWrapper is '
+                'found; … will be ignored"); start it with that flag, or merge the adapter',
+                towers[0],
+            )
+        )
+    return out
+
+
 #: ``validate --target NAME`` -> its check.
 TARGETS: dict[str, Callable[..., list[Finding]]] = {"gguf": check_gguf, "vllm": check_vllm}
 
 
 def check_target(
-    target: str, adapter: Adapter, base: BaseView | None = None, *, max_lora_rank: int | None = None
+    target: str,
+    adapter: Adapter,
+    base: BaseView | None = None,
+    *,
+    max_lora_rank: int | None = None,
+    lora_target_modules: Sequence[str] | None = None,
 ) -> list[Finding]:
     """The findings of one serving target (``gguf`` or ``vllm``).
 
@@ -330,6 +743,9 @@ def check_target(
         raise UsageError(f"unknown serving target {target!r}; known targets: {', '.join(sorted(TARGETS))}")
     if target == "vllm":
         return check_vllm(
-            adapter, base, max_lora_rank=VLLM_DEFAULT_MAX_LORA_RANK if max_lora_rank is None else max_lora_rank
+            adapter,
+            base,
+            max_lora_rank=VLLM_DEFAULT_MAX_LORA_RANK if max_lora_rank is None else max_lora_rank,
+            lora_target_modules=lora_target_modules,
         )
     return TARGETS[target](adapter, base)
