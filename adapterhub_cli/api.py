@@ -4,6 +4,12 @@ Every function that writes (reduce, combine, quantize, dequantize, merge, unmerg
 output path against every local path it reads (:func:`adapterhub_cli.artifact.files.check_output`: never an input,
 a folder holding one or inside one; an existing output replaced only with ``overwrite`` and only if this tool wrote
 it), and checks ``weights`` are finite numbers within ``±MAX_WEIGHT``, before anything is written.
+
+Every function that reads adapters or bases takes ``token`` (the Hub token for store refs; default ``HF_TOKEN`` or the
+saved login) and, where it reads adapters, ``base`` (a local checkpoint whose tensor names map a kohya file's names
+to modules; default ``$ADAPTERS_BASE``), as every CLI command has ``--token`` and ``--base``. Error messages name
+options as the CLI spells them (``--overwrite``): the keyword argument is the same name with underscores
+(``overwrite=True``); see :mod:`adapterhub_cli.errors`.
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ from adapterhub_cli.errors import InvalidAdapterError, UsageError
 from adapterhub_cli.formats import detect_format, get_format
 from adapterhub_cli.merge.engine import MergeResult, run_merge
 from adapterhub_cli.ops.combine import CombineResult, combine_adapters
+from adapterhub_cli.ops.combine import check_options as check_combine_options
 from adapterhub_cli.ops.convert import ConvertResult
 from adapterhub_cli.ops.diff import DiffReport, diff_adapters
 from adapterhub_cli.ops.quantize import QuantizeResult, dequantize_adapter, quantize_adapter
 from adapterhub_cli.ops.reduce import Progress, ReduceResult, reduce_adapter
+from adapterhub_cli.ops.reduce import check_options as check_reduce_options
 from adapterhub_cli.stores import open_base, open_store_adapter
 
 
@@ -79,9 +87,22 @@ def _inputs(*groups: tuple[str, Sequence[object]]) -> dict[Path, str]:
     return paths
 
 
-def check_weights(weights: list[float] | None) -> None:
-    """Refuse ``weights`` that are not finite numbers within ``±MAX_WEIGHT`` (zero is fine), before anything is
-    read or written."""
+def _names_base(base: object) -> str | Path | None:
+    """``base`` when it is a local path (what a kohya file's names are mapped through), else None (a store ref or
+    a view: adapters are then read without it, as with no ``base``)."""
+    from adapterhub_cli.stores import find_store
+
+    return base if isinstance(base, str | Path) and find_store(str(base)) is None else None
+
+
+def check_weights(weights: list[float] | None, count: int | None = None) -> None:
+    """Refuse ``weights`` that are not finite numbers within ``±MAX_WEIGHT`` (zero is fine), or not ``count`` of
+    them (one per adapter), before anything is read or written."""
+    if weights is not None and count is not None and len(weights) != count:
+        raise UsageError(
+            f"--weights has {len(weights)} value(s) for {count} adapter(s): give one weight per adapter",
+            hint="e.g. --weights " + ",".join(["1"] * count),
+        )
     for w in weights or []:
         if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or abs(w) > MAX_WEIGHT:
             raise UsageError(
@@ -114,8 +135,9 @@ def load(
             would silently give every module the wrong scale). ``validate`` reads with ``strict=False`` and
             reports the same problem as a finding.
         api, token: the ``huggingface_hub.HfApi`` (endpoint) and token for a Hub ref; by default ``HfApi()``.
-        base: for formats whose module names need the base model (kohya files): a checkpoint folder or file
-            whose tensor names map the file's names to modules (default: ``$ADAPTERS_BASE``); others ignore it.
+        base: for formats whose module names need the base model (kohya files): a local checkpoint folder or file
+            whose tensor names map the file's names to modules (default: ``$ADAPTERS_BASE``); others ignore it, and
+            so is a store ref (``validate`` and ``merge`` pass their base here whatever it is).
 
     Raises:
         AdapterNotFoundError, InvalidAdapterError, CorruptFileError, UnsafeFileError, UnknownFormatError,
@@ -134,7 +156,7 @@ def load(
         fmt = get_format(format) if format else detect_format(path)
         params = _pyinspect.signature(fmt.read).parameters
         kwargs: dict[str, object] = {"allow_pickle": allow_pickle} if "allow_pickle" in params else {}
-        if base is not None and "base" in params:
+        if _names_base(base) is not None and "base" in params:
             kwargs["base"] = base
         adapter = fmt.read(path, **kwargs)
         pinned = pulled_from(path) if path.is_dir() else None
@@ -154,7 +176,13 @@ def load(
 
 
 def inspect(
-    source: AdapterLike, *, modules: bool = False, spectrum: bool = False, sha256: bool = True
+    source: AdapterLike,
+    *,
+    modules: bool = False,
+    spectrum: bool = False,
+    sha256: bool = True,
+    token: str | None = None,
+    base: str | Path | None = None,
 ) -> InspectReport:
     """Summarise an adapter from its config and headers; ``spectrum`` also loads the factors.
 
@@ -163,8 +191,9 @@ def inspect(
         spectrum: add per-module singular values, Frobenius norm and 90% / 99% effective ranks of the
             update, computed from the r x r core (never the dense d_out x d_in matrix).
         sha256: hash the tensor file (cached by file identity and modification time).
+        token, base: as for :func:`load`.
     """
-    adapter = load(source)
+    adapter = load(source, token=token, base=base)
     remote = getattr(adapter.source, "remote", None)  # a Hub adapter: the Hub's LFS sha256, nothing downloaded
     digest = sha256_file(adapter.tensor_file) if sha256 and adapter.tensor_file else None
     if digest is None and sha256 and remote is not None:
@@ -182,6 +211,8 @@ def validate(
     gguf: bool = False,
     target: str | Sequence[str] | None = None,
     max_lora_rank: int | None = None,
+    lora_target_modules: Sequence[str] | None = None,
+    token: str | None = None,
 ) -> ValidationReport:
     """Check that an adapter fits a base checkpoint (read through config and headers only).
 
@@ -194,6 +225,9 @@ def validate(
             findings; see :mod:`adapterhub_cli.artifact.serving`).
         gguf: the same as ``target="gguf"`` (kept for compatibility).
         max_lora_rank: vLLM's ``--max-lora-rank`` for the ``vllm`` target (default 16, vLLM's default).
+        token: the Hub token for a store ref (adapter or base). A local ``base`` also maps a kohya file's names.
+        lora_target_modules: vLLM's ``--lora-target-modules`` for the ``vllm`` target (module names; None: vLLM
+            applies every module it supports): adapter modules outside it are reported as silently dropped.
 
     Returns:
         a report whose ``ok`` is False when an error-level finding was made.
@@ -204,11 +238,13 @@ def validate(
     targets = [target] if isinstance(target, str) else list(target or [])
     if gguf and "gguf" not in targets:
         targets.append("gguf")
-    adapter = load(source, strict=False)
-    view = base if isinstance(base, BaseView) else open_base(base)
+    adapter = load(source, strict=False, token=token, base=_names_base(base))
+    view = base if isinstance(base, BaseView) else open_base(base, token=token)
     report = validate_against(adapter, view, check_weights=check_weights)
     for name in targets:
-        report.findings.extend(check_target(name, adapter, view, max_lora_rank=max_lora_rank))
+        report.findings.extend(
+            check_target(name, adapter, view, max_lora_rank=max_lora_rank, lora_target_modules=lora_target_modules)
+        )
     return report
 
 
@@ -223,6 +259,8 @@ def reduce(
     max_rank: int | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    token: str | None = None,
+    base: str | Path | None = None,
 ) -> ReduceResult:
     """Reduce every module of an adapter to its optimal rank-k approximation and write it to ``out``.
 
@@ -230,8 +268,14 @@ def reduce(
     fraction of ``||dW||_F²``), ``sv_ratio`` (every singular value >= sigma_1 / sv_ratio) or ``sv_fro`` (the fewest
     holding that fraction of ``||dW||_F``, i.e. energy sv_fro²); ``max_rank`` caps k. The output is a PEFT folder
     (per-module ranks as rank_pattern) written atomically; inputs are checked first and never modified.
+
+    A rule that cannot be followed or would partly be ignored is a ``UsageError`` before anything is read (not
+    exactly one rule; ``max_rank`` with ``rank``), and so is a ``rank`` not below any module's rank; a dynamic rule
+    that keeps every rank writes the output with a warning (``result.warnings``, ``result.unchanged``).
+    ``token``, ``base``: as for :func:`load`.
     """
-    adapter = load(source)
+    check_reduce_options(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank)
+    adapter = load(source, token=token, base=base)
     check_output(out, _inputs(("adapter", [adapter, source])), overwrite=overwrite)
     return reduce_adapter(
         adapter,
@@ -246,14 +290,16 @@ def reduce(
     )
 
 
-def diff(a: AdapterLike, b: AdapterLike) -> DiffReport:
+def diff(
+    a: AdapterLike, b: AdapterLike, *, token: str | None = None, base: str | Path | None = None
+) -> DiffReport:
     """Compare two adapters: config changes, modules only in one, and per shared module the norms, cosine,
     relative distance ``||dW_B - dW_A|| / ||dW_A||`` and top-subspace overlap, all from the factors.
 
     The verdict is "identical" (every update within the storage dtype's tolerance), "scaled copy" (B's
-    updates are one constant times A's) or "different".
+    updates are one constant times A's) or "different". ``token``, ``base``: as for :func:`load`.
     """
-    return diff_adapters(load(a), load(b))
+    return diff_adapters(load(a, token=token, base=base), load(b, token=token, base=base))
 
 
 def combine(
@@ -264,10 +310,12 @@ def combine(
     method: str = "cat",
     rank: int | None = None,
     density: float | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     force: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
+    token: str | None = None,
+    base: str | Path | None = None,
 ) -> CombineResult:
     """Combine adapters into one, module by module, over the union of their modules.
 
@@ -278,9 +326,16 @@ def combine(
     ``dare_ties``, ``magnitude_prune`` (element-wise on each module's update with ``density``, seeded, then
     compressed to rank ``rank``). ``weights`` default to 1 each and may be negative. Inputs must fit
     together (same shapes; same declared base unless ``force``); nothing is written otherwise.
+
+    Options the method would ignore are a ``UsageError`` before anything is read (``rank`` or ``density`` with
+    ``cat``, ``density`` with ``linear``, ``seed`` (default 0) with a method that draws nothing), as are a missing
+    required one and a weight count other than one per adapter. A result whose weighted inputs cancel
+    (``[A, A]``, ``weights=[1, -1]``) is written with a warning (``result.warnings``, ``result.zero_modules``).
+    ``token``, ``base``: as for :func:`load`.
     """
-    check_weights(weights)
-    adapters = [load(s) for s in sources]
+    check_weights(weights, len(sources))
+    check_combine_options(method, count=len(sources), weights=weights, rank=rank, density=density, seed=seed)
+    adapters = [load(s, token=token, base=base) for s in sources]
     check_output(out, _inputs(("adapter", [*adapters, *sources])), overwrite=overwrite)
     return combine_adapters(
         adapters,
@@ -304,20 +359,33 @@ def quantize(
     block_size: int = 64,
     overwrite: bool = False,
     progress: Progress | None = None,
+    token: str | None = None,
+    base: str | Path | None = None,
 ) -> QuantizeResult:
     """Store an adapter's factors quantized: ``int8`` / ``fp8`` (one float32 scale per ``block_size`` values),
     ``nf4`` (bitsandbytes), or a ``bf16`` / ``fp16`` cast. The result is read back by :func:`load` (and every
-    operation) transparently; :func:`dequantize` turns it into a plain PEFT adapter."""
-    adapter = load(source)
+    operation) transparently; :func:`dequantize` turns it into a plain PEFT adapter. ``token``, ``base``: as for
+    :func:`load`."""
+    adapter = load(source, token=token, base=base)
     check_output(out, _inputs(("adapter", [adapter, source])), overwrite=overwrite)
     return quantize_adapter(adapter, out, scheme=scheme, block_size=block_size, overwrite=overwrite, progress=progress)
 
 
-def dequantize(source: AdapterLike, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Write a quantized adapter back as a PEFT adapter that ``PeftModel.from_pretrained`` loads."""
-    adapter = load(source)
+def dequantize(
+    source: AdapterLike,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    dtype: str = "fp32",
+    token: str | None = None,
+    base: str | Path | None = None,
+) -> Path:
+    """Write an adapter this tool quantized (int8 / fp8 / nf4) or cast (bf16 / fp16) back as a PEFT adapter that
+    ``PeftModel.from_pretrained`` loads, its floating tensors in ``dtype`` (``fp32``, ``bf16`` or ``fp16``).
+    ``token``, ``base``: as for :func:`load`."""
+    adapter = load(source, token=token, base=base)
     check_output(out, _inputs(("adapter", [adapter, source])), overwrite=overwrite)
-    return dequantize_adapter(adapter, out, overwrite=overwrite)
+    return dequantize_adapter(adapter, out, overwrite=overwrite, dtype=dtype)
 
 
 def merge(
@@ -332,6 +400,7 @@ def merge(
     quantize: str | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    token: str | None = None,
 ) -> MergeResult:
     """Merge one or more adapters into a base checkpoint, streaming tensor by tensor, into ``out``.
 
@@ -350,11 +419,13 @@ def merge(
         quantize: write the output in bitsandbytes' layout (``"nf4"``, ``"fp4"``, ``"int8"``) that transformers
             loads with its quantization config. A base saved by transformers with bitsandbytes is read
             (dequantized weight by weight) either way; without ``quantize`` its merge is written in 16 bits.
+        token: the Hub token for store refs (the base and the adapters). A local ``base`` also maps the names of
+            kohya adapters.
     """
     items = adapters if isinstance(adapters, list) else [adapters]
-    check_weights(weights)
-    view = base if isinstance(base, BaseView) else open_base(base)
-    loaded = [load(a) for a in items]
+    check_weights(weights, len(items))
+    view = base if isinstance(base, BaseView) else open_base(base, token=token)
+    loaded = [load(a, token=token, base=_names_base(base)) for a in items]
     check_output(out, _inputs(("base folder", [view, base]), ("adapter", [*loaded, *items])), overwrite=overwrite)
     return run_merge(
         view,
@@ -367,7 +438,19 @@ def merge(
         quantize=quantize,
         overwrite=overwrite,
         progress=progress,
+        base_source=None if isinstance(base, BaseView) else str(base),
+        base_model=_hub_repo_id(base),
     )
+
+
+def _hub_repo_id(ref: object) -> str | None:
+    """The Hub repo id a Hub ref names (what a merged model's card gives as ``base_model``), else None."""
+    from adapterhub_cli.stores import find_store
+
+    if not isinstance(ref, str | AdapterRef):
+        return None
+    store = find_store(str(ref))
+    return store.parse(str(ref)).repo_id if store is not None and store.name == "hf" else None
 
 
 def unmerge(
@@ -377,19 +460,25 @@ def unmerge(
     out: str | Path,
     weights: list[float] | None = None,
     device: str = "cpu",
-    max_shard_size: str | int = "5GB",
+    dtype: str = "auto",
+    max_shard_size: str | int | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    token: str | None = None,
 ) -> MergeResult:
     """Subtract adapters' updates from a merged checkpoint (PEFT's unmerge arithmetic), giving the base back.
 
+    ``dtype`` as for :func:`merge`. ``max_shard_size`` None (the default) keeps the shard layout of ``merged``:
+    the same shard files, index and tensor-to-shard assignment; a size re-cuts the output.
+
     Exact up to the rounding of the stored dtype (in bf16 the result differs from the original base by about
-    one unit in the last place where the update was large); DoRA merges cannot be undone.
+    one unit in the last place where the update was large); DoRA merges cannot be undone. ``token``: the Hub token
+    for store refs; a local ``merged`` also maps the names of kohya adapters.
     """
     items = adapters if isinstance(adapters, list) else [adapters]
-    check_weights(weights)
-    view = merged if isinstance(merged, BaseView) else open_base(merged)
-    loaded = [load(a) for a in items]
+    check_weights(weights, len(items))
+    view = merged if isinstance(merged, BaseView) else open_base(merged, token=token)
+    loaded = [load(a, token=token, base=_names_base(merged)) for a in items]
     inputs = _inputs(("merged folder", [view, merged]), ("adapter", [*loaded, *items]))
     check_output(out, inputs, overwrite=overwrite)
     return run_merge(
@@ -398,10 +487,12 @@ def unmerge(
         out,
         weights=weights,
         device=device,
+        dtype=dtype,
         max_shard_size=max_shard_size,
         overwrite=overwrite,
         reverse=True,
         progress=progress,
+        base_source=None if isinstance(merged, BaseView) else str(merged),
     )
 
 
@@ -474,6 +565,7 @@ def convert(
     fold_loha: bool = False,
     strip_prefix: str | None = None,
     add_prefix: str | None = None,
+    token: str | None = None,
 ) -> ConvertResult:
     """Convert an adapter between layouts: ``to="peft"`` (a folder), ``to="kohya"`` (one ``.safetensors`` file),
     ``to="diffusers"`` (a folder with ``pytorch_lora_weights.safetensors``), or any registered format that can
@@ -488,20 +580,21 @@ def convert(
     (``lora_mid``) as the LoRA it equals exactly, at the same rank; ``fold_loha`` a LyCORIS LoHa file as the LoRA
     of rank r1·r2 it equals exactly (needs ``base``). ``strip_prefix`` / ``add_prefix`` rewrite every module name
     first (e.g. ``strip_prefix="unet."``) so that PEFT matches them on the base; ``validate`` suggests them.
+    ``token``: the Hub token for a store ref.
     """
     from adapterhub_cli.formats.kohya import KohyaFormat
     from adapterhub_cli.ops.convert import convert_adapter
 
+    if (strip_prefix is not None or add_prefix is not None) and (fold_tucker or fold_loha):
+        raise UsageError("--strip-prefix / --add-prefix cannot be combined with --fold-tucker / --fold-loha")
     if isinstance(source, Adapter):
         adapter = source
     elif fold_tucker or fold_loha:
         adapter = KohyaFormat().read(Path(str(source)), base=base, fold_tucker=fold_tucker, fold_loha=fold_loha)
     else:
-        adapter = load(source, format=format, base=base)
+        adapter = load(source, format=format, base=base, token=token)
     inputs = _inputs(("adapter", [adapter, source]), ("base folder", [base] if base is not None else []))
     check_output(out, inputs, overwrite=overwrite)
-    if (strip_prefix is not None or add_prefix is not None) and (fold_tucker or fold_loha):
-        raise UsageError("--strip-prefix / --add-prefix cannot be combined with --fold-tucker / --fold-loha")
     return convert_adapter(
         adapter, out, to=to, base=base, overwrite=overwrite, strip_prefix=strip_prefix, add_prefix=add_prefix
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from adapterhub_cli.cli._output import out, styled
-from adapterhub_cli.cli._params import allow_pickle_option, json_option
+from adapterhub_cli.cli._params import allow_pickle_option, json_option, token_option
 
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
@@ -16,7 +16,9 @@ _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 @click.option(
     "--base",
     required=True,
-    help="Base checkpoint: a folder (config.json + safetensors, single or sharded) or a Hub ref (org/name@rev).",
+    metavar="BASE",
+    help="Base checkpoint to check against: a folder (config.json + safetensors, single or sharded) or a store ref "
+    "(org/name@rev); a local one also maps a kohya file's names to modules.",
 )
 @click.option(
     "--target",
@@ -33,8 +35,16 @@ _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
     default=None,
     help="vLLM's --max-lora-rank for --target vllm (default 16, vLLM's default).",
 )
+@click.option(
+    "--lora-target-modules",
+    "lora_target_modules",
+    multiple=True,
+    help="vLLM's --lora-target-modules for --target vllm (comma-separated or repeated): adapter modules outside "
+    "it are reported as silently dropped.",
+)
 @click.option("--no-weights", is_flag=True, help="Skip loading the adapter's tensors (no NaN / inf check).")
 @allow_pickle_option
+@token_option
 @json_option
 def validate_cmd(
     adapter: str,
@@ -42,8 +52,10 @@ def validate_cmd(
     targets: tuple[str, ...],
     gguf: bool,
     max_lora_rank: int | None,
+    lora_target_modules: tuple[str, ...],
     no_weights: bool,
     allow_pickle: bool,
+    token: str | None,
     as_json: bool,
 ) -> None:
     """Check that ADAPTER fits the base model: targets, shapes, ranks, modules_to_save, declared base, NaN.
@@ -57,9 +69,17 @@ def validate_cmd(
     """
     from adapterhub_cli import api
 
-    lora = api.load(adapter, allow_pickle=allow_pickle, strict=False)
+    lora = api.load(adapter, allow_pickle=allow_pickle, strict=False, token=token, base=base)
+    wanted = [m.strip() for item in lora_target_modules for m in item.split(",") if m.strip()]
     report = api.validate(
-        lora, base=base, check_weights=not no_weights, gguf=gguf, target=list(targets), max_lora_rank=max_lora_rank
+        lora,
+        base=base,
+        check_weights=not no_weights,
+        gguf=gguf,
+        target=list(targets),
+        max_lora_rank=max_lora_rank,
+        lora_target_modules=wanted or None,
+        token=token,
     )
     if as_json:
         out.json(
