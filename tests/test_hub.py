@@ -44,6 +44,21 @@ def run_cli(*args: str) -> Result:
     return CliRunner().invoke(build_cli(), list(args))
 
 
+def same_model(a: Path, b: Path) -> None:
+    """Two merge outputs hold the same files and the same tensors (their provenance, which names where the base was
+    read from, and their cards may differ)."""
+    from safetensors.torch import load_file
+
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name.endswith(".safetensors"):
+            ta, tb = load_file(a / name), load_file(b / name)
+            assert ta.keys() == tb.keys() and all(ta[k].equal(tb[k]) for k in ta), name
+        elif name not in ("README.md", ".adapters-output"):
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
 @pytest.fixture(scope="module")
 def big_lora(tmp_path_factory: pytest.TempPathFactory, llama_lora: Path) -> Path:
     """An r=128 adapter on the llama base (~260 KB of weights: larger than one 100 kB header range read)."""
@@ -238,8 +253,8 @@ def test_push_refuses_an_invalid_adapter(hub: FakeHub, copy_adapter: Callable[..
 def test_push_validates_against_a_declared_hub_base(
     hub: FakeHub, copy_adapter: Callable[..., Path], llama_base: Path, llama_base_wide: Path, llama_lora: Path
 ) -> None:
-    ah.push(llama_base, "org/llama", version="1.0.0")
-    ah.push(llama_base_wide, "org/wide", version="1.0.0")
+    ah.push(llama_base, "org/llama", version="1.0.0", force=True)
+    ah.push(llama_base_wide, "org/wide", version="1.0.0", force=True)
     lora = copy_adapter(llama_lora)
     cfg_path = lora / "adapter_config.json"
 
@@ -294,7 +309,7 @@ def test_remote_inspect_reads_only_headers(hub: FakeHub, big_lora: Path) -> None
 
 
 def test_validate_against_a_hub_base_reads_only_headers(hub: FakeHub, llama_base: Path, llama_lora: Path) -> None:
-    base = ah.push(llama_base, "org/llama", version="1.0.0", base_model="org/llama-pretrained")
+    base = ah.push(llama_base, "org/llama", version="1.0.0", base_model="org/llama-pretrained", force=True)
     assert "model.safetensors" in base.files
     card = (Path(ah.pull("org/llama@v1.0.0").path) / "README.md").read_text()
     assert "base_model: org/llama-pretrained" in card and "base_model_relation: merge" in card
@@ -311,13 +326,12 @@ def test_validate_against_a_hub_base_reads_only_headers(hub: FakeHub, llama_base
 
 
 def test_merge_fetches_hub_weights_on_demand(hub: FakeHub, llama_base: Path, llama_lora: Path, tmp_path: Path) -> None:
-    ah.push(llama_base, "org/llama", version="1.0.0")
+    ah.push(llama_base, "org/llama", version="1.0.0", force=True)
     ah.push(llama_lora, "org/lora", version="1.0.0")
     local = ah.merge(llama_lora, base=llama_base, out=tmp_path / "local")
     remote = ah.merge("org/lora@v1.0.0", base="org/llama@v1.0.0", out=tmp_path / "remote")
     assert remote.tensors_merged == local.tensors_merged > 0
-    a, b = (tmp_path / "local" / "model.safetensors"), (tmp_path / "remote" / "model.safetensors")
-    assert a.read_bytes() == b.read_bytes()
+    same_model(tmp_path / "local", tmp_path / "remote")
     assert json.loads((tmp_path / "remote" / "config.json").read_text())["hidden_size"] == 64
 
 
@@ -329,7 +343,7 @@ def test_a_hub_bnb_base_is_dequantized_without_downloading_shards(
     from adapterhub_cli.stores.hf import pull as hub_module
     from adapterhub_cli.stores.hf.store import HfStore
 
-    ah.push(bnb_sharded, "org/llama-bnb", version="1.0.0")
+    ah.push(bnb_sharded, "org/llama-bnb", version="1.0.0", force=True)
     shards = sorted(p.name for p in bnb_sharded.glob("model-*.safetensors"))
     fetched: list[str] = []
     fetch_file = hub_module.fetch_file
@@ -370,7 +384,7 @@ def test_merge_into_a_hub_bnb_base_streams_its_shards(
     from adapterhub_cli.stores.hf import pull as hub_module
     from adapterhub_cli.stores.records import Resolved
 
-    ah.push(bnb_sharded, "org/llama-bnb", version="1.0.0")
+    ah.push(bnb_sharded, "org/llama-bnb", version="1.0.0", force=True)
     local = ah.merge(tiny_llama_lora, base=bnb_sharded, out=tmp_path / "local")
     events: list[str] = []
     fetch_file, logical_view = hub_module.fetch_file, bnb.logical_view
@@ -391,10 +405,8 @@ def test_merge_into_a_hub_bnb_base_streams_its_shards(
     assert remote.tensors_merged == local.tensors_merged == 4
     shards = sorted(p.name for p in bnb_sharded.glob("model-*.safetensors"))
     assert events[0] == "logical view" and sorted(events[1:]) == shards  # each shard once, as the merge reaches it
-    names = sorted(p.name for p in (tmp_path / "local").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "remote").iterdir()) and "config.json" in names
-    for name in names:
-        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "remote" / name).read_bytes(), name
+    same_model(tmp_path / "local", tmp_path / "remote")
+    assert (tmp_path / "remote" / "config.json").is_file()
     assert "quantization_config" not in json.loads((tmp_path / "remote" / "config.json").read_text())
 
 
@@ -617,22 +629,20 @@ def test_a_merged_unet_pushes_and_pulls(hub: FakeHub, unet_and_lora: tuple[Path,
     assert "diffusion_pytorch_model.safetensors" in json.loads(r.output)["files"]
     r = run_cli("pull", "org/unet-merged@v1.0.0", "-o", str(tmp_path / "pulled"))
     assert r.exit_code == 0, r.output
-    for p in (tmp_path / "merged").iterdir():
-        assert (tmp_path / "pulled" / p.name).read_bytes() == p.read_bytes(), p.name
+    for p in (tmp_path / "merged").iterdir():  # the card is the push's (it adds the repo and version)
+        if p.name != "README.md":
+            assert (tmp_path / "pulled" / p.name).read_bytes() == p.read_bytes(), p.name
 
 
 def test_merge_into_a_hub_unet(hub: FakeHub, unet_and_lora: tuple[Path, Path], tmp_path: Path) -> None:
     """A diffusers component on the Hub is a base like any other: validated and merged into from its headers
     and its one weight file, the output named as diffusers names it."""
     unet, lora = unet_and_lora
-    ah.push(unet, "org/unet", version="1.0.0")
+    ah.push(unet, "org/unet", version="1.0.0", force=True)
     r = run_cli("validate", str(lora), "--base", "org/unet@v1.0.0")
     assert r.exit_code == 0, r.output
     r = run_cli("merge", str(lora), "--into", "org/unet@v1.0.0", "-o", str(tmp_path / "remote"))
     assert r.exit_code == 0, r.output
     ah.merge(lora, base=unet, out=tmp_path / "local")
-    names = sorted(p.name for p in (tmp_path / "local").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "remote").iterdir())
-    assert "diffusion_pytorch_model.safetensors" in names
-    for name in names:
-        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "remote" / name).read_bytes(), name
+    same_model(tmp_path / "local", tmp_path / "remote")
+    assert (tmp_path / "remote" / "diffusion_pytorch_model.safetensors").is_file()

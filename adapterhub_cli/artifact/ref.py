@@ -2,7 +2,7 @@
 and semantic versions with their ranges.
 
     AdapterRef.parse("org/name@v1.2.0")   # a tag on the Hub
-    AdapterRef.parse("org/name@latest")   # the highest semver tag
+    AdapterRef.parse("org/name@latest")   # the highest release tag (prereleases excluded)
     AdapterRef.parse("org/name@^1.2")     # the highest tag in [1.2.0, 2.0.0)
     AdapterRef.parse("hf://org/name@main")
     AdapterRef.parse("file:///srv/adapters/org/name@~1.2")   # a local directory registry
@@ -284,8 +284,7 @@ def pick_tag(tags: Iterable[str], ref: AdapterRef) -> str | None:
         want = Version.parse(rev)
         return next((n for n, v in sorted(parsed.items(), key=lambda x: x[0]) if v == want), None)
     if kind == "latest":
-        releases = {n: v for n, v in parsed.items() if v.pre is None}
-        return max(releases, key=lambda n: releases[n]) if releases else None
+        return latest_release(names)
     if kind == "range":
         bounds = version_range(rev)
         if bounds is None:
@@ -293,6 +292,14 @@ def pick_tag(tags: Iterable[str], ref: AdapterRef) -> str | None:
         hits = {n: v for n, v in parsed.items() if in_range(v, bounds)}
         return max(hits, key=lambda n: hits[n]) if hits else None
     return None
+
+
+def latest_release(tags: Iterable[str]) -> str | None:
+    """THE meaning of "latest", for ``@latest``, for a ref without a revision and for push's version check: the
+    tag of the highest semver release among ``tags``, prereleases (``2.0.0-rc.1``) excluded; None when there is
+    none. Of two tags spelling one version (``1.2.0`` and ``v1.2.0``) the ``v`` one wins."""
+    releases = {n: v for n in tags if (v := Version.parse(n)) is not None and v.pre is None}
+    return max(releases, key=lambda n: (releases[n], n.startswith("v"))) if releases else None
 
 
 def ref_scheme(text: object) -> str | None:

@@ -4,7 +4,7 @@ Refs: ``file:///ROOT/ORG/NAME[@REF]``, e.g. ``file:///srv/adapters/acme/lora@^1.
 environment variable ``ADAPTERS_STORE_ROOTS`` (absolute paths separated by ``os.pathsep``) is a registered
 root: below it the bare path ``/srv/adapters/acme/lora@1.2.0`` is the same ref. REF is a version (``1.2.0`` /
 ``v1.2.0``), ``latest``, a range (``^1.2``, ``~1.2``, ``1``: the Hub's grammar), a version's content id, or
-nothing (the highest release).
+nothing: the latest release, as ``latest`` (prereleases excluded; a repo holding only prereleases needs one named).
 
 Layout::
 
@@ -42,7 +42,7 @@ from pathlib import Path
 from adapterhub_cli.artifact.checkpoint import CARD_FILE, is_plain_name, stays_inside
 from adapterhub_cli.artifact.files import sha256_file
 from adapterhub_cli.artifact.jsonsafe import parse_json
-from adapterhub_cli.artifact.ref import FILE, FILE_SCHEME, AdapterRef, Version, pick_tag
+from adapterhub_cli.artifact.ref import FILE, FILE_SCHEME, AdapterRef, Version, latest_release, pick_tag
 from adapterhub_cli.errors import CorruptFileError, StoreNotFoundError, UsageError, VersionConflictError, server_text
 from adapterhub_cli.stores.base import Store
 from adapterhub_cli.stores.publish import check_version
@@ -57,6 +57,10 @@ STORED_CARD = "." + CARD_FILE
 VERSIONS = "versions"
 _CHUNK = 8 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _order(tag: str) -> Version:
+    return Version.parse(tag) or Version(0, 0, 0)
 
 
 def store_roots() -> list[Path]:
@@ -137,23 +141,33 @@ class LocalStore(Store):
     def resolve(self, ref: str | AdapterRef) -> Resolved:
         parsed = self.parse(ref)
         published = self._published(parsed)
-        rev = parsed.revision
-        if rev is None:
-            parsed = parsed.with_revision("latest")
-        tag = pick_tag(published, parsed)
+        rev, kind = parsed.revision, parsed.kind
+        tag = latest_release(published) if rev is None else pick_tag(published, parsed)
         if tag is None and rev is not None and len(rev) >= 12:  # a content id, or a unique prefix of one
             hits = [t for t, (_, _, cid) in published.items() if cid.startswith(rev)]
             tag = hits[0] if len(hits) == 1 else None
-        if tag is None and rev is None and published:  # only prereleases: the highest of them
-            tag = max(published, key=lambda t: Version.parse(t) or Version(0, 0, 0))
         if tag is None:
             shown = ", ".join(sorted(published, key=lambda t: Version.parse(t) or Version(0, 0, 0))) or "none"
+            only_pre = rev in (None, "latest") and published
             raise StoreNotFoundError(
-                f"no version of {parsed.repo_ref} matches {rev or 'latest'!r} (published: {shown})",
+                f"no version of {parsed.repo_ref} matches {rev or 'latest'!r} (published: {shown}"
+                + ("; the latest is the highest release, prereleases excluded" if only_pre else "")
+                + ")",
                 repo_id=parsed.repo_ref,
                 revision=rev,
-                hint=f"see `adapters versions {parsed.repo_ref}`",
+                hint=f"name a prerelease exactly ({parsed.repo_ref}@{max(published, key=_order)})"
+                if only_pre
+                else f"see `adapters versions {parsed.repo_ref}`",
             )
+        note = (
+            f"the latest release {tag} (no version was given)"
+            if rev is None
+            else f"the latest release {tag} (prereleases excluded)"
+            if kind == "latest"
+            else f"the highest release in {rev}: {tag}"
+            if kind == "range"
+            else None
+        )
         folder, doc, content_id = published[tag]
         files = {}
         listed = doc.get("files") or {}
@@ -165,7 +179,7 @@ class LocalStore(Store):
                 raise CorruptFileError(f"the manifest gives {name} no valid size and sha256", path=folder / MANIFEST)
             files[name] = StoreFile(name, size, sha256)
         assert parsed.repo_id is not None
-        return Resolved(FILE, parsed.repo_id, rev, content_id, tag, files, root=self._root_prefix(parsed))
+        return Resolved(FILE, parsed.repo_id, rev, content_id, tag, files, root=self._root_prefix(parsed), note=note)
 
     def versions(self, ref: str) -> list[VersionInfo]:
         parsed = self.parse(ref)

@@ -28,7 +28,7 @@ from adapterhub_cli.artifact.checkpoint import (
     stays_inside,
 )
 from adapterhub_cli.artifact.files import atomic_dir, read_json, sha256_file
-from adapterhub_cli.artifact.ref import AdapterRef, Version, is_repo_id, require_version
+from adapterhub_cli.artifact.ref import AdapterRef, Version, is_repo_id, latest_release, require_version
 from adapterhub_cli.errors import (
     CorruptFileError,
     InvalidAdapterError,
@@ -92,6 +92,36 @@ def push_files(folder: Path) -> tuple[str, dict[str, Path]]:
         "component's diffusion_pytorch_model.safetensors)",
         path=folder,
     )
+
+
+def require_ours(folder: Path, kind: str, *, force: bool) -> list[str]:
+    """Refuse, without ``force``, to push a model checkpoint this tool did not write: a folder that is not an
+    adapter is published as a merged model, which a plain base checkpoint is not. Accepted: a folder written by
+    ``adapters merge`` / ``unmerge`` (its :data:`~adapterhub_cli.artifact.files.OUTPUT_MARKER`, or provenance in
+    a weight file's metadata) and one written by ``adapters pull`` (its :data:`PULL_RECORD`). Returns the warning
+    a forced push carries.
+
+    Raises:
+        InvalidAdapterError: such a folder without ``force``.
+    """
+    from adapterhub_cli.artifact.files import OUTPUT_MARKER, is_earlier_output
+
+    if kind != "merge" or is_earlier_output(folder) or pulled_from(folder) is not None:
+        return []
+    if any(is_earlier_output(p) for p in regular_files(folder) if p.name.endswith(".safetensors")):
+        return []
+    what = (
+        "a model checkpoint that neither `adapters merge` wrote (no {OUTPUT_MARKER}, no provenance "
+        "in its weights) nor `adapters pull` fetched"
+    )
+    if not force:
+        raise InvalidAdapterError(
+            f"{what}: it would be published as a model merged with LoRA adapters",
+            path=folder,
+            hint="push an adapter folder or a folder written by `adapters merge`; to publish this checkpoint "
+            "anyway, pass --force",
+        )
+    return [f"{what}; published anyway (--force), carded as a merged model"]
 
 
 def local_card(folder: Path) -> str | None:
@@ -161,7 +191,8 @@ def _store_of(ref: str | None) -> Store | None:
 
 
 def check_version(repo: str, version: Version, tags: Mapping[str, str], force: bool) -> None:
-    """Refuse a version that exists (never moved) or, without ``force``, one lower than the highest release.
+    """Refuse a version that exists (never moved) or, without ``force``, one lower than the latest release
+    (:func:`~adapterhub_cli.artifact.ref.latest_release`: prereleases never count as the latest).
 
     ``tags``: published tag or version name -> immutable id.
 
@@ -176,14 +207,14 @@ def check_version(repo: str, version: Version, tags: Mapping[str, str], force: b
             revision=existing,
             hint="publish a new version number",
         )
-    releases = [v for t in tags if (v := Version.parse(t)) is not None]
-    latest = max(releases, default=None)
+    latest_tag = latest_release(tags)
+    latest = Version.parse(latest_tag) if latest_tag is not None else None
     if latest is not None and version < latest and not force:
         raise VersionConflictError(
-            f"version {version} is lower than the latest published {latest.tag} of {repo}",
+            f"version {version} is lower than the latest release {latest.tag} of {repo}",
             repo_id=repo,
             revision=version.tag,
-            hint="pass --force (force=True) to publish an older version line anyway",
+            hint="pass --force to publish an older version line anyway",
         )
 
 
@@ -211,7 +242,9 @@ def push_folder(
         raise UsageError(f"push to a repo, not a revision: {ref}", hint="give the version with --version")
     v = require_version(version)
     kind, files = push_files(folder)
+    foreign = require_ours(folder, kind, force=force)
     adapter, config, validated, warnings = validate_for_push(folder, kind)
+    warnings = [*foreign, *warnings]
     try:
         published = {x.tag: x.commit for x in store.versions(target.repo_ref)}
     except StoreNotFoundError:
@@ -264,6 +297,8 @@ def pull_version(
         resolved.tag,
         hashes,
         root=resolved.root,
+        branch=resolved.branch,
+        note=resolved.note,
     )
     if out is None:
         return result
@@ -273,6 +308,7 @@ def pull_version(
         "requested": str(parsed),
         "commit": resolved.commit,
         "tag": resolved.tag,
+        "branch": resolved.branch,
         "uri": resolved.uri,
         "files": hashes,
         "pulled_at": datetime.now(UTC).isoformat(timespec="seconds"),

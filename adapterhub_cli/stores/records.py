@@ -33,6 +33,9 @@ class Resolved:
         files: every file of the version, by name.
         root: what is written before ``repo_id`` in this store's refs: ``""`` for the Hub's bare
             ``org/name``, ``file:///srv/adapters/`` for a local registry, ``s3://bucket/`` for a plugin's.
+        branch: the branch the ref was resolved through (``main``), None when not through a branch.
+        note: how a ref that named no exact version was resolved, in words: ``the latest release (no version
+            was given)``, ``the default branch main (no version tags)``; None for an exact ref.
     """
 
     store: str
@@ -42,6 +45,8 @@ class Resolved:
     tag: str | None
     files: Mapping[str, StoreFile]
     root: str = ""
+    branch: str | None = None
+    note: str | None = None
 
     @property
     def pinned(self) -> str:
@@ -64,7 +69,7 @@ class Resolved:
 @dataclass(frozen=True)
 class VersionInfo:
     """One published version (tag) of a repo: its tag, semver (None for other tags), immutable id, date
-    and message."""
+    and message; ``seen_at`` is set when the row comes from a cached listing (offline mode), not the store."""
 
     tag: str
     version: str | None
@@ -72,6 +77,8 @@ class VersionInfo:
     date: str | None
     title: str
     message: str
+    #: None when listed by the store just now; in offline mode, when the cached listing was seen online
+    seen_at: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,7 +104,9 @@ class PushResult:
 
 @dataclass
 class PullResult:
-    """Where a pull put the files (a folder ``out``, or the store's own verified copy) and what it pinned."""
+    """Where a pull put the files (a folder ``out``, or the store's own verified copy) and what it pinned: the
+    ``commit`` (immutable id) always, the ``tag`` or ``branch`` it was found through, and a ``note`` saying how a
+    ref without an exact version was resolved (:attr:`Resolved.note`)."""
 
     path: Path
     repo_id: str
@@ -106,6 +115,8 @@ class PullResult:
     tag: str | None
     files: dict[str, str]  # name -> sha256 of the local file
     root: str = field(default="", repr=False)
+    branch: str | None = None
+    note: str | None = None
 
     @property
     def pinned(self) -> str:

@@ -7,6 +7,11 @@ The layout is huggingface_hub's, so its own tools and offline mode read what is 
     snapshots/<commit>/<file name>           a relative symlink to its blob
     refs/<tag or branch>                     the commit it pointed to when fetched
 
+Beside it, in this tool's own cache folder (``$ADAPTERS_CACHE/adapterhub_cli/hub-versions/``), the versions (tags)
+of each repo as last listed online (:func:`record_versions`, :func:`read_versions`): what ``versions`` shows in
+offline mode, and what a ref without a revision resolves against there. The record is scrubbed of secrets and
+escape sequences when written and checked again when read (a record that fails is ignored).
+
 Every name a path is built from is checked first, wherever it came from: the repo id by the ref grammar, commit
 and blob ids as lowercase hex (:data:`SHA1`, :data:`SHA256`), file names as relative paths of plain names, ref
 names as plain names. A blob is written to a fresh file (created exclusively, never through an existing link) and
@@ -18,6 +23,7 @@ real path lies in the repo's ``blobs/`` or in its snapshot folder.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -26,7 +32,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from adapterhub_cli.artifact.checkpoint import is_plain_name, is_relative_name
-from adapterhub_cli.errors import HubResponseError
+from adapterhub_cli.artifact.ref import is_name
+from adapterhub_cli.errors import AdaptersError, HubResponseError, scrub, server_text
+from adapterhub_cli.stores.records import VersionInfo
 
 
 #: a git object id: a commit, or the blob sha1 the Hub gives for a file not in LFS
@@ -134,6 +142,100 @@ def read_refs(repo_id: str) -> dict[str, str]:
             if SHA1.match(commit):
                 out[p.name] = commit
     return out
+
+
+#: the largest versions record read (a repo with thousands of tags and long messages stays far below)
+MAX_RECORD_BYTES = 4 << 20
+_RECORD_TEXT_LIMIT = 4000
+
+
+def versions_record(repo_id: str) -> Path | None:
+    """Where the versions of ``repo_id`` seen online are recorded; None for a repo id that is not two plain names."""
+    from adapterhub_cli.artifact.files import _hash_cache_path  # the one rule for this tool's cache folder
+
+    org, _, name = repo_id.partition("/")
+    if not (is_name(org) and is_name(name)):
+        return None
+    return _hash_cache_path().parent / "hub-versions" / f"models--{org}--{name}.json"
+
+
+def record_versions(repo_id: str, rows: list[VersionInfo], *, endpoint: str) -> None:
+    """Record ``rows`` (every tag of the repo as just listed online) for offline use. Rows without a date, title
+    or message (a listing of refs alone) keep those of the previous record for the same tag and commit. Never
+    fails: a cache that cannot be written only means offline ``versions`` has less to show."""
+    path = versions_record(repo_id)
+    if path is None:
+        return
+    previous = {r.tag: r for r in (read_versions(repo_id) or ("", []))[1]}
+    tags: dict[str, dict[str, str | None]] = {}
+    for r in rows:
+        old = previous.get(r.tag)
+        keep = old is not None and old.commit == r.commit and r.date is None
+        tags[r.tag] = {
+            "commit": r.commit,
+            "date": old.date if keep and old else r.date,
+            "title": (old.title if keep and old else r.title)[:_RECORD_TEXT_LIMIT],
+            "message": (old.message if keep and old else r.message)[:_RECORD_TEXT_LIMIT],
+        }
+    from datetime import UTC, datetime
+
+    doc = {
+        "repo_id": repo_id,
+        "endpoint": endpoint,
+        "seen_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "tags": tags,
+    }
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        with os.fdopen(fd, "w") as f:
+            f.write(scrub(json.dumps(doc, indent=1, sort_keys=True)) + "\n")
+        tmp.replace(path)
+
+
+def read_versions(repo_id: str) -> tuple[str, list[VersionInfo]] | None:
+    """(when it was seen online, the versions) from the record of ``repo_id``; None when there is none or it does
+    not check out: a regular file of at most :data:`MAX_RECORD_BYTES`, this repo's, every tag a string without
+    control characters, every commit a commit id, every text a string (shown as server text)."""
+    from adapterhub_cli.artifact.jsonsafe import parse_json
+    from adapterhub_cli.artifact.ref import Version
+
+    path = versions_record(repo_id)
+    if path is None or path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_RECORD_BYTES:
+        return None
+    try:
+        doc = parse_json(path.read_bytes(), path=path, what="the cached versions record")
+    except (OSError, AdaptersError):
+        return None
+    if not isinstance(doc, dict) or doc.get("repo_id") != repo_id or not isinstance(doc.get("tags"), dict):
+        return None
+    seen_at = doc.get("seen_at")
+    if not isinstance(seen_at, str) or len(seen_at) > 64:
+        return None
+    rows = []
+    for tag, entry in doc["tags"].items():
+        if not isinstance(entry, dict) or server_text(tag) != tag or not tag or len(tag) > 256:
+            return None
+        commit, date = entry.get("commit"), entry.get("date")
+        texts = [entry.get("title"), entry.get("message")]
+        if not (isinstance(commit, str) and SHA1.match(commit)) or not (date is None or isinstance(date, str)):
+            return None
+        if not all(isinstance(t, str) and len(t) <= _RECORD_TEXT_LIMIT for t in texts):
+            return None
+        v = Version.parse(tag)
+        rows.append(
+            VersionInfo(
+                tag=tag,
+                version=str(v) if v else None,
+                commit=commit,
+                date=server_text(date)[:64] if date else None,
+                title=server_text(texts[0]),
+                message=server_text(texts[1]),
+                seen_at=server_text(seen_at),
+            )
+        )
+    return server_text(seen_at), rows
 
 
 def _replace_link(pointer: Path, target: str) -> None:

@@ -12,7 +12,10 @@ translated error does not chain the ``huggingface_hub`` exception (whose text ma
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -107,13 +110,22 @@ def is_transient(e: BaseException) -> bool:
 
 
 def hub_error(
-    e: BaseException, *, repo_id: str, revision: str | None, action: str, filename: str | None, endpoint: str
+    e: BaseException,
+    *,
+    repo_id: str,
+    revision: str | None,
+    action: str,
+    filename: str | None,
+    endpoint: str,
+    token_sent: bool = True,
 ) -> HubError | None:
     """The :class:`HubError` a failed Hub call means, or None when ``e`` is not a Hub failure.
 
-    An answer ``huggingface_hub`` could not parse (a missing key, a wrong type, not JSON) is a
-    :class:`HubResponseError`; arguments it refused (``HFValidationError``) and this package's own errors are not
-    Hub failures.
+    A 401 is always an authentication error, also where ``huggingface_hub`` calls it a missing repository (it does
+    for a request without a token: the Hub answers so for a private or missing repo); ``token_sent`` says whether
+    the request carried one, and the hint says what to do in each case. An answer ``huggingface_hub`` could not
+    parse (a missing key, a wrong type, not JSON) is a :class:`HubResponseError`; arguments it refused
+    (``HFValidationError``) and this package's own errors are not Hub failures.
     """
     from huggingface_hub import errors as hf
 
@@ -136,6 +148,22 @@ def hub_error(
             status=_status(c),
             **kw,
         )
+    http = first(hf.HfHubHTTPError)
+    if http is not None and _status(http) == 401:
+        if not token_sent:
+            return HubAuthError(
+                f"the Hub refused the credentials (401 Unauthorized) while {action} {where}: no token was sent",
+                hint="set HF_TOKEN or pass --token (or log in with `hf auth login`); without a token the Hub also "
+                "answers 401 for a private or missing repo",
+                status=401,
+                **kw,
+            )
+        return HubAuthError(
+            f"the Hub refused the credentials (401 Unauthorized) while {action} {where}",
+            hint="check HF_TOKEN / --token or log in again with `hf auth login` (the token is never shown)",
+            status=401,
+            **kw,
+        )
     if (c := first(hf.RepositoryNotFoundError)) is not None:
         return HubNotFoundError(
             f"repository {repo_id} not found on {endpoint}",
@@ -154,15 +182,7 @@ def hub_error(
     entry_errors = tuple(getattr(hf, n) for n in ("RemoteEntryNotFoundError", "EntryNotFoundError") if hasattr(hf, n))
     if (c := first(entry_errors)) is not None and _status(c) is not None:
         return HubNotFoundError(f"{filename or 'the file'} not found in {where}", status=_status(c), **kw)
-    http = first(hf.HfHubHTTPError)
     status = _status(http) if http is not None else None
-    if status == 401:
-        return HubAuthError(
-            f"the Hub refused the credentials (401 Unauthorized) while {action} {where}",
-            hint="check HF_TOKEN / --token or log in again with `hf auth login` (the token is never shown)",
-            status=401,
-            **kw,
-        )
     if status == 403:
         return HubAuthError(
             f"forbidden (403) while {action} {where}: the token lacks the permission",
@@ -207,8 +227,11 @@ class Client:
     repo_id: str
 
     def __post_init__(self) -> None:
-        for secret in (self.token, self.api.token, _saved_token()):
-            register_secret(secret if isinstance(secret, str) else None)
+        secrets = [s for s in (self.token, self.api.token, _saved_token()) if isinstance(s, str) and s]
+        for secret in secrets:
+            register_secret(secret)
+        #: whether requests carry a token (explicit, the HfApi's, HF_TOKEN or the saved login): what a 401 means
+        self.token_sent = bool(secrets) and self.token is not False and self.api.token is not False
 
     def call(
         self,
@@ -224,8 +247,13 @@ class Client:
         revision = shown or kwargs.get("revision")
         if self.token is not None:
             kwargs["token"] = self.token
+
+        def attempt() -> Any:
+            with no_progress_bars():
+                return fn(*args, **kwargs)
+
         return retrying(
-            lambda: fn(*args, **kwargs),
+            attempt,
             lambda e: hub_error(
                 e,
                 repo_id=self.repo_id,
@@ -233,8 +261,38 @@ class Client:
                 action=action,
                 filename=filename,
                 endpoint=self.api.endpoint,
+                token_sent=self.token_sent,
             ),
         )
+
+
+_bars_lock = threading.Lock()
+_bars_depth = 0
+_bars_saved: dict[str, bool] = {}
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """``huggingface_hub``'s tqdm progress bars off for the calls inside (the API never prints), and its settings
+    as they were afterwards (a library user's own ``enable_progress_bars`` / ``disable_progress_bars`` choices
+    stand). Nested and concurrent uses (a merge fetching shards on several threads) restore once, at the end of
+    the last. ``HF_HUB_DISABLE_PROGRESS_BARS=0`` in the environment still wins: it is the user's explicit choice."""
+    global _bars_depth, _bars_saved
+    states: dict[str, bool] = importlib.import_module("huggingface_hub.utils.tqdm").progress_bar_states
+    with _bars_lock:
+        if _bars_depth == 0:
+            _bars_saved = dict(states)
+            states.clear()
+            states["_global"] = False
+        _bars_depth += 1
+    try:
+        yield
+    finally:
+        with _bars_lock:
+            _bars_depth -= 1
+            if _bars_depth == 0:
+                states.clear()
+                states.update(_bars_saved)
 
 
 def retrying(fn: Callable[[], T], translate: Callable[[BaseException], HubError | None]) -> T:

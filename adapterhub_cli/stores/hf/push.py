@@ -19,7 +19,14 @@ from adapterhub_cli.errors import HubError, UsageError, VersionConflictError
 from adapterhub_cli.stores.hf.client import Client, connect
 from adapterhub_cli.stores.hf.pull import download
 from adapterhub_cli.stores.hf.resolve import commit_id, listed_files, repo_refs
-from adapterhub_cli.stores.publish import check_version, declared_repo_id, local_card, push_files, validate_for_push
+from adapterhub_cli.stores.publish import (
+    check_version,
+    declared_repo_id,
+    local_card,
+    push_files,
+    require_ours,
+    validate_for_push,
+)
 from adapterhub_cli.stores.records import PushResult
 
 
@@ -108,8 +115,10 @@ def push(
     repo_id = target.repo_id
     v = require_version(version)
     kind, files = push_files(folder)
+    foreign = require_ours(folder, kind, force=force)
     client = connect(repo_id, api, token)
     adapter, config, validated, warnings = validate_for_push(folder, kind, options={"api": client.api, "token": token})
+    warnings = [*foreign, *warnings]
     head = open_repo(client, repo_id, v, force=force, private=private)
     existing = local_card(folder)
     if existing is None:

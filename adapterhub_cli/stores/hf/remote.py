@@ -105,6 +105,7 @@ def get(
             action="downloading" if length is None else "reading a range of",
             filename=name,
             endpoint=api.endpoint,
+            token_sent=client.token_sent,
         ),
     )
 

@@ -13,10 +13,11 @@ Text shown to people (tags, commit titles and messages) is :func:`~adapterhub_cl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.checkpoint import is_relative_name, regular_files
-from adapterhub_cli.artifact.ref import HF, AdapterRef, Version, hub_ref, pick_tag
+from adapterhub_cli.artifact.ref import HF, AdapterRef, Version, hub_ref, latest_release, pick_tag
 from adapterhub_cli.errors import HubError, HubNotFoundError, HubResponseError, server_line, server_text
 from adapterhub_cli.stores.hf import cache
 from adapterhub_cli.stores.hf.cache import SHA1, SHA256
@@ -118,10 +119,12 @@ class HfResolved(Resolved):
 
 
 def resolve(ref: AdapterRef | str, *, api: HfApi | None = None, token: str | None = None) -> HfResolved:
-    """Resolve a Hub ref to a commit: a tag, a version (``1.2.0`` finds tag ``v1.2.0``), ``latest`` (highest
-    release tag), a range (``^1.2``, ``~1.2``), a branch, a commit, or nothing (the default branch).
+    """Resolve a Hub ref to a commit: a tag, a version (``1.2.0`` finds tag ``v1.2.0``), ``latest`` (the highest
+    release tag, prereleases excluded: :func:`~adapterhub_cli.artifact.ref.latest_release`), a range (``^1.2``,
+    ``~1.2``), a branch, a commit, or nothing: the latest release when the repo has release tags, else the default
+    branch. ``note`` says which, for a ref that named no exact version.
 
-    In offline mode (``HF_HUB_OFFLINE=1``) the ref is resolved from the local cache.
+    In offline mode (``HF_HUB_OFFLINE=1``) the ref is resolved from the local cache (and the tags last seen online).
 
     Raises:
         HubNotFoundError: no such repo, revision, or no version matching the range.
@@ -135,13 +138,16 @@ def resolve(ref: AdapterRef | str, *, api: HfApi | None = None, token: str | Non
     rev, kind = ref.revision, ref.kind
     tags: dict[str, str] = {}
     branches: dict[str, str] = {}
-    if kind not in ("commit", "default"):
+    if kind != "commit":
         tags, branches = repo_refs(client, ref.repo_id, shown=rev)
-    tag = pick_tag(tags, ref)
+        _remember(client, ref.repo_id, tags)
+    tag = latest_release(tags) if kind == "default" else pick_tag(tags, ref)
     if tag is None and kind in ("version", "latest", "range"):
         published = ", ".join(sorted(tags, key=lambda n: Version.parse(n) or Version(0, 0, 0))) or "none"
         raise HubNotFoundError(
-            f"no version of {ref.repo_id} matches {rev!r} (published tags: {published})",
+            f"no version of {ref.repo_id} matches {rev!r} (published tags: {published}"
+            + ("; `latest` is the highest release, prereleases excluded" if kind == "latest" and tags else "")
+            + ")",
             repo_id=ref.repo_id,
             revision=rev,
             hint=f"see `adapters versions {ref.repo_id}`",
@@ -157,13 +163,59 @@ def resolve(ref: AdapterRef | str, *, api: HfApi | None = None, token: str | Non
             hint=_UNTRUSTED_HINT,
         )
     files = listed_files(info, ref.repo_id)
-    download_rev = tag or (rev if kind == "name" and rev in branches else None if kind == "default" else commit)
-    return HfResolved(HF, ref.repo_id, rev, commit, tag, files, download_revision=download_rev)
+    branch = rev if tag is None and kind == "name" and rev in branches else None
+    if tag is None and kind == "default":
+        branch = (
+            "main" if branches.get("main") == commit else next((b for b, c in branches.items() if c == commit), None)
+        )
+    note = resolution_note(kind, rev, tag, branch, tags)
+    download_rev = tag or branch or (None if kind == "default" else commit)
+    return HfResolved(
+        HF, ref.repo_id, rev, commit, tag, files, branch=branch, note=note, download_revision=download_rev
+    )
+
+
+def resolution_note(
+    kind: str, rev: str | None, tag: str | None, branch: str | None, tags: dict[str, str]
+) -> str | None:
+    """How a ref that named no exact version was resolved, in words (None for an exact tag, branch or commit)."""
+    if kind == "default" and tag is not None:
+        return f"the latest release {tag} (no version was given)"
+    if kind == "default":
+        pre = sorted(t for t in tags if Version.parse(t) is not None)
+        why = f"no release tags, only prereleases: {', '.join(pre)}" if pre else "no version tags"
+        return f"the default branch{f' {branch}' if branch else ''} ({why})"
+    if kind == "latest":
+        return f"the latest release {tag} (prereleases excluded)"
+    if kind == "range":
+        return f"the highest release in {rev}: {tag}"
+    return None
+
+
+def _remember(client: Client, repo_id: str, tags: dict[str, str]) -> None:
+    """Record the tags just listed (for offline ``versions`` and offline refs without a revision)."""
+    rows = [
+        VersionInfo(
+            tag=name, version=str(v) if (v := Version.parse(name)) else None, commit=c, date=None, title="", message=""
+        )
+        for name, c in tags.items()
+        if server_text(name) == name
+    ]
+    cache.record_versions(repo_id, rows, endpoint=str(client.api.endpoint))
 
 
 def versions(repo_id: str, *, api: HfApi | None = None, token: str | None = None) -> list[VersionInfo]:
-    """The repo's tags with their commits, dates and messages: semver tags newest first, then other tags."""
+    """The repo's tags with their commits, dates and messages: semver tags newest first, then other tags.
+
+    In offline mode (``HF_HUB_OFFLINE=1``) the tags last seen online (by ``versions``, or by resolving any ref of
+    the repo), each row's ``seen_at`` saying when; failing that, the version tags of the repo in the HF cache.
+
+    Raises:
+        HubError: offline mode and nothing of the repo is cached; HubNotFoundError, HubAuthError online.
+    """
     repo_id = hub_ref(repo_id).repo_id or repo_id
+    if offline():
+        return _versions_from_cache(repo_id)
     client = connect(repo_id, api, token)
     targets, _ = repo_refs(client, repo_id)
     commits: dict[str, Any] = {}
@@ -185,25 +237,70 @@ def versions(repo_id: str, *, api: HfApi | None = None, token: str | None = None
                 message=server_text(c.message or "") if c is not None else "",
             )
         )
+    rows = _ordered(out)
+    cache.record_versions(repo_id, rows, endpoint=str(client.api.endpoint))
+    return rows
+
+
+def _ordered(rows: list[VersionInfo]) -> list[VersionInfo]:
     semver = sorted(
-        (x for x in out if x.version), key=lambda x: Version.parse(x.tag) or Version(0, 0, 0), reverse=True
+        (x for x in rows if x.version), key=lambda x: Version.parse(x.tag) or Version(0, 0, 0), reverse=True
     )
-    others = sorted((x for x in out if not x.version), key=lambda x: x.date or "", reverse=True)
+    others = sorted((x for x in rows if not x.version), key=lambda x: x.date or "", reverse=True)
     return semver + others
+
+
+def _versions_from_cache(repo_id: str) -> list[VersionInfo]:
+    """Offline ``versions``: the record of the tags last seen online, else the version tags the HF cache holds
+    (``seen_at``: when that ref was cached)."""
+    recorded = cache.read_versions(repo_id)
+    if recorded is not None:
+        return _ordered(recorded[1])
+    refs_dir = cache.repo_dir(repo_id) / "refs"
+    rows = []
+    for name, commit in cache.read_refs(repo_id).items():
+        v = Version.parse(name)
+        if v is not None:
+            seen = datetime.fromtimestamp((refs_dir / name).stat().st_mtime, UTC).isoformat(timespec="seconds")
+            rows.append(
+                VersionInfo(tag=name, version=str(v), commit=commit, date=None, title="", message="", seen_at=seen)
+            )
+    if not rows and not cache.repo_dir(repo_id).is_dir():
+        raise HubError(
+            f"the versions of {repo_id} are not in the local cache and offline mode is on (HF_HUB_OFFLINE=1)",
+            repo_id=repo_id,
+            hint=f"unset HF_HUB_OFFLINE, or run `adapters versions {repo_id}` (or pull it) once while online",
+        )
+    return _ordered(rows)
 
 
 def _resolve_from_cache(ref: AdapterRef) -> HfResolved:
     """Resolve ``ref`` from the HF cache alone (offline mode): its recorded refs and snapshot files, the blob each
-    file links to giving its hash (:mod:`adapterhub_cli.stores.hf.cache` reads only checked names)."""
+    file links to giving its hash (:mod:`adapterhub_cli.stores.hf.cache` reads only checked names). Tags are those
+    last seen online when recorded (so a ref without a revision means what it meant then), plus the cached refs."""
     assert ref.repo_id is not None
     names = cache.read_refs(ref.repo_id)
-    tag = pick_tag(names, ref)
+    recorded = cache.read_versions(ref.repo_id)
+    seen = {r.tag: r.commit for r in recorded[1]} if recorded is not None else {}
+    tags = {**seen, **{n: c for n, c in names.items() if n in seen or Version.parse(n) is not None}}
     rev, kind = ref.revision, ref.kind
-    commit = names.get(tag) if tag else names.get(rev or "main") if kind in ("name", "default") else rev
+    tag = latest_release(tags) if kind == "default" else pick_tag(tags, ref)
+    branch = None
+    if tag is None and kind == "name" and rev in names:
+        branch = rev
+    elif tag is None and kind == "default":
+        branch = "main"
+    commit = tags[tag] if tag else names.get(branch) if branch else rev if kind == "commit" else None
     snapshot = cache.snapshot_dir(ref.repo_id, commit) if commit is not None and SHA1.match(commit) else None
+    note = resolution_note(kind, rev, tag, branch, tags)
     if commit is None or snapshot is None or not snapshot.is_dir():
+        what = (
+            ref.display
+            if note is None
+            else f"{ref.display} ({note}{f', as seen on {recorded[0]}' if recorded else ''})"
+        )
         raise HubError(
-            f"{ref.display} is not in the local cache and offline mode is on (HF_HUB_OFFLINE=1)",
+            f"{what} is not in the local cache and offline mode is on (HF_HUB_OFFLINE=1)",
             repo_id=ref.repo_id,
             revision=rev,
             hint="unset HF_HUB_OFFLINE, or pull it once while online",
@@ -217,5 +314,5 @@ def _resolve_from_cache(ref: AdapterRef) -> HfResolved:
             blob if SHA256.match(blob) else None,
             blob if SHA1.match(blob) else None,
         )
-    download = tag or (rev if kind in ("name", "commit") else None)
-    return HfResolved(HF, ref.repo_id, rev, commit, tag, files, download_revision=download)
+    download = tag or branch or (rev if kind == "commit" else None)
+    return HfResolved(HF, ref.repo_id, rev, commit, tag, files, branch=branch, note=note, download_revision=download)
