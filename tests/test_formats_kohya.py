@@ -713,3 +713,35 @@ def test_text_encoder_alphas_to_kohya_warn_and_point_to_diffusers(sd_base: Path,
     state, alphas = StableDiffusionPipeline.lora_state_dict(tmp_path / "k2.safetensors")
     with pytest.warns(RuntimeWarning, match="alpha_pattern keys did not match any targeted module"):
         StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, te)
+
+
+def _lora_bias_unet(sd_base: Path, out: Path) -> Path:
+    """A PEFT lora_bias=True adapter on the tiny UNet (lora_B.bias tensors saved), as PEFT saves it."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(sd_base / "unet")
+    model = get_peft_model(unet, LoraConfig(r=2, lora_alpha=4, target_modules=["to_q"], lora_bias=True))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("to", ["kohya", "diffusers"])
+def test_convert_refuses_lora_bias_by_name(sd_base: Path, tmp_path: Path, to: str) -> None:
+    """kohya / diffusers keys have no place for lora_B's bias: refused by name, nothing written (PEFT keeps it)."""
+    adapter = _lora_bias_unet(sd_base, tmp_path / "bias")
+    lora = ah.load(adapter)
+    assert lora.modules and all(m.bias is not None for m in lora.modules.values())
+    out = tmp_path / ("x.safetensors" if to == "kohya" else "x")
+    r = run_cli("convert", str(adapter), "--to", to, "-o", str(out))
+    assert r.exit_code == 2 and "lora_bias" in r.output and "Traceback" not in r.output, r.output
+    assert not out.exists()
+    with pytest.raises(ah.InvalidAdapterError, match="lora_bias"):
+        ah.convert(adapter, out, to=to)
+    ah.convert(adapter, tmp_path / "peft", to="peft")  # the PEFT layout holds it
+    assert all(m.bias is not None for m in ah.load(tmp_path / "peft").modules.values())

@@ -714,6 +714,14 @@ def check_convertible(adapter: Adapter, to: str) -> None:
         problems.append("its factors are quantized (run `adapters dequantize` first)")
     if adapter.config.use_dora or any(m.magnitude is not None for m in adapter.modules.values()):
         problems.append("it uses DoRA (magnitude vectors)")
+    biased = [m.name for m in adapter.modules.values() if m.bias is not None]
+    if biased or adapter.config.raw.get("lora_bias") is True:
+        # kohya's lora_down / lora_up and diffusers' lora_A / lora_B keys carry no bias: it would be lost
+        where = f" ({_fmt_keys(biased, 5)})" if biased else ""
+        problems.append(
+            f"it uses lora_bias (a bias on lora_B{where}), which kohya and diffusers LoRA files cannot hold; keep it "
+            "as a PEFT adapter, or merge it into the base"
+        )
     if adapter.extra_tensors:
         problems.append(
             f"it saves other tensors ({_fmt_keys(sorted(adapter.extra_tensors), 5)}: modules_to_save, bias)"
