@@ -3,6 +3,12 @@
 Every error a user can cause derives from :class:`AdaptersError`; the CLI turns each into a one-line
 message and a non-zero exit status. Errors carry the data a caller needs (path, module, ...) as
 attributes, and their message says what to do.
+
+One rule for naming options: messages and hints name an option by its command-line spelling (``--overwrite``,
+``--weights``, ``--force``), never by a Python argument name. In the Python API the same option is the keyword
+argument of that name with the dashes dropped and the others turned into underscores (``--overwrite`` is
+``overwrite=True``, ``--max-rank`` is ``max_rank=``, ``--into`` of ``merge`` is ``base=``), as each function's
+docstring says. A :class:`UsageError` is the CLI's usage error (exit status 2, with the command's usage line).
 """
 
 from __future__ import annotations
@@ -128,7 +134,23 @@ class UnknownFormatError(AdaptersError, LookupError):
 
 
 class UsageError(AdaptersError, ValueError):
-    """Raised for arguments that do not make sense together."""
+    """Raised for arguments that do not make sense together, or an option that would have no effect (rather than
+    silently ignoring it). The CLI reports it as a usage error: the command's usage line, the message, exit 2."""
+
+
+class OutputExistsError(AdaptersError, FileExistsError):
+    """Raised when an output path exists and ``--overwrite`` was not given.
+
+    Attributes:
+        path: the output path.
+    """
+
+    def __init__(self, path: str | Path, message: str | None = None, *, hint: str | None = None) -> None:
+        self.path = Path(path)
+        super().__init__(
+            message or f"{path} already exists",
+            hint=hint or "choose another output path, or pass --overwrite to replace it (an earlier output only)",
+        )
 
 
 class StoreError(AdaptersError):

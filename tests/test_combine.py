@@ -111,9 +111,14 @@ def test_dense_methods_on_adapters_are_seeded_and_compressed_optimally(
     method, llama_lora, llama_rslora, llama_base, tmp_path
 ):
     dirs, weights = [llama_lora, llama_rslora], [1.0, 0.5]
-    one = ah.combine(dirs, tmp_path / "one", weights=weights, method=method, density=0.5, seed=7, rank=4)
-    two = ah.combine(dirs, tmp_path / "two", weights=weights, method=method, density=0.5, seed=7, rank=4)
-    other = ah.combine(dirs, tmp_path / "other", weights=weights, method=method, density=0.5, seed=8, rank=4)
+    seeded = method.startswith("dare")  # only DARE draws: a seed given to ties is refused (it would be ignored)
+
+    def seed(n):
+        return {"seed": n} if seeded else {}
+
+    one = ah.combine(dirs, tmp_path / "one", weights=weights, method=method, density=0.5, rank=4, **seed(7))
+    two = ah.combine(dirs, tmp_path / "two", weights=weights, method=method, density=0.5, rank=4, **seed(7))
+    other = ah.combine(dirs, tmp_path / "other", weights=weights, method=method, density=0.5, rank=4, **seed(8))
 
     def digest(p):
         return hashlib.sha256((p / "adapter_model.safetensors").read_bytes()).hexdigest()
@@ -175,5 +180,44 @@ def test_cli(llama_lora, llama_rslora, tmp_path):
     res = runner.invoke(
         cli, ["combine", str(llama_lora), str(llama_rslora), "--weights", "1", "-o", str(tmp_path / "x")]
     )
-    assert res.exit_code == 2 and "1 weights for 2 adapters" in res.output
+    assert res.exit_code == 2 and "--weights has 1 value(s) for 2 adapter(s)" in res.output
+    assert res.output.startswith("Usage: ")  # click's usage path
     assert not (tmp_path / "x").exists()
+
+
+def test_inputs_that_cancel_are_flagged(llama_lora, llama_base, copy_adapter, tmp_path):
+    result = ah.combine([llama_lora, llama_lora], tmp_path / "zero", weights=[1.0, -1.0])
+    assert result.is_zero and sorted(result.zero_modules) == sorted(m.name for m in result.modules)
+    assert result.warnings == [
+        "the combined update is zero in every module (the weighted inputs cancel): the output adapter changes nothing"
+    ]
+    # what PEFT computes from the output is zero to rounding, against the size of the input's updates
+    inputs = lora_layers(peft_model(llama_base, llama_lora))
+    for name, layer in lora_layers(peft_model(llama_base, result.path)).items():
+        assert torch.linalg.norm(dense_delta(layer)) <= 1e-6 * torch.linalg.norm(dense_delta(inputs[name]))
+    res = CliRunner().invoke(
+        build_cli(), ["combine", str(llama_lora), str(llama_lora), "--weights", "1,-1", "-o", str(tmp_path / "c")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "warning: the combined update is zero in every module" in " ".join(res.stderr.split())
+    # one module changed in the copy: only the others cancel
+    changed = copy_adapter(llama_lora)
+    tensors = load_file(changed / "adapter_model.safetensors")
+    key = next(k for k in sorted(tensors) if "lora_B" in k)
+    tensors[key] = tensors[key] * 2
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(changed / "adapter_model.safetensors"), {"format": "pt"})
+    partial = ah.combine([llama_lora, changed], tmp_path / "partial", weights=[1.0, -1.0], method="svd")
+    assert not partial.is_zero and len(partial.zero_modules) == len(partial.modules) - 1
+    assert partial.warnings[0].startswith(f"{len(partial.modules) - 1} module(s) combine to a zero update")
+    assert ah.combine([llama_lora, changed], tmp_path / "none", weights=[1.0, 0.5]).warnings == []
+
+
+def test_a_rank_above_what_the_combination_holds_is_said(llama_lora, llama_rslora, tmp_path):
+    result = ah.combine([llama_lora, llama_rslora], tmp_path / "svd", method="svd", rank=64)
+    top = max(m.rank for m in result.modules)
+    assert top < 64
+    assert result.warnings == [
+        f"--rank 64 is above the rank every module's svd combination has (at most {top}): the modules keep that rank"
+    ]

@@ -167,3 +167,36 @@ def test_cli(llama_lora, tmp_path):
     res = runner.invoke(cli, ["reduce", str(llama_lora), "-o", str(tmp_path / "a"), "--rank", "2", "--overwrite"])
     assert res.exit_code == 0 and "relative error" in res.output
     assert ah.load(tmp_path / "a").config.r == 2
+
+
+def test_a_rule_that_keeps_every_rank_says_nothing_was_reduced(llama_lora, llama_base, tmp_path):
+    result = ah.reduce(llama_lora, tmp_path / "same", sv_ratio=1e12)  # every singular value is kept
+    assert result.unchanged and all(m.rank_after == m.rank_before for m in result.modules)
+    assert len(result.warnings) == 1 and result.warnings[0].startswith("nothing was reduced: --sv-ratio 1e+12")
+    # the output holds the same updates: PEFT computes them from both folders alike
+    ours, theirs = lora_layers(peft_model(llama_base, result.path)), lora_layers(peft_model(llama_base, llama_lora))
+    for name, layer in theirs.items():
+        delta = dense_delta(layer)
+        assert torch.linalg.norm(dense_delta(ours[name]) - delta) <= 1e-5 * torch.linalg.norm(delta)
+    res = CliRunner().invoke(build_cli(), ["reduce", str(llama_lora), "--sv-ratio", "1e12", "-o", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert "warning: nothing was reduced: --sv-ratio 1e+12 keeps every module's rank" in " ".join(res.stderr.split())
+    args = ["reduce", str(llama_lora), "--sv-ratio", "1e12", "-o", str(tmp_path / "j"), "--json"]
+    data = json.loads(CliRunner().invoke(build_cli(), args).stdout)
+    assert data["unchanged"] is True and data["warnings"] == result.warnings
+    reduced = ah.reduce(llama_lora, tmp_path / "less", energy=0.5)  # a rule that does reduce says nothing more
+    assert not reduced.unchanged and reduced.warnings == []
+
+
+def test_a_fixed_rank_must_reduce_something(llama_patterns, tmp_path):
+    ranks = {m.name: m.rank for m in ah.load(llama_patterns).modules.values()}
+    largest = max(ranks.values())
+    assert min(ranks.values()) < largest  # mixed ranks: a rank between them reduces some modules only
+    with pytest.raises(ah.UsageError, match=rf"--rank {largest} is not below .*\(the largest is {largest}\)"):
+        ah.reduce(llama_patterns, tmp_path / "out", rank=largest)
+    with pytest.raises(ah.UsageError, match="--max-rank caps"):
+        ah.reduce(llama_patterns, tmp_path / "out", rank=2, max_rank=4)
+    assert not (tmp_path / "out").exists()
+    result = ah.reduce(llama_patterns, tmp_path / "out", rank=largest - 1)
+    assert {m.name: m.rank_after for m in result.modules} == {n: min(r, largest - 1) for n, r in ranks.items()}
+    assert result.warnings == [] and not result.unchanged

@@ -9,7 +9,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from adapterhub_cli.errors import AdapterNotFoundError, AdaptersError, scrub, server_line
+import click
+
+from adapterhub_cli.cli._output import visible
+from adapterhub_cli.errors import AdapterNotFoundError, AdaptersError, UsageError, scrub, server_line
+
+
+#: what follows the message of an error that is not one of ours (an OSError, an HTTP error that escaped a store)
+DEBUG_HINT = "\n  (set ADAPTERS_DEBUG=1 to see the traceback)"
 
 
 def _adapters_error(e: BaseException) -> str:
@@ -73,3 +80,15 @@ def _known_message(e: BaseException) -> str | None:
     if lora_ops is not None and isinstance(e, lora_ops.LoraOpsError):
         return str(e)
     return None
+
+
+def usage_error(e: UsageError, ctx: click.Context) -> click.UsageError:
+    """``e`` as click's usage error for the command of ``ctx`` (usage line, ``Error: ...``, exit status 2): its
+    message and hint scrubbed, control characters shown as escapes, and what the terminal cannot encode escaped."""
+    message = visible(format_known_exception(e) or str(e), newlines=True)
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    try:
+        message.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        message = message.encode("ascii", "backslashreplace").decode("ascii")
+    return click.UsageError(message, ctx=ctx)

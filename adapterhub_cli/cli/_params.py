@@ -9,6 +9,21 @@ import click
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document for scripts.")
+token_option = click.option(
+    "--token",
+    default=None,
+    metavar="TOKEN",
+    help="Hub token for Hub refs (default: HF_TOKEN or the saved login; other stores ignore it). Never printed.",
+)
+#: ``--base`` of the commands that read adapters (``validate`` has its own: the base it checks against)
+base_option = click.option(
+    "--base",
+    default=None,
+    metavar="BASE",
+    help="Base checkpoint (a local folder or .safetensors file; a diffusers pipeline folder) whose tensor names map "
+    "a kohya file's names to modules; needed only for kohya files not written by adapters (default: "
+    "$ADAPTERS_BASE). Other formats ignore it.",
+)
 allow_pickle_option = click.option(
     "--allow-pickle",
     is_flag=True,
@@ -24,7 +39,26 @@ def output_options(f: Callable[..., Any]) -> Callable[..., Any]:
         is_flag=True,
         help="Replace OUT if adapters wrote it (an earlier output), only once the new one is complete.",
     )(f)
-    return click.option("-o", "--output", required=True, help="Output folder (written atomically).")(f)
+    return click.option("-o", "--output", required=True, metavar="OUT", help="Output folder (written atomically).")(f)
+
+
+class LazyHelpOption(click.Option):
+    """A ``click.Option`` whose help text is computed when help is shown (from a registry that plugins fill)."""
+
+    def __init__(self, *args: Any, help_text: Callable[[], str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._help_text = help_text
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        self.help = self._help_text()
+        return super().get_help_record(ctx)
+
+
+def methods_taking(option: str, *, required: bool = False) -> list[str]:
+    """The registered combine methods that take ``option`` (``rank``, ``density``, ``seed``), or require it."""
+    from adapterhub_cli.ops.methods import methods
+
+    return [n for n, m in methods().items() if option in (m.required if required else m.params)]
 
 
 def parse_weights(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:

@@ -7,7 +7,37 @@ from dataclasses import asdict
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import json_option, method_choice, output_options, parse_weights
+from adapterhub_cli.cli._params import (
+    LazyHelpOption,
+    base_option,
+    json_option,
+    method_choice,
+    methods_taking,
+    output_options,
+    parse_weights,
+    token_option,
+)
+
+
+def _rank_help() -> str:
+    return (
+        f"Output rank of {', '.join(methods_taking('rank'))} (default: the largest input rank). cat is exact "
+        "(rank = the sum of the input ranks) and takes none."
+    )
+
+
+def _density_help() -> str:
+    required = methods_taking("density", required=True)
+    others = [m for m in methods_taking("density") if m not in required]
+    also = f"; optional for {', '.join(others)}" if others else ""
+    return (
+        f"Fraction of each update's entries kept, in (0, 1]. Required by {', '.join(required) or 'no method'}{also}; "
+        "other methods do not take it.  [default: none]"
+    )
+
+
+def _seed_help() -> str:
+    return f"Seed of the random drop of {', '.join(methods_taking('seed')) or 'no method'}.  [default: 0]"
 
 
 @click.command("combine")
@@ -15,6 +45,7 @@ from adapterhub_cli.cli._params import json_option, method_choice, output_option
 @click.option(
     "--weights",
     callback=parse_weights,
+    metavar="W1,W2,...",
     help="Comma-separated weights, one per adapter (default 1 each; negative subtracts).",
 )
 @click.option(
@@ -26,15 +57,13 @@ from adapterhub_cli.cli._params import json_option, method_choice, output_option
     "--rank. ties / dare_linear / dare_ties / magnitude_prune: element-wise per module, then rank k. "
     "Plugins add more; `adapters plugins` lists every method with its options and reference.",
 )
-@click.option("--rank", type=click.IntRange(min=1), help="Output rank (default: the largest input rank).")
-@click.option(
-    "--density",
-    type=click.FloatRange(0, 1, min_open=True),
-    help="Fraction of entries kept by ties / dare / magnitude_prune (and methods that take it).",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random drop.")
+@click.option("--rank", cls=LazyHelpOption, help_text=_rank_help, type=click.IntRange(min=1), metavar="K")
+@click.option("--density", cls=LazyHelpOption, help_text=_density_help, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", cls=LazyHelpOption, help_text=_seed_help, type=int, default=None)
 @click.option("--force", is_flag=True, help="Combine adapters that declare different base models.")
 @output_options
+@base_option
+@token_option
 @json_option
 def combine_cmd(
     adapters: tuple[str, ...],
@@ -42,17 +71,21 @@ def combine_cmd(
     method: str,
     rank: int | None,
     density: float | None,
-    seed: int,
+    seed: int | None,
     force: bool,
     output: str,
     overwrite: bool,
+    base: str | None,
+    token: str | None,
     as_json: bool,
 ) -> None:
-    """Combine ADAPTERS into one adapter, module by module, over the union of their target modules."""
+    """Combine ADAPTERS into one adapter, module by module, over the union of their target modules.
+
+    An option the method does not use (--rank or --density with cat, --seed without a random drop) is refused;
+    a result whose weighted inputs cancel (A A --weights 1,-1) is written with a warning.
+    """
     from adapterhub_cli import api
 
-    if weights is not None and len(weights) != len(adapters):
-        raise click.BadParameter(f"{len(weights)} weights for {len(adapters)} adapters", param_hint="--weights")
     with out.progress("combining") as update:
         result = api.combine(
             list(adapters),
@@ -65,6 +98,8 @@ def combine_cmd(
             force=force,
             overwrite=overwrite,
             progress=update,
+            token=token,
+            base=base,
         )
     if as_json:
         out.json(
@@ -74,6 +109,8 @@ def combine_cmd(
                 "weights": result.weights,
                 "r": result.r,
                 "rank_pattern": result.rank_pattern,
+                "zero_modules": result.zero_modules,
+                "warnings": result.warnings,
                 "modules": [asdict(m) for m in result.modules],
             }
         )
@@ -82,6 +119,8 @@ def combine_cmd(
     for m in result.modules:
         t.add_row(m.name, str(m.inputs), str(m.rank), f"{m.rel_error:.3e}")
     out.print(t)
+    for w in result.warnings:
+        out.warn(w)
     out.print(
         f"wrote {result.path}: {result.method} of {len(adapters)} adapters, weights {result.weights}, "
         f"r={result.r} ({len(result.rank_pattern)} rank_pattern entries)"

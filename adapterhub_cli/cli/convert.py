@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import json_option, writable_format_choice
-
-
-if TYPE_CHECKING:
-    pass
+from adapterhub_cli.cli._params import base_option, json_option, token_option, writable_format_choice
 
 
 @click.command("convert")
@@ -23,11 +17,7 @@ if TYPE_CHECKING:
     required=True,
     help="Layout to write: a registered format that can write (plugins add more; `adapters plugins` lists them).",
 )
-@click.option(
-    "--base",
-    help="Base checkpoint whose tensor names map kohya names to modules (a diffusers pipeline folder, a component "
-    "folder, or a single-file checkpoint); needed to read a kohya file not written by this tool.",
-)
+@base_option
 @click.option("--format", "fmt", help="Read ADAPTER as this format instead of detecting it.")
 @click.option(
     "--fold-tucker",
@@ -54,6 +44,7 @@ if TYPE_CHECKING:
     "-o",
     "--output",
     required=True,
+    metavar="OUT",
     help="Output: a folder for peft and diffusers, a .safetensors file for kohya, what the format writes for "
     "others (written atomically).",
 )
@@ -62,6 +53,7 @@ if TYPE_CHECKING:
     is_flag=True,
     help="Replace OUT if adapters wrote it (an earlier output), only once the new one is complete.",
 )
+@token_option
 @json_option
 def convert_cmd(
     adapter: str,
@@ -74,6 +66,7 @@ def convert_cmd(
     add_prefix: str | None,
     output: str,
     overwrite: bool,
+    token: str | None,
     as_json: bool,
 ) -> None:
     """Convert ADAPTER between PEFT, kohya (sd-scripts), diffusers and plugin layouts, losslessly.
@@ -95,6 +88,7 @@ def convert_cmd(
         fold_loha=fold_loha,
         strip_prefix=strip_prefix,
         add_prefix=add_prefix,
+        token=token,
     )
     if as_json:
         out.json(

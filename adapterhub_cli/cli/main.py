@@ -10,12 +10,20 @@ from typing import Any, cast
 import click
 
 from adapterhub_cli._version import __version__
-from adapterhub_cli.cli._errors import format_known_exception
+from adapterhub_cli.cli._errors import DEBUG_HINT, format_known_exception, usage_error
 from adapterhub_cli.cli._output import out
+from adapterhub_cli.errors import AdaptersError, UsageError
 
 
 class AdaptersGroup(click.Group):
-    """The root group: known errors become one message and exit status 2; ADAPTERS_DEBUG=1 re-raises them.
+    """The root group and the error boundary; ADAPTERS_DEBUG=1 re-raises every error with its traceback.
+
+    - a :class:`~adapterhub_cli.errors.UsageError` (options that contradict each other or would have no effect)
+      takes click's usage path: the command's usage line, ``Error: ...``, exit status 2, as click's own errors;
+    - another :class:`~adapterhub_cli.errors.AdaptersError` (bad input, a store's refusal) is one message and its
+      hint, exit status 2;
+    - a known error that is not ours (an OSError, an HTTP error that escaped a store) is the same plus the
+      ``ADAPTERS_DEBUG`` hint; an unknown exception is a bug and keeps its traceback.
 
     While plugins add their commands, ``adding_for`` names the plugin: a command name already taken (by a
     built-in, or an earlier plugin) is refused with a warning rather than replaced.
@@ -34,14 +42,39 @@ class AdaptersGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:
+            if e.ctx is None:  # raised outside a command's own context: show that command's usage all the same
+                e.ctx = self._command_context(ctx)
+            raise
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except UsageError as e:
+            if os.environ.get("ADAPTERS_DEBUG"):
+                raise
+            raise usage_error(e, self._command_context(ctx)) from None
         except Exception as e:
             message = format_known_exception(e)
             if message is None or os.environ.get("ADAPTERS_DEBUG"):
                 raise
-            out.error(message + "\n  (set ADAPTERS_DEBUG=1 to see the traceback)")
+            out.error(message if isinstance(e, AdaptersError) else message + DEBUG_HINT)
             ctx.exit(2)
+
+    def _command_context(self, ctx: click.Context) -> click.Context:
+        """A context naming the subcommand that ran (for its usage line), or the group's own."""
+        name = ctx.invoked_subcommand
+        cmd = self.get_command(ctx, name) if name else None
+        return click.Context(cmd, info_name=name, parent=ctx) if cmd is not None else ctx
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list with each command's whole first sentence, wrapped rather than cut with "..."."""
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.short_help or cmd.get_short_help_str(limit=10_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 def build_cli() -> click.Group:

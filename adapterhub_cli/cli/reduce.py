@@ -7,26 +7,43 @@ from dataclasses import asdict
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import json_option, output_options
+from adapterhub_cli.cli._params import base_option, json_option, output_options, token_option
 
 
 @click.command("reduce")
 @click.argument("adapter")
-@click.option("--rank", type=click.IntRange(min=1), help="Keep k singular values in every module.")
+@click.option(
+    "--rank",
+    type=click.IntRange(min=1),
+    help="Keep K singular values in every module (below the adapter's largest rank).",
+    metavar="K",
+)
 @click.option(
     "--energy",
     type=click.FloatRange(0, 1, min_open=True),
     help="Per module, keep the fewest singular values holding this fraction of ||dW||_F² (e.g. 0.99).",
 )
-@click.option("--sv-ratio", type=click.FloatRange(min=1), help="Per module, keep every singular value >= sigma_1 / X.")
+@click.option(
+    "--sv-ratio",
+    type=click.FloatRange(min=1),
+    metavar="X",
+    help="Per module, keep every singular value >= sigma_1 / X.",
+)
 @click.option(
     "--sv-fro",
     type=click.FloatRange(0, 1, min_open=True),
     help="Per module, keep the fewest singular values holding this fraction of ||dW||_F "
     "(0.9 keeps 81% of the energy).",
 )
-@click.option("--max-rank", type=click.IntRange(min=1), help="Cap the rank the dynamic rules may choose.")
+@click.option(
+    "--max-rank",
+    type=click.IntRange(min=1),
+    metavar="K",
+    help="Cap the rank --energy, --sv-ratio or --sv-fro may choose (not with --rank).",
+)
 @output_options
+@base_option
+@token_option
 @json_option
 def reduce_cmd(
     adapter: str,
@@ -37,17 +54,19 @@ def reduce_cmd(
     max_rank: int | None,
     output: str,
     overwrite: bool,
+    base: str | None,
+    token: str | None,
     as_json: bool,
 ) -> None:
     """Rank-reduce ADAPTER by SVD of each update, exactly (Eckart-Young optimal) and without dense matrices.
 
-    Each module: thin QR of B and Aᵀ, SVD of the r x r core, keep the top k. The output is a PEFT folder
-    (per-module ranks in rank_pattern) that loads in PeftModel.from_pretrained unchanged.
+    Give exactly one rule: --rank, --energy, --sv-ratio or --sv-fro (--max-rank caps the last three). Each
+    module: thin QR of B and Aᵀ, SVD of the r x r core, keep the top k. The output is a PEFT folder (per-module
+    ranks in rank_pattern) that loads in PeftModel.from_pretrained unchanged. A rule that keeps every rank says
+    so (nothing was reduced); --rank not below any module's rank is refused.
     """
     from adapterhub_cli import api
 
-    if sum(x is not None for x in (rank, energy, sv_ratio, sv_fro)) != 1:
-        raise click.UsageError("give exactly one of --rank, --energy, --sv-ratio, --sv-fro")
     with out.progress("reducing") as update:
         result = api.reduce(
             adapter,
@@ -59,6 +78,8 @@ def reduce_cmd(
             max_rank=max_rank,
             overwrite=overwrite,
             progress=update,
+            token=token,
+            base=base,
         )
     if as_json:
         out.json(
@@ -69,6 +90,8 @@ def reduce_cmd(
                 "params_before": result.params_before,
                 "params_after": result.params_after,
                 "seconds": result.seconds,
+                "unchanged": result.unchanged,
+                "warnings": result.warnings,
                 "modules": [asdict(m) for m in result.modules],
             }
         )
@@ -77,6 +100,8 @@ def reduce_cmd(
     for m in result.modules:
         t.add_row(m.name, f"{m.rank_before} -> {m.rank_after}", f"{m.retained_energy:.6f}", f"{m.rel_error:.3e}")
     out.print(t)
+    for w in result.warnings:
+        out.warn(w)
     out.print(
         f"wrote {result.path}: r={result.r}, {len(result.rank_pattern)} rank_pattern entries, "
         f"{result.params_before:,} -> {result.params_after:,} parameters, "

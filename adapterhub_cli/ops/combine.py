@@ -34,12 +34,60 @@ class ModuleCombination:
 
 @dataclass
 class CombineResult:
+    """The written adapter, per module its inputs, rank and compression error, and ``warnings``: what the user
+    should know about the result (modules whose weighted inputs cancel to a zero update, a ``--rank`` above what
+    the combination holds)."""
+
     path: Path
     method: str
     weights: list[float]
     r: int
     rank_pattern: dict[str, int]
     modules: list[ModuleCombination] = field(default_factory=list)
+    #: modules whose combined update is zero (the weighted inputs cancel): they change nothing
+    zero_modules: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def is_zero(self) -> bool:
+        """Whether the whole output changes nothing (every module's update is zero)."""
+        return bool(self.modules) and len(self.zero_modules) == len(self.modules)
+
+
+#: a combined update whose Frobenius norm is below this fraction of ``sum_i |w_i| ||dW_i||`` is zero: the weighted
+#: inputs cancel (what is left is float rounding)
+ZERO_TOLERANCE = 1e-6
+
+
+def check_options(
+    method: str,
+    *,
+    count: int,
+    weights: list[float] | None = None,
+    rank: int | None = None,
+    density: float | None = None,
+    seed: int | None = None,
+) -> None:
+    """Refuse, before anything is read, what :func:`combine_adapters` would refuse or silently ignore: an unknown
+    method, a weight count other than ``count`` (the number of adapters), an option the method does not use
+    (``--rank`` / ``--density`` with ``cat``, ``--seed`` without randomness) or a required one missing.
+
+    Raises:
+        UsageError: naming the option as the CLI spells it.
+    """
+    spec = get_method(method)
+    if count < 1:
+        raise UsageError("give at least one adapter to combine")
+    if weights is not None and len(weights) != count:
+        raise UsageError(
+            f"--weights has {len(weights)} value(s) for {count} adapter(s): give one weight per adapter",
+            hint="e.g. --weights " + ",".join(["1"] * count),
+        )
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank must be at least 1, got {rank}")
+    if density is not None and not 0 < density <= 1:
+        raise UsageError(f"--density must be in (0, 1], got {density}")
+    spec.check_options({"rank": rank, "density": density, "seed": seed})
 
 
 def check_compatible(adapters: list[Adapter], *, force: bool = False) -> None:
@@ -101,43 +149,44 @@ def combine_adapters(
     method: str = "cat",
     rank: int | None = None,
     density: float | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     force: bool = False,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> CombineResult:
     """Write one adapter whose update, per module, is the ``method`` combination of the inputs' updates.
 
-    ``method`` names a registered combine method; ``rank``, ``density`` and ``seed`` go to the methods that take
-    them (a method that requires one it is not given is a :class:`UsageError`).
+    ``method`` names a registered combine method; ``rank``, ``density`` and ``seed`` (default 0) go to the method,
+    which must take each one given (:func:`check_options`: a method that requires one it is not given, or is given
+    one it would ignore, is a :class:`UsageError`). Modules whose weighted inputs cancel (``A A --weights 1,-1``)
+    are listed in ``zero_modules`` and named in ``warnings``.
     """
     import torch
 
+    check_options(method, count=len(adapters), weights=weights, rank=rank, density=density, seed=seed)
     spec = get_method(method)
-    if len(adapters) < 1 or len(weights) != len(adapters):
-        raise UsageError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
-    given = {"rank": rank, "density": density}
-    for option in spec.required:
-        if given.get(option) is None:
-            raise UsageError(f"--{option} is required for {method}")
     for a in adapters:
         require_valid(a)
     check_compatible(adapters, force=force)
     alpha = float(adapters[0].config.lora_alpha)
-    generator = torch.Generator().manual_seed(seed) if "seed" in spec.params else None
+    generator = torch.Generator().manual_seed(seed or 0) if "seed" in spec.params else None
     names = sorted({n for a in adapters for n in a.modules})
     tensors: dict[str, Any] = {}
     rows = []
+    zero: list[str] = []
     for i, name in enumerate(names):
         members = [(a, w) for a, w in zip(adapters, weights, strict=True) if name in a.modules]
-        a_out, b_out, k, err = _combine_module(
+        a_out, b_out, k, err, is_zero = _combine_module(
             spec, name, members, alpha=alpha, rank=rank, density=density, generator=generator
         )
         tensors[peft_key(name, "lora_A")] = a_out
         tensors[peft_key(name, "lora_B")] = b_out
         rows.append(ModuleCombination(name, len(members), k, err))
+        if is_zero:
+            zero.append(name)
         if progress:
             progress(i + 1, len(names))
+    warnings = _warnings(rows, zero, rank=rank, method=method)
     r, rank_pattern = rank_layout({row.name: row.rank for row in rows})
     config = dict(adapters[0].config.raw)
     config.update(
@@ -150,16 +199,60 @@ def combine_adapters(
         target_modules=names,
         modules_to_save=None,
     )
-    params: dict[str, Any] = {"method": method, "weights": weights, "rank": rank, "density": density, "seed": seed}
+    used_seed = (seed or 0) if "seed" in spec.params else None  # the seed a seeded method ran with, default 0
+    params: dict[str, Any] = {
+        "method": method,
+        "weights": weights,
+        "rank": rank,
+        "density": density,
+        "seed": used_seed,
+    }
     prov = provenance("combine", {k: v for k, v in params.items() if v is not None}, adapters)
     path = write_peft(out, config=config, tensors=tensors, provenance=prov, overwrite=overwrite)
-    return CombineResult(path=path, method=method, weights=list(weights), r=r, rank_pattern=rank_pattern, modules=rows)
+    return CombineResult(
+        path=path,
+        method=method,
+        weights=list(weights),
+        r=r,
+        rank_pattern=rank_pattern,
+        modules=rows,
+        zero_modules=zero,
+        warnings=warnings,
+    )
+
+
+def _warnings(rows: list[ModuleCombination], zero: list[str], *, rank: int | None, method: str) -> list[str]:
+    """What the user should know about a combination: updates that cancel, a ``--rank`` no module reached."""
+    out = []
+    if rows and len(zero) == len(rows):
+        out.append(
+            "the combined update is zero in every module (the weighted inputs cancel): the output adapter changes "
+            "nothing"
+        )
+    elif zero:
+        shown = ", ".join(zero[:5]) + (f" and {len(zero) - 5} more" if len(zero) > 5 else "")
+        out.append(f"{len(zero)} module(s) combine to a zero update (the weighted inputs cancel): {shown}")
+    if rank is not None and rows and all(row.rank < rank for row in rows):
+        top = max(row.rank for row in rows)
+        out.append(
+            f"--rank {rank} is above the rank every module's {method} combination has (at most {top}): "
+            "the modules keep that rank"
+        )
+    return out
+
+
+def _norm(a: Any, b: Any, scale: float) -> float:
+    """``||scale B A||_F`` of A (r, d_in) and B (d_out, r) from the r x r Gram matrices in float64, never the
+    dense (d_out, d_in) update: ``||BA||_F² = sum((BᵀB) ∘ (AAᵀ))``."""
+    a, b = a.double(), b.double()
+    return abs(float(scale)) * float(((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt())
 
 
 def _combine_module(
     spec: CombineMethod, name: str, members: list[tuple[Adapter, float]], *, alpha: float, **context: Any
-) -> tuple[Any, Any, int, float]:
-    """One module combined by ``spec``: its PEFT-shaped A and B (float32, scale alpha / k), k, and the error."""
+) -> tuple[Any, Any, int, float, bool]:
+    """One module combined by ``spec``: its PEFT-shaped A and B (float32, scale alpha / k), k, the error, and
+    whether the combined update is zero (below :data:`ZERO_TOLERANCE` of the weighted inputs' norms)."""
     from lora_ops import rescale
 
     factors = [a.factors(name) for a, _ in members]
@@ -174,8 +267,10 @@ def _combine_module(
     if result.scale != alpha / k:
         result = rescale(result, alpha / k)
     a_out, b_out = result.A.float(), result.B.float()
+    norm_in = sum(abs(w) * _norm(f.A, f.B, f.scale) for f, (_, w) in zip(factors, members, strict=True))
+    is_zero = _norm(a_out, b_out, result.scale) <= ZERO_TOLERANCE * norm_in
     module = members[0][0].modules[name]
     if module.kind == "conv":  # factors were flattened: A back to (k, in, kh, kw), B to (out, k, 1, 1)
         a_out = a_out.reshape(a_out.shape[0], *module.A.shape[1:])
         b_out = b_out.reshape(b_out.shape[0], b_out.shape[1], 1, 1)
-    return a_out.contiguous(), b_out.contiguous(), k, err
+    return a_out.contiguous(), b_out.contiguous(), k, err, is_zero

@@ -24,14 +24,16 @@ Besides the two positional arguments a method takes, by keyword, only those of t
 - ``generator: torch.Generator``: seeded from ``--seed``, one per run, shared by the modules in order.
 - ``alpha: float``: the output's ``lora_alpha``.
 
-A ``rank`` or ``density`` declared without a default is required: combining without it is a usage error.
-Signatures are checked when the methods are collected, not at first use.
+A ``rank`` or ``density`` declared without a default is required: combining without it is a usage error. An
+option the user gives that the method does not declare (``--rank`` for ``cat``, ``--density`` for ``linear``,
+``--seed`` for a method without randomness) is a usage error too, rather than silently ignored
+(:meth:`CombineMethod.check_options`). Signatures are checked when the methods are collected, not at first use.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -77,6 +79,29 @@ class CombineMethod:
     required: tuple[str, ...]
     plugin: str
     _keywords: tuple[str, ...] = ()
+
+    def check_options(self, given: Mapping[str, object]) -> None:
+        """Refuse options the user gave (``{"rank": 4, "density": None, "seed": 7}``; None: not given) that this
+        method would ignore, and options it requires that are missing.
+
+        Raises:
+            UsageError: naming the option as the CLI spells it (``--rank``) and the methods that take it.
+        """
+        for option, value in given.items():
+            if value is not None and option not in self.params:
+                takers = [n for n, m in methods().items() if option in m.params]
+                takes = ", ".join(f"--{p}" for p in self.params) or "no options"
+                users = ", ".join(takers) or "none is registered"
+                raise UsageError(
+                    f"--{option} has no effect with --method {self.name} ({self.description}; it takes {takes})",
+                    hint=f"drop --{option}, or choose a method that uses it: {users}",
+                )
+        for option in self.required:
+            if given.get(option) is None:
+                raise UsageError(
+                    f"--{option} is required for --method {self.name}",
+                    hint=f"e.g. --{option} {'0.5' if option == 'density' else '8'}",
+                )
 
     def combine(self, factors: Sequence[LoraFactors], weights: Sequence[float], **context: Any) -> CombinedFactors:
         """Call the method on one module; ``context`` holds every keyword of :data:`KEYWORDS` (an option the

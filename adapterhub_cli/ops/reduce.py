@@ -44,10 +44,56 @@ class ReduceResult:
     modules: list[ModuleReduction] = field(default_factory=list)
     #: wall time of the operation itself (load, compute, write), without interpreter and torch start-up
     seconds: float = 0.0
+    #: what the user should know about the result: nothing was reduced (every module kept its rank)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def max_rel_error(self) -> float:
         return max((m.rel_error for m in self.modules), default=0.0)
+
+    @property
+    def unchanged(self) -> bool:
+        """Whether every module kept its rank: the output holds the input's updates (refactored), nothing less."""
+        return all(m.rank_after == m.rank_before for m in self.modules)
+
+
+def check_options(
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    sv_ratio: float | None = None,
+    sv_fro: float | None = None,
+    max_rank: int | None = None,
+) -> None:
+    """Refuse, before anything is read, a rule set :func:`reduce_adapter` cannot follow or would partly ignore: not
+    exactly one of ``rank`` / ``energy`` / ``sv_ratio`` / ``sv_fro``, a value out of range, or ``max_rank`` with
+    ``rank`` (it caps only the dynamic rules).
+
+    Raises:
+        UsageError: naming the options as the CLI spells them.
+    """
+    given = [f"--{n}" for n, v in (("rank", rank), ("energy", energy), ("sv-ratio", sv_ratio), ("sv-fro", sv_fro))]
+    chosen = [n for n, v in zip(given, (rank, energy, sv_ratio, sv_fro), strict=True) if v is not None]
+    if len(chosen) != 1:
+        got = f" (got {', '.join(chosen)})" if chosen else ""
+        raise UsageError(
+            f"give exactly one of --rank, --energy, --sv-ratio, --sv-fro{got}",
+            hint="--rank K keeps K singular values per module; --energy 0.99 lets each module choose",
+        )
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank must be at least 1, got {rank}")
+    for name, value in (("--energy", energy), ("--sv-fro", sv_fro)):
+        if value is not None and not 0 < value <= 1:
+            raise UsageError(f"{name} must be in (0, 1], got {value}")
+    if sv_ratio is not None and not sv_ratio >= 1:
+        raise UsageError(f"--sv-ratio must be at least 1, got {sv_ratio}")
+    if max_rank is not None and max_rank < 1:
+        raise UsageError(f"--max-rank must be at least 1, got {max_rank}")
+    if max_rank is not None and rank is not None:
+        raise UsageError(
+            f"--max-rank caps the rank --energy, --sv-ratio and --sv-fro choose; with --rank {rank} it has no effect",
+            hint=f"give --rank {min(rank, max_rank)} alone",
+        )
 
 
 def _scale_rule(alpha: float, rslora: bool) -> Callable[[int], float]:
@@ -75,17 +121,27 @@ def reduce_adapter(
     copied unchanged; ``lora_B.bias`` tensors (``lora_bias=True``) are kept, multiplied by old scale / new scale so
     the bias term ``scale * bias`` is unchanged (to the storage dtype's rounding).
     Per-module ranks are written as PEFT's ``r`` + ``rank_pattern``.
+
+    Nothing is silently ignored: the options are checked by :func:`check_options`, a fixed ``rank`` not below any
+    module's rank (nothing could be reduced) is a :class:`UsageError`, and a dynamic rule that keeps every rank
+    writes the output with a warning saying nothing was reduced (``result.unchanged``).
     """
     from lora_ops import reduce_rank
 
-    if sum(x is not None for x in (rank, energy, sv_ratio, sv_fro)) != 1:
-        raise UsageError("give exactly one of --rank, --energy, --sv-ratio, --sv-fro")
+    check_options(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank)
     started = time.perf_counter()
     require_valid(adapter, check_weights=False)  # each module's factors are checked as they are loaded
     cfg = adapter.config
     for m in adapter.modules.values():
         if m.kind == "embedding":
             raise UsageError(f"module {m.name} is an embedding LoRA; reduce supports linear and conv layers")
+    largest = max((m.rank for m in adapter.modules.values()), default=0)
+    if rank is not None and rank >= largest:
+        raise UsageError(
+            f"--rank {rank} is not below the rank of any module of {adapter.path} (the largest is {largest}): "
+            "nothing would be reduced",
+            hint=f"give --rank below {largest}, or --energy / --sv-ratio / --sv-fro to let each module choose",
+        )
 
     def reduce_module(name: str) -> tuple[Any, Any, ModuleReduction]:
         m = adapter.modules[name]
@@ -146,7 +202,19 @@ def reduce_adapter(
         params_after=after,
         modules=rows,
         seconds=time.perf_counter() - started,
+        warnings=_warnings(rows, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank),
     )
+
+
+def _warnings(rows: list[ModuleReduction], **rules: float | int | None) -> list[str]:
+    """Says so when a dynamic rule kept every module's rank (nothing was reduced)."""
+    if not rows or any(row.rank_after != row.rank_before for row in rows):
+        return []
+    given = " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in rules.items() if v is not None)
+    return [
+        f"nothing was reduced: {given} keeps every module's rank, so the output holds the same updates at the same "
+        "ranks as the input"
+    ]
 
 
 def _torch_dtype(name: str) -> Any:
