@@ -27,6 +27,7 @@ from adapterhub_cli.errors import (
     AdapterNotFoundError,
     AdaptersError,
     CorruptFileError,
+    OutputExistsError,
     UnsafeFileError,
     UsageError,
 )
@@ -242,7 +243,7 @@ def check_output(
 
     Raises:
         UsageError: any of the above (nothing was written).
-        FileExistsError: ``out`` exists and ``overwrite`` is not given.
+        OutputExistsError: ``out`` exists and ``overwrite`` is not given (a ``FileExistsError``).
     """
     target = Path(os.path.normpath(Path(out).absolute()))  # '..' folded as the shell does
     if target.name in ("", ".", ".."):
@@ -277,10 +278,10 @@ def check_output(
         )
     if os.path.lexists(target):
         if not overwrite:
-            raise FileExistsError(f"{out} already exists (pass overwrite to replace it)")
+            raise OutputExistsError(out)
         if not is_earlier_output(target):
             raise UsageError(
-                f"output {out} exists and was not written by adapters: overwrite replaces only an earlier output "
+                f"output {out} exists and was not written by adapters: --overwrite replaces only an earlier output "
                 f"(a folder holding {OUTPUT_MARKER}, or a .safetensors file with adapterhub metadata)",
                 hint="choose another output path (-o), or remove it yourself if it may go",
             )

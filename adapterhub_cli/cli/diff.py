@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from adapterhub_cli.cli._output import out, styled
-from adapterhub_cli.cli._params import json_option
+from adapterhub_cli.cli._params import base_option, json_option, token_option
 
 
 def _num(x: float | None, fmt: str = ".4g") -> str:
@@ -23,14 +23,18 @@ def _num(x: float | None, fmt: str = ".4g") -> str:
     help="Show this many modules, most different first (--json lists all).",
 )
 @click.option("--exit-code", is_flag=True, help="Exit 1 when the adapters are not identical (like git diff).")
+@base_option
+@token_option
 @json_option
-def diff_cmd(a: str, b: str, top: int, exit_code: bool, as_json: bool) -> None:
+def diff_cmd(
+    a: str, b: str, top: int, exit_code: bool, base: str | None, token: str | None, as_json: bool
+) -> None:
     """Compare adapters A and B: config, module sets, and per shared module the norms, cosine similarity,
     relative distance ||dW_B - dW_A|| / ||dW_A|| and top singular-subspace overlap, computed from the factors.
     """
     from adapterhub_cli import api
 
-    report = api.diff(a, b)
+    report = api.diff(a, b, token=token, base=base)
     if as_json:
         out.json(report.to_dict())
     else:
