@@ -26,9 +26,7 @@ def _num(x: float | None, fmt: str = ".4g") -> str:
 @base_option
 @token_option
 @json_option
-def diff_cmd(
-    a: str, b: str, top: int, exit_code: bool, base: str | None, token: str | None, as_json: bool
-) -> None:
+def diff_cmd(a: str, b: str, top: int, exit_code: bool, base: str | None, token: str | None, as_json: bool) -> None:
     """Compare adapters A and B: config, module sets, and per shared module the norms, cosine similarity,
     relative distance ||dW_B - dW_A|| / ||dW_A|| and top singular-subspace overlap, computed from the factors.
     """
