@@ -19,7 +19,9 @@ Hostile behaviours, for the tests that show Hub answers are untrusted:
     hub.oversize, hub.declare_size = None, False               # ... or never end, and say no Content-Length
     hub.range_padding = 16                                     # ranged answers send 16 bytes more than asked
 
-Run ``python tests/hub_server.py`` to serve on a free port (it prints the URL), e.g. for manual CLI checks.
+Run ``python tests/hub_server.py [--port PORT] [--token TOKEN]`` to serve on a free port (or PORT), e.g. for manual
+CLI checks; it prints the ``HF_ENDPOINT=...`` line to use, and with ``--token`` accepts only that token (401
+otherwise). ``--help`` says so.
 It proves compatibility with the client, not with the real Hub (no Xet, no CDN redirects, no rate limits).
 """
 
@@ -118,10 +120,13 @@ def _now() -> str:
 
 
 class FakeHub:
-    """The server's state and its controls. ``tokens``: accepted tokens (None accepts any token and none)."""
+    """The server's state and its controls. ``tokens``: accepted tokens (None accepts any token and none).
+    ``anonymous``: whether a request without a token may read public repos (as on the Hub); False answers it 401,
+    as the Hub answers a private repo (``--token`` on the command line)."""
 
-    def __init__(self, *, tokens: set[str] | None = None, user: str = "tester") -> None:
+    def __init__(self, *, tokens: set[str] | None = None, user: str = "tester", anonymous: bool = True) -> None:
         self.tokens = tokens
+        self.anonymous = anonymous
         self.user = user
         self.repos: dict[tuple[str, str], Repo] = {}
         self.lfs: dict[str, bytes] = {}
@@ -143,8 +148,8 @@ class FakeHub:
 
     # ------------------------------------------------------------------ controls
 
-    def start(self) -> FakeHub:
-        server = _Server(("127.0.0.1", 0), _Handler)
+    def start(self, port: int = 0) -> FakeHub:
+        server = _Server(("127.0.0.1", port), _Handler)
         server.daemon_threads = True
         server.hub = self  # type: ignore[attr-defined]
         self._server = server
@@ -425,6 +430,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(401, BAD_TOKEN_MESSAGE)
         if token is None and self.command in ("POST", "PUT", "DELETE") and path != "/api/validate-yaml":
             raise HttpError(401, "You must be authenticated to do this")
+        if token is None and not self.hub.anonymous:
+            raise HttpError(401, "You must be authenticated to access this resource")
         return token is not None
 
     # ------------------------------------------------------------------- routes
@@ -707,45 +714,83 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serving(monkeypatch: pytest.MonkeyPatch, *, tokens: set[str] | None, token: str | None) -> Iterator[FakeHub]:
-    """A fresh server accepting ``tokens``, with huggingface_hub pointed at it and ``HF_TOKEN`` set to ``token``.
+def serving(
+    monkeypatch: pytest.MonkeyPatch, *, tokens: set[str] | None, token: str | None, anonymous: bool = True
+) -> Iterator[FakeHub]:
+    """A fresh server accepting ``tokens`` (and requests without one when ``anonymous``), with huggingface_hub
+    pointed at it and ``HF_TOKEN`` set to ``token``.
 
     conftest sets HF_HUB_OFFLINE=1 before huggingface_hub is imported, and the endpoint, Xet switch, offline
     flag and cache folder are module constants read at import: patch the constants, not only the environment.
     The saved login is looked for beside the per-test cache (none unless a test writes one), and retries pause
     10 ms.
     """
-    from huggingface_hub import constants
-
-    from adapterhub_cli.stores.hf import client as hub_client
-
-    server = FakeHub(tokens=tokens).start()
-    cache = os.environ["HF_HUB_CACHE"]  # the per-test cache conftest set up
-    for name, value in {
-        "ENDPOINT": server.url,
-        "HUGGINGFACE_CO_URL_TEMPLATE": server.url + "/{repo_id}/resolve/{revision}/{filename}",
-        "HF_HUB_DISABLE_XET": True,
-        "HF_HUB_OFFLINE": False,
-        "HF_HUB_CACHE": cache,
-        "HF_TOKEN_PATH": str(Path(cache).parent / "token"),
-    }.items():
-        monkeypatch.setattr(constants, name, value)
-    for name, value in {"HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}.items():
-        monkeypatch.setenv(name, value)
-    if token is not None:
-        monkeypatch.setenv("HF_TOKEN", token)
-    else:
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(hub_client, "BACKOFF_SECONDS", 0.01)
+    server = FakeHub(tokens=tokens, anonymous=anonymous).start()
+    point_at(monkeypatch, server.url, token=token)
     try:
         yield server
     finally:
         server.stop()
 
 
-def main() -> None:
-    hub = FakeHub().start()
-    print(hub.url, flush=True)
+def point_at(monkeypatch: pytest.MonkeyPatch, url: str, *, token: str | None) -> None:
+    """Point huggingface_hub (constants and environment) at the server at ``url``, ``HF_TOKEN`` set to ``token``
+    (unset for None), online, Xet off, retries pausing 10 ms (see :func:`serving`)."""
+    from huggingface_hub import constants
+
+    from adapterhub_cli.stores.hf import client as hub_client
+
+    cache = os.environ["HF_HUB_CACHE"]  # the per-test cache conftest set up
+    for name, value in {
+        "ENDPOINT": url,
+        "HUGGINGFACE_CO_URL_TEMPLATE": url + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HUB_DISABLE_XET": True,
+        "HF_HUB_OFFLINE": False,
+        "HF_HUB_CACHE": cache,
+        "HF_TOKEN_PATH": str(Path(cache).parent / "token"),
+    }.items():
+        monkeypatch.setattr(constants, name, value)
+    for name, value in {"HF_ENDPOINT": url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}.items():
+        monkeypatch.setenv(name, value)
+    if token is not None:
+        monkeypatch.setenv("HF_TOKEN", token)
+    else:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hub_client, "BACKOFF_SECONDS", 0.01)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python tests/hub_server.py [--port PORT] [--token TOKEN]``: serve until interrupted (see ``--help``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python tests/hub_server.py",
+        description="A small Hugging Face Hub-compatible server for trying push / pull / versions by hand: in "
+        "memory, on 127.0.0.1, until Ctrl-C. It prints the environment to point huggingface_hub (and adapters) "
+        "at it. It proves compatibility with the client, not with the real Hub.",
+        epilog="example: python tests/hub_server.py --token hf_test & then, in the printed environment: "
+        "adapters push ./my-lora org/my-lora --version 0.1.0 --token hf_test",
+    )
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
+    parser.add_argument(
+        "--token",
+        default=None,
+        metavar="TOKEN",
+        help="accept only this token: a request without it or with another gets 401, as the Hub answers "
+        "(default: any token and none are accepted)",
+    )
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port} is not a port number (0 to 65535; 0 picks a free one)")
+    tokens = {args.token} if args.token else None
+    try:
+        hub = FakeHub(tokens=tokens, anonymous=tokens is None).start(args.port)
+    except OSError as e:
+        parser.error(f"cannot listen on 127.0.0.1:{args.port}: {e.strerror or e}")
+    print(f"serving a Hub-compatible server at {hub.url} (Ctrl-C stops it); use it with:", flush=True)
+    print(f"export HF_ENDPOINT={hub.url} HF_HUB_DISABLE_XET=1", flush=True)
+    if args.token:
+        print("export HF_TOKEN=<the token given with --token>", flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from typing import Any
 
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.provenance import read_provenance
+from adapterhub_cli.artifact.ref import ref_scheme
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class InspectReport:
     layer_replication: list[list[int]] | None = None
     #: trainable_token_indices: embedding rows the adapter replaces (a list, or module name -> list)
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    #: read from a store (or pulled from one): the ref pinning the exact version, ``hf://org/name@<commit>``
+    pinned: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,7 +138,14 @@ def build_report(adapter: Adapter, *, sha256: str | None, modules: bool, spectru
         alora_invocation_tokens=cfg.alora_invocation_tokens,
         layer_replication=cfg.layer_replication,
         trainable_token_indices=cfg.raw.get("trainable_token_indices"),
+        pinned=_pinned(adapter),
     )
+
+
+def _pinned(adapter: Adapter) -> str | None:
+    """The store ref (``hf://org/name@<commit>``) an adapter read from a store, or pulled from one, records."""
+    src = getattr(adapter.provenance, "source", None)
+    return src if isinstance(src, str) and ref_scheme(src) is not None else None
 
 
 def _quantization(adapter: Adapter) -> str | None:

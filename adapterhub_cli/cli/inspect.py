@@ -61,6 +61,7 @@ def inspect_cmd(
     targets = report.target_modules
     rows = [
         ("path", report.path),
+        *([("pinned", report.pinned)] if report.pinned else []),
         ("format", report.format),
         ("peft type", report.peft_type),
         ("r", report.r if report.ranks == [report.r] else f"{report.r} (ranks present: {report.ranks})"),

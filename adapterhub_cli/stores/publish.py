@@ -111,7 +111,7 @@ def require_ours(folder: Path, kind: str, *, force: bool) -> list[str]:
     if any(is_earlier_output(p) for p in regular_files(folder) if p.name.endswith(".safetensors")):
         return []
     what = (
-        "a model checkpoint that neither `adapters merge` wrote (no {OUTPUT_MARKER}, no provenance "
+        f"a model checkpoint that neither `adapters merge` wrote (no {OUTPUT_MARKER}, no provenance "
         "in its weights) nor `adapters pull` fetched"
     )
     if not force:
