@@ -147,6 +147,13 @@ def _new_console(**kwargs: Any) -> Console:
     return QuietOnBrokenPipe(**kwargs)
 
 
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
 def _echo(text: str, *, err: bool = False) -> None:
     try:
         click.echo(text, err=err)
@@ -166,19 +173,215 @@ def _make_table(**kwargs: Any) -> Table:
     return LiteralTable(**kwargs)
 
 
+def _width(cell: Any, console: Console, options: Any, *, wraps: bool) -> int:
+    """The columns ``cell`` needs to stay whole: all of it, or its longest word where the column wraps."""
+    from rich.cells import cell_len
+    from rich.measure import Measurement
+    from rich.text import Text
+
+    if isinstance(cell, Text):
+        lines = cell.plain.splitlines() or [""]
+        if wraps:
+            return max((cell_len(w) for line in lines for w in line.split()), default=0)
+        return max(cell_len(line) for line in lines)
+    measured = Measurement.get(console, options, cell)
+    return measured.minimum if wraps else measured.maximum
+
+
+class _Stripped:
+    """Renders ``renderable`` with the spaces that pad each line's end removed (tables and grids pad cells)."""
+
+    def __init__(self, renderable: Any) -> None:
+        self.renderable = renderable
+
+    def __rich_console__(self, console: Console, options: Any) -> Iterator[Any]:
+        from rich.segment import Segment
+
+        for line in console.render_lines(self.renderable, options, pad=False):
+            segments = list(line)
+            while segments and segments[-1].control is None and not segments[-1].text.rstrip(" "):
+                segments.pop()
+            if segments and segments[-1].control is None:
+                last = segments[-1]
+                segments[-1] = Segment(last.text.rstrip(" "), last.style)
+            yield from segments
+            yield Segment.line()
+
+
+#: The column whose cells are module names: :class:`FitTable` shows their common prefix once when that makes the
+#: table fit, and heads each block of its vertical layout with the name.
+NAME_COLUMN = "module"
+
+
+class FitTable:
+    """A table that keeps every cell whole at any width (module names and numbers are never cut).
+
+    Rendered at the console's width, in the first of these layouts that fits:
+
+    1. a boxed table (a ``wrap_last`` column wraps between words), then the same without borders;
+    2. the same two with the module names' common dotted prefix written once above the table
+       (``(module names start with model.layers.)``) and the rest of each name in the rows;
+    3. one block per row: the module name (or the first cell) on its own line, then ``column  value`` lines.
+
+    A single word wider than the whole screen (a very long module name) is folded, in the vertical layout only.
+    String cells are literal text (never markup); style a cell with :func:`styled`.
+    """
+
+    def __init__(self, title: str | None, columns: tuple[str, ...], *, wrap_last: bool = False) -> None:
+        self.title = title
+        self.columns = list(columns)
+        self.wraps = [wrap_last and i == len(columns) - 1 for i in range(len(columns))]
+        self.rows: list[list[Any]] = []
+        self.name_column = self.columns.index(NAME_COLUMN) if NAME_COLUMN in self.columns else None
+
+    def add_row(self, *cells: Any) -> None:
+        """One row: a cell per column (strings, :func:`styled` text, ``None`` for empty)."""
+        from rich.text import Text
+
+        row = [Text("") if c is None else _literal(c, newlines=False) for c in cells]
+        self.rows.append(row + [Text("")] * (len(self.columns) - len(row)))
+
+    def _table(self, console: Console, options: Any, rows: list[list[Any]], *, compact: bool) -> Table:
+        """The table of ``rows``, each column at least as wide as its widest cell (its longest word if it wraps);
+        ``compact``: no outer border, columns apart by two spaces, a rule under the header."""
+        from rich import box
+        from rich.text import Text
+
+        columns = list(zip(*rows, strict=True)) if rows else [()] * len(self.columns)
+        kw: dict[str, Any] = {"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False, "padding": (0, 1, 0, 0)}
+        t = _make_table(show_header=True, header_style="bold", **(kw if compact else {}))
+        for header, wraps, cells in zip(self.columns, self.wraps, columns, strict=True):
+            needed = max(_width(c, console, options, wraps=wraps) for c in [Text(header), *cells])
+            t.add_column(_literal(header, newlines=False), no_wrap=not wraps, overflow="fold", min_width=needed)
+        for row in rows:
+            t.add_row(*row)
+        return t
+
+    def _prefix(self) -> str:
+        """The dotted prefix all module names share (ending in ``.``, leaving something of each), or ``""``."""
+        if self.name_column is None or len(self.rows) < 2:
+            return ""
+        from rich.text import Text
+
+        cells = [row[self.name_column] for row in self.rows]
+        if not all(isinstance(c, Text) for c in cells):
+            return ""
+        parts = [c.plain.split(".") for c in cells]
+        shared = 0
+        while all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
+            shared += 1
+        return "".join(f"{p}." for p in parts[0][:shared])
+
+    def __rich_console__(self, console: Console, options: Any) -> Iterator[Any]:
+        from rich.measure import Measurement
+        from rich.text import Text
+
+        if self.title is not None:
+            yield Text(visible(self.title), style="table.title", overflow="fold")
+        if not self.columns:
+            return
+        prefix = self._prefix()
+        candidates: list[tuple[str, list[list[Any]]]] = [("", self.rows)]
+        if prefix:
+            assert self.name_column is not None
+            cut, at = len(prefix), self.name_column
+            candidates.append((prefix, [[c[cut:] if i == at else c for i, c in enumerate(r)] for r in self.rows]))
+        unbounded = options.update_width(1 << 20)
+        for shared, rows in candidates:
+            for compact in (False, True):
+                table = self._table(console, options, rows, compact=compact)
+                if Measurement.get(console, unbounded, table).minimum <= options.max_width:
+                    if shared:
+                        yield Text(f"(module names start with {visible(shared)})", overflow="fold")
+                    yield table
+                    return
+        yield from self._vertical()
+
+    def _vertical(self) -> Iterator[Any]:
+        from rich.cells import cell_len
+        from rich.padding import Padding
+        from rich.text import Text
+
+        def empty(cell: Any) -> bool:
+            return isinstance(cell, Text) and not cell.plain.strip()
+
+        heading = self.name_column if self.name_column is not None else 0
+        key_width = max((cell_len(c) for i, c in enumerate(self.columns) if i != heading), default=0)
+        for row in self.rows:
+            # headed by the module name; a row without one (a finding about the whole adapter) by its first cell
+            head = self.name_column if self.name_column is not None and not empty(row[self.name_column]) else 0
+            name = row[head]
+            if isinstance(name, Text):
+                name = name.copy()
+                name.stylize("bold")
+                name.overflow = "fold"
+            yield name
+            fields = [(c, cell) for i, (c, cell) in enumerate(zip(self.columns, row, strict=True)) if i != head]
+            fields = [(c, cell) for c, cell in fields if not empty(cell)]
+            if fields:
+                yield Padding(KeyValues(fields, key_style="", key_width=key_width), (0, 0, 0, 2))
+
+
+class KeyValues:
+    """``key  value`` lines, keys aligned; a value whose longest word would not fit beside its key goes on the
+    next line, indented (so a hash or a path is never cut); values wrap between words."""
+
+    def __init__(self, rows: list[tuple[str, Any]], *, key_style: str = "bold", key_width: int | None = None) -> None:
+        from rich.text import Text
+
+        self.rows = [
+            (
+                Text(visible(k), style=key_style),
+                _literal("" if v is None else v if isinstance(v, (str, Text)) else str(v), newlines=False),
+            )
+            for k, v in rows
+        ]
+        self.key_width = key_width
+
+    def __rich_console__(self, console: Console, options: Any) -> Iterator[Any]:
+        from rich.padding import Padding
+        from rich.table import Table
+        from rich.text import Text
+
+        key_width = max([k.cell_len for k, _ in self.rows] + [self.key_width or 0])
+        beside = options.max_width - key_width - 2
+        grid: Table | None = None
+        for k, v in self.rows:
+            if _width(v, console, options, wraps=True) <= beside:
+                if grid is None:
+                    grid = Table.grid(padding=(0, 2))
+                    grid.add_column(min_width=key_width, no_wrap=True)
+                    grid.add_column(overflow="fold")
+                grid.add_row(k, v)
+                continue
+            if grid is not None:
+                yield grid
+                grid = None
+            yield k
+            if isinstance(v, Text):
+                v = v.copy()
+                v.overflow = "fold"
+            yield Padding(v, (0, 0, 0, 2))
+        if grid is not None:
+            yield grid
+
+
 class Output:
     """Renders results; ``json_mode`` prints one JSON document on stdout and nothing else there."""
 
     def __init__(self) -> None:
         self._console: Console | None = None
+        self._console_key: tuple[bool, str | None] | None = None
         self._err: Console | None = None
 
     @property
     def console(self) -> Console:
-        if self._console is None:
-            # piped output is read by people too: do not squeeze tables into 80 columns
-            wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+        # piped output is read by people too: do not squeeze tables into 80 columns
+        key = (_isatty(sys.stdout), os.environ.get("COLUMNS"))
+        if self._console is None or self._console_key != key:
+            wide = None if key[0] or key[1] else 160
             self._console = _new_console(highlight=False, soft_wrap=False, width=wide, markup=False, emoji=False)
+            self._console_key = key
         return self._console
 
     @property
@@ -191,53 +394,57 @@ class Output:
         """One strict JSON document (ASCII, no NaN / Infinity tokens): valid whatever strings the data holds."""
         _echo(json.dumps(_plain_json(data), indent=2, allow_nan=False, ensure_ascii=True))
 
-    def print(self, *objects: Any) -> None:
-        """Print strings literally (one line or several) and rich renderables (tables from :meth:`table`)."""
-        self._print(self.console, *(_literal(o, newlines=True) for o in objects))
+    def print(self, *objects: Any, wrap: bool = True) -> None:
+        """Print strings literally (one line or several) and rich renderables (tables from :meth:`table`).
+
+        Lines carry no trailing spaces. ``wrap=False`` prints each line whole, however wide (a command line to
+        copy): the terminal may fold it for display, but a pipe or a file gets it on one line.
+        """
+        from rich.text import Text
+
+        items = [_literal(o, newlines=True) for o in objects]
+        if len(items) > 1 and all(isinstance(i, Text) for i in items):
+            items = [Text(" ").join(items)]
+        if not wrap:
+            self._print(self.console, *items, soft_wrap=True)
+        else:
+            self._print(self.console, *(_Stripped(i) for i in items))
 
     @staticmethod
-    def _print(console: Console, *objects: Any) -> None:
+    def _print(console: Console, *objects: Any, soft_wrap: bool | None = None) -> None:
         try:
-            console.print(*objects)
+            console.print(*objects, soft_wrap=soft_wrap)
         except UnicodeEncodeError:  # a terminal that is not UTF-8: write what it cannot show as escapes
             with console.capture() as captured:
-                console.print(*objects)
+                console.print(*objects, soft_wrap=soft_wrap)
             try:
                 console.file.write(_fit(captured.get(), console.file))
                 console.file.flush()
             except BrokenPipeError:
                 console.on_broken_pipe()
 
-    def table(self, title: str | None = None, *columns: str, wrap_last: bool = False) -> Table:
-        """A table whose cells never wrap (names and numbers stay whole), except the last column if asked.
+    def table(self, title: str | None = None, *columns: str, wrap_last: bool = False) -> FitTable:
+        """A table that keeps names and numbers whole at any width (see :class:`FitTable`); only the last column
+        wraps, between words, if asked.
 
-        String cells are literal text; style a cell with :func:`styled`.
+        String cells are literal text; style a cell with :func:`styled`. A column headed ``module`` holds module
+        names.
         """
-        t = _make_table(
-            title=_literal(title, newlines=False) if title is not None else None,
-            title_justify="left",
-            show_header=bool(columns),
-            header_style="bold",
-        )
-        for i, c in enumerate(columns):
-            t.add_column(_literal(c, newlines=False), no_wrap=not (wrap_last and i == len(columns) - 1))
-        return t
+        return FitTable(title, columns, wrap_last=wrap_last)
 
-    def key_values(self, rows: list[tuple[str, Any]]) -> Table:
-        t = _make_table(show_header=False, box=None, pad_edge=False)
-        t.add_column(style="bold")
-        t.add_column(overflow="fold")
-        for k, v in rows:
-            t.add_row(k, "" if v is None else v if isinstance(v, str) else str(v))
-        return t
+    def key_values(self, rows: list[tuple[str, Any]]) -> KeyValues:
+        """``key  value`` lines (see :class:`KeyValues`); print it with :meth:`print`."""
+        return KeyValues(rows)
 
     @contextlib.contextmanager
     def progress(self, description: str) -> Iterator[Callable[[int, int], None]]:
-        """A progress bar on stderr (shown on terminals only); yields ``update(done, total)``."""
+        """A progress bar on stderr, shown only when stdout and stderr are both terminals (never in a pipe, a
+        file, a CI log or a captured run, whatever ``FORCE_COLOR`` says); yields ``update(done, total)``."""
         from rich.markup import escape as _markup_escape
         from rich.progress import Progress
 
-        with Progress(console=self.err_console, transient=True, disable=not self.err_console.is_terminal) as bar:
+        shown = _isatty(sys.stdout) and _isatty(sys.stderr) and os.environ.get("TERM") != "dumb"
+        with Progress(console=self.err_console, transient=True, disable=not shown) as bar:
             task = bar.add_task(_markup_escape(visible(description)), total=None)
 
             def update(done: int, total: int) -> None:
@@ -246,7 +453,8 @@ class Output:
             yield update
 
     def warn(self, message: str) -> None:
-        self._print(self.err_console, styled(("warning:", "yellow"), " ", message))
+        """Print a warning unwrapped (one line per message line, as :meth:`error` does), yellow on a terminal."""
+        self._print(self.err_console, styled(("warning:", "yellow"), " ", message), soft_wrap=True)
 
     def error(self, message: str) -> None:
         """Print an error unwrapped (one line per message line), in red on a colour terminal."""

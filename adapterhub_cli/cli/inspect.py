@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import allow_pickle_option, json_option
+from adapterhub_cli.cli._params import allow_pickle_option, base_option, json_option, token_option
 
 
 def _size(n: int | None) -> str:
@@ -21,20 +21,22 @@ def _size(n: int | None) -> str:
 
 @click.command("inspect")
 @click.argument("adapter")
-@click.option("--modules", "show_modules", is_flag=True, help="Add a row per module: name, d_out x d_in, r, scale.")
+@click.option(
+    "--modules",
+    "show_modules",
+    is_flag=True,
+    help="Add a table with a row per module: name, d_out x d_in, r, alpha, scale, dtype, DoRA.",
+)
 @click.option(
     "--spectrum",
     is_flag=True,
-    help="Load the factors and add per-module singular values, Frobenius norm and effective rank at "
-    "90% / 99% energy (from the r x r core, never the dense matrix).",
+    help="Load the factors and add a table per module: ||dW||_F, effective rank at 90% / 99% energy and the "
+    "top 4 singular values of dW = scale * B @ A (from the r x r core, never the dense matrix).",
 )
 @click.option("--no-hash", is_flag=True, help="Skip the sha256 of the tensor file.")
-@click.option(
-    "--base",
-    default=None,
-    help="Base checkpoint whose tensor names map a kohya / diffusers file's keys to modules (else ADAPTERS_BASE).",
-)
+@base_option
 @allow_pickle_option
+@token_option
 @json_option
 def inspect_cmd(
     adapter: str,
@@ -43,15 +45,18 @@ def inspect_cmd(
     no_hash: bool,
     base: str | None,
     allow_pickle: bool,
+    token: str | None,
     as_json: bool,
 ) -> None:
-    """Show what an adapter is: config, ranks, targets, sizes, hash; reads headers, not weights.
+    """Show what an adapter is: config, ranks, targets, sizes, hash; reads headers, not weights
+    (--spectrum loads the factors).
 
-    ADAPTER is a PEFT adapter folder or a bare adapter .safetensors file.
+    ADAPTER is an adapter folder or file (PEFT, kohya, diffusers, LyCORIS, or one quantized by this tool) or a
+    store ref (org/name@v1.2.0, hf://org/name@rev, file:///srv/adapters/org/name@^1.2).
     """
     from adapterhub_cli import api
 
-    lora = api.load(adapter, allow_pickle=allow_pickle, base=base)
+    lora = api.load(adapter, allow_pickle=allow_pickle, base=base, token=token)
     report = api.inspect(lora, modules=show_modules, spectrum=spectrum, sha256=not no_hash)
     if as_json:
         out.json(report.to_dict())
@@ -80,7 +85,8 @@ def inspect_cmd(
         ("modules", report.num_modules),
         ("parameters", f"{report.num_parameters:,}"),
         ("dtypes", ", ".join(f"{k} ({v:,})" for k, v in report.dtypes.items())),
-        ("file", f"{report.tensor_file or '-'}  ({_size(report.file_size)})"),
+        ("file", report.tensor_file or "-"),
+        ("size", _size(report.file_size)),
         ("sha256", report.sha256 or "-"),
     ]
     if report.alora_invocation_tokens is not None:
@@ -117,7 +123,13 @@ def inspect_cmd(
         out.print(t)
     if report.spectrum is not None:
         t = out.table(
-            "spectrum of dW = scale * B @ A", "module", "||dW||_F", "rank@90%", "rank@99%", "top singular values"
+            "spectrum of dW = scale * B @ A",
+            "module",
+            "||dW||_F",
+            "rank@90%",
+            "rank@99%",
+            "top singular values",
+            wrap_last=True,
         )
         for s in report.spectrum:
             top = ", ".join(f"{x:.3g}" for x in s.singular_values[:4]) + (" ..." if len(s.singular_values) > 4 else "")
