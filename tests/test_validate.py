@@ -501,3 +501,44 @@ def test_bitsandbytes_int8_base_is_not_an_integer_weight_misfit(tmp_path: Path) 
     stored = ah.validate(tmp_path / "lora", base=tmp_path / "int8")
     assert any(t.dtype == "I8" for t in ah.open_base(tmp_path / "int8").tensors.values())
     assert "base-weight-not-float" not in {f.code for f in stored.findings}
+
+
+# ------------------------------------------------------------------------------ architecture-mismatch (issue 14)
+
+
+def test_llama_adapter_on_gpt2_names_the_architectures(llama_lora, gpt2_base, llama_base):
+    """A Llama adapter against a GPT-2 base: PEFT refuses it; validate's first finding names both architectures and
+    the per-module misfits are one line, not one per module."""
+    from peft.tuners.tuners_utils import NoMatchingPeftModuleError
+
+    with pytest.raises((NoMatchingPeftModuleError, ValueError), match="not found in the base model"):
+        PeftModel.from_pretrained(fm.load_base_model(gpt2_base), str(llama_lora))
+    report = ah.validate(llama_lora, base=gpt2_base)
+    first = report.findings[0]
+    assert first.code == "architecture-mismatch" and first.severity == "error"
+    assert "LlamaForCausalLM" in first.message and "GPT2LMHeadModel" in first.message
+    n = len(ah.load(llama_lora).modules)
+    assert f"{n} of its {n} modules" in first.message
+    codes = [f.code for f in report.findings]
+    assert codes.count("module-missing") == 1 and "base-name-mismatch" not in codes
+    assert len(report.findings) <= 4
+    res = CliRunner().invoke(build_cli(), ["validate", str(llama_lora), "--base", str(gpt2_base), "--json"])
+    assert res.exit_code == 1 and json.loads(res.stdout)["findings"][0]["code"] == "architecture-mismatch"
+
+
+def test_architecture_from_module_names_when_the_declared_base_is_remote(llama_lora, gpt2_base, copy_adapter):
+    """A Hub id as declared base (not read: validate reads no network): the names' family says it."""
+    a = copy_adapter(llama_lora)
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "meta-llama/Llama-3.2-1B"
+    (a / "adapter_config.json").write_text(json.dumps(cfg))
+    first = ah.validate(a, base=gpt2_base).findings[0]
+    assert (
+        first.code == "architecture-mismatch" and "Llama-style" in first.message and "GPT2LMHeadModel" in first.message
+    )
+
+
+def test_no_architecture_finding_within_a_family(llama_lora, llama_lora_wide, llama_base, llama_base_wide):
+    """Same architecture, other sizes (shape misfits) or the right base: no architecture-mismatch."""
+    for adapter, base in ((llama_lora, llama_base_wide), (llama_lora, llama_base), (llama_lora_wide, llama_base)):
+        assert "architecture-mismatch" not in {f.code for f in ah.validate(adapter, base=base).findings}

@@ -72,7 +72,129 @@ def validate_against(adapter: Adapter, base: BaseView, *, check_weights: bool = 
     add_all(_check_declared_base(adapter, base))
     if check_weights:
         add_all(_check_weights(adapter))
+    arch = _check_architecture(adapter, base)
+    if arch is not None:
+        report.findings = [arch, *_summarise_misfits(report.findings)]
     return report
+
+
+#: Module-name signatures of model families: (what to call it, a regex most of a family's LoRA modules match).
+_FAMILIES: tuple[tuple[str, str], ...] = (
+    (
+        "Llama-style decoder (Llama, Mistral, Qwen, Gemma, ...)",
+        r"(^|\.)layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$",
+    ),
+    ("GPT-2-style model (GPT-2, GPT-BigCode)", r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$"),
+    (
+        "BERT-style encoder (BERT, RoBERTa, XLM-R)",
+        r"(^|\.)layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense"
+        r"|output\.dense)$",
+    ),
+    (
+        "T5-style model (T5, mT5, Flan-T5)",
+        r"(^|\.)block\.\d+\.layer\.\d+\.(SelfAttention|EncDecAttention|DenseReluDense)\.",
+    ),
+    ("GPT-NeoX-style model (Pythia, GPT-NeoX)", r"(^|\.)layers\.\d+\.attention\.(query_key_value|dense)$"),
+    ("Falcon / BLOOM-style model", r"(^|\.)h\.\d+\.self_attention\.(query_key_value|dense)$"),
+    ("diffusers UNet", r"(^|\.)(down_blocks|up_blocks|mid_block)\..*\.(to_q|to_k|to_v|to_out\.0|proj_in|proj_out)$"),
+    ("CLIP text encoder", r"(^|\.)text_model\.encoder\.layers\.\d+\.(self_attn|mlp)\."),
+)
+
+
+def _family(names: list[str]) -> tuple[str, str] | None:
+    """The family whose signature at least half of ``names`` match (None: no clear family)."""
+    import re
+
+    for label, pattern in _FAMILIES:
+        rx = re.compile(pattern)
+        if names and 2 * sum(bool(rx.search(n)) for n in names) >= len(names):
+            return label, pattern
+    return None
+
+
+def _arch_name(config: dict[str, object]) -> str | None:
+    archs = config.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        return archs[0]
+    model_type = config.get("model_type")
+    return model_type if isinstance(model_type, str) else None
+
+
+def _declared_arch(adapter: Adapter) -> str | None:
+    """The architecture of the base the adapter declares, when that is a local folder with a config.json."""
+    from adapterhub_cli.artifact.files import read_json
+    from adapterhub_cli.errors import AdaptersError
+
+    declared = adapter.config.base_model_name_or_path
+    if not declared:
+        return None
+    try:
+        folder = Path(declared)
+        if not (folder / "config.json").is_file():
+            return None
+        return _arch_name(read_json(folder / "config.json", "declared base config.json"))
+    except (AdaptersError, OSError, ValueError):
+        return None
+
+
+def _check_architecture(adapter: Adapter, base: BaseView) -> Finding | None:
+    """``architecture-mismatch``: most LoRA modules are not in the base, and the adapter clearly belongs to another
+    architecture: the base it declares (a local folder) has other ``architectures``, or its module names follow a
+    family's naming that no module of this base follows."""
+    names = list(adapter.modules)
+    absent = [n for n in names if base.weight_match(adapter.config.base_module(n)) is None]
+    if not names or 2 * len(absent) < len(names):
+        return None
+    here = _arch_name(base.config) or "an unknown architecture"
+    declared = _declared_arch(adapter)
+    family = _family(names)
+    if declared is not None and declared != here:
+        theirs = f"declares a {declared} base ({adapter.config.base_model_name_or_path})"
+    elif family is not None and _family_absent(family[1], base):
+        theirs = f"is for a {family[0]} (module names like {names[0]})"
+    else:
+        return None
+    return Finding(
+        "architecture-mismatch",
+        "error",
+        f"the adapter {theirs}, this base is {here}: {len(absent)} of its {len(names)} modules do not exist here "
+        "and PEFT would apply none of them; validate it against the base it was trained on",
+    )
+
+
+def _family_absent(pattern: str, base: BaseView) -> bool:
+    import re
+
+    rx = re.compile(pattern)
+    return not any(rx.search(n) for n in base.module_names())
+
+
+def _summarise_misfits(findings: list[Finding]) -> list[Finding]:
+    """After ``architecture-mismatch``, one line per kind of per-module misfit instead of one per module (and no
+    ``base-name-mismatch``: the architecture finding says more)."""
+    out: list[Finding] = []
+    grouped: dict[str, list[Finding]] = {}
+    for f in findings:
+        if f.code == "base-name-mismatch":
+            continue
+        if f.code in ("module-missing", "shape-mismatch") and f.module is not None:
+            grouped.setdefault(f.code, []).append(f)
+        else:
+            out.append(f)
+    for code, group in grouped.items():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        what = "are not in this base" if code == "module-missing" else "do not fit this base's shapes"
+        out.append(
+            Finding(
+                code,
+                group[0].severity,
+                f"{len(group)} modules {what} (e.g. {group[0].module}): see architecture-mismatch",
+                group[0].module,
+            )
+        )
+    return out
 
 
 def check_config(adapter: Adapter) -> list[Finding]:
