@@ -238,6 +238,7 @@ def test_sharded_output_equals_single_file(llama_base, llama_base_sharded, llama
     assert single.shards == 1
     assert sorted(p.name for p in (tmp_path / "single").iterdir()) == [
         ".adapters-output",  # marks an output of this tool: --overwrite replaces only those
+        "README.md",  # the merged model's card (tests/test_lineage.py)
         "config.json",
         "generation_config.json",
         "model.safetensors",

@@ -229,7 +229,8 @@ def test_existing_output_needs_overwrite(llama_base, llama_lora, llama_rslora, t
     code, output = cli("merge", llama_lora, "--into", llama_base, "-o", out, "--json")
     assert code == 0, output
     assert json.loads(output)["path"] == str(out)
-    assert leftovers(out) == [".adapters-output", "config.json", "generation_config.json", "model.safetensors"]
+    files = [".adapters-output", "README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert leftovers(out) == files
     assert leftovers(tmp_path) == ["merged"]  # no temporary folder left behind
 
     # replacing one merge with another

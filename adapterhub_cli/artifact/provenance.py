@@ -5,8 +5,10 @@ as a :class:`Provenance`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.files import sha256_file
@@ -14,6 +16,7 @@ from adapterhub_cli.artifact.files import sha256_file
 
 if TYPE_CHECKING:
     from adapterhub_cli.artifact.adapter import Adapter
+    from adapterhub_cli.artifact.checkpoint import BaseView
 
 
 PROVENANCE_KEY = "adapterhub.provenance"
@@ -29,6 +32,60 @@ def input_record(adapter: Adapter) -> dict[str, str | None]:
     """What an output's provenance says about one input: where it came from and the sha256 of its tensors."""
     f = adapter.tensor_file
     return {"source": str(adapter.path), "sha256": sha256_file(f) if f is not None else None}
+
+
+def base_record(view: BaseView, source: str | None = None) -> dict[str, str | None]:
+    """What a merge's (or unmerge's) provenance says about its base checkpoint: cheap, and honest about it.
+
+    The weights themselves are not hashed (that reads the whole base, as long again as the merge), so ``sha256``
+    is None. Recorded instead: ``config_sha256``, the sha256 of the parsed ``config.json`` as canonical JSON (keys
+    sorted, ``_name_or_path`` left out: it names the copy, not the model), and ``tensors_sha256``, the sha256 of
+    the canonical JSON of the tensor table (every stored tensor's name, dtype and shape, in name order): it
+    identifies the architecture and layout, not the values. ``source`` is how the base was named (a store ref such
+    as ``org/name@v1.0.0``, which pins a version, or the folder).
+    """
+    config = {k: v for k, v in view.config.items() if k != "_name_or_path"}
+    table = {name: [info.dtype, list(info.shape)] for name, info in sorted(view.tensors.items())}
+    return {
+        "source": str(source if source is not None else view.path),
+        "role": "base",
+        "sha256": None,
+        "config_sha256": _digest(config),
+        "tensors_sha256": _digest(table),
+    }
+
+
+def merge_provenance(
+    operation: str, parameters: dict[str, Any], base: dict[str, str | None], adapters: list[Adapter]
+) -> dict[str, Any]:
+    """The record a merge / unmerge stores: the base (:func:`base_record`) then each adapter (its source and the
+    sha256 of its tensor file, ``role: adapter``) in the order of ``parameters["weights"]``."""
+    inputs = [base] + [{**input_record(a), "role": "adapter"} for a in adapters]
+    return Provenance(
+        source="", tool=tool_version(), operation=operation, parameters=dict(parameters), inputs=inputs
+    ).record()
+
+
+def checkpoint_provenance(folder: str | Path) -> dict[str, Any] | None:
+    """The provenance record a checkpoint folder written by ``merge`` / ``unmerge`` carries (in the metadata of
+    its first weight file), or None: a checkpoint this tool did not write, or not a checkpoint."""
+    from adapterhub_cli.artifact.checkpoint import find_layout, read_index
+    from adapterhub_cli.artifact.safetensors import read_header
+    from adapterhub_cli.errors import AdaptersError
+
+    folder = Path(folder)
+    try:
+        layout = find_layout([p.name for p in folder.iterdir() if p.is_file()])
+        if layout is None:
+            return None
+        first = sorted(set(read_index(folder / layout.index).values()))[0] if layout.sharded else layout.single
+        return _recorded(read_header(folder / first).metadata)
+    except (OSError, AdaptersError, IndexError):
+        return None
+
+
+def _digest(doc: object) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass

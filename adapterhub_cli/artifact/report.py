@@ -69,6 +69,7 @@ class InspectReport:
     task_type: str | None
     num_modules: int
     num_parameters: int
+    #: stored dtype -> elements, as the file holds them (a quantized adapter: packed factors and their scales)
     dtypes: dict[str, int]
     tensor_file: str | None
     file_size: int | None
@@ -99,7 +100,7 @@ def build_report(adapter: Adapter, *, sha256: str | None, modules: bool, spectru
     """Summarise ``adapter`` (headers only unless ``spectrum``)."""
     cfg = adapter.config
     dtypes: Counter[str] = Counter()
-    for t in adapter.all_tensor_infos():
+    for t in _stored_infos(adapter):
         dtypes[t.dtype] += t.numel
     tensor_file = adapter.tensor_file
     remote = getattr(adapter.source, "remote", None)
@@ -142,6 +143,15 @@ def build_report(adapter: Adapter, *, sha256: str | None, modules: bool, spectru
     )
 
 
+def _stored_infos(adapter: Adapter) -> list[Any]:
+    """The tensors as the file stores them: for a quantized adapter (``quantize --to int8|fp8|nf4``) the packed
+    factors (I8, F8_E4M3, U8) and their F32 block scales, not the dtypes they dequantize to."""
+    header = getattr(adapter.source, "header", None)
+    if getattr(adapter.source, "quantization", None) is not None and header is not None:
+        return list(header.tensors.values())
+    return list(adapter.all_tensor_infos())
+
+
 def _pinned(adapter: Adapter) -> str | None:
     """The store ref (``hf://org/name@<commit>``) an adapter read from a store, or pulled from one, records."""
     src = getattr(adapter.provenance, "source", None)
@@ -150,7 +160,11 @@ def _pinned(adapter: Adapter) -> str | None:
 
 def _quantization(adapter: Adapter) -> str | None:
     q = getattr(adapter.source, "quantization", None)
-    return f"{q.scheme} (blocks of {q.block_size})" if q is not None else None
+    header = adapter.source.header
+    if q is None or header is None:
+        return None
+    stored = sorted({info.dtype for key, info in header.tensors.items() if key in q.tensors})
+    return f"{q.scheme} (blocks of {q.block_size}), factors stored as {', '.join(stored)} with F32 scales"
 
 
 def module_rows(adapter: Adapter) -> list[ModuleRow]:

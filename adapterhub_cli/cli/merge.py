@@ -7,7 +7,7 @@ from dataclasses import asdict
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import json_option, output_options, parse_weights
+from adapterhub_cli.cli._params import json_option, output_options, parse_weights, token_option
 
 
 weights_option = click.option(
@@ -16,8 +16,33 @@ weights_option = click.option(
 device_option = click.option(
     "--device", default="cpu", show_default=True, help="Where updates are computed: cpu, cuda, cuda:N."
 )
+
+
+def _shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--max-shard-size``: a size above zero, checked at parse time (a usage error naming the option)."""
+    from adapterhub_cli.errors import UsageError
+    from adapterhub_cli.merge.plan import shard_limit
+
+    try:
+        shard_limit(value)
+    except UsageError as e:
+        raise click.BadParameter(f"{e}; give a positive size, e.g. 5GB or 500MB") from None
+    return value
+
+
 shard_option = click.option(
-    "--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB or 500MB."
+    "--max-shard-size",
+    default="5GB",
+    show_default=True,
+    callback=_shard_size,
+    help="Largest output shard, e.g. 5GB or 500MB.",
+)
+dtype_option = click.option(
+    "--dtype",
+    type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+    default="auto",
+    show_default=True,
+    help="Output dtype of floating tensors (auto keeps the input's).",
 )
 
 
@@ -44,13 +69,7 @@ def _report(result: object, as_json: bool, verb: str) -> None:
 )
 @weights_option
 @device_option
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
-    default="auto",
-    show_default=True,
-    help="Output dtype of floating tensors (auto keeps the base's).",
-)
+@dtype_option
 @shard_option
 @click.option(
     "--quantize",
@@ -60,6 +79,7 @@ def _report(result: object, as_json: bool, verb: str) -> None:
     "always read; without this flag its merge is written in 16 bits.",
 )
 @output_options
+@token_option
 @json_option
 def merge_cmd(
     adapters: tuple[str, ...],
@@ -71,6 +91,7 @@ def merge_cmd(
     quantize: str | None,
     output: str,
     overwrite: bool,
+    token: str | None,
     as_json: bool,
 ) -> None:
     """Merge ADAPTERS into the base checkpoint, streaming tensor by tensor (PEFT's arithmetic, bit for bit on CPU).
@@ -92,6 +113,7 @@ def merge_cmd(
             quantize=quantize,
             overwrite=overwrite,
             progress=update,
+            token=token,
         )
     _report(result, as_json, "merged")
 
@@ -101,20 +123,31 @@ def merge_cmd(
 @click.option("--from", "merged", required=True, help="The merged checkpoint: a folder or a store ref.")
 @weights_option
 @device_option
-@shard_option
+@dtype_option
+@click.option(
+    "--max-shard-size",
+    default=None,
+    callback=_shard_size,
+    help="Largest output shard, e.g. 5GB or 500MB (default: the shard files of --from, tensor for tensor).",
+)
 @output_options
+@token_option
 @json_option
 def unmerge_cmd(
     adapters: tuple[str, ...],
     merged: str,
     weights: list[float] | None,
     device: str,
-    max_shard_size: str,
+    dtype: str,
+    max_shard_size: str | None,
     output: str,
     overwrite: bool,
+    token: str | None,
     as_json: bool,
 ) -> None:
-    """Subtract ADAPTERS from a merged checkpoint, giving the base back (exact up to the dtype's rounding)."""
+    """Subtract ADAPTERS from a merged checkpoint, giving the base back (exact up to the dtype's rounding).
+
+    The output keeps the shard layout of --from unless --max-shard-size is given."""
     from adapterhub_cli import api
 
     with out.progress("unmerging (bytes)") as update:
@@ -124,8 +157,10 @@ def unmerge_cmd(
             out=output,
             weights=weights,
             device=device,
+            dtype=dtype,
             max_shard_size=max_shard_size,
             overwrite=overwrite,
             progress=update,
+            token=token,
         )
     _report(result, as_json, "subtracted")

@@ -7,7 +7,7 @@ from dataclasses import asdict
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import json_option, output_options
+from adapterhub_cli.cli._params import base_option, json_option, output_options, token_option
 
 
 @click.command("quantize")
@@ -27,13 +27,33 @@ from adapterhub_cli.cli._params import json_option, output_options
     help="Values per scale (int8, fp8, nf4).",
 )
 @output_options
+@base_option
+@token_option
 @json_option
-def quantize_cmd(adapter: str, scheme: str, block_size: int, output: str, overwrite: bool, as_json: bool) -> None:
+def quantize_cmd(
+    adapter: str,
+    scheme: str,
+    block_size: int,
+    output: str,
+    overwrite: bool,
+    base: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
     """Store ADAPTER's factors quantized; report the size and each module's relative update error."""
     from adapterhub_cli import api
 
     with out.progress("quantizing") as update:
-        r = api.quantize(adapter, output, scheme=scheme, block_size=block_size, overwrite=overwrite, progress=update)
+        r = api.quantize(
+            adapter,
+            output,
+            scheme=scheme,
+            block_size=block_size,
+            overwrite=overwrite,
+            progress=update,
+            token=token,
+            base=base,
+        )
     if as_json:
         out.json(
             {
@@ -60,13 +80,25 @@ def quantize_cmd(adapter: str, scheme: str, block_size: int, output: str, overwr
 
 @click.command("dequantize")
 @click.argument("adapter")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Dtype of the written factors.",
+)
 @output_options
+@base_option
+@token_option
 @json_option
-def dequantize_cmd(adapter: str, output: str, overwrite: bool, as_json: bool) -> None:
-    """Turn a quantized ADAPTER back into a plain PEFT adapter (loads in PeftModel.from_pretrained)."""
+def dequantize_cmd(
+    adapter: str, dtype: str, output: str, overwrite: bool, base: str | None, token: str | None, as_json: bool
+) -> None:
+    """Turn an ADAPTER that `adapters quantize` wrote (int8, fp8, nf4, or a bf16 / fp16 cast) back into a plain
+    PEFT adapter (loads in PeftModel.from_pretrained)."""
     from adapterhub_cli import api
 
-    path = api.dequantize(adapter, output, overwrite=overwrite)
+    path = api.dequantize(adapter, output, overwrite=overwrite, dtype=dtype, token=token, base=base)
     if as_json:
         out.json({"path": str(path)})
     else:

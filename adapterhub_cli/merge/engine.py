@@ -14,6 +14,7 @@ anything is written), :mod:`.compute` does the arithmetic, :mod:`.shards` reads 
 from __future__ import annotations
 
 import functools
+import json
 import resource
 import time
 from collections.abc import Callable
@@ -22,8 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapterhub_cli.artifact.adapter import Adapter
-from adapterhub_cli.artifact.checkpoint import BaseView
+from adapterhub_cli.artifact.card import hub_id, merged_card
+from adapterhub_cli.artifact.checkpoint import CARD_FILE, BaseView
 from adapterhub_cli.artifact.files import atomic_dir
+from adapterhub_cli.artifact.provenance import PROVENANCE_KEY, base_record, merge_provenance
 from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, torch_dtype
 from adapterhub_cli.errors import InvalidAdapterError
 from adapterhub_cli.merge import bnb
@@ -81,11 +84,13 @@ def run_merge(
     weights: list[float] | None = None,
     device: str = "cpu",
     dtype: str = "auto",
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int | None = "5GB",
     overwrite: bool = False,
     reverse: bool = False,
     quantize: str | None = None,
     progress: Progress | None = None,
+    base_source: str | None = None,
+    base_model: str | None = None,
 ) -> MergeResult:
     """Merge (or with ``reverse``, unmerge) ``adapters`` into ``base``, streaming, into ``out`` atomically.
 
@@ -94,6 +99,15 @@ def run_merge(
     computes is checked for NaN / inf before it is written (:func:`.compute.require_finite`). A base
     saved by transformers with bitsandbytes (nf4 / fp4 / int8) is dequantized weight by weight; the output is
     16-bit unless ``quantize`` ("nf4", "fp4" or "int8") asks for the bitsandbytes layout transformers loads.
+    ``max_shard_size`` None keeps the base's shard files (:func:`.plan.keep_layout`).
+
+    The output records its provenance (:func:`adapterhub_cli.artifact.provenance.merge_provenance`: operation,
+    parameters, the base as :func:`~adapterhub_cli.artifact.provenance.base_record` describes it, each adapter with
+    the sha256 of its tensors, the tool version) as JSON under ``adapterhub.provenance`` in every shard's
+    safetensors metadata (beside ``format: pt``; the tensors are unchanged), and a model card (``README.md``,
+    :func:`adapterhub_cli.artifact.card.merged_card`; a base's own card is not carried over). ``base_source``
+    names the base in the record (default its folder); ``base_model`` is its Hub id for the card (default the
+    config's ``_name_or_path`` when that is a repo id, never a local path).
     """
     import torch  # noqa: F401  (imported before the clock starts: torch's start-up (1.5-4 s) is not the merge)
 
@@ -108,13 +122,29 @@ def run_merge(
         reverse=reverse,
         quantize=quantize,
     )
+    operation = "unmerge" if reverse else "merge"
+    parameters = {
+        "weights": list(weights) if weights is not None else [1.0] * len(adapters),
+        "dtype": dtype,
+        "max_shard_size": max_shard_size,  # None: the base's shard layout kept
+        "device": device,
+        **({"quantize": quantize} if quantize else {}),
+    }
+    record = merge_provenance(operation, parameters, base_record(plan.view, base_source), adapters)
+    metadata = {"format": "pt", PROVENANCE_KEY: json.dumps(record, sort_keys=True)}
+    if base_model is None and not reverse:
+        base_model = hub_id(plan.view.config.get("_name_or_path"))
     with atomic_dir(out, overwrite=overwrite) as tmp:
         stem = plan.view.weights_stem  # model, or diffusion_pytorch_model for a diffusers part
-        names = shard_names(stem, len(plan.shards))
-        written = _write_shards(plan, adapters, tmp, names, device=device, reverse=reverse, progress=progress)
+        names = plan.shard_files or shard_names(stem, len(plan.shards))
+        written = _write_shards(
+            plan, adapters, tmp, names, device=device, reverse=reverse, progress=progress, metadata=metadata
+        )
         if len(plan.shards) > 1:
             write_index(tmp, stem, names, plan.shards, plan.total_bytes)
         copy_side_files(plan.view.path, tmp, plan.config_updates, plan.config_drop)
+        config = {**plan.view.config, **plan.config_updates}
+        (tmp / CARD_FILE).write_text(merged_card(config, record, base_model=None if reverse else base_model))
     return _result(plan, Path(out), written, time.perf_counter() - started, device)
 
 
@@ -127,8 +157,10 @@ def _write_shards(
     device: str,
     reverse: bool,
     progress: Progress | None,
+    metadata: dict[str, str] | None = None,
 ) -> int:
-    """Produce and write every shard of ``plan`` into ``folder``, each on disk on return; the bytes written."""
+    """Produce and write every shard of ``plan`` into ``folder``, each on disk on return; the bytes written.
+    ``metadata``: each shard's safetensors metadata (default ``{"format": "pt"}``)."""
     import torch
 
     reader = _BaseReader(plan.stored)
@@ -147,7 +179,7 @@ def _write_shards(
     try:
         with single_threaded_torch():
             for name, shard in zip(names, plan.shards, strict=True):
-                written += files.write(folder / name, shard, produce)
+                written += files.write(folder / name, shard, produce, metadata)
         files.sync()  # every shard on disk before the folder is moved into place
     finally:
         files.close()
@@ -213,6 +245,14 @@ class _Producer:
 
 def _result(plan: MergePlan, out: Path, written: int, seconds: float, device: str) -> MergeResult:
     untied = plan.untied
+    untie = (
+        [
+            f"untied {', '.join(untied)} from the input embedding: the adapter changes only one side, so "
+            "the output stores both and sets tie_word_embeddings=false"
+        ]
+        if untied
+        else []
+    )
     return MergeResult(
         path=out,
         tensors=len(plan.tensors),
@@ -225,12 +265,7 @@ def _result(plan: MergePlan, out: Path, written: int, seconds: float, device: st
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         device=device,
         untied=untied,
-        warnings=[
-            f"untied {', '.join(untied)} from the input embedding: the adapter changes only one side, so "
-            "the output stores both and sets tie_word_embeddings=false"
-        ]
-        if untied
-        else [],
+        warnings=[*plan.warnings, *untie],
     )
 
 

@@ -16,6 +16,7 @@ from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.checkpoint import BaseView, open_base
 from adapterhub_cli.artifact.preflight import require_valid
 from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, DTYPE_BITS, DTYPE_OPTIONS, TensorInfo, torch_name
+from adapterhub_cli.artifact.validate import validate_against
 from adapterhub_cli.errors import UsageError
 from adapterhub_cli.merge import bnb
 
@@ -82,6 +83,10 @@ class MergePlan:
     config_updates: dict[str, Any]
     config_drop: tuple[str, ...]
     untied: list[str]
+    #: the warnings ``validate`` gives for each adapter against the base (``base-name-mismatch`` ...)
+    warnings: list[str] = field(default_factory=list)
+    #: output shard file names (those of the base when its layout is kept), None: the standard names
+    shard_files: list[str] | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -104,11 +109,14 @@ def build_plan(
     *,
     weights: list[float] | None,
     dtype: str,
-    max_shard_size: str | int,
+    max_shard_size: str | int | None,
     reverse: bool,
     quantize: str | None,
 ) -> MergePlan:
-    """Check the request and plan it: a UsageError / IncompatibleBaseError here means nothing was written."""
+    """Check the request and plan it: a UsageError / IncompatibleBaseError here means nothing was written.
+
+    ``max_shard_size`` None keeps the base's layout: the same shard files holding the same tensors, in the same
+    order (what ``unmerge`` does by default, so a merged model's shards come back as they were)."""
     stored = base if isinstance(base, BaseView) else open_base(base)
     scheme_in = bnb.bnb_scheme(stored.config)
     _check_quantization(stored, scheme_in, quantize)
@@ -118,13 +126,23 @@ def build_plan(
     if len(weights) != len(adapters):
         raise UsageError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
     out_dtype = output_dtype(dtype)
+    shard_bytes = shard_limit(max_shard_size)
     refuse_misfits(adapters, reverse=reverse)
+    warnings = []
     for a in adapters:
-        require_valid(a, base=view)
+        report = validate_against(a, view)
+        if report.errors:
+            require_valid(a, base=view)  # raises, with the message every writing command gives
+        prefix = f"{a.path}: " if len(adapters) > 1 else ""
+        warnings += [f"{prefix}{f.code}: {f.message}" for f in report.warnings]
     plans = plan_merge(view, adapters, weights, out_dtype)
     if quantize:
         _plan_quantized(plans, view, quantize, quantized_in if scheme_in else None)
-    shards = plan_shards(plans, parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size)
+    shard_files = None
+    if shard_bytes is None:
+        shards, shard_files = keep_layout(plans, stored)
+    else:
+        shards = plan_shards(plans, shard_bytes)
     untied = sorted(p.name for p in plans if p.source != p.name)
     updates, drop = config_changes(
         view.config, plans, untied=bool(untied), out_dtype=out_dtype, quantize=quantize, dequantized=bool(scheme_in)
@@ -139,7 +157,45 @@ def build_plan(
         config_updates=updates,
         config_drop=drop,
         untied=untied,
+        warnings=warnings,
+        shard_files=shard_files,
     )
+
+
+def shard_limit(max_shard_size: str | int | None) -> int | None:
+    """The largest shard in bytes (``"5GB"``, ``"500MB"``, a number of bytes); None keeps the base's layout.
+
+    Raises:
+        UsageError: not a size, or not above zero.
+    """
+    if max_shard_size is None:
+        return None
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int | str):
+        raise UsageError(f"bad shard size {max_shard_size!r}: use e.g. 5GB, 500MB or a number of bytes")
+    limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+    if limit <= 0:
+        raise UsageError(
+            f"shard size {max_shard_size!r} is not above zero: every shard would be empty",
+            hint="give a positive size, e.g. 5GB or 500MB",
+        )
+    return limit
+
+
+def keep_layout(plans: list[TensorPlan], stored: BaseView) -> tuple[list[list[TensorPlan]], list[str] | None]:
+    """The shards of ``stored`` itself: each output tensor goes to the file its source tensor is in, files in name
+    order, tensors in the plan's order. The file names too (None for a single file, or where a shard would be
+    left empty and the standard ``-0000i-of-0000n`` names must be renumbered)."""
+    # dict.get on the map itself: the file name without fetching a store base's shard
+    where = {key: dict.get(stored.shard_of, key) for key in stored.tensors}
+    files: dict[str, list[TensorPlan]] = {}
+    for p in plans:
+        path = where.get(p.source)
+        files.setdefault(path.name if path is not None else "", []).append(p)
+    names = sorted({path.name for path in where.values() if path is not None})
+    if len(names) <= 1 or "" in files:
+        return [plans], None
+    shards = [files[n] for n in names if n in files]
+    return shards, (names if len(shards) == len(names) else None)
 
 
 def _check_quantization(stored: BaseView, scheme_in: str | None, quantize: str | None) -> None:

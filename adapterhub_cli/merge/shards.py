@@ -217,9 +217,15 @@ class _ShardWriter:
         self.disk = ThreadPoolExecutor(1, thread_name_prefix="adapters-disk")
         self.synced: list[Future[None]] = []
 
-    def write(self, path: Path, shard: list[TensorPlan], produce: Callable[[TensorPlan], WriteJob]) -> int:
+    def write(
+        self,
+        path: Path,
+        shard: list[TensorPlan],
+        produce: Callable[[TensorPlan], WriteJob],
+        metadata: dict[str, str] | None = None,
+    ) -> int:
         """Write one shard (see :func:`_write_shard`); its size in bytes."""
-        return _write_shard(path, shard, produce, self.writer, self.disk, self.closer, self.synced)
+        return _write_shard(path, shard, produce, self.writer, self.disk, self.closer, self.synced, metadata)
 
     def sync(self) -> None:
         """Wait until every shard written is on disk."""
@@ -241,14 +247,16 @@ def _write_shard(
     disk: ThreadPoolExecutor,
     closer: ThreadPoolExecutor,
     synced: list[Future[None]],
+    metadata: dict[str, str] | None = None,
 ) -> int:
-    """Write one safetensors file: header from the plans, then each tensor's bytes.
+    """Write one safetensors file: header from the plans (with ``metadata``, default ``{"format": "pt"}``), then
+    each tensor's bytes.
 
     ``produce(plan)`` does the reading and merging here and returns the job that appends the bytes to the
     file; the writer thread runs those jobs in order while the next tensor is produced, and the ``disk``
     thread writes the staged chunks (O_DIRECT where the filesystem allows).
     """
-    head, offset = encode_header((e for p in shard for e in p.entries), {"format": "pt"})
+    head, offset = encode_header((e for p in shard for e in p.entries), metadata or {"format": "pt"})
     sink = StagedFile(path, disk)
     try:
         sink.write(head)

@@ -125,13 +125,48 @@ def quantize_adapter(
     )
 
 
-def dequantize_adapter(adapter: Adapter, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Write a quantized adapter back as a plain PEFT adapter (factors in their original dtype)."""
-    if not adapter.metadata.get(QUANT_KEY):
-        raise UsageError(f"{adapter.path} is not quantized by this tool; nothing to dequantize")
+#: ``dequantize --dtype`` values
+DEQUANTIZE_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def dequantize_adapter(adapter: Adapter, out: str | Path, *, overwrite: bool = False, dtype: str = "fp32") -> Path:
+    """Write an adapter this tool quantized (int8 / fp8 / nf4 factors) or cast (``quantize --to bf16|fp16``) back
+    as a plain PEFT adapter: every floating tensor (A, B and the rest, ``[r, d_in]`` / ``[d_out, r]`` ...) in
+    ``dtype`` (``fp32`` by default, ``bf16`` or ``fp16``), the scale companions gone, the config unchanged.
+
+    Raises:
+        UsageError: an unknown ``dtype``, or an adapter neither quantized nor cast by this tool.
+        InvalidAdapterError: the values do not fit ``dtype`` (beyond fp16's range).
+    """
+    import torch
+
+    from adapterhub_cli.artifact.provenance import read_provenance
+    from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, DTYPE_OPTIONS, torch_dtype
+
+    if dtype not in DEQUANTIZE_DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DEQUANTIZE_DTYPES)}")
+    record = read_provenance(adapter) or {}
+    quantized = bool(adapter.metadata.get(QUANT_KEY))
+    if not quantized and record.get("operation") != "quantize":
+        raise UsageError(
+            f"{adapter.path} is not quantized by this tool; nothing to dequantize",
+            hint="dequantize takes what `adapters quantize` wrote; other adapters load in PEFT as they are",
+        )
     require_valid(adapter, check_weights=False)
+    target = torch_dtype(DTYPE_OPTIONS[dtype])
     tensors = adapter.source.load([t.name for t in adapter.all_tensor_infos()])
-    prov = provenance("dequantize", {}, [adapter])
+    for key, t in tensors.items():
+        if dtype_name(t.dtype) in COMPUTE_DTYPES:
+            cast = t.to(target)
+            if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(t).all()):
+                raise InvalidAdapterError(
+                    f"{dtype} cannot hold tensor {key} (largest |value| {float(t.float().abs().max()):g})",
+                    path=adapter.path,
+                    module=key,
+                    hint="choose --dtype fp32 or bf16",
+                )
+            tensors[key] = cast.contiguous()
+    prov = provenance("dequantize", {"dtype": dtype}, [adapter])
     return write_peft(out, config=dict(adapter.config.raw), tensors=tensors, provenance=prov, overwrite=overwrite)
 
 

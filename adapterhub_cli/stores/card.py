@@ -5,7 +5,6 @@ Every store publishes the same card, so a version copied from a local registry t
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from adapterhub_cli.artifact.ref import is_repo_id
@@ -21,6 +20,10 @@ CARD_END = "<!-- adapterhub-cli:card:end -->"
 _CARD_TAGS = ["lora", "peft", "adapterhub-cli"]
 
 
+#: the first heading of the cards :mod:`adapterhub_cli.artifact.card` writes (replaced by a push's section)
+_OWN_TITLES = ("# LoRA adapter (", "# Model merged with LoRA adapters (", "# Model with LoRA adapters subtracted (")
+
+
 def hub_card(
     existing: str | None,
     *,
@@ -32,6 +35,7 @@ def hub_card(
     version: str,
     sha256: dict[str, str],
     repo_ref: str | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> str:
     """README.md for a push (``repo_ref``: how refs name the repo when it is not on the Hub, e.g.
     ``file:///srv/adapters/org/name``): the existing card (if any) with its Hub metadata set and our section updated.
@@ -40,7 +44,21 @@ def hub_card(
     for an adapter) and tags. The section between the adapterhub-cli markers (replaced on each push; the rest
     of a hand-written card is kept) holds usage, the lineage from the provenance, file hashes and, for an
     adapter, a table of modules and ranks. Nothing secret goes in: the card is built from the artifact only.
+
+    ``provenance``: the record the artifact carries (default: the adapter's; for a merged model the record its
+    shards carry, :func:`adapterhub_cli.artifact.provenance.checkpoint_provenance`, else the one embedded in the
+    card ``merge`` wrote). A merged model gets ``library_name`` and a snippet from its ``config.json``
+    (``LlamaForCausalLM`` -> ``AutoModelForCausalLM``); a quantized adapter (int8 / fp8 / nf4) is not labelled
+    ``peft`` and its card says ``adapters dequantize`` first.
     """
+    from adapterhub_cli.artifact.card import card_provenance, loading_class, quantized_scheme
+    from adapterhub_cli.artifact.provenance import read_provenance
+
+    if provenance is None and adapter is not None:
+        provenance = read_provenance(adapter)
+    if provenance is None and relation != "adapter":
+        provenance = card_provenance(existing)
+    scheme = quantized_scheme(provenance) if relation == "adapter" else None
     from huggingface_hub import ModelCard
 
     text = existing or ""
@@ -56,16 +74,29 @@ def hub_card(
     tags = [t for t in data.get("tags") or [] if not t.startswith("base_model:") or is_repo_id(t.split(":")[-1])]
     data["tags"] = tags
     data["base_model_relation"] = relation if data.get("base_model") else None  # meaningless without a base
-    data["library_name"] = "peft" if relation == "adapter" else (data.get("library_name") or "transformers")
-    data["tags"] = list(dict.fromkeys([*(data.get("tags") or []), *_CARD_TAGS]))
+    if relation == "adapter":
+        data["library_name"] = None if scheme else "peft"  # PEFT cannot load int8 / fp8 / nf4 factors as they are
+    else:
+        data["library_name"] = loading_class(config)[0]
+    own = [t for t in _CARD_TAGS if not (scheme and t == "peft")] + ([f"quantized-{scheme}"] if scheme else [])
+    data["tags"] = list(dict.fromkeys([*(t for t in data.get("tags") or [] if not (scheme and t == "peft")), *own]))
     section = _hub_section(
-        adapter, config, relation, base_model, repo_ref or repo_id, version, sha256, repo_ref is None
+        adapter,
+        config,
+        relation,
+        data.get("base_model") if isinstance(data.get("base_model"), str) else base_model,
+        repo_ref or repo_id,
+        version,
+        sha256,
+        repo_ref is None,
+        provenance=provenance,
+        scheme=scheme,
     )
     body = card.text
     if CARD_START in body and CARD_END in body:
         before, rest = body.split(CARD_START, 1)
         body = before + section + rest.split(CARD_END, 1)[1]
-    elif not body.strip() or body.lstrip().startswith("# LoRA adapter ("):  # empty, or written by model_card()
+    elif not body.strip() or body.lstrip().startswith(_OWN_TITLES):  # empty, or written by artifact.card
         body = section + "\n"
     else:
         body = body.rstrip() + "\n\n" + section + "\n"
@@ -82,35 +113,50 @@ def _hub_section(
     version: str,
     sha256: dict[str, str],
     on_hub: bool = True,
+    *,
+    provenance: dict[str, Any] | None = None,
+    scheme: str | None = None,
 ) -> str:
-    from adapterhub_cli.artifact.provenance import read_provenance
+    from adapterhub_cli.artifact.card import embedded_provenance, lineage_lines, loading_class
 
     tag = f"v{version}"
     what = "LoRA adapter" if relation == "adapter" else "model merged with LoRA adapters"
+    if scheme:
+        what = f"{scheme}-quantized LoRA adapter"
     base = f" for [`{base_model}`](https://huggingface.co/{base_model})" if base_model else ""
     lines = [CARD_START, f"# {repo_id} {tag}", "", f"A {what}{base}, published with adapterhub-cli.", ""]
-    if not on_hub:
+    library, cls = loading_class(config)
+    if scheme:
+        use = [
+            f"# the factors are stored {scheme}-quantized: PEFT cannot load this version as it is.",
+            "# write a plain PEFT copy first (any dtype: --dtype bf16|fp16|fp32), then load that folder with PEFT:",
+            f"#   adapters pull {repo_id}@{tag} -o ./quantized",
+            "#   adapters dequantize ./quantized -o ./adapter",
+            "import adapterhub_cli as ah",
+            "",
+            f'lora = ah.load("{repo_id}@{tag}")  # every adapters command reads it directly',
+        ]
+    elif relation != "adapter":
+        load = (
+            f'model = {cls}.from_pretrained("{repo_id}", revision="{tag}")'
+            if on_hub
+            else f'model = {cls}.from_pretrained("./model")'
+        )
+        use = [
+            f"from {library} import {cls}",
+            "",
+            *([] if on_hub else [f"# adapters pull {repo_id}@{tag} -o ./model"]),
+            load,
+        ]
+    elif not on_hub:
         use = ["import adapterhub_cli as ah", "", f'lora = ah.load("{repo_id}@{tag}")  # config and headers only']
-        if relation != "adapter":
-            use = [
-                "from transformers import AutoModel",
-                "",
-                f"# adapters pull {repo_id}@{tag} -o ./model",
-                'model = AutoModel.from_pretrained("./model")',
-            ]
-    elif relation == "adapter":
+    else:
         use = [
             "import adapterhub_cli as ah",
             "from peft import PeftModel",
             "",
             f'lora = ah.load("{repo_id}@{tag}")  # config and headers only',
             f'model = PeftModel.from_pretrained(base, "{repo_id}", revision="{tag}")',
-        ]
-    else:
-        use = [
-            "from transformers import AutoModel",
-            "",
-            f'model = AutoModel.from_pretrained("{repo_id}", revision="{tag}")',
         ]
     lines += [
         "## Use",
@@ -122,16 +168,9 @@ def _hub_section(
         f"Pull this exact version: `adapters pull {repo_id}@{tag}`.",
         "",
     ]
-    prov = read_provenance(adapter) if adapter is not None else None
     lines += ["## Lineage", ""]
-    if prov:
-        lines += [f"Produced by `{prov.get('operation', '?')}` with {prov.get('tool', 'adapterhub-cli')}.", ""]
-        params = prov.get("parameters") or {}
-        lines += [f"- `{k}`: `{json.dumps(v)}`" for k, v in params.items()] + ([""] if params else [])
-        inputs = prov.get("inputs") or []
-        if inputs:
-            lines += ["| input | sha256 |", "| --- | --- |"]
-            lines += [f"| `{i.get('source')}` | `{i.get('sha256') or '-'}` |" for i in inputs] + [""]
+    if provenance:
+        lines += lineage_lines(provenance)
     else:
         lines += ["No recorded operation: trained or written outside adapterhub-cli.", ""]
     if sha256:
@@ -145,6 +184,8 @@ def _hub_section(
             for m in adapter.modules.values()
         ]
         lines.append("")
+    if provenance:
+        lines += [embedded_provenance(provenance), ""]
     lines.append(CARD_END)
     return "\n".join(lines)
 
