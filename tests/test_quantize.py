@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from peft.utils import set_peft_model_state_dict
 from peft_helpers import dense_delta, logits, lora_layers, peft_model
+from safetensors.torch import load_file
 
 import adapterhub_cli as ah
+from adapterhub_cli.artifact.safetensors import read_header
 from adapterhub_cli.cli.main import build_cli
+from adapterhub_cli.formats.quantized import QUANT_KEY, SCALE_SUFFIX
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: what ``quantize --to`` stores the factors as
+STORED = {"int8": "I8", "fp8": "F8_E4M3", "nf4": "U8", "bf16": "BF16", "fp16": "F16"}
 
 
 def _dense(adapter: ah.Adapter, name: str) -> torch.Tensor:
@@ -87,3 +98,104 @@ def test_cli(llama_lora, tmp_path):
     assert res.exit_code == 0 and (tmp_path / "d" / "adapter_model.safetensors").is_file()
     res = runner.invoke(cli, ["quantize", str(llama_lora), "--to", "int3", "-o", str(tmp_path / "z")])
     assert res.exit_code == 2
+
+
+# ------------------------------------------------------------------------------------- dequantize, by hand
+
+
+def by_hand(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors a ``quantize`` output stands for, dequantized here from the stored bytes, float32: int8 / fp8
+    codes times their block's scale; nf4's 4-bit codes (two per byte, high nibble first) looked up in the NF4 table
+    times the block's absmax; a bf16 / fp16 cast widened."""
+    raw = load_file(folder / "adapter_model.safetensors")
+    meta = read_header(folder / "adapter_model.safetensors").metadata
+    q = json.loads(meta[QUANT_KEY]) if QUANT_KEY in meta else {"tensors": {}, "scheme": None, "block_size": 0}
+    out = {}
+    for key, t in raw.items():
+        if key.endswith(SCALE_SUFFIX):
+            continue
+        if key not in q["tensors"]:
+            out[key] = t.float()
+            continue
+        shape, block = q["tensors"][key]["shape"], q["block_size"]
+        n = math.prod(shape)
+        if q["scheme"] == "nf4":
+            import bitsandbytes.functional as bnb
+
+            codes = torch.stack([t >> 4, t & 15], dim=-1).reshape(-1)[:n].long()
+            values = bnb.get_4bit_type("nf4", device="cpu").float()[codes]
+        else:
+            values = t.float()
+        scale = raw[key + SCALE_SUFFIX].float().repeat_interleave(block)[:n]
+        out[key] = (values * scale).reshape(shape)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("scheme", ["int8", "fp8", "nf4", "bf16", "fp16"])
+def test_dequantize_any_output_loads_in_peft_and_equals_the_hand_dequantized_adapter(
+    scheme, dtype, llama_base, llama_all_linear, tmp_path
+):
+    """Every scheme `quantize` writes, casts included, comes back as a PEFT adapter in the dtype asked for; PEFT's
+    forward equals the adapter dequantized by hand (set into a PEFT model directly)."""
+    if scheme == "nf4":
+        pytest.importorskip("bitsandbytes")
+    q = ah.quantize(llama_all_linear, tmp_path / "q", scheme=scheme).path
+    header = read_header(q / "adapter_model.safetensors")
+    assert {header.tensors[k].dtype for k in header.tensors if ".lora_" in k and k.endswith(".weight")} == {
+        STORED[scheme]
+    }
+    back = ah.dequantize(q, tmp_path / "back", dtype=dtype)
+    written = read_header(back / "adapter_model.safetensors")
+    assert QUANT_KEY not in written.metadata and not any(k.endswith(SCALE_SUFFIX) for k in written.tensors)
+    assert {i.dtype for i in written.tensors.values()} == {{"fp32": "F32", "bf16": "BF16"}[dtype]}
+
+    hand = {k: v.to(DTYPES[dtype]) for k, v in by_hand(q).items()}
+    loaded = load_file(back / "adapter_model.safetensors")
+    assert loaded.keys() == hand.keys() and all(torch.equal(loaded[k], hand[k]) for k in hand)
+
+    theirs = peft_model(llama_base, back)
+    reference = peft_model(llama_base, llama_all_linear)  # the original adapter's config, factors replaced
+    result = set_peft_model_state_dict(reference, hand)
+    assert not result.unexpected_keys
+    torch.testing.assert_close(logits(theirs), logits(reference), rtol=0, atol=0)
+
+
+def test_dequantize_cli_dtype_and_refusals(llama_lora, tmp_path):
+    runner, cli = CliRunner(), build_cli()
+    q = ah.quantize(llama_lora, tmp_path / "q", scheme="fp16").path
+    res = runner.invoke(cli, ["dequantize", str(q), "--dtype", "fp16", "-o", str(tmp_path / "d"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert {i.dtype for i in read_header(tmp_path / "d" / "adapter_model.safetensors").tensors.values()} == {"F16"}
+    res = runner.invoke(cli, ["dequantize", str(q), "--dtype", "int8", "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "--dtype" in res.output
+    with pytest.raises(ah.UsageError, match="unknown dtype"):
+        ah.dequantize(q, tmp_path / "y", dtype="fp64")
+    reduced = ah.reduce(llama_lora, tmp_path / "r", rank=2).path  # written by this tool, but not by quantize
+    with pytest.raises(ah.UsageError, match="not quantized"):
+        ah.dequantize(reduced, tmp_path / "z")
+    assert not any((tmp_path / n).exists() for n in ("x", "y", "z"))
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8", "nf4", "bf16"])
+def test_inspect_reports_the_stored_dtypes_and_the_scheme(scheme, llama_lora, tmp_path):
+    if scheme == "nf4":
+        pytest.importorskip("bitsandbytes")
+    q = ah.quantize(llama_lora, tmp_path / "q", scheme=scheme).path
+    header = read_header(q / "adapter_model.safetensors")
+    expected: dict[str, int] = {}
+    for info in header.tensors.values():
+        expected[info.dtype] = expected.get(info.dtype, 0) + info.numel
+    report = ah.inspect(q)
+    assert report.dtypes == expected and STORED[scheme] in report.dtypes
+    if scheme == "bf16":
+        assert report.quantization is None  # a cast: PEFT loads it as it is
+        return
+    assert report.dtypes["F32"] == sum(i.numel for k, i in header.tensors.items() if k.endswith(SCALE_SUFFIX))
+    assert report.quantization.startswith(f"{scheme} (blocks of 64)") and STORED[scheme] in report.quantization
+    res = CliRunner().invoke(build_cli(), ["inspect", str(q)])
+    assert res.exit_code == 0, res.output
+    assert STORED[scheme] in res.output and "F32 scales" in res.output
