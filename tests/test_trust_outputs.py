@@ -46,11 +46,14 @@ def cli(*args: object) -> Result:
 
 
 def cli_error(result: Result) -> str:
-    """Check the CLI failed cleanly (exit 2, one ``Error:`` line, no traceback); the message, unwrapped."""
+    """Check the CLI failed cleanly (exit 2, one ``Error:`` line, no traceback); the message, unwrapped. A usage
+    error (an output path that may not be used, bad weights) comes after click's usage line."""
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     err = result.stderr
     assert "Traceback" not in err
+    if err.startswith("Usage: "):
+        err = err.split("\n\n", 1)[1]
     lines = err.splitlines()
     assert lines[0].startswith("Error: ") and sum("Error:" in line for line in lines) == 1, err
     return " ".join(err.split("\n  hint:")[0].split("\n  (set ADAPTERS_DEBUG")[0].removeprefix("Error: ").split())
