@@ -201,7 +201,7 @@ def test_merge_from_a_hub_base_names_it_and_a_push_carries_the_lineage(monkeypat
         published = (pulled / "README.md").read_text()
     meta = front_matter(published)
     assert meta["base_model"] == "org/llama" and meta["base_model_relation"] == "merge"
-    assert meta["library_name"] == "transformers"
+    assert meta["library_name"] == "transformers" and "peft" not in meta["tags"]  # transformers loads it, not PEFT
     assert "No recorded operation" not in published
     assert sha256_file(llama_lora / "adapter_model.safetensors") in published
     snippet = python_snippet(published)

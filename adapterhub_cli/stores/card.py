@@ -78,8 +78,11 @@ def hub_card(
         data["library_name"] = None if scheme else "peft"  # PEFT cannot load int8 / fp8 / nf4 factors as they are
     else:
         data["library_name"] = loading_class(config)[0]
-    own = [t for t in _CARD_TAGS if not (scheme and t == "peft")] + ([f"quantized-{scheme}"] if scheme else [])
-    data["tags"] = list(dict.fromkeys([*(t for t in data.get("tags") or [] if not (scheme and t == "peft")), *own]))
+    peft_label = relation == "adapter" and not scheme  # PEFT loads it as it is
+    own = [t for t in _CARD_TAGS if peft_label or t != "peft"] + ([f"quantized-{scheme}"] if scheme else [])
+    own += [] if relation == "adapter" else ["merge"]
+    kept = [t for t in data.get("tags") or [] if peft_label or t != "peft"]
+    data["tags"] = list(dict.fromkeys([*kept, *own]))
     section = _hub_section(
         adapter,
         config,
@@ -122,7 +125,7 @@ def _hub_section(
     tag = f"v{version}"
     what = "LoRA adapter" if relation == "adapter" else "model merged with LoRA adapters"
     if scheme:
-        what = f"{scheme}-quantized LoRA adapter"
+        what = f"LoRA adapter with {scheme}-quantized factors"
     base = f" for [`{base_model}`](https://huggingface.co/{base_model})" if base_model else ""
     lines = [CARD_START, f"# {repo_id} {tag}", "", f"A {what}{base}, published with adapterhub-cli.", ""]
     library, cls = loading_class(config)
