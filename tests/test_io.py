@@ -411,3 +411,49 @@ def test_atomic_dir_sweeps_folders_left_by_killed_runs(tmp_path: Path) -> None:
     with atomic_dir(tmp_path / "out") as tmp:
         (tmp / "f").write_text("done")
     assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name, "out"]
+
+
+# ------------------------------------------------------------------------------ umask
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077, 0o002])
+def test_follow_umask_gives_what_tempfile_made_private_the_usual_modes(tmp_path: Path, mask: int) -> None:
+    import tempfile
+
+    old = os.umask(mask)
+    try:
+        assert ah_io.current_umask() == mask
+        folder = Path(tempfile.mkdtemp(dir=tmp_path))
+        fd, name = tempfile.mkstemp(dir=tmp_path)
+        os.close(fd)
+        assert (folder.stat().st_mode & 0o777, Path(name).stat().st_mode & 0o777) == (0o700, 0o600)
+        ah_io.follow_umask(folder)
+        ah_io.follow_umask(name)
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~mask
+        assert Path(name).stat().st_mode & 0o777 == 0o666 & ~mask
+        assert ah_io.current_umask() == mask  # reading it changed nothing
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "f").write_text("x")
+        assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~mask
+        assert (tmp_path / "out" / "f").stat().st_mode & 0o777 == 0o666 & ~mask
+    finally:
+        os.umask(old)
+
+
+# ------------------------------------------------------------------------------ the Adapter's repr
+
+
+def test_adapter_repr_is_one_short_line(llama_lora: Path, llama_patterns: Path) -> None:
+    import adapterhub_cli as ah
+
+    a = ah.load(llama_lora)
+    text = repr(a)
+    assert "\n" not in text and len(text) < 200 + len(str(llama_lora))
+    assert text == (
+        f"<Adapter {str(llama_lora)!r} format=peft r={a.config.r} alpha={a.config.lora_alpha:g} "
+        f"modules={len(a.modules)} dtype=F32>"
+    )
+    assert not any(name in text for name in a.modules)  # the modules are counted, not listed
+    p = ah.load(llama_patterns)
+    ranks = sorted({m.rank for m in p.modules.values()})
+    assert len(ranks) > 1 and f"r={p.config.r} (ranks {ranks[0]}..{ranks[-1]})" in repr(p)

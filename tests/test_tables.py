@@ -274,3 +274,96 @@ def test_a_name_wider_than_the_screen_folds_only_in_the_vertical_layout(
     check_shape(text, 40)
     assert long in "".join(text.splitlines()), text
     assert re.search(r"^model\.other\n  r  16$", text, re.MULTILINE), text
+
+
+def _every_command(d: dict[str, Path], o: Path) -> dict[str, list[str]]:
+    a, base = str(d["adapter"]), str(d["base"])
+    return {
+        "inspect": ["inspect", a],
+        "inspect-all": ["inspect", a, "--modules", "--spectrum"],
+        "validate": ["validate", a, "--base", base],
+        "diff": ["diff", a, str(d["reduced"])],
+        "reduce": ["reduce", a, "--rank", "4", "-o", str(o / "reduced"), "--overwrite"],
+        "combine": ["combine", a, str(d["reduced"]), "-o", str(o / "combined"), "--overwrite"],
+        "quantize": ["quantize", a, "--to", "fp8", "-o", str(o / "fp8"), "--overwrite"],
+        "dequantize": ["dequantize", str(d["int8"]), "-o", str(o / "deq"), "--overwrite"],
+        "convert": ["convert", a, "--to", "gguf", "--base", base, "-o", str(o / "a.gguf"), "--overwrite"],
+        "merge": ["merge", a, "--into", base, "-o", str(o / "merged"), "--overwrite"],
+        "unmerge": ["unmerge", a, "--from", str(o / "merged"), "-o", str(o / "unmerged"), "--overwrite"],
+        "plugins": ["plugins"],
+    }
+
+
+@pytest.mark.parametrize("width", [60, 200])
+def test_no_plain_output_ends_lines_in_spaces(demo: dict[str, Path], tmp_path: Path, width: int) -> None:
+    """Every command's plain output on the demo's files (stdout and stderr): no line ends in spaces (key-value
+    blocks and borderless tables used to pad every line to the widest value), none is wider than the terminal."""
+    for name, args in _every_command(demo, tmp_path).items():
+        res = CliRunner().invoke(build_cli(), args, env={"COLUMNS": str(width)})
+        assert res.exit_code == 0, (name, res.output)
+        assert res.stdout.strip(), name
+        for stream in (res.stdout, res.stderr):
+            padded = [line for line in stream.splitlines() if line != line.rstrip()]
+            assert padded == [], (name, padded)
+        assert max(cell_len(line) for line in res.stdout.splitlines()) <= width, (name, res.stdout)
+
+
+# ------------------------------------------------------------------------------------------ progress bars
+
+_PROGRESS = """
+import time
+from adapterhub_cli.cli._output import out
+with out.progress("crunching numbers") as update:
+    for i in range(1, 4):
+        update(i, 3)
+        time.sleep(0.3)
+print("done")
+"""
+
+
+def _run_progress(stdout_tty: bool, stderr_tty: bool, **env: str) -> tuple[str, str]:
+    """Run a command that shows progress with stdout and stderr each a terminal (a pty) or a pipe; what each got."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    ends: dict[str, tuple[int, int]] = {}
+    for name, tty in (("out", stdout_tty), ("err", stderr_tty)):
+        ends[name] = pty.openpty() if tty else os.pipe()
+    child_env = {k: v for k, v in os.environ.items() if k not in ("TERM", "NO_COLOR", "COLUMNS", "FORCE_COLOR")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PROGRESS],
+        stdin=subprocess.DEVNULL,
+        stdout=ends["out"][1],
+        stderr=ends["err"][1],
+        env={**child_env, "TERM": "xterm-256color", **env},
+    )
+    for _, write_end in ends.values():
+        os.close(write_end)
+    got = {}
+    for name, (read_end, _) in ends.items():
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(read_end, 65536)
+            except OSError:  # a pty's reader gets EIO once the child has gone
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(read_end)
+        got[name] = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.wait(timeout=120) == 0, got
+    return got["out"], got["err"]
+
+
+def test_progress_shows_on_terminals_only() -> None:
+    out, err = _run_progress(True, True)
+    assert "done" in out and "crunching numbers" in err  # both streams terminals: the bar is drawn (then cleared)
+    out, err = _run_progress(False, True)
+    assert out == "done\n" and "crunching" not in err  # stdout piped (| tee log): no bar
+    out, err = _run_progress(True, False, FORCE_COLOR="1")
+    assert "done" in out and err == ""  # stderr to a file or CI log, even with FORCE_COLOR: no bar
+    out, err = _run_progress(False, False, FORCE_COLOR="1")
+    assert out == "done\n" and err == ""

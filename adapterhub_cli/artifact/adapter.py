@@ -105,6 +105,18 @@ class Adapter:
     provenance: Provenance | None = None
     config_inferred: bool = False
 
+    def __repr__(self) -> str:
+        """One line: where it came from, its format, rank, alpha, how many modules, the factors' dtypes (not
+        every module, as the dataclass repr would)."""
+        cfg = self.config
+        ranks = sorted({m.rank for m in self.modules.values()})
+        r = cfg.r if ranks in ([], [cfg.r]) else f"{cfg.r} (ranks {ranks[0]}..{ranks[-1]})"
+        dtypes = sorted({t.dtype for m in self.modules.values() for t in (m.A, m.B)})
+        return (
+            f"<Adapter {str(self.path)!r} format={self.format} r={r} alpha={cfg.lora_alpha:g} "
+            f"modules={len(self.modules)} dtype={'/'.join(dtypes) or '-'}>"
+        )
+
     @property
     def tensor_file(self) -> Path | None:
         return self.source.path

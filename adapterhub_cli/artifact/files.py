@@ -383,6 +383,29 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     _fsync_dir(target.parent)
 
 
+def current_umask() -> int:
+    """The process's umask: read from ``/proc/self/status`` where the kernel shows it, else set and put back."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give ``path`` the mode the user's own folders (0o777) or files (0o666) get, less the umask.
+
+    For what :mod:`tempfile` makes private (``mkdtemp``: 0o700, ``mkstemp``: 0o600) before it is renamed into
+    place as an output; a symbolic link is left alone.
+    """
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    Path(path).chmod((0o777 if stat.S_ISDIR(st.st_mode) else 0o666) & ~current_umask())
+
+
 def _prepare(target: str | Path, overwrite: bool) -> Path:
     """The checked absolute target, its parent folder made, stale temporaries there swept."""
     path = check_output(target, overwrite=overwrite)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -20,16 +21,20 @@ from adapterhub_cli.cli._output import out, styled
 )
 @click.pass_context
 def demo_cmd(ctx: click.Context, directory: Path | None) -> None:
-    """Build a tiny Llama-style base and a LoRA adapter (no download) and run the commands on them."""
-    import warnings
+    """Build a tiny Llama-style base and a LoRA adapter (no download) and run the commands on them.
 
-    from adapterhub_cli.ops.demo import build_demo
+    Each command is echoed on one line (``$ adapters ...``, quoted for the shell), so it can be copied from a
+    terminal, a pipe or a file; third-party progress bars and warnings are kept out of the output.
+    """
+    from adapterhub_cli.artifact.files import follow_umask
+    from adapterhub_cli.ops.demo import build_demo, quiet_third_party
 
-    root = directory or Path(tempfile.mkdtemp(prefix="adapters-demo-"))
-    out.print(styled((f"Building a tiny base model and a LoRA adapter in {root}", "bold")))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        base, adapter = build_demo(root)
+    root = directory
+    if root is None:
+        root = Path(tempfile.mkdtemp(prefix="adapters-demo-"))
+        follow_umask(root)  # mkdtemp's folder is private (0o700); the demo's files are the user's like any output
+    out.print(styled((f"Building a tiny base model and a LoRA adapter in {root}", "bold")), wrap=False)
+    base, adapter = build_demo(root)
     a, reduced = str(adapter), str(root / "reduced")
     steps = [
         ["inspect", a, "--modules", "--spectrum"],
@@ -56,8 +61,10 @@ def demo_cmd(ctx: click.Context, directory: Path | None) -> None:
     group = ctx.parent.command if ctx.parent else None
     assert isinstance(group, click.Group)
     for args in steps:
-        out.print(styled("\n", (f"$ adapters {' '.join(args)}", "bold cyan")))
+        out.print(styled("\n", (f"$ adapters {shlex.join(args)}", "bold cyan")), wrap=False)
         cmd = group.get_command(ctx, args[0])
         assert cmd is not None
-        ctx.invoke(cmd, **cmd.make_context(args[0], args[1:], parent=ctx).params)
-    out.print(f"\nThe example stays in {root}; try `adapters inspect {adapter} --json`.")
+        # the command's own parsed context, so it knows which options were given (not defaults)
+        with quiet_third_party(), cmd.make_context(args[0], args[1:], parent=ctx) as sub:
+            cmd.invoke(sub)
+    out.print(f"\nThe example stays in {root}; try `adapters inspect {shlex.quote(str(adapter))} --json`.", wrap=False)
