@@ -367,3 +367,37 @@ def test_progress_shows_on_terminals_only() -> None:
     assert "done" in out and err == ""  # stderr to a file or CI log, even with FORCE_COLOR: no bar
     out, err = _run_progress(False, False, FORCE_COLOR="1")
     assert out == "done\n" and err == ""
+
+
+# ----------------------------------------------------------------------------------------- help texts
+
+
+def _help(command: str) -> str:
+    res = CliRunner().invoke(build_cli(), [command, "--help"], env={"COLUMNS": "1000"})
+    assert res.exit_code == 0, res.output
+    return " ".join(res.stdout.split())
+
+
+def test_inspect_help_names_every_column_it_shows(demo: dict[str, Path]) -> None:
+    """``--modules`` and ``--spectrum`` help name each column of the tables they add (read from the tables)."""
+    text = _help("inspect")
+    modules_help = text.split("--modules", 1)[1].split("--spectrum", 1)[0]
+    [table] = _reference(["inspect", str(demo["adapter"]), "--modules", "--no-hash"], 1)
+    header = table[0]
+    assert header[0] == "module" and "name" in modules_help
+    assert [h for h in header[1:] if h not in modules_help] == []
+    spectrum_help = text.split("--spectrum", 1)[1].split("--no-hash", 1)[0]
+    [table] = _reference(["inspect", str(demo["adapter"]), "--spectrum", "--no-hash"], 1)
+    assert [h for h in table[0][1:] if h.removeprefix("top ") not in spectrum_help] == []
+    assert "ADAPTER" in text and "store ref" in text
+
+
+def test_diff_help_names_every_column_and_the_verdicts(demo: dict[str, Path]) -> None:
+    text = _help("diff")
+    config, modules = _reference(["diff", str(demo["adapter"]), str(demo["reduced"])], 2)
+    assert config[0] == ["key", "A", "B"] and "config" in text
+    assert [h for h in modules[0][1:] if h not in text] == []
+    doc = json.loads(cli(1000, "diff", str(demo["adapter"]), str(demo["reduced"]), "--json").stdout)
+    assert doc["verdict"] in text
+    assert all(v in text for v in ("identical", "scaled copy", "different"))
+    assert "--top" in text and "--exit-code" in text and "--base" in text and "--token" in text

@@ -27,8 +27,13 @@ def _num(x: float | None, fmt: str = ".4g") -> str:
 @token_option
 @json_option
 def diff_cmd(a: str, b: str, top: int, exit_code: bool, base: str | None, token: str | None, as_json: bool) -> None:
-    """Compare adapters A and B: config, module sets, and per shared module the norms, cosine similarity,
+    """Compare adapters A and B: config, module sets, and per shared module the ranks, norms, cosine similarity,
     relative distance ||dW_B - dW_A|| / ||dW_A|| and top singular-subspace overlap, computed from the factors.
+
+    A and B are adapter folders or files, or store refs. Shown: a table of the config keys that differ, the
+    modules only in A or only in B, a table of the --top most different shared modules (r A/B, ||dW_A||,
+    ||dW_B||, cosine, rel. distance, overlap), and the verdict: identical (every update equal within the
+    storage dtype's rounding), scaled copy (B's updates are one constant times A's) or different.
     """
     from adapterhub_cli import api
 

@@ -30,8 +30,9 @@ def _size(n: int | None) -> str:
 @click.option(
     "--spectrum",
     is_flag=True,
-    help="Load the factors and add a table per module: ||dW||_F, effective rank at 90% / 99% energy and the "
-    "top 4 singular values of dW = scale * B @ A (from the r x r core, never the dense matrix).",
+    help="Load the factors and add a table with a row per module: ||dW||_F, effective rank at 90% / 99% "
+    "energy (rank@90%, rank@99%) and the top 4 singular values of dW = scale * B @ A (from the r x r core, "
+    "never the dense matrix).",
 )
 @click.option("--no-hash", is_flag=True, help="Skip the sha256 of the tensor file.")
 @base_option
@@ -51,8 +52,8 @@ def inspect_cmd(
     """Show what an adapter is: config, ranks, targets, sizes, hash; reads headers, not weights
     (--spectrum loads the factors).
 
-    ADAPTER is an adapter folder or file (PEFT, kohya, diffusers, LyCORIS, or one quantized by this tool) or a
-    store ref (org/name@v1.2.0, hf://org/name@rev, file:///srv/adapters/org/name@^1.2).
+    ADAPTER is an adapter folder or file (PEFT, kohya, diffusers, or one quantized by this tool) or a store ref
+    (org/name@v1.2.0, hf://org/name@rev, file:///srv/adapters/org/name@^1.2).
     """
     from adapterhub_cli import api
 
