@@ -541,7 +541,9 @@ def pull(
 ) -> PullResult:
     """Fetch an adapter's (or merged model's) files at the version ``ref`` resolves to (``@v1.2.0``, ``@latest``,
     ``@^1.2``, a branch or a commit on the Hub), each sha256-checked against the store's record, into the
-    store's own copy (the HF cache for the Hub) or into ``out``."""
+    store's own copy (the HF cache for the Hub) or into ``out``. ``latest`` and a ref without a revision are the
+    highest release, prereleases excluded (on the Hub, a repo without release tags gives its default branch); the
+    result's ``tag`` / ``branch``, ``commit`` and ``note`` say what it resolved to."""
     store = _target_store(ref, api=api, token=token)
     if out is not None:
         check_output(out, _store_paths(store, ref), overwrite=overwrite)

@@ -210,7 +210,7 @@ def test_push_versions_pull_older_version(hub: FakeHub, llama_lora: Path, llama_
     assert ah.pull("org/lora@~1.0").commit == first.commit  # ~1.0 stays below 1.1.0
     assert ah.pull("org/lora@1.0.0").commit == first.commit  # a bare version finds tag v1.0.0
     assert ah.pull(f"org/lora@{first.commit}").commit == first.commit
-    cached = ah.pull("org/lora")  # the default branch, files kept in the HF cache
+    cached = ah.pull("org/lora")  # no revision: the latest release, files kept in the HF cache
     assert (
         cached.path.name == second.commit
         and (cached.path / WEIGHTS).read_bytes() == (llama_rslora / WEIGHTS).read_bytes()

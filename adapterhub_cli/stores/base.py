@@ -91,7 +91,10 @@ class Store(ABC):
         """Pin ``ref`` to one immutable version: an exact version (``1.2.0`` / ``v1.2.0``), ``latest`` (the
         highest release), a range (``^1.2``, ``~1.2``, ``1``; the grammar of
         :func:`adapterhub_cli.artifact.ref.version_range`), an immutable id, a store-specific name (a Hub
-        branch), or nothing (the store's default). The files listed are exactly those of that version.
+        branch), or nothing: the latest release, as ``latest`` (a store with branches, the Hub, takes its default
+        branch when the repo has no release). "Latest" has one meaning everywhere:
+        :func:`adapterhub_cli.artifact.ref.latest_release`, prereleases excluded. The files listed are exactly
+        those of that version; ``note`` says how a ref without an exact version was resolved.
 
         Raises:
             StoreNotFoundError: no such repo, or no version matching.
