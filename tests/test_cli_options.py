@@ -220,7 +220,7 @@ def test_combine_needs_what_the_method_requires(llama_lora: Path, llama_rslora: 
     message = _usage_error(
         run_cli("combine", llama_lora, llama_rslora, "--method", "ties", "-o", tmp_path / "o"), "combine"
     )
-    assert "--density is required for --method ties" in message
+    assert "--density is required for ties" in message
 
 
 def test_a_wrong_weight_count_is_the_same_usage_error_in_combine_and_merge(

@@ -99,7 +99,7 @@ class CombineMethod:
         for option in self.required:
             if given.get(option) is None:
                 raise UsageError(
-                    f"--{option} is required for --method {self.name}",
+                    f"--{option} is required for {self.name}",
                     hint=f"e.g. --{option} {'0.5' if option == 'density' else '8'}",
                 )
 
