@@ -353,3 +353,42 @@ def test_layer_replication_modules_match_the_layers_peft_copies(llama_base: Path
         warnings.simplefilter("always")
         PeftModel.from_pretrained(load_model(llama_base), str(adapter))
     assert not missing_keys_warned([str(w.message) for w in caught])
+
+
+# ------------------------------------------------------------------- modules_to_save names are skipped by matching
+
+
+def test_modules_to_save_names_are_not_targeted_like_peft(
+    llama_lora: Path, llama_base: Path, copy_adapter: Callable[..., Path], tmp_path: Path
+) -> None:
+    """PEFT's check_target_module_exists skips a module listed in modules_to_save (its LoRA tensors are ignored):
+    validate says which, and why; merge refuses to apply what PEFT would not."""
+    d = copy_adapter(llama_lora)
+    set_config(d, modules_to_save=["v_proj"])
+    base = read_folder(llama_base)  # PEFT loads a modules_to_save copy: give it the base's own (unchanged) weights
+    with_copies = read_folder(d) | {
+        f"base_model.model.{k}": base[k].clone() for k in base if k.endswith("self_attn.v_proj.weight")
+    }
+    save_file(with_copies, str(d / "adapter_model.safetensors"))
+    changed, _ = peft_apply(llama_base, d)
+    lora = ah.load(d, strict=False)
+    applied = {m for m in lora.modules if lora.config.targets(m)}
+    assert {k.removesuffix(".weight") for k in changed} == applied  # q_proj only: PEFT ignored v_proj's LoRA
+    assert applied and all(m.endswith("q_proj") for m in applied)
+    (f,) = [f for f in ah.validate(d, base=llama_base).findings if f.code == "untargeted-tensors"]
+    assert f.severity == "error" and f.module.endswith("v_proj") and "modules_to_save excludes it" in f.message
+    with pytest.raises(IncompatibleBaseError):
+        ah.merge(d, base=llama_base, out=tmp_path / "merged")
+
+
+def test_targets_only_in_modules_to_save_are_refused_like_peft(
+    llama_lora: Path, llama_base: Path, copy_adapter: Callable[..., Path]
+) -> None:
+    from peft.tuners.tuners_utils import NoMatchingPeftModuleError
+
+    d = copy_adapter(llama_lora)
+    set_config(d, modules_to_save=["q_proj", "v_proj"])
+    with pytest.raises(NoMatchingPeftModuleError, match="No modules were targeted"):
+        PeftModel.from_pretrained(load_model(llama_base), str(d))
+    (f,) = [f for f in ah.validate(d, base=llama_base).findings if f.code == "targets-not-found"]
+    assert "modules_to_save" in f.message and "No modules were targeted" in f.message

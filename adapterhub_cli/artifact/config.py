@@ -409,6 +409,20 @@ class AdapterConfig:
         for a list matched by suffix, in ``layers_to_transform`` (the index read with ``layers_pattern``)."""
         return self._compiled("target_modules", self._targets, module)
 
+    def excluded_by(self, module: str) -> str | None:
+        """Which of PEFT's exclusions drops ``module`` although ``target_modules`` names it: ``"exclude_modules"``,
+        ``"modules_to_save"`` (``check_target_module_exists`` returns ``_ExcludedModule`` for a module inside a
+        ``modules_to_save`` one, before looking at ``target_modules``), or None."""
+        if _matches(self.exclude_modules, module):
+            why = "exclude_modules"
+        elif _saved_module(self.modules_to_save, module):
+            why = "modules_to_save"
+        else:
+            return None
+        rule = self.target_modules
+        named = module in rule if isinstance(rule, list) and module in rule else _matches(rule, module)
+        return why if named else None
+
     def _targets(self, module: str) -> bool:
         if _matches(self.exclude_modules, module) or _saved_module(self.modules_to_save, module):
             return False

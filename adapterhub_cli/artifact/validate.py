@@ -311,7 +311,20 @@ def _check_targets(adapter: Adapter, base: BaseView) -> list[Finding]:
         names = base.module_names()
         if not any(cfg.targets(n) for n in names):
             names = _namings(base)
-        if not any(cfg.targets(n) for n in names):
+        excluded = [(n, why) for n in names if (why := cfg.excluded_by(n))] if not any(map(cfg.targets, names)) else []
+        if excluded:
+            name, why = excluded[0]
+            out.append(
+                Finding(
+                    "targets-not-found",
+                    "error",
+                    f"target_modules select only modules that {why} excludes (e.g. {name}): PEFT never puts a LoRA "
+                    'on an excluded or modules_to_save module and refuses the adapter ("No modules were targeted '
+                    f'for adaptation"); remove them from {why}',
+                    name,
+                )
+            )
+        elif not any(cfg.targets(n) for n in names):
             out.append(
                 Finding(
                     "targets-not-found",
@@ -335,13 +348,19 @@ def _check_targets(adapter: Adapter, base: BaseView) -> list[Finding]:
                 )
     untargeted = [m for m in adapter.modules if not adapter.config_inferred and not cfg.targets(m)]
     if untargeted:
+        why = cfg.excluded_by(untargeted[0])
+        reason = (
+            f"target_modules names it but {why} excludes it (PEFT puts no LoRA on such a module)"
+            if why
+            else "target_modules does not select them"
+        )
+        fix = f"remove it from {why}" if why else "add them to target_modules"
         out.append(
             Finding(
                 "untargeted-tensors",
                 "error",
-                f"{len(untargeted)} modules have LoRA tensors but target_modules does not select them "
-                f"(e.g. {untargeted[0]}): PEFT loads the adapter without applying them (a merge would differ from "
-                "PEFT); add them to target_modules, or drop their tensors",
+                f"{len(untargeted)} modules have LoRA tensors PEFT does not apply (e.g. {untargeted[0]}: {reason}): "
+                f"PEFT loads the adapter without them (a merge would differ from PEFT); {fix}, or drop their tensors",
                 untargeted[0],
             )
         )
@@ -549,9 +568,10 @@ def _check_extra_tensors(adapter: Adapter, base: BaseView) -> list[Finding]:
             out.append(
                 Finding(
                     "modules-to-save-missing",
-                    "warning",
-                    f"modules_to_save names {s!r} but no saved copy is in the file: PEFT will keep the "
-                    "base's (untrained) weights",
+                    "error",
+                    f"modules_to_save names {s!r} but no saved copy is in the file: PEFT refuses to load the "
+                    "adapter (set_peft_model_state_dict looks the copy up: KeyError); save the adapter again with "
+                    f"PEFT, or remove {s!r} from modules_to_save to use the base's weights",
                     s,
                 )
             )
