@@ -6,6 +6,8 @@ or lone surrogates. This sink prints every string as text, never as markup, with
 by visible escapes (``\\x1b``, ``\\r``, ``\\udcff``), and never fails on a character the terminal cannot encode:
 
 - ``out.print("...")``, table cells, key-value rows, warnings and errors take plain strings literally;
+- tables (:meth:`Output.table`) and key-value blocks keep every module name and number whole at the terminal's
+  width (they change layout rather than cut a cell, see :class:`FitTable`), and no printed line ends in spaces;
 - styled pieces are built with :func:`styled` (the only way a command adds style), never with markup strings;
 - ``out.json`` writes strict ASCII JSON (``NaN`` and ``Infinity`` become the strings ``"nan"``, ``"inf"``);
 - every string, printed or in JSON, is :func:`~adapterhub_cli.errors.scrub`-bed of Hub tokens first (a last line
@@ -218,7 +220,7 @@ class FitTable:
 
     Rendered at the console's width, in the first of these layouts that fits:
 
-    1. a boxed table (a ``wrap_last`` column wraps between words), then the same without borders;
+    1. a boxed table (a column named in ``wrap`` wraps between words), then the same without borders;
     2. the same two with the module names' common dotted prefix written once above the table
        (``(module names start with model.layers.)``) and the rest of each name in the rows;
     3. one block per row: the module name (or the first cell) on its own line, then ``column  value`` lines.
@@ -227,10 +229,12 @@ class FitTable:
     String cells are literal text (never markup); style a cell with :func:`styled`.
     """
 
-    def __init__(self, title: str | None, columns: tuple[str, ...], *, wrap_last: bool = False) -> None:
+    def __init__(
+        self, title: str | None, columns: tuple[str, ...], *, wrap_last: bool = False, wrap: tuple[str, ...] = ()
+    ) -> None:
         self.title = title
         self.columns = list(columns)
-        self.wraps = [wrap_last and i == len(columns) - 1 for i in range(len(columns))]
+        self.wraps = [(wrap_last and i == len(columns) - 1) or c in wrap for i, c in enumerate(columns)]
         self.rows: list[list[Any]] = []
         self.name_column = self.columns.index(NAME_COLUMN) if NAME_COLUMN in self.columns else None
 
@@ -423,14 +427,16 @@ class Output:
             except BrokenPipeError:
                 console.on_broken_pipe()
 
-    def table(self, title: str | None = None, *columns: str, wrap_last: bool = False) -> FitTable:
-        """A table that keeps names and numbers whole at any width (see :class:`FitTable`); only the last column
-        wraps, between words, if asked.
+    def table(
+        self, title: str | None = None, *columns: str, wrap_last: bool = False, wrap: tuple[str, ...] = ()
+    ) -> FitTable:
+        """A table that keeps names and numbers whole at any width (see :class:`FitTable`); only the columns
+        named in ``wrap`` (and the last one with ``wrap_last``) wrap, between words: prose, never names or numbers.
 
         String cells are literal text; style a cell with :func:`styled`. A column headed ``module`` holds module
         names.
         """
-        return FitTable(title, columns, wrap_last=wrap_last)
+        return FitTable(title, columns, wrap_last=wrap_last, wrap=wrap)
 
     def key_values(self, rows: list[tuple[str, Any]]) -> KeyValues:
         """``key  value`` lines (see :class:`KeyValues`); print it with :meth:`print`."""

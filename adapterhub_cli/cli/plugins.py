@@ -45,15 +45,15 @@ def plugins_cmd(as_json: bool) -> None:
     for p in plugins:
         t.add_row(p.name, p.source, ", ".join(p.hooks))
     out.print(t)
-    f = out.table("formats", "name", "writes", "description")
+    f = out.table("formats", "name", "writes", "description", wrap_last=True)
     for name, fmt in formats.items():
         f.add_row(name, "yes" if callable(getattr(fmt, "write", None)) else "", fmt.description)
     out.print(f)
-    m = out.table("combine methods", "name", "options", "description", "reference")
+    m = out.table("combine methods", "name", "options", "description", "reference", wrap=("description",))
     for name, method in combine_methods.items():
         m.add_row(name, ", ".join(method.params), method.description, method.reference or "")
     out.print(m)
-    st = out.table("stores", "name", "plugin", "description")
+    st = out.table("stores", "name", "plugin", "description", wrap_last=True)
     for name, reg in stores.items():
         st.add_row(name, reg.plugin, reg.value.description)
     out.print(st)
