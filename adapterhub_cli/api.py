@@ -407,7 +407,10 @@ def merge(
     Each merged tensor equals PEFT's ``merge_and_unload()`` bit for bit on CPU: the update
     ``transpose(B @ A) * scale * weight`` in float32, added to the weight and rounded once to its dtype (DoRA:
     rescaled by its magnitude over the unmerged weight's row norm; modules_to_save copies replace the base
-    tensors). Several adapters are merged in the order given, each rounding in turn as PEFT does.
+    tensors). Several adapters are merged in the order given, each rounding in turn as PEFT does. The output
+    records its provenance in every shard's metadata and has a model card (README.md): ``base_model`` is the
+    base's Hub id when known (a Hub ref, or a repo id in its config's ``_name_or_path``), never a local path.
+    ``result.warnings`` holds the warnings :func:`validate` gives for each adapter against the base.
 
     Args:
         base: a checkpoint folder (safetensors, single or sharded; a diffusers component too), a store ref (its
