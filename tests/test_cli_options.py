@@ -357,3 +357,24 @@ def test_bash_completion_completes_commands_options_and_methods() -> None:
     assert "--rank" in _complete("adapters reduce --r", 2)
     assert {"--token", "--base"} <= set(_complete("adapters diff --", 2))
     assert _complete("adapters combine --method dare", 3) == ["dare_linear", "dare_ties"]
+
+
+# ------------------------------------------------------------------------------------------------- packaging
+
+
+def test_the_license_is_an_spdx_string_that_setuptools_reads_without_a_warning() -> None:
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"  # an SPDX expression, not the deprecated {text = ...} table
+    assert all((root / name).is_file() for name in project["license-files"])
+    assert "Apache License" in (root / "LICENSE").read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # setuptools' deprecation of the table form is a warning
+        dist = apply_configuration(Distribution(), root / "pyproject.toml")
+    assert dist.metadata.license_expression == "Apache-2.0"
