@@ -35,6 +35,7 @@ shard_option = click.option(
     default="5GB",
     show_default=True,
     callback=_shard_size,
+    metavar="SIZE",
     help="Largest output shard, e.g. 5GB or 500MB.",
 )
 dtype_option = click.option(
@@ -128,6 +129,7 @@ def merge_cmd(
     "--max-shard-size",
     default=None,
     callback=_shard_size,
+    metavar="SIZE",
     help="Largest output shard, e.g. 5GB or 500MB (default: the shard files of --from, tensor for tensor).",
 )
 @output_options
