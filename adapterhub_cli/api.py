@@ -233,11 +233,15 @@ def validate(
         a report whose ``ok`` is False when an error-level finding was made.
 
     Raises:
-        UsageError: an unknown target.
+        UsageError: an unknown target; ``max_lora_rank`` or ``lora_target_modules`` without the ``vllm`` target
+            (they would be ignored).
     """
     targets = [target] if isinstance(target, str) else list(target or [])
     if gguf and "gguf" not in targets:
         targets.append("gguf")
+    for option, value in (("--max-lora-rank", max_lora_rank), ("--lora-target-modules", lora_target_modules)):
+        if value is not None and "vllm" not in targets:
+            raise UsageError(f"{option} applies to --target vllm only", hint=f"add --target vllm, or drop {option}")
     adapter = load(source, strict=False, token=token, base=_names_base(base))
     view = base if isinstance(base, BaseView) else open_base(base, token=token)
     report = validate_against(adapter, view, check_weights=check_weights)

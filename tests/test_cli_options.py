@@ -170,6 +170,28 @@ def test_base_maps_a_kohya_file_for_reduce_and_diff(
     assert ah.diff(path, tmp_path / "r", base=base).verdict == "different"
 
 
+def test_merge_maps_a_kohya_adapter_through_into(
+    kohya_file: tuple[Path, Path, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    """--into is the base the names are mapped through: no --base, no ADAPTERS_BASE needed."""
+    from safetensors.torch import load_file
+
+    base, _, _ = kohya_file
+    unet = base / "unet"
+    targets = [(m, r) for m, r in fd.SD_TARGETS if m.startswith("unet.")]
+    path = tmp_path / "k.safetensors"
+    state = fd.make_kohya(path, base, targets, dtype=torch.float32)
+    assert run_cli("validate", path, "--base", unet).exit_code == 0
+    res = run_cli("merge", path, "--into", unet, "-o", tmp_path / "merged", "--json")
+    assert res.exit_code == 0, res.output
+    before = load_file(unet / "diffusion_pytorch_model.safetensors")
+    after = load_file(tmp_path / "merged" / "diffusion_pytorch_model.safetensors")
+    for module, _ in targets:
+        key = module.removeprefix("unet.") + ".weight"
+        want = before[key].double() + fd.dense_reference(state, fd.kohya_name(module)).reshape(before[key].shape)
+        torch.testing.assert_close(after[key].double(), want, rtol=0, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------ flags that would be ignored
 
 
@@ -214,6 +236,22 @@ def test_combine_refuses_options_the_method_ignores(
         kwargs["density"] = 0.5
     with pytest.raises(ah.UsageError, match=f"{option} has no effect"):
         ah.combine([llama_lora, llama_rslora], out, method=method, **kwargs)
+
+
+def test_validate_refuses_vllm_options_without_the_vllm_target(llama_lora: Path, llama_base: Path) -> None:
+    for args in (
+        ["--max-lora-rank", "32"],
+        ["--lora-target-modules", "q_proj"],
+        ["--target", "gguf", "--max-lora-rank", "8"],
+    ):
+        message = _usage_error(run_cli("validate", llama_lora, "--base", llama_base, *args), "validate")
+        assert message.startswith(f"{args[-2]} applies to --target vllm only"), message
+    with pytest.raises(ah.UsageError, match="--max-lora-rank applies to --target vllm only"):
+        ah.validate(llama_lora, base=llama_base, max_lora_rank=32)
+    assert (
+        run_cli("validate", llama_lora, "--base", llama_base, "--target", "vllm", "--max-lora-rank", "32").exit_code
+        == 0
+    )
 
 
 def test_combine_needs_what_the_method_requires(llama_lora: Path, llama_rslora: Path, tmp_path: Path) -> None:

@@ -43,15 +43,20 @@ def output_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class LazyHelpOption(click.Option):
-    """A ``click.Option`` whose help text is computed when help is shown (from a registry that plugins fill)."""
+    """A ``click.Option`` whose help text is computed when it is read (from a registry that plugins fill), not when
+    the command is built."""
 
     def __init__(self, *args: Any, help_text: Callable[[], str], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
         self._help_text = help_text
+        super().__init__(*args, **kwargs)
 
-    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
-        self.help = self._help_text()
-        return super().get_help_record(ctx)
+    @property
+    def help(self) -> str:
+        return self._help_text()
+
+    @help.setter
+    def help(self, value: Any) -> None:  # click's __init__ assigns the (absent) static help
+        pass
 
 
 def methods_taking(option: str, *, required: bool = False) -> list[str]:
@@ -69,6 +74,14 @@ def parse_weights(ctx: click.Context, param: click.Parameter, value: str | None)
         return [float(w) for w in value.split(",")]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+weights_option = click.option(
+    "--weights",
+    callback=parse_weights,
+    metavar="W1,W2,...",
+    help="Comma-separated weights, one per adapter (default 1 each; negative subtracts).",
+)
 
 
 class RegistryChoice(click.Choice):

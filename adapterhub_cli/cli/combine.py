@@ -14,8 +14,8 @@ from adapterhub_cli.cli._params import (
     method_choice,
     methods_taking,
     output_options,
-    parse_weights,
     token_option,
+    weights_option,
 )
 
 
@@ -42,12 +42,7 @@ def _seed_help() -> str:
 
 @click.command("combine")
 @click.argument("adapters", nargs=-1, required=True)
-@click.option(
-    "--weights",
-    callback=parse_weights,
-    metavar="W1,W2,...",
-    help="Comma-separated weights, one per adapter (default 1 each; negative subtracts).",
-)
+@weights_option
 @click.option(
     "--method",
     type=method_choice(),

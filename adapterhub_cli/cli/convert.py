@@ -18,7 +18,7 @@ from adapterhub_cli.cli._params import base_option, json_option, token_option, w
     help="Layout to write: a registered format that can write (plugins add more; `adapters plugins` lists them).",
 )
 @base_option
-@click.option("--format", "fmt", help="Read ADAPTER as this format instead of detecting it.")
+@click.option("--format", "fmt", metavar="FORMAT", help="Read ADAPTER as this format instead of detecting it.")
 @click.option(
     "--fold-tucker",
     is_flag=True,

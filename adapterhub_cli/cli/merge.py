@@ -7,12 +7,9 @@ from dataclasses import asdict
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import json_option, output_options, parse_weights, token_option
+from adapterhub_cli.cli._params import json_option, output_options, token_option, weights_option
 
 
-weights_option = click.option(
-    "--weights", callback=parse_weights, help="Comma-separated multipliers, one per adapter (default 1 each)."
-)
 device_option = click.option(
     "--device", default="cpu", show_default=True, help="Where updates are computed: cpu, cuda, cuda:N."
 )
@@ -66,7 +63,12 @@ def _report(result: object, as_json: bool, verb: str) -> None:
 @click.command("merge")
 @click.argument("adapters", nargs=-1, required=True)
 @click.option(
-    "--into", "base", required=True, help="Base checkpoint: a folder (safetensors, single or sharded) or a Hub ref."
+    "--into",
+    "base",
+    required=True,
+    metavar="BASE",
+    help="Base checkpoint: a folder (safetensors, single or sharded) or a store ref (org/name@rev); a local one "
+    "also maps a kohya adapter's names to modules.",
 )
 @weights_option
 @device_option
@@ -121,7 +123,13 @@ def merge_cmd(
 
 @click.command("unmerge")
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("--from", "merged", required=True, help="The merged checkpoint: a folder or a store ref.")
+@click.option(
+    "--from",
+    "merged",
+    required=True,
+    metavar="MERGED",
+    help="The merged checkpoint: a folder or a store ref; a local one also maps a kohya adapter's names to modules.",
+)
 @weights_option
 @device_option
 @dtype_option
