@@ -409,3 +409,34 @@ def test_diff_help_names_every_column_and_the_verdicts(demo: dict[str, Path]) ->
     assert doc["verdict"] in text
     assert all(v in text for v in ("identical", "scaled copy", "different"))
     assert "--top" in text and "--exit-code" in text and "--base" in text and "--token" in text
+
+
+@pytest.fixture(scope="module")
+def registry(demo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A local (file://) registry holding two versions of the demo adapter."""
+    root = tmp_path_factory.mktemp("registry")
+    repo = f"{root.as_uri()}/org/demo"
+    for version in ("1.0.0", "1.1.0"):
+        res = CliRunner().invoke(
+            build_cli(), ["push", str(demo["adapter"]), repo, "--version", version, "-m", f"release {version} of it"]
+        )
+        assert res.exit_code == 0, res.output
+    return repo
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_store_tables(registry: str, tmp_path: Path, width: int) -> None:
+    """`versions` (tag, commit, date, message) and `pull` (file, sha256)."""
+    [versions] = _reference(["versions", registry], 1)
+    doc = json.loads(cli(1000, "versions", registry, "--json").stdout)
+    assert sorted(r[0] for r in versions[1:]) == sorted(v["tag"] for v in doc) == ["v1.0.0", "v1.1.0"]
+    narrow = cli(width, "versions", registry).stdout
+    check_shape(narrow, width)
+    check_rows(narrow, versions, width)
+    args = ["pull", f"{registry}@v1.1.0", "-o", str(tmp_path / "pulled"), "--overwrite"]
+    [files] = _reference(args, 1)
+    doc = json.loads(cli(1000, *args, "--json").stdout)
+    assert {r[0]: r[1] for r in files[1:]} == doc["files"]
+    narrow = cli(width, *args).stdout
+    check_shape(narrow, width)
+    check_rows(narrow, files, width)
