@@ -234,21 +234,62 @@ def test_kohya_peft_kohya_round_trip(sd_base: Path, tmp_path: Path) -> None:
     r = run_cli("convert", str(src), "--to", "peft", "--base", str(sd_base), "-o", str(peft_dir), "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["modules"] == len(targets)
-    p = ah.load(peft_dir)
+    # a whole pipeline as base: one PEFT adapter per component, its names the component's own
     k = ah.load(src, base=sd_base)
-    assert p.format == "peft" and sorted(p.modules) == sorted(k.modules)
-    for name, m in k.modules.items():
-        assert (p.modules[name].rank, p.modules[name].scale) == (m.rank, m.scale)
-        torch.testing.assert_close(update(p, name), update(k, name), rtol=0, atol=0)
-    back = tmp_path / "back.safetensors"
-    r = run_cli("convert", str(peft_dir), "--to", "kohya", "-o", str(back))
-    assert r.exit_code == 0, r.output
-    orig, again = load_safetensors(src), load_safetensors(back)
+    comps = sorted({n.split(".", 1)[0] for n in k.modules})
+    assert comps == ["text_encoder", "unet"] and sorted(p.name for p in peft_dir.iterdir() if p.is_dir()) == comps
+    orig = load_safetensors(src)
+    again: dict[str, torch.Tensor] = {}
+    for comp in comps:
+        p = ah.load(peft_dir / comp)
+        assert p.format == "peft" and sorted(f"{comp}.{n}" for n in p.modules) == sorted(
+            n for n in k.modules if n.startswith(comp + ".")
+        )
+        for name, m in p.modules.items():
+            assert (m.rank, m.scale) == (k.modules[f"{comp}.{name}"].rank, k.modules[f"{comp}.{name}"].scale)
+            torch.testing.assert_close(update(p, name), update(k, f"{comp}.{name}"), rtol=0, atol=0)
+        back = tmp_path / f"back-{comp}.safetensors"  # each half back to kohya: its keys, alphas, metadata verbatim
+        r = run_cli("convert", str(peft_dir / comp), "--to", "kohya", "-o", str(back))
+        assert r.exit_code == 0, r.output
+        assert read_header(back).metadata == read_header(src).metadata
+        half = load_safetensors(back)
+        assert not set(half) & set(again)
+        again.update(half)
     assert sorted(orig) == sorted(again)
     for key, t in orig.items():
         assert again[key].dtype == t.dtype and again[key].shape == t.shape, key
         assert torch.equal(again[key], t), key
-    assert read_header(back).metadata == read_header(src).metadata
+
+
+@pytest.mark.parametrize("comp", ["unet", "text_encoder"])
+def test_kohya_with_a_pipeline_base_gives_peft_adapters_each_component_loads(
+    sd_base: Path, tmp_path: Path, comp: str
+) -> None:
+    """kohya -> PEFT with the pipeline folder as base: OUT/unet and OUT/text_encoder load with PeftModel on their
+    component, each giving the update the kohya file gives (no `unet.` / `text_encoder.` left in the names)."""
+    from diffusers import UNet2DConditionModel
+    from peft import PeftModel
+    from transformers import CLIPTextModel
+
+    src = tmp_path / "k.safetensors"
+    fd.make_kohya(src, sd_base, fd.SD_TARGETS, dtype=torch.float32)
+    ah.convert(src, tmp_path / "out", to="peft", base=sd_base)
+    k = ah.load(src, base=sd_base)
+    base_model = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}[comp].from_pretrained(sd_base / comp)
+    if comp == "text_encoder" and not hasattr(base_model, "text_model"):
+        # transformers >= 5.24 builds CLIPTextModel without its `text_model` level (checkpoint keys keep it) and
+        # asks for a PEFT newer than any released (0.22) to load such adapters; diffusers cannot either
+        pytest.skip("this transformers' CLIPTextModel drops `text_model.`; PEFT 0.21 cannot map the checkpoint names")
+    before = {n: t.detach().clone() for n, t in base_model.state_dict().items()}
+    merged = PeftModel.from_pretrained(base_model, str(tmp_path / "out" / comp)).merge_and_unload()
+    after = merged.state_dict()
+    changed = {n.removesuffix(".weight") for n in before if not torch.equal(before[n], after[n])}
+    want = {n.split(".", 1)[1] for n in k.modules if n.startswith(comp + ".")}
+    assert changed == want
+    for name in want:
+        delta = (after[name + ".weight"].double() - before[name + ".weight"].double()).reshape(-1)
+        ref = update(k, f"{comp}.{name}").reshape(-1)
+        torch.testing.assert_close(delta, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_peft_kohya_peft_round_trip(sd_base: Path, tmp_path: Path) -> None:
@@ -521,10 +562,11 @@ def test_tucker_locon_folds_exactly_when_asked(sd_base: Path, tmp_path: Path) ->
     r = run_cli("convert", str(path), "--to", "peft", "--base", str(sd_base), "--fold-tucker", "-o", str(out))
     assert r.exit_code == 0, r.output
     p = ah.load(out)
-    m = p.modules[module]
+    inner = module.removeprefix("unet.")  # one component of the pipeline base: a PEFT adapter of the UNet itself
+    m = p.modules[inner]
     assert (m.rank, m.scale, m.A.shape) == (2, 0.5, (2, 8, 3, 3))
     ref = torch.einsum("op,pqhw,qi->oihw", up.double().flatten(1), mid.double(), down.double().flatten(1)) * 0.5
-    torch.testing.assert_close(update(p, module).reshape(ref.shape), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(update(p, inner).reshape(ref.shape), ref, rtol=1e-6, atol=1e-6)
     assert p.tensor(m.B.name).dtype == torch.float16  # lora_B keeps its bytes
 
 
@@ -631,11 +673,11 @@ def test_loha_folds_exactly_at_rank_r_squared(sd_base: Path, tmp_path: Path) -> 
     r = run_cli("convert", str(path), "--to", "peft", "--base", str(sd_base), "--fold-loha", "-o", str(out), "--json")
     assert r.exit_code == 0, r.output
     assert any("LoHa" in w for w in json.loads(r.output)["warnings"])
-    p = ah.load(out)
-    conv = p.modules["unet.down_blocks.0.resnets.0.conv1"]
+    p = ah.load(out)  # one component of the pipeline base: a PEFT adapter of the UNet itself
+    conv = p.modules["down_blocks.0.resnets.0.conv1"]
     assert (conv.rank, conv.kind, conv.A.shape, conv.B.shape) == (4, "conv", (4, 8, 3, 3), (8, 4, 1, 1))
     for module, ref in refs.items():
-        torch.testing.assert_close(update(p, module), ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(update(p, module.removeprefix("unet.")), ref, rtol=1e-6, atol=1e-6)
     # and on to kohya: a plain LoRA file (alpha rescaled for rank r1·r2), same update
     ah.convert(out, tmp_path / "k.safetensors", to="kohya", base=sd_base)
     k = ah.load(tmp_path / "k.safetensors", base=sd_base)

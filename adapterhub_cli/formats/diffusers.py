@@ -11,6 +11,8 @@ To PEFT (:func:`split_components`, :func:`write_peft_components`): PEFT loads an
 component prefix goes. A file holding one component gives one PEFT folder at ``OUT`` whose names are that
 component's own (``PeftModel.from_pretrained(unet, OUT)``); a file holding several gives one PEFT folder per
 component, ``OUT/unet``, ``OUT/text_encoder``, ``OUT/text_encoder_2``, ... (written together, atomically).
+A kohya file read with a whole pipeline folder as base (its modules named ``unet.…``, ``text_encoder.…``) is split
+the same way, each part keeping its share of the kohya names, alphas and metadata.
 """
 
 from __future__ import annotations
@@ -245,8 +247,9 @@ def write_diffusers(
 
 
 def has_components(adapter: Adapter) -> bool:
-    """True for an adapter read from a diffusers file: every module name starts with its component."""
-    return adapter.format == DiffusersFormat.name and all(
+    """True for an adapter of a whole pipeline: read from a diffusers file, or from a kohya file with a pipeline
+    folder as ``--base`` (``unet/``, ``text_encoder/``); every module name starts with its component."""
+    return adapter.format in (DiffusersFormat.name, "kohya") and all(
         n.partition(".")[0] in COMPONENTS and n.partition(".")[2] for n in adapter.modules
     )
 
@@ -303,7 +306,28 @@ def split_components(adapter: Adapter) -> dict[str, Adapter]:
             warnings=list(adapter.warnings),
             provenance=adapter.provenance,
         )
+    _split_kohya_stash(adapter, parts)
     return parts
+
+
+def _split_kohya_stash(adapter: Adapter, parts: dict[str, Adapter]) -> None:
+    """A kohya file split by component: each part carries its share of the file's names, alpha tensors and
+    metadata (the kohya stash, keyed by the part's own module names), so ``convert OUT/unet --to kohya`` gives
+    back that component's keys and alphas verbatim."""
+    from adapterhub_cli.formats.kohya import KOHYA_STASH_KEY, adapter_digest, kohya_stash
+
+    stash = kohya_stash(adapter)
+    if stash is None:
+        return
+    for comp, part in parts.items():
+        prefix = comp + "."
+        sub = {
+            "names": {m[len(prefix) :]: n for m, n in stash["names"].items() if m.startswith(prefix)},
+            "alphas": {m[len(prefix) :]: a for m, a in stash["alphas"].items() if m.startswith(prefix)},
+            "metadata": stash["metadata"],
+            "digest": adapter_digest(part),
+        }
+        part.metadata = {KOHYA_STASH_KEY: json.dumps(sub, sort_keys=True)}
 
 
 class _RenamedSource(TensorSource):

@@ -705,6 +705,11 @@ def _adapter_digest(adapter: Adapter, raw: dict[str, tuple[torch.Tensor, torch.T
     return factor_digest([(n, a, b) for n, (a, b) in raw.items()])
 
 
+def adapter_digest(adapter: Adapter) -> str:
+    """The digest a kohya stash records of the factors it belongs to (module names, A and B bytes)."""
+    return _adapter_digest(adapter)
+
+
 def check_convertible(adapter: Adapter, to: str) -> None:
     """Refuse what kohya / diffusion LoRA files cannot hold (nothing is dropped silently)."""
     from adapterhub_cli.formats.quantized import QuantizedTensorSource
