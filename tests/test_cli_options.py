@@ -395,6 +395,18 @@ def test_bash_completion_completes_commands_options_and_methods() -> None:
     assert "--rank" in _complete("adapters reduce --r", 2)
     assert {"--token", "--base"} <= set(_complete("adapters diff --", 2))
     assert _complete("adapters combine --method dare", 3) == ["dare_linear", "dare_ties"]
+    # paths (adapters, bases, outputs) are left to the shell's file completion: one "file" item, the typed prefix
+    paths = [("adapters reduce ada", 2), ("adapters merge a --into ba", 4), ("adapters reduce a -o ou", 4)]
+    for words, cword in paths:
+        env = {**os.environ, "_ADAPTERS_COMPLETE": "bash_complete", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+        proc = subprocess.run(
+            [sys.executable, "-c", "from adapterhub_cli.cli.main import main; main()"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.stdout.split() == [f"file,{words.split()[-1]}"], (words, proc.stdout)
 
 
 # ------------------------------------------------------------------------------------------------- packaging

@@ -6,6 +6,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import click
+from click.shell_completion import CompletionItem
+
+
+def complete_paths(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """Shell completion of a local path (an adapter, a base, an output); a store ref is typed out."""
+    return [CompletionItem(incomplete, type="file")]
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document for scripts.")
@@ -20,6 +26,7 @@ base_option = click.option(
     "--base",
     default=None,
     metavar="BASE",
+    shell_complete=complete_paths,
     help="Base checkpoint (a local folder or .safetensors file; a diffusers pipeline folder) whose tensor names map "
     "a kohya file's names to modules; needed only for kohya files not written by adapters (default: "
     "$ADAPTERS_BASE). Other formats ignore it.",
@@ -39,7 +46,14 @@ def output_options(f: Callable[..., Any]) -> Callable[..., Any]:
         is_flag=True,
         help="Replace OUT if adapters wrote it (an earlier output), only once the new one is complete.",
     )(f)
-    return click.option("-o", "--output", required=True, metavar="OUT", help="Output folder (written atomically).")(f)
+    return click.option(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        shell_complete=complete_paths,
+        help="Output folder (written atomically).",
+    )(f)
 
 
 class LazyHelpOption(click.Option):

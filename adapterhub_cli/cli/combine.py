@@ -10,6 +10,7 @@ from adapterhub_cli.cli._output import out
 from adapterhub_cli.cli._params import (
     LazyHelpOption,
     base_option,
+    complete_paths,
     json_option,
     method_choice,
     methods_taking,
@@ -41,7 +42,7 @@ def _seed_help() -> str:
 
 
 @click.command("combine")
-@click.argument("adapters", nargs=-1, required=True)
+@click.argument("adapters", nargs=-1, required=True, shell_complete=complete_paths)
 @weights_option
 @click.option(
     "--method",

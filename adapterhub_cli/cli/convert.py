@@ -5,11 +5,11 @@ from __future__ import annotations
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import base_option, json_option, token_option, writable_format_choice
+from adapterhub_cli.cli._params import base_option, complete_paths, json_option, token_option, writable_format_choice
 
 
 @click.command("convert")
-@click.argument("adapter")
+@click.argument("adapter", shell_complete=complete_paths)
 @click.option(
     "--to",
     "to",
@@ -45,6 +45,7 @@ from adapterhub_cli.cli._params import base_option, json_option, token_option, w
     "--output",
     required=True,
     metavar="OUT",
+    shell_complete=complete_paths,
     help="Output: a folder for peft and diffusers, a .safetensors file for kohya, what the format writes for "
     "others (written atomically).",
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from adapterhub_cli.cli._output import out, styled
-from adapterhub_cli.cli._params import base_option, json_option, token_option
+from adapterhub_cli.cli._params import base_option, complete_paths, json_option, token_option
 
 
 def _num(x: float | None, fmt: str = ".4g") -> str:
@@ -13,8 +13,8 @@ def _num(x: float | None, fmt: str = ".4g") -> str:
 
 
 @click.command("diff")
-@click.argument("a")
-@click.argument("b")
+@click.argument("a", shell_complete=complete_paths)
+@click.argument("b", shell_complete=complete_paths)
 @click.option(
     "--top",
     type=click.IntRange(min=1),

@@ -9,12 +9,12 @@ from __future__ import annotations
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import allow_pickle_option, json_option, token_option
+from adapterhub_cli.cli._params import allow_pickle_option, complete_paths, json_option, token_option
 from adapterhub_cli.errors import scrub
 
 
 @click.command("push")
-@click.argument("path")
+@click.argument("path", shell_complete=complete_paths)
 @click.argument("repo_id")
 @click.option("--version", "version", required=True, help="Semantic version to publish, e.g. 1.3.0 (tagged v1.3.0).")
 @click.option("--private", is_flag=True, help="Create the repo private (when it does not exist yet).")
@@ -76,6 +76,7 @@ def push_cmd(
     "--output",
     default=None,
     metavar="OUT",
+    shell_complete=complete_paths,
     help="Copy the files into this folder (default: leave them where the store keeps them, e.g. the HF cache).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import allow_pickle_option, base_option, json_option, token_option
+from adapterhub_cli.cli._params import allow_pickle_option, base_option, complete_paths, json_option, token_option
 
 
 def _size(n: int | None) -> str:
@@ -20,7 +20,7 @@ def _size(n: int | None) -> str:
 
 
 @click.command("inspect")
-@click.argument("adapter")
+@click.argument("adapter", shell_complete=complete_paths)
 @click.option(
     "--modules",
     "show_modules",

@@ -7,7 +7,7 @@ from dataclasses import asdict
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import json_option, output_options, token_option, weights_option
+from adapterhub_cli.cli._params import complete_paths, json_option, output_options, token_option, weights_option
 
 
 device_option = click.option(
@@ -61,12 +61,13 @@ def _report(result: object, as_json: bool, verb: str) -> None:
 
 
 @click.command("merge")
-@click.argument("adapters", nargs=-1, required=True)
+@click.argument("adapters", nargs=-1, required=True, shell_complete=complete_paths)
 @click.option(
     "--into",
     "base",
     required=True,
     metavar="BASE",
+    shell_complete=complete_paths,
     help="Base checkpoint: a folder (safetensors, single or sharded) or a store ref (org/name@rev); a local one "
     "also maps a kohya adapter's names to modules.",
 )
@@ -122,12 +123,13 @@ def merge_cmd(
 
 
 @click.command("unmerge")
-@click.argument("adapters", nargs=-1, required=True)
+@click.argument("adapters", nargs=-1, required=True, shell_complete=complete_paths)
 @click.option(
     "--from",
     "merged",
     required=True,
     metavar="MERGED",
+    shell_complete=complete_paths,
     help="The merged checkpoint: a folder or a store ref; a local one also maps a kohya adapter's names to modules.",
 )
 @weights_option

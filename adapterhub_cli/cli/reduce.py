@@ -7,11 +7,11 @@ from dataclasses import asdict
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import base_option, json_option, output_options, token_option
+from adapterhub_cli.cli._params import base_option, complete_paths, json_option, output_options, token_option
 
 
 @click.command("reduce")
-@click.argument("adapter")
+@click.argument("adapter", shell_complete=complete_paths)
 @click.option(
     "--rank",
     type=click.IntRange(min=1),

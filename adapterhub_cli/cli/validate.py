@@ -5,18 +5,19 @@ from __future__ import annotations
 import click
 
 from adapterhub_cli.cli._output import out, styled
-from adapterhub_cli.cli._params import allow_pickle_option, json_option, token_option
+from adapterhub_cli.cli._params import allow_pickle_option, complete_paths, json_option, token_option
 
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
 
 @click.command("validate")
-@click.argument("adapter")
+@click.argument("adapter", shell_complete=complete_paths)
 @click.option(
     "--base",
     required=True,
     metavar="BASE",
+    shell_complete=complete_paths,
     help="Base checkpoint to check against: a folder (config.json + safetensors, single or sharded) or a store ref "
     "(org/name@rev); a local one also maps a kohya file's names to modules.",
 )
