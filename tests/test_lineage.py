@@ -222,6 +222,21 @@ def test_push_of_a_merged_folder_to_a_registry_carries_the_lineage(named_base, l
     assert "AutoModelForCausalLM" in python_snippet(card)
 
 
+def test_push_of_a_merged_folder_without_its_card_keeps_the_lineage(named_base, llama_lora, tmp_path):
+    """The lineage comes from the shards' provenance, not only from the local card: a replaced card loses nothing."""
+    out = ah.merge(llama_lora, base=named_base, out=tmp_path / "m").path
+    (Path(out) / "README.md").write_text("# my merged model\n\nHand-written.\n")
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    ah.push(out, f"file://{registry}/acme/merged", version="1.0.0")
+    pulled = ah.pull(f"file://{registry}/acme/merged@1.0.0", out=tmp_path / "pulled").path
+    card = (Path(pulled) / "README.md").read_text()
+    assert "Hand-written." in card  # the hand-written text is kept
+    assert front_matter(card)["base_model_relation"] == "merge"
+    assert "No recorded operation" not in card and "`merge`" in card
+    assert "AutoModelForCausalLM" in python_snippet(card)
+
+
 # --------------------------------------------------------------------------------------------- quantized
 
 

@@ -234,6 +234,7 @@ def push_folder(
         UsageError: ``ref`` carries a revision, or ``version`` is not semver.
         VersionConflictError, InvalidAdapterError, IncompatibleBaseError, StoreError.
     """
+    from adapterhub_cli.artifact.provenance import checkpoint_provenance
     from adapterhub_cli.stores.card import hub_card
 
     folder = Path(source)
@@ -264,6 +265,7 @@ def push_folder(
         version=str(v),
         sha256={n: sha256_file(p) for n, p in files.items() if n.endswith(".safetensors")},
         repo_ref=None if target.is_hub else target.repo_ref,
+        provenance=checkpoint_provenance(folder) if kind == "merge" else None,
     )
     result = store.publish(target.repo_ref, files, version=v, card=card, message=message, force=force)
     result.validated_against = validated
