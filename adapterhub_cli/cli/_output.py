@@ -245,18 +245,39 @@ class FitTable:
         row = [Text("") if c is None else _literal(c, newlines=False) for c in cells]
         self.rows.append(row + [Text("")] * (len(self.columns) - len(row)))
 
-    def _table(self, console: Console, options: Any, rows: list[list[Any]], *, compact: bool) -> Table:
-        """The table of ``rows``, each column at least as wide as its widest cell (its longest word if it wraps);
-        ``compact``: no outer border, columns apart by two spaces, a rule under the header."""
-        from rich import box
+    def _widths(self, console: Console, options: Any, rows: list[list[Any]]) -> list[int]:
+        """Each column's narrowest whole width: its widest cell, or its longest word if it wraps."""
         from rich.text import Text
 
         columns = list(zip(*rows, strict=True)) if rows else [()] * len(self.columns)
+        return [
+            max(_width(c, console, options, wraps=wraps) for c in [Text(header), *cells])
+            for header, wraps, cells in zip(self.columns, self.wraps, columns, strict=True)
+        ]
+
+    @staticmethod
+    def _table_width(widths: list[int], *, compact: bool) -> int:
+        """The width of the table :meth:`_table` draws with these column widths."""
+        n = len(widths)
+        # boxed: a space either side of each cell and n + 1 borders; compact: a space and a separator between
+        return sum(widths) + (2 * (n - 1) if compact else 3 * n + 1)
+
+    def _table(self, rows: list[list[Any]], widths: list[int], *, compact: bool) -> Table:
+        """The table of ``rows``, columns ``widths`` wide (a wrapping column at least that); ``compact``: no outer
+        border, columns apart by two spaces, a rule under the header."""
+        from rich import box
+
         kw: dict[str, Any] = {"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False, "padding": (0, 1, 0, 0)}
         t = _make_table(show_header=True, header_style="bold", **(kw if compact else {}))
-        for header, wraps, cells in zip(self.columns, self.wraps, columns, strict=True):
-            needed = max(_width(c, console, options, wraps=wraps) for c in [Text(header), *cells])
-            t.add_column(_literal(header, newlines=False), no_wrap=not wraps, overflow="fold", min_width=needed)
+        for header, wraps, w in zip(self.columns, self.wraps, widths, strict=True):
+            # a fixed width spares rich measuring every cell again; a wrapping column takes what is left
+            t.add_column(
+                _literal(header, newlines=False),
+                no_wrap=not wraps,
+                overflow="fold",
+                width=None if wraps else w,
+                min_width=w if wraps else None,
+            )
         for row in rows:
             t.add_row(*row)
         return t
@@ -277,7 +298,6 @@ class FitTable:
         return "".join(f"{p}." for p in parts[0][:shared])
 
     def __rich_console__(self, console: Console, options: Any) -> Iterator[Any]:
-        from rich.measure import Measurement
         from rich.text import Text
 
         if self.title is not None:
@@ -290,14 +310,13 @@ class FitTable:
             assert self.name_column is not None
             cut, at = len(prefix), self.name_column
             candidates.append((prefix, [[c[cut:] if i == at else c for i, c in enumerate(r)] for r in self.rows]))
-        unbounded = options.update_width(1 << 20)
         for shared, rows in candidates:
+            widths = self._widths(console, options, rows)
             for compact in (False, True):
-                table = self._table(console, options, rows, compact=compact)
-                if Measurement.get(console, unbounded, table).minimum <= options.max_width:
+                if self._table_width(widths, compact=compact) <= options.max_width:
                     if shared:
                         yield Text(f"(module names start with {visible(shared)})", overflow="fold")
-                    yield table
+                    yield self._table(rows, widths, compact=compact)
                     return
         yield from self._vertical()
 
