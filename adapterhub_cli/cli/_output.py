@@ -242,6 +242,8 @@ class FitTable:
         """One row: a cell per column (strings, :func:`styled` text, ``None`` for empty)."""
         from rich.text import Text
 
+        if len(cells) > len(self.columns):
+            raise ValueError(f"{len(cells)} cells for a table of {len(self.columns)} columns")
         row = [Text("") if c is None else _literal(c, newlines=False) for c in cells]
         self.rows.append(row + [Text("")] * (len(self.columns) - len(row)))
 
