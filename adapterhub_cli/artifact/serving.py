@@ -4,6 +4,13 @@
 serving stack's own source; the versions read are listed in the project's serving notes (llama.cpp
 ``ggml-org/llama.cpp@0c1e57098``, the copy vendored in llama-cpp-python 0.3.36; vLLM v0.33.0 release source).
 The checks read the adapter's config and tensor headers (and the base's config.json when given), never weights.
+
+The rules behind ``vllm-rank-mismatch``, ``vllm-bad-tensor-key``, ``vllm-missing-weights``, ``vllm-vocab-mismatch``
+and ``vllm-target-filter-drop`` were re-read in vllm-project/vllm's own source (indexed GitHub copies of
+``vllm/lora/lora_model.py`` @532cc258, ``vllm/lora/utils.py`` @0fd15707, ``vllm/lora/lora_weights.py``
+@4c78406e, ``vllm/lora/peft_helper.py`` @e745baff, ``model_manager.py`` ``_create_lora_modules`` and
+``utils.py`` ``is_in_target_modules`` of a 2026 main); ``gguf-unsupported-arch`` / ``gguf-filtered-modules`` in
+the vendored llama.cpp converter (tests/vendor, run by the tests on the same adapters).
 """
 
 from __future__ import annotations
