@@ -371,3 +371,26 @@ def test_other_writers_print_hostile_names_literally_after_writing(
     assert (out / WEIGHTS).is_file() and f"wrote {out}" in r.stdout
     if command[0] != "convert":  # convert prints a summary line, no module table
         assert visible(name) in r.stdout
+
+
+@pytest.mark.parametrize("width", ["40", "60", "80"])
+def test_narrow_layouts_print_hostile_names_literally(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], width: str
+) -> None:
+    """The borderless, shared-prefix and vertical layouts escape what the boxed one escapes."""
+    monkeypatch.setenv("COLUMNS", width)
+    o = Output()
+    t = o.table("t [/x]", "module", "value", "what to do", wrap_last=True)
+    for i in range(2):
+        t.add_row(f"model.layers.{i}.{MARKUP_AND_CONTROLS}", styled((HOSTILE_BASE, "red")), f"fix {HOSTILE_BASE}")
+    o.print(t)
+    o.print(o.key_values([("base", HOSTILE_BASE), ("name", MARKUP_AND_CONTROLS)]))
+    text = capsys.readouterr().out
+    assert not {c for c in text if c in _FORBIDDEN}
+
+    def squeezed(s: str) -> str:  # a long escaped name may fold over lines in the narrowest layout
+        return re.sub(r"[\s│┃]+", "", s)
+
+    assert "t [/x]" in text
+    assert squeezed(text).count(squeezed(visible(MARKUP_AND_CONTROLS))) == 3  # two rows, one key-value row
+    assert squeezed(text).count(squeezed(visible(HOSTILE_BASE))) == 5  # twice per row, once in key-values
