@@ -129,6 +129,16 @@ def test_a_private_repo_needs_the_token_on_every_reading_command(
             assert allowed.exit_code == 0, (name, allowed.output)
             assert TOKEN not in allowed.output + refused.output
         assert json.loads(run_cli(*cases["diff"], "--token", TOKEN).stdout)["verdict"] == "identical"
+        # a private base too: validate and merge read it with the same --token
+        ah.push(llama_base, "org/base", version="1.0.0", private=True, force=True, token=TOKEN)
+        for args in (
+            ["validate", llama_lora, "--base", "org/base@v1.0.0"],
+            ["merge", llama_lora, "--into", "org/base@v1.0.0", "-o", tmp_path / "merged-hub"],
+        ):
+            refused = run_cli(*args)
+            assert refused.exit_code == 2 and "org/base" in refused.stderr, refused.output
+            allowed = run_cli(*args, "--token", TOKEN)
+            assert allowed.exit_code == 0, allowed.output
         combined = run_cli(*cases["combine"], "--token", TOKEN, "--overwrite")
         assert "zero" in combined.stderr  # the private copy minus the local one: the same adapter
         assert ah.load(tmp_path / "reduced").config.r == 2
