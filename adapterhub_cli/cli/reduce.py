@@ -21,6 +21,7 @@ from adapterhub_cli.cli._params import base_option, complete_paths, json_option,
 @click.option(
     "--energy",
     type=click.FloatRange(0, 1, min_open=True),
+    metavar="FRACTION",
     help="Per module, keep the fewest singular values holding this fraction of ||dW||_F² (e.g. 0.99).",
 )
 @click.option(
@@ -32,6 +33,7 @@ from adapterhub_cli.cli._params import base_option, complete_paths, json_option,
 @click.option(
     "--sv-fro",
     type=click.FloatRange(0, 1, min_open=True),
+    metavar="FRACTION",
     help="Per module, keep the fewest singular values holding this fraction of ||dW||_F "
     "(0.9 keeps 81% of the energy).",
 )
