@@ -399,3 +399,30 @@ def test_llama_cpp_architectures_are_the_converters():
     assert llama_cpp_architecture(wrapped) == "LlamaForCausalLM"
     kimi = {"architectures": ["KimiK3ForConditionalGeneration"], "text_config": {"architectures": ["X"]}}
     assert llama_cpp_architecture(kimi) == "KimiK3ForConditionalGeneration"
+
+
+def test_vllm_pickled_weights_check_target_modules(llama_lora, llama_base, tmp_path):
+    """adapter_model.bin: vLLM checks target_modules (not the tensors) against the model's modules, so a list
+    written for several architectures is refused; the same adapter as safetensors is fine, as it is for PEFT."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    multi = tmp_path / "multi"
+    shutil.copytree(llama_lora, multi)
+    cfg = json.loads((multi / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "v_proj", "query", "value"]  # Llama and BERT names
+    (multi / "adapter_config.json").write_text(json.dumps(cfg))
+    assert "vllm-unexpected-module" not in _codes(multi, llama_base, "vllm")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(multi, pickled)
+    torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    lora = ah.load(pickled, allow_pickle=True)
+    (f,) = [
+        f for f in ah.validate(lora, base=llama_base, target="vllm").findings if f.code == "vllm-unexpected-module"
+    ]
+    assert f.severity == "error" and "['query', 'value']" in f.message and f.module == "query"
+    ah.convert(lora, tmp_path / "st", to="peft")  # as safetensors: vLLM checks the tensors, all Llama modules
+    assert "vllm-unexpected-module" not in _codes(tmp_path / "st", llama_base, "vllm")

@@ -467,6 +467,7 @@ def check_vllm(
         if m.kind == "conv":
             add("vllm-unexpected-module", "error", "vLLM serves LoRA on linear layers only", m.name)
             break
+    out += _vllm_pickled_targets(adapter, base)
     emb = [m.name for m in adapter.modules.values() if m.kind == "embedding" or m.name.split(".")[-1] == "lm_head"]
     if emb:
         # vllm/model_executor/models/llama.py ``embedding_modules = {"embed_tokens": ..., "lm_head": ...}``;
@@ -561,6 +562,43 @@ def _vllm_bad_keys(adapter: Adapter, reported: list[str]) -> list[Finding]:
             "….lora_embedding_A / ….lora_embedding_B); run `adapters convert ADAPTER --to peft -o OUT`, which "
             "writes PEFT's names",
             bad[0],
+        )
+    ]
+
+
+def _vllm_pickled_targets(adapter: Adapter, base: BaseView | None) -> list[Finding]:
+    """vllm/lora/lora_model.py ``from_local_checkpoint``: for ``adapter_model.bin`` / ``.pt`` (no safetensors) vLLM
+    checks the config's ``target_modules`` instead of the tensors: each entry's last name component must be one of
+    the model's LoRA-capable modules, unless the whole entry is a regex string ``is_regex_target_modules``
+    accepts, or it raises "While loading …, expected target modules in … but received …". Lists written for
+    several architectures (fine for PEFT, which needs one match) are refused."""
+    folder = adapter.path if adapter.path.is_dir() else None
+    targets = adapter.config.target_modules
+    if (
+        folder is None
+        or base is None
+        or not isinstance(targets, list)
+        or (folder / "adapter_model.safetensors").is_file()
+    ):
+        return []
+    if not any((folder / f"adapter_model.{ext}").is_file() for ext in ("bin", "pt")):
+        return []
+    # the base's weight matrices stand for vLLM's Linear layers and embedding_modules
+    capable = {k.removesuffix(".weight").rsplit(".", 1)[-1] for k, t in base.tensors.items() if len(t.shape) == 2}
+    capable |= {kid for p, kids in _VLLM_PACKED.items() if p in capable for kid in kids}
+    foreign = [t for t in targets if str(t).rsplit(".", 1)[-1] not in capable]
+    if not foreign:
+        return []
+    return [
+        Finding(
+            "vllm-unexpected-module",
+            "error",
+            f"the weights are a pickle (adapter_model.bin), for which vLLM checks target_modules instead of the "
+            f'tensors: {foreign} are no module of this model, so vLLM refuses the adapter ("expected target '
+            "modules in … but received …\"); save it as adapter_model.safetensors (PEFT's save_pretrained "
+            "default, or ah.convert(ah.load(ADAPTER, allow_pickle=True), OUT, to='peft')), which vLLM checks by "
+            "its tensors",
+            str(foreign[0]),
         )
     ]
 
