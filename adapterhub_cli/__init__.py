@@ -10,6 +10,7 @@ Importing this package does not import torch; operations that need weights impor
 
 from adapterhub_cli._version import __version__
 from adapterhub_cli.api import (
+    analyze,
     combine,
     convert,
     dequantize,
@@ -83,6 +84,7 @@ __all__ = [
     "ValidationReport",
     "VersionConflictError",
     "__version__",
+    "analyze",
     "combine",
     "convert",
     "dequantize",

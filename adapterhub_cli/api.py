@@ -30,6 +30,7 @@ from adapterhub_cli.artifact.validate import ValidationReport, validate_against
 from adapterhub_cli.errors import InvalidAdapterError, UsageError
 from adapterhub_cli.formats import detect_format, get_format
 from adapterhub_cli.merge.engine import MergeResult, run_merge
+from adapterhub_cli.ops.analyze import AnalyzeReport, analyze_adapter, check_plot_path, write_plot
 from adapterhub_cli.ops.combine import CombineResult, combine_adapters
 from adapterhub_cli.ops.combine import check_options as check_combine_options
 from adapterhub_cli.ops.convert import ConvertResult
@@ -304,6 +305,55 @@ def diff(
     updates are one constant times A's) or "different". ``token``, ``base``: as for :func:`load`.
     """
     return diff_adapters(load(a, token=token, base=base), load(b, token=token, base=base))
+
+
+def analyze(
+    source: AdapterLike,
+    *,
+    base: BaseLike,
+    base_top: int | None = None,
+    seed: int = 0,
+    plot: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    token: str | None = None,
+) -> AnalyzeReport:
+    """Measure an adapter against its base, module by module: how large each update is next to its weight
+    (``rel_fro``, ``cos_W``), how much it amplifies directions W does not emphasise (``proj_fro = ||Uᵀ W V||``,
+    ``amplification``, against the closed-form random-direction baseline ``random_proj``: LoRA paper, section 7),
+    and DoRA's magnitude / direction change per output row (``dM``, ``dD``); pooled per module family and per layer.
+
+    Each base weight is streamed once in row blocks against the factors (``O(m n r)`` per module; the dense update
+    is never formed); DoRA adapters use their stored magnitude; a zero update gives null ratios with ``reason``
+    ``zero_update``. Definitions: :mod:`lora_ops.analysis`.
+
+    Args:
+        base: a checkpoint folder, a store ref (each weight read by range requests), or a BaseView.
+        base_top: K: also the overlap of each update's singular subspaces with W's top-K (seeded randomized SVD of
+            W for large weights).
+        seed: the randomized SVD's seed.
+        plot: also write a PNG of the per-layer relative update and amplification by module family (needs the
+            ``plot`` extra: matplotlib); an existing file is replaced only with ``overwrite`` and only if this tool
+            wrote it.
+        token: the Hub token for store refs; a local ``base`` also maps a kohya file's names.
+
+    Raises:
+        IncompatibleBaseError: a module the base has no weight for, or of another shape, or a quantized base.
+        UsageError: ``base_top`` below 1; a ``plot`` path that is not a ``.png`` or touches an input; matplotlib
+            missing (its hint says how to install it).
+    """
+    view = base if isinstance(base, BaseView) else open_base(base, token=token)
+    adapter = load(source, token=token, base=_names_base(base))
+    target = None
+    if plot is not None:
+        target = check_plot_path(
+            plot, _inputs(("base folder", [view, base]), ("adapter", [adapter, source])), overwrite=overwrite
+        )
+    label = view.name_or_path if isinstance(base, BaseView) else str(base)
+    report = analyze_adapter(adapter, view, base_top=base_top, seed=seed, progress=progress, base_label=label)
+    if target is not None:
+        write_plot(report, target)
+    return report
 
 
 def combine(
@@ -610,6 +660,7 @@ def convert(
 
 
 __all__ = [
+    "analyze",
     "combine",
     "convert",
     "dequantize",

@@ -10,6 +10,7 @@ from adapterhub_cli.plugins.hookspecs import hookimpl
 @hookimpl
 def adapters_register_commands(cli: Any) -> None:
     from adapterhub_cli.cli import (
+        analyze,
         combine,
         convert,
         demo,
@@ -28,6 +29,7 @@ def adapters_register_commands(cli: Any) -> None:
         validate.validate_cmd,
         reduce.reduce_cmd,
         diff.diff_cmd,
+        analyze.analyze_cmd,
         combine.combine_cmd,
         convert.convert_cmd,
         quantize.quantize_cmd,
