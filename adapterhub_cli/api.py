@@ -35,6 +35,7 @@ from adapterhub_cli.ops.combine import CombineResult, combine_adapters
 from adapterhub_cli.ops.combine import check_options as check_combine_options
 from adapterhub_cli.ops.convert import ConvertResult
 from adapterhub_cli.ops.diff import DiffReport, diff_adapters
+from adapterhub_cli.ops.extract import Embeddings, ExtractResult, extract_adapter
 from adapterhub_cli.ops.quantize import QuantizeResult, dequantize_adapter, quantize_adapter
 from adapterhub_cli.ops.reduce import Progress, ReduceResult, reduce_adapter
 from adapterhub_cli.ops.reduce import check_options as check_reduce_options
@@ -500,6 +501,68 @@ def merge(
     )
 
 
+def extract(
+    base: BaseLike,
+    tuned: BaseLike,
+    *,
+    out: str | Path,
+    rank: int | None = None,
+    energy: float | None = None,
+    sv_ratio: float | None = None,
+    sv_fro: float | None = None,
+    max_rank: int | None = None,
+    targets: str | None = None,
+    embeddings: Embeddings = "skip",
+    device: str = "cpu",
+    method: str = "auto",
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    token: str | None = None,
+) -> ExtractResult:
+    """Extract a LoRA adapter from a full fine-tune: per weight, the truncated SVD of ``tuned - base``.
+
+    ``base`` and ``tuned`` are checkpoint folders (safetensors, single or sharded, layouts may differ), store refs
+    or BaseViews; they are read one tensor pair at a time. Exactly one rule picks the rank per module, as for
+    :func:`reduce` (``rank``; ``energy`` / ``sv_ratio`` / ``sv_fro``, capped by ``max_rank``). ``targets``: module
+    names (``q_proj,v_proj``) or a regex over full module names. ``embeddings``: what happens to changed input
+    embeddings and vocabulary heads (``lora``, ``save`` as ``modules_to_save``, ``skip`` with a warning).
+    ``method``: ``auto`` (exact float64 SVD for small matrices, seeded randomized SVD for large ones), ``exact``
+    or ``randomized``. ``device``: where the SVDs run (``cpu``, ``cuda``). The output is a PEFT folder with scale 1
+    everywhere (``lora_alpha = r``, ``alpha_pattern = rank_pattern``), provenance and a card; see
+    :func:`adapterhub_cli.ops.extract.extract_adapter` for what is reported and refused.
+    """
+    from adapterhub_cli.merge.compute import check_device
+
+    check_reduce_options(rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank)
+    if method not in ("auto", "exact", "randomized"):
+        raise UsageError(f"method must be auto, exact or randomized, got {method!r}")
+    check_device(device)
+    base_view = base if isinstance(base, BaseView) else open_base(base, token=token)
+    tuned_view = tuned if isinstance(tuned, BaseView) else open_base(tuned, token=token)
+    inputs = _inputs(("base folder", [base_view, base]), ("tuned folder", [tuned_view, tuned]))
+    check_output(out, inputs, overwrite=overwrite)
+    return extract_adapter(
+        base_view,
+        tuned_view,
+        out,
+        rank=rank,
+        energy=energy,
+        sv_ratio=sv_ratio,
+        sv_fro=sv_fro,
+        max_rank=max_rank,
+        targets=targets,
+        embeddings=embeddings,
+        device=device,
+        method=method,
+        seed=seed,
+        overwrite=overwrite,
+        progress=progress,
+        base_source=None if isinstance(base, BaseView) else str(base),
+        tuned_source=None if isinstance(tuned, BaseView) else str(tuned),
+    )
+
+
 def _hub_repo_id(ref: object) -> str | None:
     """The Hub repo id a Hub ref names (what a merged model's card gives as ``base_model``), else None."""
     from adapterhub_cli.stores import find_store
@@ -665,6 +728,7 @@ __all__ = [
     "convert",
     "dequantize",
     "diff",
+    "extract",
     "inspect",
     "load",
     "merge",

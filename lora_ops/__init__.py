@@ -6,6 +6,7 @@ on the factors and never form the dense (d_out, d_in) matrix unless their name s
 
 from lora_ops.combine import DenseMethod, concat, dense_merge, magnitude_prune_mask, random_prune, rescale
 from lora_ops.errors import LoraOpsError, NonFiniteError, ShapeMismatchError
+from lora_ops.extract import ExtractedLora, extract_lora, extract_lora_like
 from lora_ops.factors import LoraFactors, check_factors, delta
 from lora_ops.lycoris import fold_loha, fold_tucker
 from lora_ops.merge import conv_lora_delta, lora_delta, merge_delta, merge_dora, merge_lora, unmerge_delta
@@ -26,6 +27,7 @@ __all__ = [
     "SCHEMES",
     "CoreSVD",
     "DenseMethod",
+    "ExtractedLora",
     "LoraFactors",
     "LoraOpsError",
     "NonFiniteError",
@@ -43,6 +45,8 @@ __all__ = [
     "dequantize",
     "distance",
     "energy_rank",
+    "extract_lora",
+    "extract_lora_like",
     "fold_loha",
     "fold_tucker",
     "inner",
