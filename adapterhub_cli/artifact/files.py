@@ -58,9 +58,15 @@ def read_json(path: str | Path, what: str = "JSON file") -> dict[str, Any]:
     return doc
 
 
-def _hash_cache_path() -> Path:
+def cache_root() -> Path:
+    """THE folder for this tool's own caches: ``$ADAPTERS_CACHE``, else ``$XDG_CACHE_HOME``, else ``~/.cache``,
+    then ``adapterhub_cli/``."""
     root = os.environ.get("ADAPTERS_CACHE") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "adapterhub_cli" / "sha256.json"
+    return Path(root) / "adapterhub_cli"
+
+
+def _hash_cache_path() -> Path:
+    return cache_root() / "sha256.json"
 
 
 def sha256_file(path: str | Path, *, use_cache: bool = True) -> str:

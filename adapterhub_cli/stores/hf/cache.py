@@ -151,12 +151,12 @@ _RECORD_TEXT_LIMIT = 4000
 
 def versions_record(repo_id: str) -> Path | None:
     """Where the versions of ``repo_id`` seen online are recorded; None for a repo id that is not two plain names."""
-    from adapterhub_cli.artifact.files import _hash_cache_path  # the one rule for this tool's cache folder
+    from adapterhub_cli.artifact.files import cache_root  # the one rule for this tool's cache folder
 
     org, _, name = repo_id.partition("/")
     if not (is_name(org) and is_name(name)):
         return None
-    return _hash_cache_path().parent / "hub-versions" / f"models--{org}--{name}.json"
+    return cache_root() / "hub-versions" / f"models--{org}--{name}.json"
 
 
 def record_versions(repo_id: str, rows: list[VersionInfo], *, endpoint: str) -> None:
