@@ -27,8 +27,9 @@ from adapterhub_cli.artifact.ref import AdapterRef
 from adapterhub_cli.artifact.report import InspectReport, build_report
 from adapterhub_cli.artifact.serving import check_target
 from adapterhub_cli.artifact.validate import ValidationReport, validate_against
-from adapterhub_cli.errors import InvalidAdapterError, UsageError
+from adapterhub_cli.errors import AdaptersError, InvalidAdapterError, UsageError
 from adapterhub_cli.formats import detect_format, get_format
+from adapterhub_cli.merge.each import EachResult, EachTarget, run_merge_each
 from adapterhub_cli.merge.engine import MergeResult, run_merge
 from adapterhub_cli.ops.analyze import AnalyzeReport, analyze_adapter, check_plot_path, write_plot
 from adapterhub_cli.ops.combine import CombineResult, combine_adapters
@@ -573,6 +574,101 @@ def _hub_repo_id(ref: object) -> str | None:
     return store.parse(str(ref)).repo_id if store is not None and store.name == "hf" else None
 
 
+def merge_each(
+    adapters: list[AdapterLike],
+    *,
+    base: BaseLike,
+    out_dir: str | Path,
+    device: str = "cpu",
+    dtype: str = "auto",
+    max_shard_size: str | int = "5GB",
+    quantize: str | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    token: str | None = None,
+) -> list[EachResult]:
+    """Merge each adapter alone into ``base``, reading the base once: one merged model per adapter, in
+    ``out_dir/<name>``, each bit-identical to :func:`merge` of that adapter (with its own provenance and card).
+
+    ``name`` is the adapter folder's name (a bare ``.safetensors`` file: its stem; a store ref: the repo's name),
+    made unique with ``-2``, ``-3`` ... in the order given. One result per adapter, in order: ``ok`` with the merge's
+    summary (``result.merge``), or ``error`` and ``hint``; an adapter that cannot be read or does not fit the base,
+    or whose merge or write fails, leaves no folder, and the others are written. Options as for :func:`merge` (one
+    weight per adapter is not an option here: each output is a merge of one adapter with weight 1).
+
+    Raises:
+        UsageError: no adapters, a name that is not a plain file name, or an output path refused (all before
+            anything is written); OutputExistsError: an output exists and ``overwrite`` is not given.
+    """
+    if not adapters:
+        raise UsageError("merge --each needs at least one adapter")
+    view = base if isinstance(base, BaseView) else open_base(base, token=token)
+    names = each_names(adapters)
+    loaded: list[Adapter | None] = []
+    errors: list[BaseException | None] = []
+    for item in adapters:
+        try:
+            loaded.append(load(item, token=token, base=_names_base(base)))
+            errors.append(None)
+        except AdaptersError as e:  # this output fails; the others go on
+            loaded.append(None)
+            errors.append(e)
+    inputs = _inputs(("base folder", [view, base]), ("adapter", [*[a for a in loaded if a], *adapters]))
+    targets = []
+    for item, name, adapter, error in zip(adapters, names, loaded, errors, strict=True):
+        out = check_output(Path(out_dir) / name, inputs, overwrite=overwrite)
+        targets.append(EachTarget(name, str(item.path if isinstance(item, Adapter) else item), out, adapter, error))
+    return run_merge_each(
+        view,
+        targets,
+        device=device,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        quantize=quantize,
+        overwrite=overwrite,
+        progress=progress,
+        base_source=None if isinstance(base, BaseView) else str(base),
+        base_model=_hub_repo_id(base),
+    )
+
+
+def each_names(adapters: Sequence[AdapterLike | AdapterRef]) -> list[str]:
+    """The output folder name of each adapter for :func:`merge_each`: its folder's name (a bare ``.safetensors``
+    file: its stem, or its folder's name for ``adapter_model.safetensors``), a store ref's repo name; ``-2``,
+    ``-3`` ... added to repeats. Only a plain file name not starting with a dot is accepted.
+
+    Raises:
+        UsageError: a name that is not a plain file name (nothing was written).
+    """
+    import os
+
+    from adapterhub_cli.artifact.checkpoint import is_plain_name
+    from adapterhub_cli.stores import find_store
+
+    names: list[str] = []
+    for item in adapters:
+        text = str(item.path if isinstance(item, Adapter) else item)
+        store = None if isinstance(item, Adapter | Path) else find_store(text)
+        if store is not None:
+            name = str(store.parse(text).repo_id or "").rstrip("/").split("/")[-1]
+        else:
+            path = Path(os.path.normpath(Path(text).absolute()))  # '.' and '..' folded: a real name
+            name = path.stem if path.suffix == ".safetensors" else path.name
+            if path.suffix == ".safetensors" and name in ("adapter_model", "adapter"):
+                name = path.parent.name
+        if not is_plain_name(name) or name.startswith("."):
+            raise UsageError(
+                f"merge --each: adapter {text!r} gives the output name {name!r}, which is not a plain folder name",
+                hint="merge that adapter on its own with -o, or copy it into a folder with a plain name",
+            )
+        unique, n = name, 1
+        while unique in names:
+            n += 1
+            unique = f"{name}-{n}"
+        names.append(unique)
+    return names
+
+
 def unmerge(
     adapters: AdapterLike | list[AdapterLike],
     *,
@@ -688,6 +784,7 @@ def convert(
     strip_prefix: str | None = None,
     add_prefix: str | None = None,
     token: str | None = None,
+    allow_pickle: bool = False,
 ) -> ConvertResult:
     """Convert an adapter between layouts: ``to="peft"`` (a folder), ``to="kohya"`` (one ``.safetensors`` file),
     ``to="diffusers"`` (a folder with ``pytorch_lora_weights.safetensors``), or any registered format that can
@@ -702,7 +799,8 @@ def convert(
     (``lora_mid``) as the LoRA it equals exactly, at the same rank; ``fold_loha`` a LyCORIS LoHa file as the LoRA
     of rank r1·r2 it equals exactly (needs ``base``). ``strip_prefix`` / ``add_prefix`` rewrite every module name
     first (e.g. ``strip_prefix="unet."``) so that PEFT matches them on the base; ``validate`` suggests them.
-    ``token``: the Hub token for a store ref.
+    ``token``: the Hub token for a store ref. ``allow_pickle``: read a legacy ``adapter_model.bin`` (as :func:`load`),
+    e.g. to write it as safetensors with ``to="peft"``.
     """
     from adapterhub_cli.formats.kohya import KohyaFormat
     from adapterhub_cli.ops.convert import convert_adapter
@@ -714,7 +812,7 @@ def convert(
     elif fold_tucker or fold_loha:
         adapter = KohyaFormat().read(Path(str(source)), base=base, fold_tucker=fold_tucker, fold_loha=fold_loha)
     else:
-        adapter = load(source, format=format, base=base, token=token)
+        adapter = load(source, format=format, base=base, token=token, allow_pickle=allow_pickle)
     inputs = _inputs(("adapter", [adapter, source]), ("base folder", [base] if base is not None else []))
     check_output(out, inputs, overwrite=overwrite)
     return convert_adapter(
@@ -732,6 +830,7 @@ __all__ = [
     "inspect",
     "load",
     "merge",
+    "merge_each",
     "open_base",
     "pull",
     "push",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 
 import click
@@ -60,6 +61,43 @@ def _report(result: object, as_json: bool, verb: str) -> None:
     )
 
 
+def _report_each(results: Sequence[object], as_json: bool) -> None:
+    """One line per output (``--json``: a list of objects); an error line per failed output, and exit 1."""
+    rows = []
+    for r in results:
+        data = asdict(r)  # type: ignore[call-overload]
+        data["path"] = str(data["path"])
+        if data["merge"] is not None:
+            data["merge"]["path"] = str(data["merge"]["path"])
+        rows.append(data)
+    if as_json:
+        out.json(rows)
+    else:
+        for data in rows:
+            merged = data["merge"]
+            if merged is None:
+                continue
+            for w in merged["warnings"]:
+                out.warn(f"{data['name']}: {w}")
+            out.print(
+                f"merged {data['adapter']} ({merged['modules']} module updates) into {data['path']} "
+                f"({merged['shards']} shard(s), {merged['bytes_written'] / 1e6:,.1f} MB)"
+            )
+        ok = [d for d in rows if d["ok"]]
+        if ok:
+            m = ok[0]["merge"]
+            out.print(
+                f"{len(ok)} of {len(rows)} outputs written in {m['seconds']:.1f} s, "
+                f"peak memory {m['peak_rss_mib']:,.0f} MiB"
+            )
+    for data in rows:
+        if not data["ok"]:
+            hint = f" (hint: {data['hint']})" if data["hint"] else ""
+            out.error(f"{data['name']}: {data['adapter']}: {data['error']}{hint}; nothing written to {data['path']}")
+    if any(not d["ok"] for d in rows):
+        raise click.exceptions.Exit(1)
+
+
 @click.command("merge")
 @click.argument("adapters", nargs=-1, required=True, shell_complete=complete_paths)
 @click.option(
@@ -82,6 +120,12 @@ def _report(result: object, as_json: bool, verb: str) -> None:
     help="Write the merged model in bitsandbytes' layout (loads with transformers). A bitsandbytes base is "
     "always read; without this flag its merge is written in 16 bits.",
 )
+@click.option(
+    "--each",
+    is_flag=True,
+    help="One merged model per adapter, in OUT/<adapter name>, reading the base once (each output is the merge of "
+    "that adapter alone; a failed one is reported and the others are kept; exit 1 if any failed).",
+)
 @output_options
 @token_option
 @json_option
@@ -93,6 +137,7 @@ def merge_cmd(
     dtype: str,
     max_shard_size: str,
     quantize: str | None,
+    each: bool,
     output: str,
     overwrite: bool,
     token: str | None,
@@ -101,10 +146,29 @@ def merge_cmd(
     """Merge ADAPTERS into the base checkpoint, streaming tensor by tensor (PEFT's arithmetic, bit for bit on CPU).
 
     Every adapter is validated against the base first. Memory stays bounded by a few tensors; the output
-    (shards, index, config, tokenizer files) appears atomically.
+    (shards, index, config, tokenizer files) appears atomically. With --each, every adapter is merged alone into
+    its own output folder OUT/<name> (the adapter folder's or repo's name) in one pass over the base.
     """
+    if each and weights is not None:
+        raise click.UsageError("--weights does not apply to --each: each output merges one adapter with weight 1")
     from adapterhub_cli import api
 
+    if each:
+        with out.progress("merging (bytes)") as update:
+            results = api.merge_each(
+                list(adapters),
+                base=base,
+                out_dir=output,
+                device=device,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                quantize=quantize,
+                overwrite=overwrite,
+                progress=update,
+                token=token,
+            )
+        _report_each(results, as_json)
+        return
     with out.progress("merging (bytes)") as update:
         result = api.merge(
             list(adapters),

@@ -63,7 +63,14 @@ class _Merger:
     refuses those before a merge starts.
     """
 
-    def __init__(self, adapters: list[Adapter], device: str, reverse: bool = False, workers: int = 0) -> None:
+    def __init__(
+        self,
+        adapters: list[Adapter],
+        device: str,
+        reverse: bool = False,
+        workers: int = 0,
+        pool: ThreadPoolExecutor | None = None,
+    ) -> None:
         import torch
 
         self.adapters = adapters
@@ -75,7 +82,12 @@ class _Merger:
         # mostly wait on the kernel (measured on 2 cores: 3.2-3.7 s for the merge with two threads, 3.6-4.3 s
         # with one); past 8 threads the 256-row blocks are too small to share (16 threads were slower than 8)
         self.workers = workers or default_workers(THREADS_ENV)
-        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="adapters-merge") if self.workers > 1 else None
+        self._own_pool = pool is None
+        if pool is None and self.workers > 1:
+            pool = ThreadPoolExecutor(self.workers, thread_name_prefix="adapters-merge")
+        self.pool = pool  # (several mergers may share one: ``pool`` given, it is not shut down by close)
+        #: the stored keys of lora_B factors loaded so far that are all zero (validate's ``untrained`` warning)
+        self.zero_b: set[str] = set()
 
     def _with_default_threads(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
         """Run ``fn`` with torch's usual thread count: a convolution's result depends on it, and PEFT uses it."""
@@ -89,24 +101,43 @@ class _Merger:
             torch.set_num_threads(current)
 
     def close(self) -> None:
-        if self.pool is not None:
+        if self.pool is not None and self._own_pool:
             self.pool.shutdown()
 
+    def untrained(self) -> list[str]:
+        """The warning ``validate`` gives when every lora_B of an adapter is zero, for each such adapter merged
+        (known once every module is loaded: the check rides on the merge's own reads)."""
+        prefix = len(self.adapters) > 1
+        return [
+            f"{f'{a.path}: ' if prefix else ''}untrained: every lora_B is zero: the adapter changes nothing "
+            "(saved before training?)"
+            for a in self.adapters
+            if a.modules and all(m.B.name in self.zero_b for m in a.modules.values())
+        ]
+
     def _merge_lora(
-        self, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, fan_in_fan_out: bool, fn: Any
+        self,
+        weight: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: float,
+        fan_in_fan_out: bool,
+        fn: Any,
+        src: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``merge_lora`` with the weight's rows split between threads at block boundaries (same blocks, same
-        arithmetic: the result is identical to one call)."""
+        """``merge_lora`` into ``weight`` (from ``src``, default ``weight`` itself: in place) with the rows split
+        between threads at block boundaries (same blocks, same arithmetic: the result is identical to one call)."""
         n = weight.shape[0]
+        src = weight if src is None else src
         if self.pool is None or n < 4 * ROWS or weight.device.type != "cpu":
-            return fn(weight, a, b, scale, fan_in_fan_out=fan_in_fan_out, subtract=self.reverse, rows=ROWS, out=weight)
+            return fn(src, a, b, scale, fan_in_fan_out=fan_in_fan_out, subtract=self.reverse, rows=ROWS, out=weight)
         from lora_ops.merge import row_blocks
 
         # each block reads its rows before writing them: in place is safe
         blocks = row_blocks(n, ROWS)  # whole blocks per thread: each call splits its span into the same blocks
         per = -(-len(blocks) // self.workers)
         spans = [(blocks[k][0], blocks[min(k + per, len(blocks)) - 1][1]) for k in range(0, len(blocks), per)]
-        part = functools.partial(self._merge_rows, weight, a, b, scale, fan_in_fan_out, fn)
+        part = functools.partial(self._merge_rows, weight, a, b, scale, fan_in_fan_out, fn, src)
         list(self.pool.map(part, spans))
         return weight
 
@@ -118,13 +149,14 @@ class _Merger:
         scale: float,
         fan_in_fan_out: bool,
         fn: Any,
+        src: torch.Tensor,
         span: tuple[int, int],
     ) -> None:
-        """Rows ``span`` of :meth:`_merge_lora`, in place."""
+        """Rows ``span`` of :meth:`_merge_lora`, from ``src`` into ``weight``."""
         lo, hi = span
         a_part, b_part = (a[:, lo:hi], b) if fan_in_fan_out else (a, b[lo:hi])
         fn(
-            weight[lo:hi],
+            src[lo:hi],
             a_part,
             b_part,
             scale,
@@ -134,13 +166,17 @@ class _Merger:
             out=weight[lo:hi],
         )
 
-    def apply(self, plan: TensorPlan, weight: torch.Tensor) -> torch.Tensor:
+    def apply(self, plan: TensorPlan, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``weight`` with every contribution of ``plan`` added, in the order of the adapters.
 
         On the CPU the LoRA updates are added in place (``weight``'s buffer holds the result) in row blocks. On
         a CUDA device the weight is copied over (asynchronously from a pinned buffer), each update is computed
         whole the way PEFT computes it there (``W += (B @ A) * scale``), and the result is copied back into
         ``weight``.
+
+        ``out`` (same shape and dtype as ``weight``): write the result there and leave ``weight`` unchanged (a
+        base tensor shared by several outputs, :mod:`.each`); the first LoRA update then reads ``weight`` and
+        writes ``out`` (no copy first), with the same arithmetic, so the result is the same bit for bit.
         """
         import torch
 
@@ -148,20 +184,63 @@ class _Merger:
             c.part == "weight" and self.adapters[c.adapter].modules[c.module].magnitude is not None
             for c in plan.contributions
         )
-        base_weight = weight.clone() if dora and not self.on_device else weight  # DoRA needs the unmerged weight
-        stored = weight
-        weight = weight.to(self.device, non_blocking=True) if self.on_device else weight
-        for c in plan.contributions:
-            weight = self._add(c, weight, base_weight)
-        if not self.on_device:
+        separate = out is not None and out is not weight
+        if self.on_device:
+            stored = out if separate and out is not None else weight
+            on = weight.to(self.device, non_blocking=True)
+            for c in plan.contributions:
+                on = self._add(c, on, weight)
+            stored.copy_(on, non_blocking=True)
+            torch.cuda.current_stream(on.device).synchronize()
+            return stored
+        if not separate or out is None:
+            base_weight = weight.clone() if dora else weight  # DoRA needs the unmerged weight
+            for c in plan.contributions:
+                weight = self._add(c, weight, base_weight)
             return weight
-        stored.copy_(weight, non_blocking=True)
-        torch.cuda.current_stream(weight.device).synchronize()
-        return stored
+        contributions = list(plan.contributions)
+        first = contributions[0] if contributions else None
+        result = out
+        if first is not None and self._blockwise(first):
+            result = self._add(first, out, weight, src=weight)
+            contributions = contributions[1:]
+        else:
+            out.copy_(weight)
+        for c in contributions:
+            result = self._add(c, result, weight)  # ``weight`` is still the unmerged one (DoRA's norm)
+        return result
 
-    def _add(self, c: Contribution, weight: torch.Tensor, base_weight: torch.Tensor) -> torch.Tensor:
+    def _blockwise(self, c: Contribution) -> bool:
+        """Whether ``c`` is a LoRA update added in row blocks on the CPU (which may read and write apart)."""
+        if c.part != "weight" or self.on_device:
+            return False
+        m = self.adapters[c.adapter].modules[c.module]
+        return m.magnitude is None and m.kind != "conv"
+
+    def _load(self, adapter: Adapter, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The adapter's tensors ``keys``, refused if any holds NaN / inf: validation leaves this check to the
+        merge's own read of each factor (one read of the adapter, not two); all-zero lora_B factors are noted
+        for the ``untrained`` warning."""
+        import torch
+
+        from adapterhub_cli.artifact.preflight import require_finite as require_finite_factors
+
+        loaded = adapter.source.load(keys)
+        for key, t in loaded.items():
+            if t.is_floating_point() and t.numel() and not math.isfinite(float(t.sum())):
+                require_finite_factors(adapter, {key: t})  # (a sum that overflowed on finite values passes)
+        b_keys = {m.B.name for m in adapter.modules.values()}
+        for key, t in loaded.items():
+            if key in b_keys and not bool(torch.any(t)):
+                self.zero_b.add(key)
+        return loaded
+
+    def _add(
+        self, c: Contribution, weight: torch.Tensor, base_weight: torch.Tensor, src: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``weight`` with contribution ``c`` added (subtracted with ``reverse``); ``base_weight`` is the weight
-        before any contribution (DoRA's norm is taken over it)."""
+        before any contribution (DoRA's norm is taken over it). ``src``: read the weight from there instead (a
+        blockwise LoRA update only: :meth:`_blockwise`), writing ``weight``."""
         from lora_ops import conv_lora_delta, lora_delta, merge_delta, merge_dora, merge_lora, unmerge_delta
 
         adapter = self.adapters[c.adapter]
@@ -171,11 +250,11 @@ class _Merger:
         scale = m.scale * c.weight
         if c.part == "bias":
             return self._add_bias(adapter, m, scale, weight)
-        loaded = adapter.source.load([m.A.name, m.B.name] + ([m.magnitude.name] if m.magnitude else []))
+        loaded = self._load(adapter, [m.A.name, m.B.name] + ([m.magnitude.name] if m.magnitude else []))
         a, b = loaded[m.A.name].to(self.device), loaded[m.B.name].to(self.device)
         transposed = fan_in_fan_out(m.kind, adapter.config.fan_in_fan_out, tuple(weight.shape), (m.d_out, m.d_in))
         if m.magnitude is None and m.kind != "conv" and not self.on_device:
-            return self._merge_lora(weight, a, b, scale, transposed, merge_lora)
+            return self._merge_lora(weight, a, b, scale, transposed, merge_lora, src=src)
         if m.magnitude is None:  # a convolution, or any LoRA on the GPU: the whole update at once
             if m.kind == "conv":
                 delta = self._with_default_threads(conv_lora_delta, a, b, scale)
@@ -192,7 +271,7 @@ class _Merger:
         import torch
 
         info = adapter.extra_tensors[name]
-        rows = adapter.source.load([info.name])[info.name].to(device=weight.device, dtype=weight.dtype)
+        rows = self._load(adapter, [info.name])[info.name].to(device=weight.device, dtype=weight.dtype)
         index = torch.tensor(token_indices(adapter, name.removesuffix(TOKENS_SUFFIX)), device=weight.device)
         return weight.index_copy(0, index, rows)
 
@@ -203,7 +282,7 @@ class _Merger:
         import torch
 
         assert m.bias is not None
-        b = adapter.source.load([m.bias.name])[m.bias.name].to(self.device)
+        b = self._load(adapter, [m.bias.name])[m.bias.name].to(self.device)
         if b.dtype in (torch.float16, torch.bfloat16):
             b = b.float()
         out = bias.clone()

@@ -84,6 +84,7 @@ class StagedFile:
     def __init__(
         self, path: Path, disk: ThreadPoolExecutor, *, direct: bool | None = None, chunk: int = CHUNK, depth: int = 2
     ) -> None:
+        self.path = path
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         want = direct_io_wanted() if direct is None else direct
         self.direct = False

@@ -137,15 +137,26 @@ def run_merge(
     with atomic_dir(out, overwrite=overwrite) as tmp:
         stem = plan.view.weights_stem  # model, or diffusion_pytorch_model for a diffusers part
         names = plan.shard_files or shard_names(stem, len(plan.shards))
+        notes: list[str] = []
         written = _write_shards(
-            plan, adapters, tmp, names, device=device, reverse=reverse, progress=progress, metadata=metadata
+            plan,
+            adapters,
+            tmp,
+            names,
+            device=device,
+            reverse=reverse,
+            progress=progress,
+            metadata=metadata,
+            notes=notes,
         )
         if len(plan.shards) > 1:
             write_index(tmp, stem, names, plan.shards, plan.total_bytes)
         copy_side_files(plan.view.path, tmp, plan.config_updates, plan.config_drop)
         config = {**plan.view.config, **plan.config_updates}
         (tmp / CARD_FILE).write_text(merged_card(config, record, base_model=None if reverse else base_model))
-    return _result(plan, Path(out), written, time.perf_counter() - started, device)
+    result = _result(plan, Path(out), written, time.perf_counter() - started, device)
+    result.warnings += notes
+    return result
 
 
 def _write_shards(
@@ -158,9 +169,11 @@ def _write_shards(
     reverse: bool,
     progress: Progress | None,
     metadata: dict[str, str] | None = None,
+    notes: list[str] | None = None,
 ) -> int:
     """Produce and write every shard of ``plan`` into ``folder``, each on disk on return; the bytes written.
-    ``metadata``: each shard's safetensors metadata (default ``{"format": "pt"}``)."""
+    ``metadata``: each shard's safetensors metadata (default ``{"format": "pt"}``); ``notes`` gets the warnings
+    only the merge's own reads can give (an untrained adapter: :meth:`.compute._Merger.untrained`)."""
     import torch
 
     reader = _BaseReader(plan.stored)
@@ -181,6 +194,8 @@ def _write_shards(
             for name, shard in zip(names, plan.shards, strict=True):
                 written += files.write(folder / name, shard, produce, metadata)
         files.sync()  # every shard on disk before the folder is moved into place
+        if notes is not None and not reverse:
+            notes += merger.untrained()
     finally:
         files.close()
         buffers.close()  # a read waiting for a buffer after an error gives up

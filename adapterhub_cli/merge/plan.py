@@ -130,9 +130,11 @@ def build_plan(
     refuse_misfits(adapters, reverse=reverse)
     warnings = []
     for a in adapters:
-        report = validate_against(a, view)
+        # headers and config only: the NaN / inf check of the factors rides on the merge's own read of each one
+        # (:meth:`.compute._Merger._load`), and a refusal there still leaves nothing written
+        report = validate_against(a, view, check_weights=False)
         if report.errors:
-            require_valid(a, base=view)  # raises, with the message every writing command gives
+            require_valid(a, base=view, check_weights=False)  # raises, with the message every writing command gives
         prefix = f"{a.path}: " if len(adapters) > 1 else ""
         warnings += [f"{prefix}{f.code}: {f.message}" for f in report.warnings]
     plans = plan_merge(view, adapters, weights, out_dtype)

@@ -1,0 +1,198 @@
+"""`merge --each` / `ah.merge_each`: many adapters, one base, one pass.
+
+Each output must be, tensor for tensor (sha256 of every stored tensor), what merging that adapter alone gives, and
+therefore what PEFT's ``merge_and_unload`` gives; each has its own provenance and card; a failure in one output
+(an adapter that does not fit, a NaN, a write error) leaves the others written and is reported.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from peft import PeftModel
+from peft_helpers import load_base, read_checkpoint
+from safetensors.torch import load_file, save_file
+
+import adapterhub_cli as ah
+from adapterhub_cli.api import each_names
+from adapterhub_cli.artifact.provenance import checkpoint_provenance
+from adapterhub_cli.cli.main import build_cli
+from adapterhub_cli.errors import UsageError
+from adapterhub_cli.merge import each as each_module
+
+
+def tensor_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every stored tensor's bytes (with its dtype and shape), by name, across the shards."""
+    return {
+        key: hashlib.sha256(
+            f"{t.dtype}{tuple(t.shape)}".encode() + t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        ).hexdigest()
+        for key, t in read_checkpoint(folder).items()
+    }
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary folders (``.<name>...incomplete``) left in ``folder``."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture
+def bf16_base(llama_base: Path, tmp_path: Path) -> Path:
+    """``llama_base`` saved in bf16 (the dtype merges are usually run in)."""
+    out = tmp_path / "base-bf16"
+    load_base(llama_base, "causal-lm", torch.bfloat16).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def nan_lora(llama_lora: Path, copy_adapter) -> Path:
+    """``llama_lora`` with one NaN in a lora_B (validation of the headers passes; the merge's read refuses it)."""
+    bad = copy_adapter(llama_lora, "nan_lora")
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in sorted(tensors) if "lora_B" in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(bad / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return bad
+
+
+ADAPTERS = ["llama_lora", "llama_rslora", "llama_dora", "llama_all_linear", "llama_patterns"]
+
+
+@pytest.mark.parametrize("shard", ["5GB", "100KB"])
+def test_each_output_equals_merging_that_adapter_alone(bf16_base, request, tmp_path, shard):
+    adapters = [request.getfixturevalue(name) for name in ADAPTERS]
+    results = ah.merge_each(adapters, base=bf16_base, out_dir=tmp_path / "each", max_shard_size=shard)
+    assert [r.ok for r in results] == [True] * len(adapters), [r.error for r in results]
+    assert [r.name for r in results] == [Path(a).name for a in adapters]
+    for adapter, r in zip(adapters, results, strict=True):
+        assert r.path == tmp_path / "each" / Path(adapter).name and r.merge is not None
+        alone = ah.merge(adapter, base=bf16_base, out=tmp_path / f"alone-{r.name}", max_shard_size=shard)
+        assert tensor_hashes(r.path) == tensor_hashes(alone.path), r.name
+        assert r.merge.shards == alone.shards and r.merge.modules == alone.modules
+        assert sorted(p.name for p in r.path.iterdir()) == sorted(p.name for p in alone.path.iterdir())
+        # its own lineage: this adapter (and only it) with its sha256, and a card naming it
+        record = checkpoint_provenance(r.path)
+        assert record is not None
+        adapters_in = [i for i in record["inputs"] if i.get("role") == "adapter"]
+        assert [Path(i["source"]).name for i in adapters_in] == [r.name] and adapters_in[0]["sha256"]
+        assert record["inputs"] == checkpoint_provenance(alone.path)["inputs"]
+        assert r.name in (r.path / "README.md").read_text()
+    assert leftovers(tmp_path / "each") == []
+
+
+def test_each_output_is_bit_identical_to_peft(bf16_base, llama_all_linear, llama_dora, tmp_path):
+    results = ah.merge_each([llama_all_linear, llama_dora], base=bf16_base, out_dir=tmp_path / "each")
+    for adapter, r in zip([llama_all_linear, llama_dora], results, strict=True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = PeftModel.from_pretrained(load_base(bf16_base, "causal-lm", torch.bfloat16), str(adapter))
+            theirs = {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}
+        ours = read_checkpoint(r.path)
+        compared = 0
+        for key, got in ours.items():
+            if key in theirs:
+                assert got.dtype == theirs[key].dtype and torch.equal(got, theirs[key]), f"{r.name}: {key}"
+                compared += 1
+        assert compared == len(theirs)
+
+
+def test_a_misfit_and_a_nan_fail_their_outputs_only(
+    bf16_base, llama_lora, gpt2_lora, nan_lora, llama_rslora, tmp_path
+):
+    out = tmp_path / "each"
+    results = ah.merge_each([llama_lora, gpt2_lora, nan_lora, llama_rslora], base=bf16_base, out_dir=out)
+    assert [r.ok for r in results] == [True, False, False, True]
+    assert "does not fit" in results[1].error and results[1].hint
+    assert "non-finite" in results[2].error and "NaN or inf" in results[2].error
+    assert sorted(p.name for p in out.iterdir()) == sorted([Path(llama_lora).name, Path(llama_rslora).name])
+    for adapter, r in ((llama_lora, results[0]), (llama_rslora, results[3])):
+        alone = ah.merge(adapter, base=bf16_base, out=tmp_path / f"alone-{r.name}")
+        assert tensor_hashes(r.path) == tensor_hashes(alone.path)
+
+
+def test_a_write_error_in_one_output_leaves_the_others(
+    bf16_base, llama_lora, llama_rslora, llama_dora, tmp_path, monkeypatch
+):
+    real = each_module._write_tensor
+    victim = Path(llama_rslora).name
+    calls = {"n": 0}
+
+    def failing(t, sink):
+        if f".{victim}." in sink.path.parent.name:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        real(t, sink)
+
+    monkeypatch.setattr(each_module, "_write_tensor", failing)
+    out = tmp_path / "each"
+    results = ah.merge_each(
+        [llama_lora, llama_rslora, llama_dora], base=bf16_base, out_dir=out, max_shard_size="100KB"
+    )
+    assert [r.ok for r in results] == [True, False, True]
+    assert "No space left on device" in results[1].error
+    assert sorted(p.name for p in out.iterdir()) == sorted([Path(llama_lora).name, Path(llama_dora).name])
+    monkeypatch.setattr(each_module, "_write_tensor", real)
+    for adapter, r in ((llama_lora, results[0]), (llama_dora, results[2])):
+        alone = ah.merge(adapter, base=bf16_base, out=tmp_path / f"alone-{r.name}", max_shard_size="100KB")
+        assert tensor_hashes(r.path) == tensor_hashes(alone.path)
+
+
+def test_names_are_unique_plain_folder_names(tmp_path, llama_lora):
+    bare = tmp_path / "x" / "adapter_model.safetensors"
+    named = tmp_path / "y" / "style.safetensors"
+    assert each_names([llama_lora, llama_lora, bare, named, Path(llama_lora)]) == [
+        Path(llama_lora).name,
+        f"{Path(llama_lora).name}-2",
+        "x",
+        "style",
+        f"{Path(llama_lora).name}-3",
+    ]
+    hidden = tmp_path / ".hidden"
+    with pytest.raises(UsageError, match="not a plain folder name"):
+        each_names([hidden])
+
+
+def test_cli_each_reports_each_output_and_exits_1_on_a_failure(bf16_base, llama_lora, gpt2_lora, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "each"
+    res = runner.invoke(
+        build_cli(), ["merge", str(llama_lora), str(gpt2_lora), "--into", str(bf16_base), "--each", "-o", str(out)]
+    )
+    assert res.exit_code == 1, res.output
+    assert f"into {out / Path(llama_lora).name}" in res.output
+    assert f"Error: {Path(gpt2_lora).name}: " in res.output and "does not fit" in res.output
+    assert sorted(p.name for p in out.iterdir()) == [Path(llama_lora).name]
+    res = runner.invoke(
+        build_cli(),
+        ["merge", str(llama_lora), "--into", str(bf16_base), "--each", "-o", str(tmp_path / "j"), "--json"],
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert [(d["name"], d["ok"], d["path"]) for d in data] == [
+        (Path(llama_lora).name, True, str(tmp_path / "j" / Path(llama_lora).name))
+    ]
+    assert data[0]["merge"]["tensors_merged"] > 0
+
+
+def test_cli_each_refuses_weights_and_existing_outputs(bf16_base, llama_lora, llama_rslora, tmp_path):
+    runner = CliRunner()
+    args = ["merge", str(llama_lora), str(llama_rslora), "--into", str(bf16_base), "--each", "-o", str(tmp_path / "o")]
+    res = runner.invoke(build_cli(), [*args, "--weights", "1,0.5"])
+    assert res.exit_code == 2 and "--weights does not apply to --each" in res.output
+    assert not (tmp_path / "o").exists()
+    assert runner.invoke(build_cli(), args).exit_code == 0
+    first = tensor_hashes(tmp_path / "o" / Path(llama_lora).name)
+    res = runner.invoke(build_cli(), args)
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    assert runner.invoke(build_cli(), [*args, "--overwrite"]).exit_code == 0
+    assert tensor_hashes(tmp_path / "o" / Path(llama_lora).name) == first
+    shutil.rmtree(tmp_path / "o")
