@@ -297,9 +297,7 @@ def reduce(
     )
 
 
-def diff(
-    a: AdapterLike, b: AdapterLike, *, token: str | None = None, base: str | Path | None = None
-) -> DiffReport:
+def diff(a: AdapterLike, b: AdapterLike, *, token: str | None = None, base: str | Path | None = None) -> DiffReport:
     """Compare two adapters: config changes, modules only in one, and per shared module the norms, cosine,
     relative distance ``||dW_B - dW_A|| / ||dW_A||`` and top-subspace overlap, all from the factors.
 

@@ -202,6 +202,25 @@ def test_merge_maps_a_kohya_adapter_through_into(
         torch.testing.assert_close(after[key].double(), want, rtol=0, atol=1e-6)
 
 
+def test_convert_writes_a_legacy_pickle_as_safetensors_with_allow_pickle(llama_lora: Path, tmp_path: Path) -> None:
+    """What validate's vllm-unexpected-module finding tells a user to run."""
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_bytes((llama_lora / "adapter_config.json").read_bytes())
+    torch.save(load_file(llama_lora / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    refused = run_cli("convert", pickled, "--to", "peft", "-o", tmp_path / "out")
+    assert refused.exit_code == 2 and "--allow-pickle" in refused.stderr and not (tmp_path / "out").exists()
+    res = run_cli("convert", pickled, "--to", "peft", "--allow-pickle", "-o", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    want, got = (
+        load_file(llama_lora / "adapter_model.safetensors"),
+        load_file(tmp_path / "out" / "adapter_model.safetensors"),
+    )
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 # ------------------------------------------------------------------------------ flags that would be ignored
 
 

@@ -596,7 +596,7 @@ def _vllm_pickled_targets(adapter: Adapter, base: BaseView | None) -> list[Findi
             f"the weights are a pickle (adapter_model.bin), for which vLLM checks target_modules instead of the "
             f'tensors: {foreign} are no module of this model, so vLLM refuses the adapter ("expected target '
             "modules in … but received …\"); save it as adapter_model.safetensors (PEFT's save_pretrained "
-            "default, or ah.convert(ah.load(ADAPTER, allow_pickle=True), OUT, to='peft')), which vLLM checks by "
+            "default, or `adapters convert ADAPTER --to peft --allow-pickle -o OUT`), which vLLM checks by "
             "its tensors",
             str(foreign[0]),
         )

@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import base_option, complete_paths, json_option, token_option, writable_format_choice
+from adapterhub_cli.cli._params import (
+    allow_pickle_option,
+    base_option,
+    complete_paths,
+    json_option,
+    token_option,
+    writable_format_choice,
+)
 
 
 @click.command("convert")
@@ -54,6 +61,7 @@ from adapterhub_cli.cli._params import base_option, complete_paths, json_option,
     is_flag=True,
     help="Replace OUT if adapters wrote it (an earlier output), only once the new one is complete.",
 )
+@allow_pickle_option
 @token_option
 @json_option
 def convert_cmd(
@@ -67,6 +75,7 @@ def convert_cmd(
     add_prefix: str | None,
     output: str,
     overwrite: bool,
+    allow_pickle: bool,
     token: str | None,
     as_json: bool,
 ) -> None:
@@ -90,6 +99,7 @@ def convert_cmd(
         strip_prefix=strip_prefix,
         add_prefix=add_prefix,
         token=token,
+        allow_pickle=allow_pickle,
     )
     if as_json:
         out.json(
