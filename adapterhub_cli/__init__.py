@@ -36,6 +36,7 @@ from adapterhub_cli.artifact.provenance import Provenance
 from adapterhub_cli.artifact.ref import AdapterRef
 from adapterhub_cli.artifact.report import InspectReport, ModuleRow, ModuleSpectrum
 from adapterhub_cli.artifact.validate import Finding, ValidationReport
+from adapterhub_cli.batch import JobRecord, JobsFileError, batch
 from adapterhub_cli.errors import (
     AdapterNotFoundError,
     AdaptersError,
@@ -73,6 +74,8 @@ __all__ = [
     "IncompatibleBaseError",
     "InspectReport",
     "InvalidAdapterError",
+    "JobRecord",
+    "JobsFileError",
     "LoraModule",
     "ModuleRow",
     "ModuleSpectrum",
@@ -86,6 +89,7 @@ __all__ = [
     "ValidationReport",
     "VersionConflictError",
     "__version__",
+    "batch",
     "analyze",
     "combine",
     "convert",

@@ -11,6 +11,7 @@ from adapterhub_cli.plugins.hookspecs import hookimpl
 def adapters_register_commands(cli: Any) -> None:
     from adapterhub_cli.cli import (
         analyze,
+        batch,
         combine,
         convert,
         demo,
@@ -43,5 +44,6 @@ def adapters_register_commands(cli: Any) -> None:
         hub.push_cmd,
         hub.pull_cmd,
         hub.versions_cmd,
+        batch.batch_cmd,
     ):
         cli.add_command(cmd)

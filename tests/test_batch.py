@@ -1,0 +1,336 @@
+"""`adapters batch` / `ah.batch`: a JOBS file checked before anything runs, jobs on a local process pool and on a
+local Ray instance (byte-identical outputs), failures recorded per job, transient ones retried, `--resume`."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import adapterhub_cli as ah
+from adapterhub_cli.batch import OPS, load_jobs, output_digest, read_report
+from adapterhub_cli.batch.resume import recorded_provenance
+from adapterhub_cli.cli.main import build_cli
+from adapterhub_cli.errors import HubError
+
+
+def run_cli(*args, env=None):
+    return CliRunner(env=env).invoke(build_cli(), [str(a) for a in args])
+
+
+def manifest(lora: Path, rslora: Path, patterns: Path, base: Path, out: Path) -> list[dict]:
+    """reduce over three adapters (a for_each template), quantize, validate, and a reduce that must fail (rank 16
+    is not below the adapter's rank 8)."""
+    return [
+        {
+            "op": "reduce",
+            "for_each": [str(lora), str(rslora), str(patterns)],
+            "source": "{item}",
+            "out": f"{out}/{{name}}-r2",
+            "rank": 2,
+        },
+        {"op": "quantize", "adapter": str(lora), "out": f"{out}/lora-int8", "scheme": "int8", "block_size": 32},
+        {"op": "validate", "source": str(rslora), "base": str(base)},
+        {"op": "reduce", "source": str(lora), "out": f"{out}/too-high", "rank": 16},
+    ]
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, llama_lora, llama_rslora, llama_patterns, llama_base):
+    """The manifest run once by `adapters batch --workers 2` (a local pool of two processes)."""
+    root = tmp_path_factory.mktemp("batch_local")
+    jobs = root / "jobs.json"
+    jobs.write_text(json.dumps(manifest(llama_lora, llama_rslora, llama_patterns, llama_base, root / "out")))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAPTERS_CACHE", str(root / "cache"))
+        mp.setenv("TERM", "dumb")
+        result = run_cli("batch", jobs, "--workers", 2, "--json")
+    return root, jobs, result
+
+
+def test_local_pool_runs_every_job_and_records_the_failure(local_run, llama_lora, llama_rslora, tmp_path):
+    root, _, result = local_run
+    assert result.exit_code == 1, result.output  # one job failed, the others ran
+    summary = json.loads(result.output)
+    assert (summary["total"], summary["ok"], summary["failed"], summary["skipped"]) == (6, 5, 1, 0)
+    records = read_report(root / "jobs.report.jsonl")  # the default report: beside JOBS
+    assert [r["index"] for r in records] == list(range(6))
+    assert [r["entry"] for r in records] == [0, 0, 0, 1, 2, 3]
+    assert [r["status"] for r in records] == ["ok"] * 5 + ["failed"]
+    bad = records[5]
+    assert bad["error_code"] == "UsageError" and "--rank 16" in bad["error_message"] and bad["output_sha256"] is None
+    assert not (root / "out" / "too-high").exists()
+    assert summary["failed_jobs"][0]["index"] == 5
+    assert records[4]["summary"] == {"ok": True, "errors": 0, "warnings": 0}
+    assert records[1]["inputs"] == [str(llama_rslora)] and records[1]["output"] == f"{root}/out/llama_rslora-r2"
+    # each output is what the API writes for the same call: byte for byte
+    direct = ah.reduce(llama_lora, tmp_path / "direct-r2", rank=2)
+    assert records[0]["output_sha256"] == output_digest(direct.path)
+    assert records[0]["summary"]["r"] == 2 == direct.r
+    ah.quantize(llama_lora, tmp_path / "direct-int8", scheme="int8", block_size=32)
+    assert records[3]["output_sha256"] == output_digest(tmp_path / "direct-int8")
+    recorded = recorded_provenance(root / "out" / "lora-int8")
+    assert recorded is not None and recorded.operation == "quantize"
+    assert recorded.parameters == {"scheme": "int8", "block_size": 32}
+
+
+def test_bad_jobs_file_is_refused_before_anything_runs(tmp_path, llama_lora):
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(
+        f"""
+- op: reduce
+  source: {llama_lora}
+  out: {tmp_path}/fine
+  rank: 2
+- op: reduse
+  source: {llama_lora}
+- op: reduce
+  source: {llama_lora}
+  out: {tmp_path}/x
+  rnk: 2
+- op: quantize
+  source: {llama_lora}
+  out: {tmp_path}/q
+- op: push
+  source: {llama_lora}
+  repo_id: org/name
+  version: 1.2
+- op: reduce
+  source: {llama_lora}
+  out: {tmp_path}/fine
+  rank: 4
+- op: validate
+  for_each: {{glob: "{tmp_path}/nothing-*"}}
+  source: "{{item}}"
+  base: b
+- op: validate
+  source: {tmp_path}/fine
+  base: b
+- op: inspect
+  source: {llama_lora}
+  threads: 0
+"""
+    )
+    result = run_cli("batch", jobs)
+    assert result.exit_code == 2, result.output
+    text = result.output
+    assert "8 problem(s), nothing was run" in text
+    assert "jobs[1]: unknown op 'reduse' (did you mean 'reduce'?)" in text
+    assert "jobs[2] (reduce): unknown argument 'rnk' (did you mean 'rank'?)" in text
+    assert "jobs[3] (quantize): missing required argument(s): scheme" in text
+    assert "jobs[4] (push): version = 1.2 is a number; expected string (quote it in YAML)" in text
+    assert f"jobs[5] (reduce): writes {tmp_path}/fine, as jobs[0] (reduce) does" in text
+    assert "jobs[6]: for_each glob" in text and "matches nothing" in text
+    assert f"jobs[7] (validate): reads {tmp_path}/fine, which jobs[0] (reduce) writes" in text
+    assert "jobs[8] (inspect): threads = 0; expected a whole number >= 1" in text
+    assert not (tmp_path / "fine").exists() and not (tmp_path / "jobs.report.jsonl").exists()
+
+    jobs.write_text("op: reduce\n")  # not a list
+    result = run_cli("batch", jobs)
+    assert result.exit_code == 2 and "expected a list of jobs" in result.output
+    jobs.write_text("- op: [unclosed\n")
+    result = run_cli("batch", jobs)
+    assert result.exit_code == 2 and "not valid YAML" in result.output
+    result = run_cli("batch", tmp_path / "missing.yaml")
+    assert result.exit_code == 2 and "JOBS file not found" in result.output
+
+
+def test_for_each_expands_over_a_list_and_a_glob(tmp_path, monkeypatch):
+    for name in ("b", "a", "c.txt"):
+        (tmp_path / "adapters" / name).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    jobs = load_jobs(
+        [
+            {"op": "inspect", "source": "x"},
+            {
+                "op": "reduce",
+                "for_each": {"glob": "adapters/[ab]"},
+                "source": "{item}",
+                "out": "out/{name}-{index}",
+                "energy": 0.9,
+            },
+            {
+                "op": "quantize",
+                "for_each": ["hf://org/support-bot@v1.2.0", "file:///srv/r/org/b@^1.0"],
+                "adapter": "{item}",
+                "out": "q/{name}",
+                "scheme": "int8",
+                "threads": 2,
+            },
+        ]
+    )
+    assert [(j.index, j.entry, j.op, j.item) for j in jobs] == [
+        (0, 0, "inspect", None),
+        (1, 1, "reduce", "adapters/a"),
+        (2, 1, "reduce", "adapters/b"),
+        (3, 2, "quantize", "hf://org/support-bot@v1.2.0"),
+        (4, 2, "quantize", "file:///srv/r/org/b@^1.0"),
+    ]
+    assert jobs[1].kwargs == {"source": "adapters/a", "out": "out/a-0", "energy": 0.9}
+    assert jobs[2].kwargs["out"] == "out/b-1"
+    assert jobs[3].kwargs == {"source": "hf://org/support-bot@v1.2.0", "out": "q/support-bot", "scheme": "int8"}
+    assert jobs[4].kwargs["out"] == "q/b" and jobs[4].threads == 2 and jobs[0].threads == 1
+    assert jobs[3].label == "jobs[2] item 'hf://org/support-bot@v1.2.0' (quantize)"
+
+
+def test_every_op_checks_against_the_api_signature():
+    """The names a job may use are the API function's keyword arguments (progress and api excepted)."""
+    for op, fn in OPS.items():
+        params = inspect.signature(fn).parameters
+        required = {
+            n: ["a", "b"] if str(p.annotation).startswith(("list", "Sequence")) else "x"
+            for n, p in params.items()
+            if p.default is p.empty
+        }
+        jobs = load_jobs([{"op": op, **required}])
+        assert jobs[0].kwargs == required
+    with pytest.raises(ah.JobsFileError) as e:
+        load_jobs([{"op": "reduce", "source": "a", "out": "b", "progress": "x"}])
+    assert "unknown argument 'progress' (a Python object, not a JOBS file value)" in str(e.value)
+
+
+def test_resume_skips_up_to_date_outputs_and_reruns_changed_ones(
+    tmp_path, llama_lora, llama_rslora, llama_base, copy_adapter
+):
+    lora = copy_adapter(llama_lora)
+    out = tmp_path / "out"
+    jobs = [
+        {"op": "reduce", "source": str(lora), "out": f"{out}/a", "rank": 4},
+        {"op": "reduce", "source": str(llama_rslora), "out": f"{out}/b", "energy": 0.9},
+        {"op": "quantize", "source": str(llama_rslora), "out": f"{out}/c", "scheme": "int8"},
+        {"op": "combine", "sources": [str(lora), str(llama_rslora)], "out": f"{out}/d", "method": "cat"},
+        {"op": "validate", "source": str(lora), "base": str(llama_base)},  # no output: always runs
+    ]
+    first = ah.batch(jobs, engine="serial")
+    assert [r.status for r in first] == ["ok"] * 5
+    digests = {r.index: r.output_sha256 for r in first}
+
+    again = ah.batch(jobs, engine="serial", resume=True, report=tmp_path / "r.jsonl")
+    assert [r.status for r in again] == ["skipped"] * 4 + ["ok"]
+    assert all("up to date" in (r.note or "") for r in again[:4])
+    assert {r.index: r.output_sha256 for r in again} == digests
+    assert [r["status"] for r in read_report(tmp_path / "r.jsonl")] == ["skipped"] * 4 + ["ok"]
+
+    jobs[0]["rank"] = 2  # a changed parameter: that job runs again, replacing its earlier output
+    jobs[2]["block_size"] = 32
+    changed = ah.batch(jobs, engine="serial", resume=True)
+    assert [r.status for r in changed[:4]] == ["ok", "skipped", "ok", "skipped"]
+    assert changed[0].note == "re-run: parameters changed: rank 4 -> 2"
+    assert changed[2].note == "re-run: parameters changed: block_size 64 -> 32"
+    assert ah.load(out / "a").config.r == 2
+    assert changed[0].output_sha256 == output_digest(ah.reduce(lora, tmp_path / "direct", rank=2).path)
+
+    # a changed input: the jobs reading it run again, the others stay
+    tensors = lora / "adapter_model.safetensors"
+    state = load_file(tensors)
+    save_file({k: v * 2 for k, v in state.items()}, tensors, metadata={"format": "pt"})
+    rerun = ah.batch(jobs, engine="serial", resume=True)
+    assert [r.status for r in rerun[:4]] == ["ok", "skipped", "skipped", "ok"]
+    assert rerun[0].note is not None and f"the input {lora} changed" in rerun[0].note
+    assert rerun[3].note is not None and "changed" in rerun[3].note
+
+
+def test_resume_never_replaces_what_it_did_not_write(tmp_path, llama_lora):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    [record] = ah.batch(
+        [{"op": "reduce", "source": str(llama_lora), "out": str(tmp_path / "mine"), "rank": 2}],
+        engine="serial",
+        resume=True,
+    )
+    assert record.status == "failed" and record.error_code == "OutputExistsError"
+    assert record.note == "the output exists and was not written by adapters: it is not replaced"
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_transient_failures_are_retried_a_bounded_number_of_times(monkeypatch):
+    calls: list[str] = []
+
+    def flaky(source: str, *, fails: int = 0) -> Path:
+        calls.append(source)
+        if calls.count(source) <= fails:
+            raise HubError("the Hub answered 503", status=503)
+        return Path(source)
+
+    def broken(source: str) -> Path:
+        calls.append(source)
+        raise HubError("the Hub answered 404", status=404)
+
+    monkeypatch.setitem(OPS, "flaky", flaky)
+    monkeypatch.setitem(OPS, "broken", broken)
+    records = ah.batch(
+        [
+            {"op": "flaky", "source": "once", "fails": 1},
+            {"op": "flaky", "source": "always", "fails": 99},
+            {"op": "broken", "source": "gone"},
+        ],
+        engine="serial",
+    )
+    assert [(r.status, r.attempts) for r in records] == [("ok", 2), ("failed", 3), ("failed", 1)]
+    assert records[1].error_code == "HubError" and records[1].error_message == "the Hub answered 503"
+    assert calls.count("always") == 3 and calls.count("gone") == 1
+
+
+def test_each_job_runs_with_its_own_thread_count(monkeypatch):
+    seen: list[int] = []
+
+    def probe(source: str) -> None:
+        seen.append(torch.get_num_threads())
+
+    monkeypatch.setitem(OPS, "probe", probe)
+    before = torch.get_num_threads()
+    ah.batch([{"op": "probe", "source": "a"}, {"op": "probe", "source": "b", "threads": 3}], engine="serial")
+    assert seen == [1, 3]
+    assert torch.get_num_threads() == before  # the caller's setting is given back
+
+
+def test_usage_errors_and_a_missing_ray(tmp_path, monkeypatch, llama_lora):
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"op": "inspect", "source": str(llama_lora)}]))
+    result = run_cli("batch", jobs, "--address", "auto")
+    assert result.exit_code == 2 and "--address applies to --engine ray only" in result.output
+    result = run_cli("batch", jobs, "--engine", "ray", "--address", "auto", "--workers", 2)
+    assert result.exit_code == 2 and "--workers sizes the Ray instance started here" in result.output
+    result = run_cli("batch", jobs, "--report", jobs)
+    assert result.exit_code == 2 and "is the JOBS file itself" in result.output
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    result = run_cli("batch", jobs, "--engine", "ray")
+    assert result.exit_code == 2, result.output
+    assert "--engine ray needs Ray" in result.output and "pip install 'adapterhub-cli[ray]'" in result.output
+    assert not (tmp_path / "jobs.report.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    """A local Ray instance of two CPUs (its workers keep the environment it starts with: a private cache)."""
+    ray = pytest.importorskip("ray")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAPTERS_CACHE", str(tmp_path_factory.mktemp("ray_cache")))
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_engine_writes_the_same_outputs_as_the_local_pool(
+    local_ray, local_run, tmp_path, llama_lora, llama_rslora, llama_patterns, llama_base
+):
+    jobs = manifest(llama_lora, llama_rslora, llama_patterns, llama_base, tmp_path / "out")
+    records = ah.batch(jobs, engine="ray", report=tmp_path / "ray.jsonl")
+    assert local_ray.is_initialized()  # the instance the caller started is used, and left running
+    local = read_report(local_run[0] / "jobs.report.jsonl")
+    assert [r.status for r in records] == [r["status"] for r in local] == ["ok"] * 5 + ["failed"]
+    assert [r.output_sha256 for r in records] == [r["output_sha256"] for r in local]
+    assert all(r.output_sha256 for r in records[:4])
+    assert records[5].error_code == "UsageError"
+    assert [r["index"] for r in read_report(tmp_path / "ray.jsonl")] == list(range(6))
+    for name in ("llama_lora-r2", "lora-int8"):  # file by file
+        for f in sorted((tmp_path / "out" / name).iterdir()):
+            assert f.read_bytes() == (local_run[0] / "out" / name / f.name).read_bytes()
+    shutil.rmtree(tmp_path / "out")
