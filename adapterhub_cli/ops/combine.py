@@ -224,14 +224,12 @@ def combine_adapters(
 def _warnings(rows: list[ModuleCombination], zero: list[str], *, rank: int | None, method: str) -> list[str]:
     """What the user should know about a combination: updates that cancel, a ``--rank`` no module reached."""
     out = []
+    why = "(the weighted inputs cancel, or are zero)"
     if rows and len(zero) == len(rows):
-        out.append(
-            "the combined update is zero in every module (the weighted inputs cancel): the output adapter changes "
-            "nothing"
-        )
+        out.append(f"the combined update is zero in every module {why}: the output adapter changes nothing")
     elif zero:
         shown = ", ".join(zero[:5]) + (f" and {len(zero) - 5} more" if len(zero) > 5 else "")
-        out.append(f"{len(zero)} module(s) combine to a zero update (the weighted inputs cancel): {shown}")
+        out.append(f"{len(zero)} module(s) combine to a zero update {why}: {shown}")
     if rank is not None and rows and all(row.rank < rank for row in rows):
         top = max(row.rank for row in rows)
         out.append(
