@@ -375,7 +375,8 @@ def _is_our_plot(path: Path) -> bool:
 
 def check_plot_path(path: str | Path, inputs: dict[Path, str], *, overwrite: bool = False) -> Path:
     """Refuse a ``--plot`` path that is not a ``.png`` name, would touch an input, or exists (unless ``overwrite``,
-    and then only a plot this tool wrote); before anything is read. Returns the absolute path.
+    and then only a plot this tool wrote), and refuse it when matplotlib is missing; before any weight is read.
+    Returns the absolute path.
 
     Raises:
         UsageError, OutputExistsError: as :func:`adapterhub_cli.artifact.files.check_output`.
@@ -386,6 +387,7 @@ def check_plot_path(path: str | Path, inputs: dict[Path, str], *, overwrite: boo
     target = Path(os.path.normpath(Path(path).absolute()))
     if target.suffix.lower() != ".png":
         raise UsageError(f"--plot {path}: the plot is a PNG image", hint="give a file name ending in .png")
+    _pyplot()  # matplotlib missing: say so before any weight is read
     if os.path.lexists(target):
         if not overwrite:
             raise OutputExistsError(path)
