@@ -4,6 +4,7 @@ A LoRA update is ``dW = scale * B @ A`` with ``A`` (r, d_in) and ``B`` (d_out, r
 on the factors and never form the dense (d_out, d_in) matrix unless their name says so (:func:`delta`).
 """
 
+from lora_ops.analysis import BaseAccumulator, BaseAnalysis, analyze_update, random_projection_baseline, top_singular
 from lora_ops.combine import DenseMethod, concat, dense_merge, magnitude_prune_mask, random_prune, rescale
 from lora_ops.errors import LoraOpsError, NonFiniteError, ShapeMismatchError
 from lora_ops.extract import ExtractedLora, extract_lora, extract_lora_like
@@ -25,6 +26,8 @@ from lora_ops.rank import (
 
 __all__ = [
     "SCHEMES",
+    "BaseAccumulator",
+    "BaseAnalysis",
     "CoreSVD",
     "DenseMethod",
     "ExtractedLora",
@@ -34,6 +37,7 @@ __all__ = [
     "Quantized",
     "ReducedLora",
     "ShapeMismatchError",
+    "analyze_update",
     "check_factors",
     "choose_rank",
     "concat",
@@ -57,11 +61,13 @@ __all__ = [
     "merge_lora",
     "norm",
     "quantize",
+    "random_projection_baseline",
     "random_prune",
     "reduce_rank",
     "relative_distance",
     "rescale",
     "singular_values",
     "subspace_overlap",
+    "top_singular",
     "unmerge_delta",
 ]
