@@ -278,6 +278,52 @@ def test_transient_failures_are_retried_a_bounded_number_of_times(monkeypatch):
     assert calls.count("always") == 3 and calls.count("gone") == 1
 
 
+def _dies_on_its_first_attempt(job, *, resume, cwd, attempt):
+    """Stands in for run_job in a pool process: the process dies the first time (as an out-of-memory kill would)."""
+    import os
+
+    from adapterhub_cli.batch import JobRecord
+
+    if attempt == 1:
+        os._exit(9)
+    return JobRecord(job.index, job.entry, job.op, job.inputs, job.output, status="ok", attempts=attempt)
+
+
+def test_a_lost_pool_process_is_replaced_and_its_job_run_again(monkeypatch, tmp_path):
+    from adapterhub_cli.batch import engines
+
+    monkeypatch.setattr(engines, "run_job", _dies_on_its_first_attempt)
+    seen = []
+    [record] = ah.batch(
+        [{"op": "inspect", "source": str(tmp_path)}],
+        engine="local",
+        workers=1,
+        progress=lambda s: seen.append(s.retries),
+    )
+    assert (record.status, record.attempts) == ("ok", 2)
+    assert seen[-1] == 1
+
+
+def test_progress_is_told_every_start_and_finish(monkeypatch):
+    monkeypatch.setitem(OPS, "nothing", lambda source: None)
+    monkeypatch.setitem(OPS, "fails", lambda source: 1 / 0)
+    seen = []
+    records = ah.batch(
+        [{"op": "nothing", "source": "a"}, {"op": "fails", "source": "b"}, {"op": "nothing", "source": "c"}],
+        engine="serial",
+        progress=lambda s: seen.append((s.done, s.ok, s.failed, s.running, s.total)),
+    )
+    assert seen == [
+        (0, 0, 0, 1, 3),
+        (1, 1, 0, 0, 3),
+        (1, 1, 0, 1, 3),
+        (2, 1, 1, 0, 3),
+        (2, 1, 1, 1, 3),
+        (3, 2, 1, 0, 3),
+    ]
+    assert records[1].error_code == "ZeroDivisionError" and records[1].error_message == "division by zero"
+
+
 def test_each_job_runs_with_its_own_thread_count(monkeypatch):
     seen: list[int] = []
 

@@ -58,7 +58,7 @@ NOT_FROM_FILE = ("progress", "api")
 #: Other spellings accepted for an argument: the issue's and the CLI's ``adapter`` for the API's ``source``.
 ALIASES = {"adapter": "source"}
 #: The keyword arguments that name what a job reads, and what it writes, per op (the report's inputs / output).
-INPUT_KEYS = ("source", "sources", "adapters", "a", "b", "base", "merged", "ref")
+INPUT_KEYS = ("source", "sources", "adapters", "a", "b", "base", "tuned", "merged", "ref")
 OUTPUT_KEY = "out"
 #: The largest JOBS file read (a list of 100,000 jobs is far below it).
 MAX_JOBS_BYTES = 64 * 1024 * 1024
