@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,3 +23,47 @@ def run(cmd: list[str], stdout: str | None = None) -> tuple[float, float]:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
     return wall, usage.ru_maxrss / 1024
+
+
+def adapters_cli(checkout: str | Path | None = None) -> list[str]:
+    """The argv prefix running the ``adapters`` CLI in a fresh interpreter: this checkout's, or (``checkout``) the
+    package of another checkout of the repository (a ``git worktree`` of an older commit, to compare before/after in
+    one run: the editable install's import hook is set aside so that checkout's package is the one imported)."""
+    if checkout is None:
+        return [sys.executable, "-c", "from adapterhub_cli.cli.main import main; main()"]
+    code = (
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+        f"sys.path.insert(0, {str(Path(checkout).resolve())!r}); "
+        "from adapterhub_cli.cli.main import main; main()"
+    )
+    return [sys.executable, "-c", code]
+
+
+def summarize(times: dict[str, list[tuple[float, float]]], width: int = 46) -> dict[str, float]:
+    """Print min / median / max wall seconds and peak RSS per command; the medians."""
+    print(f"{'command':{width}} {'runs':>4} {'min s':>7} {'median':>7} {'max s':>7} {'peak MiB':>9}")
+    medians = {}
+    for name, xs in times.items():
+        if not xs:
+            continue
+        walls = [x[0] for x in xs]
+        medians[name] = statistics.median(walls)
+        print(
+            f"{name:{width}} {len(xs):4d} {min(walls):7.2f} {medians[name]:7.2f} {max(walls):7.2f} "
+            f"{max(x[1] for x in xs):9.0f}"
+        )
+    return medians
+
+
+def machine() -> str:
+    """One line on where the numbers were taken: cores, load average, the CPU model."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{os.cpu_count()} cores ({model or 'unknown CPU'}), load average {load} at the start"

@@ -151,6 +151,9 @@ def merge_cmd(
     """
     if each and weights is not None:
         raise click.UsageError("--weights does not apply to --each: each output merges one adapter with weight 1")
+    from adapterhub_cli.merge import warmup
+
+    warmup.start(device)  # torch imports (CUDA starts) while the merge plans and copies what needs no torch
     from adapterhub_cli import api
 
     if each:
@@ -224,6 +227,9 @@ def unmerge_cmd(
     """Subtract ADAPTERS from a merged checkpoint, giving the base back (exact up to the dtype's rounding).
 
     The output keeps the shard layout of --from unless --max-shard-size is given."""
+    from adapterhub_cli.merge import warmup
+
+    warmup.start(device)
     from adapterhub_cli import api
 
     with out.progress("unmerging (bytes)") as update:

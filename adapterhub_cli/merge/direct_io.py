@@ -15,6 +15,7 @@ import fcntl
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,18 +55,26 @@ def _drop_direct(fd: int) -> None:
 
 @dataclass
 class _Chunk:
-    """One page-aligned staging chunk (an anonymous map), as bytes and as a torch tensor, and its write."""
+    """One page-aligned staging chunk (an anonymous map), as bytes and (made on first use: copying raw bytes needs
+    no torch, so a merge can start before torch is imported) as a torch tensor, and its write."""
 
+    buf: mmap.mmap
     view: memoryview
-    tensor: torch.Tensor
     pending: Future[None] | None = None
+    _tensor: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, nbytes: int) -> _Chunk:
-        import torch
-
         buf = mmap.mmap(-1, nbytes)  # anonymous maps are page-aligned
-        return cls(memoryview(buf), torch.frombuffer(buf, dtype=torch.uint8))
+        return cls(buf, memoryview(buf))
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        if self._tensor is None:
+            import torch
+
+            self._tensor = torch.frombuffer(self.buf, dtype=torch.uint8)
+        return self._tensor
 
     def wait(self) -> None:
         pending, self.pending = self.pending, None
@@ -138,9 +147,15 @@ class StagedFile:
             self._advance(n)
         self.size += total
 
-    def copy_range(self, src_fd: int, offset: int, nbytes: int) -> None:
+    def copy_range(
+        self, src_fd: int, offset: int, nbytes: int, check: Callable[[memoryview], None] | None = None
+    ) -> None:
         """Append ``nbytes`` of the file ``src_fd`` from ``offset``: read straight into the staging chunk with
-        O_DIRECT, else copied in the kernel (``copy_file_range``, falling back to read + write)."""
+        O_DIRECT, else copied in the kernel (``copy_file_range``, falling back to read + write).
+
+        ``check`` sees every byte copied, in order, as it passes through memory (the kernel copy is then replaced
+        by read + write), and may raise to stop the copy: one read of the source serves the copy and its check.
+        """
         self.size += nbytes
         if self.direct:
             while nbytes:
@@ -150,8 +165,19 @@ class StagedFile:
                 n = os.preadv(src_fd, [room], offset)
                 if n == 0:
                     raise OSError(errno.EIO, f"the source file ends before byte {offset + nbytes}")
+                if check is not None:
+                    check(room[:n])
                 offset, nbytes = offset + n, nbytes - n
                 self._advance(n)
+            return
+        if check is not None:
+            while nbytes:
+                chunk = os.pread(src_fd, min(nbytes, 16 << 20), offset)
+                if not chunk:
+                    raise OSError(errno.EIO, f"the source file ends before byte {offset + nbytes}")
+                check(memoryview(chunk))
+                write_all(self.fd, chunk)
+                offset, nbytes = offset + len(chunk), nbytes - len(chunk)
             return
         while nbytes:
             try:

@@ -13,8 +13,10 @@ anything is written), :mod:`.compute` does the arithmetic, :mod:`.shards` reads 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -27,14 +29,15 @@ from adapterhub_cli.artifact.card import hub_id, merged_card
 from adapterhub_cli.artifact.checkpoint import CARD_FILE, BaseView
 from adapterhub_cli.artifact.files import atomic_dir
 from adapterhub_cli.artifact.provenance import PROVENANCE_KEY, base_record, merge_provenance
-from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, torch_dtype
-from adapterhub_cli.errors import InvalidAdapterError
+from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, header_length, torch_dtype
+from adapterhub_cli.errors import AdaptersError
 from adapterhub_cli.merge import bnb
 from adapterhub_cli.merge.compute import _Merger, check_device, require_finite
 from adapterhub_cli.merge.plan import MergePlan, TensorPlan, build_plan
 from adapterhub_cli.merge.shards import (
     READ_AHEAD,
     WRITE_BEHIND,
+    FiniteCheck,
     WriteJob,
     _BaseReader,
     _Inputs,
@@ -109,8 +112,9 @@ def run_merge(
     names the base in the record (default its folder); ``base_model`` is its Hub id for the card (default the
     config's ``_name_or_path`` when that is a repo id, never a local path).
     """
-    import torch  # noqa: F401  (imported before the clock starts: torch's start-up (1.5-4 s) is not the merge)
-
+    # torch is not imported here: the plan (headers only), the side files, the card and the untouched tensors
+    # before the first merged one need none, so they run while torch imports on the helper thread the CLI starts
+    # (:func:`.warmup.start`); the first merged tensor waits for it
     started = time.perf_counter()
     check_device(device)
     plan = build_plan(
@@ -137,6 +141,13 @@ def run_merge(
     with atomic_dir(out, overwrite=overwrite) as tmp:
         stem = plan.view.weights_stem  # model, or diffusion_pytorch_model for a diffusers part
         names = plan.shard_files or shard_names(stem, len(plan.shards))
+        prefetch(plan)
+        # side files and card first (no torch needed); a store base's files are at hand once its shards are
+        side_first = plan.view.path.is_dir()
+        if side_first:
+            copy_side_files(plan.view.path, tmp, plan.config_updates, plan.config_drop)
+        config = {**plan.view.config, **plan.config_updates}
+        (tmp / CARD_FILE).write_text(merged_card(config, record, base_model=None if reverse else base_model))
         notes: list[str] = []
         written = _write_shards(
             plan,
@@ -151,9 +162,8 @@ def run_merge(
         )
         if len(plan.shards) > 1:
             write_index(tmp, stem, names, plan.shards, plan.total_bytes)
-        copy_side_files(plan.view.path, tmp, plan.config_updates, plan.config_drop)
-        config = {**plan.view.config, **plan.config_updates}
-        (tmp / CARD_FILE).write_text(merged_card(config, record, base_model=None if reverse else base_model))
+        if not side_first:
+            copy_side_files(plan.view.path, tmp, plan.config_updates, plan.config_drop)
     result = _result(plan, Path(out), written, time.perf_counter() - started, device)
     result.warnings += notes
     return result
@@ -174,77 +184,94 @@ def _write_shards(
     """Produce and write every shard of ``plan`` into ``folder``, each on disk on return; the bytes written.
     ``metadata``: each shard's safetensors metadata (default ``{"format": "pt"}``); ``notes`` gets the warnings
     only the merge's own reads can give (an untrained adapter: :meth:`.compute._Merger.untrained`)."""
-    import torch
-
     reader = _BaseReader(plan.stored)
-    merger = _Merger(adapters, device, reverse=reverse)
     # tensors to merge are read on a helper thread, up to READ_AHEAD ahead of the one being merged, into
     # recycled staging buffers (page-locked for a GPU: asynchronous copies to and from it); a buffer goes back
     # to the pool once written
-    buffers = BufferPool(READ_AHEAD + 1 + WRITE_BEHIND, pin=torch.device(device).type == "cuda")
+    buffers = BufferPool(READ_AHEAD + 1 + WRITE_BEHIND, pin=device.startswith("cuda"))
     to_read = [p for shard in plan.shards for p in shard if not plan.copied(p)]
-    read_ahead = _ReadAhead(to_read, _Inputs(plan, adapters, reader, buffers).fetch)
-    produce = _Producer(plan, reader, read_ahead, merger, buffers, progress)
+    produce = _Producer(plan, adapters, reader, buffers, to_read, device, reverse, progress)
     files = _ShardWriter()
     written = 0
-    # torch runs single-threaded inside each compute thread (small blocked GEMMs lose more to torch's own
-    # thread hand-offs than they gain); the rows of a weight are split between the merger's threads instead
     try:
-        with single_threaded_torch():
-            for name, shard in zip(names, plan.shards, strict=True):
-                written += files.write(folder / name, shard, produce, metadata)
+        for name, shard in zip(names, plan.shards, strict=True):
+            written += files.write(folder / name, shard, produce, metadata)
         files.sync()  # every shard on disk before the folder is moved into place
-        if notes is not None and not reverse:
-            notes += merger.untrained()
+        if notes is not None and not reverse and produce.merger is not None:
+            notes += produce.merger.untrained()
     finally:
         files.close()
         buffers.close()  # a read waiting for a buffer after an error gives up
-        read_ahead.close()
-        merger.close()
+        produce.close()
     return written
 
 
 class _Producer:
     """Turns each planned tensor, in order, into the job that appends its bytes to its shard: a raw copy of the
-    base's bytes, or the tensor read ahead, converted to its output dtype, merged and (if asked) quantized."""
+    base's bytes (checked for NaN / inf on the way, without torch), or the tensor read ahead, converted to its
+    output dtype, merged and (if asked) quantized.
+
+    torch is first needed at the first tensor that is not a raw copy: only then are the merger, the read-ahead
+    thread and torch's single-threaded mode set up (everything before it runs while torch imports).
+    """
 
     def __init__(
         self,
         plan: MergePlan,
+        adapters: list[Adapter],
         reader: _BaseReader,
-        read_ahead: _ReadAhead,
-        merger: _Merger,
         buffers: BufferPool,
+        to_read: list[TensorPlan],
+        device: str,
+        reverse: bool,
         progress: Progress | None,
     ) -> None:
         self.plan = plan
+        self.adapters = adapters
         self.reader = reader
-        self.read_ahead = read_ahead
-        self.merger = merger
         self.buffers = buffers
+        self.to_read = to_read
+        self.device = device
+        self.reverse = reverse
         self.progress = progress
         self.total = plan.total_bytes
         self.done = 0
+        self.merger: _Merger | None = None
+        self.read_ahead: _ReadAhead | None = None
+        self._torch = contextlib.ExitStack()
+
+    def _start_torch(self) -> tuple[_Merger, _ReadAhead]:
+        if self.merger is None or self.read_ahead is None:
+            # torch runs single-threaded inside each compute thread (small blocked GEMMs lose more to torch's own
+            # thread hand-offs than they gain); the rows of a weight are split between the merger's threads instead
+            self.merger = _Merger(self.adapters, self.device, reverse=self.reverse)  # (notes torch's thread count)
+            self._torch.enter_context(single_threaded_torch())
+            fetch = _Inputs(self.plan, self.adapters, self.reader, self.buffers).fetch
+            self.read_ahead = _ReadAhead(self.to_read, fetch)
+        return self.merger, self.read_ahead
+
+    def close(self) -> None:
+        if self.read_ahead is not None:
+            self.read_ahead.close()
+        if self.merger is not None:
+            self.merger.close()
+        self._torch.close()
 
     def __call__(self, p: TensorPlan) -> WriteJob:
         self.done += p.nbytes
         if self.progress:
             self.progress(self.done, self.total)
         if self.plan.copied(p):
-            if p.dtype in COMPUTE_DTYPES and not self.reader.all_finite(p.source):
-                raise InvalidAdapterError(
-                    f"refused to write the merge: the base's tensor {p.name} already holds NaN or inf; "
-                    "nothing was written",
-                    module=p.name,
-                    hint="the base checkpoint is damaged: download or copy it again",
-                )
-            return functools.partial(self.reader.copy_raw, p.source)
-        t, buffer = self.read_ahead.take(p)
+            dtype = self.reader.base.tensors[p.source].dtype
+            check = FiniteCheck(p.name, dtype) if p.dtype in COMPUTE_DTYPES and FiniteCheck.wanted(dtype) else None
+            return functools.partial(self.reader.copy_raw, p.source, check=check)
+        merger, read_ahead = self._start_torch()
+        t, buffer = read_ahead.take(p)
         if p.dtype in COMPUTE_DTYPES:
             t = t.to(torch_dtype(p.dtype))  # as if the base were loaded in the output dtype, then merged
         if p.contributions:
-            t = self.merger.apply(p, t)
-        require_finite(t, p, self.merger.adapters, base_dtype=_dtype_of(self.plan.view, p.source))
+            t = merger.apply(p, t)
+        require_finite(t, p, merger.adapters, base_dtype=_dtype_of(self.plan.view, p.source))
         release = None if buffer is None else functools.partial(self.buffers.release, buffer)
         if self.plan.quantize and p.quantized_entries:
             return self._quantized(p, t, self.plan.quantize, release)
@@ -256,6 +283,29 @@ class _Producer:
         if release is not None:
             release()
         return functools.partial(write_parts, parts, [key for key, _, _ in p.entries])
+
+
+def prefetch(plan: MergePlan, limit: int = 256 << 20) -> None:
+    """Ask the kernel to start reading the base's first ``limit`` bytes of tensors to merge (``POSIX_FADV_WILLNEED``,
+    asynchronous), so a cold base is on its way into the page cache while torch imports; a no-op where the
+    platform has no such advice."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    stored = plan.stored
+    left = limit
+    for p in (p for shard in plan.shards for p in shard if not plan.copied(p)):
+        info = stored.tensors.get(p.source)
+        path = dict.get(stored.shard_of, p.source)  # (a store base's shard is not fetched here)
+        if info is None or path is None or left <= 0:
+            break
+        try:
+            with path.open("rb") as f:
+                start = 8 + header_length(f.read(8), file_size=None, path=path)
+                advise(f.fileno(), start + info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+        except (OSError, AdaptersError):
+            return
+        left -= info.nbytes
 
 
 def _result(plan: MergePlan, out: Path, written: int, seconds: float, device: str) -> MergeResult:

@@ -94,7 +94,7 @@ class MergePlan:
 
     def copied(self, p: TensorPlan) -> bool:
         """Whether ``p``'s stored bytes are copied from the base unchanged (the engine still checks a floating one
-        for NaN / inf first, in small pieces: :meth:`.shards._BaseReader.all_finite`)."""
+        for NaN / inf as it copies them: :class:`.shards.FiniteCheck`)."""
         return (
             not p.touched
             and p.dtype == self.view.tensors[p.source].dtype

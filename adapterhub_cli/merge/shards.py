@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import queue
 import shutil
@@ -25,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.checkpoint import CONFIG_FILE, BaseView, index_file, shard_file, side_files, single_file
 from adapterhub_cli.artifact.files import read_json
-from adapterhub_cli.artifact.safetensors import encode_header, header_length, read_tensor, torch_dtype
-from adapterhub_cli.errors import CorruptFileError
+from adapterhub_cli.artifact.safetensors import encode_header, header_length, read_tensor
+from adapterhub_cli.errors import InvalidAdapterError
 from adapterhub_cli.merge import bnb
 from adapterhub_cli.merge.direct_io import StagedFile
 from adapterhub_cli.merge.plan import MergePlan, TensorPlan
@@ -53,7 +52,6 @@ class _BaseReader:
         self._path: Path | None = None
         self._handle: Any = None
         self._data_start: dict[Path, int] = {}
-        self._scratch: torch.Tensor | None = None
 
     def _start(self, path: Path) -> int:
         if path not in self._data_start:
@@ -72,42 +70,66 @@ class _BaseReader:
             self._path = path
         return read_tensor(self._handle.fileno(), self.base.tensors[key], self._start(path), path=path, into=into)
 
-    def all_finite(self, key: str, chunk_bytes: int = 16 << 20) -> bool:
-        """Whether the stored tensor ``key`` (a 16/32/64-bit float) holds no NaN / inf, read in pieces of at most
-        ``chunk_bytes`` into one reused buffer (so memory stays bounded whatever the tensor's size): a sum per
-        piece in the tensor's own dtype, and an element-wise check only where a sum overflowed."""
-        import torch
-
-        info = self.base.tensors[key]
-        dtype = torch_dtype(info.dtype)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if self._scratch is None or self._scratch.numel() < chunk_bytes:
-            self._scratch = torch.empty(chunk_bytes, dtype=torch.uint8)
-        path = self.base.shard_of[key]
-        start, remaining = self._start(path) + info.start, info.nbytes
-        step = chunk_bytes // itemsize * itemsize
-        with path.open("rb") as src:
-            while remaining:
-                n = min(step, remaining)
-                view = memoryview(self._scratch.numpy().data).cast("B")[:n]
-                got = 0
-                while got < n:
-                    read = os.preadv(src.fileno(), [view[got:]], start + got)
-                    if read == 0:
-                        raise CorruptFileError(f"tensor {key!r}: the file ends early", path=path, module=key)
-                    got += read
-                piece = self._scratch[:n].view(dtype)
-                if not math.isfinite(float(piece.sum())) and not bool(torch.isfinite(piece).all()):
-                    return False
-                start, remaining = start + n, remaining - n
-        return True
-
-    def copy_raw(self, key: str, sink: StagedFile) -> None:
-        """Append the stored bytes of ``key`` to ``sink`` unchanged."""
+    def copy_raw(self, key: str, sink: StagedFile, check: Callable[[memoryview], None] | None = None) -> None:
+        """Append the stored bytes of ``key`` to ``sink`` unchanged (``check`` sees them on the way:
+        :meth:`.direct_io.StagedFile.copy_range`)."""
         path = self.base.shard_of[key]
         info = self.base.tensors[key]
         with path.open("rb") as src:
-            sink.copy_range(src.fileno(), self._start(path) + info.start, info.nbytes)
+            sink.copy_range(src.fileno(), self._start(path) + info.start, info.nbytes, check)
+
+
+#: the exponent bits of each floating dtype (little-endian integers of its width): all set is NaN or inf
+_EXPONENT = {"BF16": ("<u2", 0x7F80), "F16": ("<u2", 0x7C00), "F32": ("<u4", 0x7F800000), "F64": ("<u8", 0x7FF << 52)}
+
+
+class FiniteCheck:
+    """Checks the bytes of one stored floating tensor for NaN / inf as they are copied (:meth:`_BaseReader.copy_raw`),
+    without torch: every value whose exponent bits are all set is NaN or inf (numpy, which releases the GIL, so
+    this runs beside torch's import). Pieces may split a value: the bytes of a split one are carried over.
+
+    Raises (from the call): :class:`InvalidAdapterError` naming the tensor, as the merge's other refusals of a
+    damaged base do.
+    """
+
+    def __init__(self, key: str, dtype: str) -> None:
+        self.key = key
+        self.kind, self.mask = _EXPONENT[dtype]
+        self.width = int(self.kind[-1])
+        self._carry = b""
+
+    def __call__(self, piece: memoryview) -> None:
+        import numpy as np
+
+        data: memoryview | bytes = piece
+        if self._carry:
+            head = self.width - len(self._carry)
+            value = self._carry + bytes(piece[:head])
+            data = piece[head:]
+            if len(value) < self.width:
+                self._carry = value
+                return
+            self._check(np.frombuffer(value, dtype=self.kind))
+        whole = len(data) - len(data) % self.width
+        self._carry = bytes(data[whole:])
+        if whole:
+            self._check(np.frombuffer(data[:whole], dtype=self.kind))
+
+    def _check(self, values: Any) -> None:
+        import numpy as np
+
+        mask = np.array(self.mask, dtype=self.kind)
+        if int(np.bitwise_and(values, mask).max()) == self.mask:
+            raise InvalidAdapterError(
+                f"refused to write the merge: the base's tensor {self.key} already holds NaN or inf; "
+                "nothing was written",
+                module=self.key,
+                hint="the base checkpoint is damaged: download or copy it again",
+            )
+
+    @staticmethod
+    def wanted(dtype: str) -> bool:
+        return dtype in _EXPONENT
 
 
 class _Inputs:

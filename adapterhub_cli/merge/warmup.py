@@ -1,0 +1,42 @@
+"""Start-up hidden behind I/O: ``import torch`` (and, for a CUDA device, its initialisation) on a helper thread.
+
+``import torch`` takes 1-4 s and CUDA's initialisation seconds more, during which a merge can already read headers,
+plan, copy the side files and the untouched tensors before the first merged one (none of that needs torch: see
+:func:`.engine.run_merge`). A command calls :func:`start` first thing; the merge's first ``import torch`` then waits
+only for what is left of the import. This module imports nothing heavy itself.
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+_started: threading.Thread | None = None
+
+
+def start(device: str = "cpu") -> None:
+    """Import torch on a daemon thread (once per process); with ``device`` ``cuda[:N]`` also initialise CUDA there.
+    Errors are left for the merge's own import to raise where it reports them."""
+    global _started
+    if _started is not None:
+        return
+    _started = threading.Thread(target=_warm, args=(device,), name="adapters-import-torch", daemon=True)
+    _started.start()
+
+
+def _warm(device: str) -> None:
+    try:
+        import torch
+
+        if device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.init()
+            index = device.partition(":")[2]
+            if not index or (index.isdigit() and int(index) < torch.cuda.device_count()):
+                torch.empty(
+                    0, device=device
+                )  # the context on that device, created here rather than at the first tensor
+    except BaseException:  # the merge imports torch itself and reports any failure there
+        pass
+
+
+__all__ = ["start"]

@@ -1,0 +1,184 @@
+"""Start-up hidden behind I/O: a merge plans, copies the side files, writes the card and copies the untouched tensors
+before the first merged one without torch (so they run while torch imports on the helper thread the CLI starts);
+the NaN / inf checks ride on reads the merge does anyway (the base's untouched tensors as they are copied, the
+adapter's factors as they are loaded), and still refuse with nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import adapterhub_cli as ah
+from adapterhub_cli.errors import InvalidAdapterError
+from adapterhub_cli.merge.shards import FiniteCheck
+
+
+ORDER_SCRIPT = r"""
+import importlib.abc, json, sys
+events = []
+
+class Spy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and "torch" not in sys.modules:
+            events.append(("torch", sorted(p.name for tmp in out.parent.glob(".*incomplete") for p in tmp.iterdir())))
+        return None
+
+from pathlib import Path
+base, adapter, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+from adapterhub_cli.merge import direct_io
+copy_range = direct_io.StagedFile.copy_range
+def spy_copy(self, fd, offset, nbytes, check=None):
+    events.append(("copy", nbytes, check is not None))
+    return copy_range(self, fd, offset, nbytes, check)
+direct_io.StagedFile.copy_range = spy_copy
+import adapterhub_cli.api as api
+loaded = api.load(adapter)
+view = api.open_base(base)
+assert "torch" not in sys.modules, "reading headers imported torch"
+sys.meta_path.insert(0, Spy())
+from adapterhub_cli.merge.engine import run_merge
+run_merge(view, [loaded], out)
+print(json.dumps(events))
+"""
+
+
+def test_the_merge_needs_no_torch_until_its_first_merged_tensor(llama_base, llama_lora, tmp_path):
+    """In a fresh interpreter: the plan, side files, card and the untouched tensors ahead of the first merged one
+    come before torch is imported (each copy checked for NaN / inf on the way)."""
+    out = tmp_path / "merged"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", ORDER_SCRIPT, str(llama_base), str(llama_lora), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    events = json.loads(done.stdout.strip().splitlines()[-1])
+    kinds = [e[0] for e in events]
+    assert kinds.count("torch") == 1
+    first_torch = kinds.index("torch")
+    before = events[:first_torch]
+    assert before and all(e[0] == "copy" and e[2] for e in before), events[:5]  # embeddings, norms: checked copies
+    ready = set(events[first_torch][1])
+    assert {"config.json", "README.md"} <= ready, ready
+    assert (out / "config.json").exists() and (out / "README.md").exists()
+
+
+def test_importing_the_api_and_planning_import_no_torch(llama_base, llama_lora):
+    script = (
+        "import sys\n"
+        "import adapterhub_cli as ah\n"
+        "from adapterhub_cli.merge.plan import build_plan\n"
+        "from adapterhub_cli.artifact.provenance import merge_provenance, base_record\n"
+        f"view, a = ah.open_base({str(llama_base)!r}), ah.load({str(llama_lora)!r})\n"
+        "plan = build_plan(view, [a], weights=None, dtype='auto', max_shard_size='5GB', reverse=False,"
+        " quantize=None)\n"
+        "merge_provenance('merge', {}, base_record(plan.view, None), [a])\n"
+        "print('torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_warmup_imports_torch_on_a_helper_thread():
+    script = (
+        "import sys, threading\n"
+        "from adapterhub_cli.merge import warmup\n"
+        "warmup.start('cpu'); warmup.start('cpu')\n"
+        "threads = [t for t in threading.enumerate() if t.name == 'adapters-import-torch']\n"
+        "assert len(threads) == 1 and threads[0].daemon\n"
+        "threads[0].join()\n"
+        "print('torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "name"),
+    [(torch.bfloat16, "BF16"), (torch.float16, "F16"), (torch.float32, "F32"), (torch.float64, "F64")],
+)
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("piece", [1, 3, 7, 4096])
+def test_finite_check_agrees_with_torch_in_any_pieces(dtype, name, bad, piece):
+    t = torch.randn(1000, generator=torch.Generator().manual_seed(0)).to(dtype) * 1000
+    if bad is not None:
+        t[517] = bad
+    data = memoryview(t.view(torch.uint8).numpy().tobytes())
+    check = FiniteCheck("w", name)
+
+    def feed() -> None:
+        for i in range(0, len(data), piece):
+            check(data[i : i + piece])
+
+    if bool(torch.isfinite(t).all()):
+        feed()
+    else:
+        with pytest.raises(InvalidAdapterError, match="base's tensor w already holds NaN or inf"):
+            feed()
+
+
+def test_a_nan_in_the_adapter_is_refused_by_the_merges_own_read(llama_base, llama_lora, copy_adapter, tmp_path):
+    """Validation reads headers only; each factor is read once, by the merge, which refuses a NaN, writing nothing."""
+    bad = copy_adapter(llama_lora, "nan")
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    key = sorted(k for k in tensors if "lora_A" in k)[-1]  # the last module: refused late, still nothing written
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(bad / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InvalidAdapterError, match=rf"non-finite: tensor {key} holds NaN or inf"):
+        ah.merge(bad, base=llama_base, out=tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    adapter = ah.load(llama_lora)
+    reads: Counter[str] = Counter()
+    load = adapter.source.load
+
+    def counted(keys):
+        reads.update(keys)
+        return load(keys)
+
+    adapter.source.load = counted  # type: ignore[method-assign]
+    result = ah.merge(adapter, base=llama_base, out=tmp_path / "ok")
+    assert result.modules and set(reads.values()) == {1}
+    assert set(reads) == {t.name for t in adapter.all_tensor_infos()}
+
+
+def test_an_untrained_adapter_still_warns(llama_base, llama_lora, copy_adapter, tmp_path):
+    zero = copy_adapter(llama_lora, "zero")
+    tensors = load_file(str(zero / "adapter_model.safetensors"))
+    save_file(
+        {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()},
+        str(zero / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    result = ah.merge(zero, base=llama_base, out=tmp_path / "out")
+    assert any(w.startswith("untrained: every lora_B is zero") for w in result.warnings), result.warnings
+    assert not any("untrained" in w for w in ah.merge(llama_lora, base=llama_base, out=tmp_path / "o2").warnings)
+
+
+def test_copied_tensor_nan_is_refused_with_buffered_writes_too(llama_base, llama_lora, tmp_path, monkeypatch):
+    """Without O_DIRECT (tmpfs, ADAPTERS_DIRECT_IO=0) the kernel copy gives way to read + check + write."""
+    monkeypatch.setenv("ADAPTERS_DIRECT_IO", "0")
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in Path(llama_base).iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(base / "model.safetensors"))
+    weights["model.norm.weight"][3] = float("nan")
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InvalidAdapterError, match=r"model\.norm\.weight already holds NaN or inf"):
+        ah.merge(llama_lora, base=base, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
