@@ -21,6 +21,7 @@ from adapterhub_cli.artifact.adapter import Adapter, LoraModule
 from adapterhub_cli.artifact.checkpoint import BaseView
 from adapterhub_cli.artifact.safetensors import header_length, torch_dtype
 from adapterhub_cli.errors import CorruptFileError, IncompatibleBaseError, UsageError
+from adapterhub_cli.parallel import map_modules
 
 
 if TYPE_CHECKING:
@@ -264,8 +265,8 @@ def analyze_adapter(
     names = sorted(adapter.modules)
     placed = {name: _base_key(adapter, view, adapter.modules[name]) for name in names}  # check all before reading
     reader = _WeightReader(view)
-    rows_out: list[ModuleAnalysis] = []
-    for i, name in enumerate(names):
+
+    def one(name: str) -> ModuleAnalysis:
         m = adapter.modules[name]
         key, transposed = placed[name]
         f = adapter.factors(name, finite=True)
@@ -279,16 +280,18 @@ def analyze_adapter(
                 acc.add(start, block)
                 parts.append(block)
             w = torch.cat(parts)
+            del parts
             top = top_singular(w.T if transposed else w, base_top, seed=seed)
-            del w, parts
+            del w
         else:
             for start, block in reader.blocks(key, rows, cols):
                 acc.add(start, block)
         magnitude = adapter.tensor(m.magnitude.name) if m.magnitude is not None else None
-        r = acc.finish(magnitude=magnitude, top=top)
-        rows_out.append(_row(name, m, key, r))
-        if progress is not None:
-            progress(i + 1, len(names))
+        return _row(name, m, key, acc.finish(magnitude=magnitude, top=top))
+
+    # modules side by side, torch single-threaded in each: a module's QR and r x r SVD are too small for torch's
+    # threads (on a busy machine its threads made them 30x slower), and its W @ Q_a blocks use a core each
+    rows_out = map_modules(one, names, progress=progress)
     return _report(adapter, base_label or view.name_or_path, rows_out, base_top, seed)
 
 
