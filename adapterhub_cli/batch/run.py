@@ -19,8 +19,9 @@ from adapterhub_cli.batch.report import JobRecord, output_digest
 from adapterhub_cli.errors import AdaptersError, IncompatibleBaseError, StoreError, scrub
 
 
-#: Environment variables that size thread pools inside a job (torch's own is set with ``torch.set_num_threads``).
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ADAPTERS_MERGE_THREADS")
+#: Environment variables that size thread pools inside a job (torch's own is set with ``torch.set_num_threads``):
+#: OpenMP's and MKL's (for libraries that read them late), merge's, and ``ADAPTERS_THREADS`` for module-parallel maps.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ADAPTERS_MERGE_THREADS", "ADAPTERS_THREADS")
 
 
 def is_transient(error: BaseException) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,8 @@ if TYPE_CHECKING:
     from adapterhub_cli.batch import BatchStatus, JobRecord
 
 
-def _status_table(status: BatchStatus) -> Any:
+def _status_table(status: BatchStatus, elapsed: float) -> Any:
+    """One row: done / running / queued / failed / skipped / retries, jobs per second and the time so far."""
     t = out.table(None, "done", "running", "queued", "failed", "skipped", "retries", "jobs/s", "elapsed")
     queued = max(0, status.total - status.done - status.running)
     t.add_row(
@@ -28,8 +30,8 @@ def _status_table(status: BatchStatus) -> Any:
         str(status.failed),
         str(status.skipped),
         str(status.retries),
-        f"{status.throughput:.2f}",
-        f"{status.elapsed:.0f} s",
+        f"{status.done / elapsed if elapsed > 0 else 0.0:.2f}",
+        f"{elapsed:.0f} s",
     )
     return t
 
@@ -44,10 +46,16 @@ def _live_progress() -> Iterator[Callable[[BatchStatus], None] | None]:
         return
     from rich.live import Live
 
-    with Live(console=out.err_console, transient=True, refresh_per_second=4) as live:
+    latest: list[BatchStatus] = []
+    started = time.perf_counter()
+
+    def render() -> Any:
+        return _status_table(latest[-1], time.perf_counter() - started) if latest else ""
+
+    with Live(console=out.err_console, transient=True, refresh_per_second=2, get_renderable=render):
 
         def update(status: BatchStatus) -> None:
-            live.update(_status_table(status))
+            latest[:] = [status]
 
         yield update
 
