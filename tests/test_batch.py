@@ -237,6 +237,29 @@ def test_resume_skips_up_to_date_outputs_and_reruns_changed_ones(
     assert rerun[3].note is not None and "changed" in rerun[3].note
 
 
+def test_a_killed_batch_resumes_cleanly(tmp_path, llama_lora, llama_rslora):
+    """A job killed mid-write leaves only its temporary folder (outputs appear whole or not at all): --resume
+    skips the finished jobs, runs the killed one, and the leftover is swept."""
+    import subprocess
+
+    out = tmp_path / "out"
+    jobs = [
+        {"op": "reduce", "source": str(llama_lora), "out": f"{out}/a", "rank": 2},
+        {"op": "reduce", "source": str(llama_rslora), "out": f"{out}/b", "rank": 2},
+    ]
+    first = ah.batch(jobs, engine="serial")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process id that is no longer running: the killed writer's
+    shutil.rmtree(out / "b")
+    leftover = out / f".b.{dead.pid}.0123abcd.incomplete"
+    leftover.mkdir()
+    (leftover / "adapter_model.safetensors").write_bytes(b"half a file")
+    resumed = ah.batch(jobs, engine="serial", resume=True)
+    assert [r.status for r in resumed] == ["skipped", "ok"]
+    assert [r.output_sha256 for r in resumed] == [r.output_sha256 for r in first]
+    assert not leftover.exists()
+
+
 def test_resume_never_replaces_what_it_did_not_write(tmp_path, llama_lora):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
