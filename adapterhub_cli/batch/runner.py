@@ -1,4 +1,7 @@
-"""``batch``: check a JOBS file, run its jobs on an engine, record each outcome."""
+"""``batch``: check a JOBS file, run its jobs on an engine, record each outcome.
+
+The engines (and with them multiprocessing) are imported when a batch runs, not with the package: every `adapters`
+command imports this module."""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from adapterhub_cli.batch.engines import cores, import_ray, run_local, run_ray, run_serial
 from adapterhub_cli.batch.jobs import Job, load_jobs
 from adapterhub_cli.batch.report import BatchStatus, JobRecord, ReportWriter
 from adapterhub_cli.errors import UsageError
@@ -115,6 +117,8 @@ def batch(
         )
     if workers is not None and engine == "serial":
         raise UsageError("--workers does not apply to the serial engine (one job at a time)")
+    from adapterhub_cli.batch.engines import cores, import_ray, run_local, run_ray, run_serial  # multiprocessing
+
     checked = load_jobs(jobs)
     if report is not None and isinstance(jobs, str | Path) and Path(report).absolute() == Path(jobs).absolute():
         raise UsageError(f"--report {report} is the JOBS file itself", hint="give another report path")
