@@ -20,10 +20,11 @@ def default_workers(env_var: str | None = None) -> int:
     """How many threads a parallel step uses: every core, at most :data:`MAX_WORKERS`.
 
     A positive integer in the environment variable ``env_var`` (e.g. ``ADAPTERS_MERGE_THREADS``), when given and
-    set, overrides it, above the cap too.
+    set, overrides it, above the cap too; else one in ``ADAPTERS_THREADS`` (what ``adapters batch`` sets for each
+    job, so a pool of N processes runs N x threads, not N x cores).
     """
-    if env_var:
-        raw = os.environ.get(env_var, "")
+    for name in (env_var, "ADAPTERS_THREADS"):
+        raw = os.environ.get(name, "") if name else ""
         if raw.isdigit() and int(raw) > 0:
             return int(raw)
     return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
