@@ -435,7 +435,7 @@ class KohyaFormat:
                 "kohya LoRA file: its module names cannot be read back without the base model (underscores in "
                 "kohya names stand for dots and for themselves)",
                 path=path,
-                hint=f"pass the base: `--base BASE` / `ah.load(path, base=BASE)`, or set {BASE_ENV}=BASE (a "
+                hint=f"pass --base BASE, or set {BASE_ENV}=BASE (a "
                 "diffusers pipeline folder, a component folder, or a single-file checkpoint)",
             )
         out: list[KohyaModule] = []
