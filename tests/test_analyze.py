@@ -381,15 +381,17 @@ def test_cli_tables_keep_names_and_numbers_whole(
     llama_base: Path, llama_all_linear: Path, width: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COLUMNS", str(width))
-    res = CliRunner().invoke(build_cli(), ["analyze", str(llama_all_linear), "--base", str(llama_base)])
+    args = ["analyze", str(llama_all_linear), "--base", str(llama_base), "--base-top", "2"]
+    res = CliRunner().invoke(build_cli(), args)
     assert res.exit_code == 0, res.output
     assert max(len(line) for line in res.output.splitlines()) <= width
-    report = ah.analyze(llama_all_linear, base=llama_base)
+    report = ah.analyze(llama_all_linear, base=llama_base, base_top=2)
     for m in report.modules:
         # the name whole (or its tail, after a common prefix written once above the table) and its numbers whole
         assert m.module.split("layers.", 1)[1] in res.output
         assert format(m.amplification, ".3g") in res.output
         assert format(m.rel_fro, ".3g") in res.output
+        assert m.base_top is not None and format(m.base_top["overlap_out"], ".3g") in res.output
     assert "by module family" in res.output and "by layer" in res.output
 
 
@@ -450,3 +452,19 @@ def test_base_that_does_not_fit_is_a_clear_error(llama_base: Path, llama_lora_wi
         ah.analyze(llama_lora_wide, base=llama_base)
     res = CliRunner().invoke(build_cli(), ["analyze", str(llama_lora_wide), "--base", str(llama_base)])
     assert res.exit_code != 0 and "adapters validate" in res.output
+
+
+def test_store_base_read_by_range_gives_the_same_report(llama_base: Path, llama_lora: Path, tmp_path: Path) -> None:
+    """A base in a file:// registry: each weight read by one range read (no shard fetched), same numbers."""
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    ref = f"file://{registry}/acme/llama"
+    ah.push(llama_base, ref, version="1.0.0", force=True)
+    view = ah.open_base(ref + "@1.0.0")
+    assert view.read_raw is not None
+    got = ah.analyze(llama_lora, base=ref + "@1.0.0")
+    want = ah.analyze(llama_lora, base=llama_base)
+    assert got.base == ref + "@1.0.0"
+    assert [(m.module, m.rel_fro, m.proj_fro, m.dM, m.dD) for m in got.modules] == [
+        (m.module, m.rel_fro, m.proj_fro, m.dM, m.dD) for m in want.modules
+    ]

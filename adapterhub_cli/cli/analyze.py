@@ -30,9 +30,7 @@ def _num(x: float | None, fmt: str = ".3g") -> str:
     help="Also the overlap of each update's singular subspaces with W's top-K ones (output and input side, with "
     "their random baselines), from a seeded randomized SVD of W (exact for small weights).",
 )
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD of --base-top.", hidden=False
-)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD of --base-top.")
 @click.option(
     "--plot",
     default=None,
@@ -96,8 +94,6 @@ def analyze_cmd(
     for note in report.notes:
         out.print(note)
     columns = ["module", "rel", "cos_W", "amplif.", "align/rand", "dM", "dD"]
-    if base_top is not None:
-        columns += [f"top{base_top} out", f"top{base_top} in"]
     t = out.table("modules (rel = ||dW||/||W||, amplif. = ||dW||/||UᵀWV||)", *columns)
     for m in report.modules:
         cells = [
@@ -109,13 +105,31 @@ def analyze_cmd(
             _num(m.dM),
             _num(m.dD),
         ]
-        if base_top is not None:
-            top = m.base_top or {}
-            cells += [_num(top.get("overlap_out")), _num(top.get("overlap_in"))]
         if m.reason == "zero_update":
             cells[3] = "zero update"
         t.add_row(*cells)
     out.print(t)
+    if base_top is not None:
+        b = out.table(
+            f"overlap with W's top-{base_top} singular subspaces (random: what random directions would give)",
+            "module",
+            "out",
+            "random out",
+            "in",
+            "random in",
+            "σ1(dW)/σ1(W)",
+        )
+        for m in report.modules:
+            top = m.base_top or {}
+            b.add_row(
+                m.module,
+                _num(top.get("overlap_out")),
+                _num(top.get("random_out")),
+                _num(top.get("overlap_in")),
+                _num(top.get("random_in")),
+                _num(top.get("spec_rel")),
+            )
+        out.print(b)
     for title, groups, key in (
         ("by module family", report.families, "family"),
         ("by layer", report.layers, "layer"),
