@@ -114,11 +114,20 @@ def _rule_rank(
     return choose_rank(s, rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank)
 
 
+def _svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``x`` (m, n): U (m, r), S (r,), Vᵀ (r, n). A wide matrix is decomposed as its contiguous
+    transpose: LAPACK (column-major) is several times slower on a wide row-major matrix."""
+    if x.shape[0] >= x.shape[1]:
+        return torch.linalg.svd(x, full_matrices=False)
+    u, s, vh = torch.linalg.svd(x.T.contiguous(), full_matrices=False)
+    return vh.T, s, u.T
+
+
 def _exact(
     delta: torch.Tensor, total: float, rules: dict[str, float | int | None]
 ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Dense SVD of ``delta`` in float64: k, U (m, r), S (r,) on the CPU, Vᵀ (r, n), and the optimal rel. error."""
-    u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    u, s, vh = _svd(delta.to(torch.float64))
     s = s.cpu()
     k = choose_rank(s, **rules)  # type: ignore[arg-type]
     err = float(s[k:].square().sum().sqrt()) / math.sqrt(total)
@@ -126,6 +135,7 @@ def _exact(
 
 
 def _orth(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns (Householder QR) spanning tall ``x`` (m, l)."""
     return torch.linalg.qr(x, mode="reduced").Q
 
 
@@ -142,11 +152,11 @@ def _randomized(
     for i in range(power_iters):
         z = _orth(delta.T @ q)
         y = delta @ z
-        if i == power_iters - 1:  # ||y||'s spectrum = the spectrum of dW projected on span(z)
+        if i == power_iters - 1:  # y's spectrum: dW's, projected on span(z)
             before = torch.linalg.svdvals(y.to(torch.float64)).cpu()
         q = _orth(y)
     small = (q.T @ delta).to(torch.float64)
-    ub, s, vh = torch.linalg.svd(small, full_matrices=False)
+    ub, s, vh = _svd(small)
     return q, ub, s, vh, before
 
 
