@@ -161,6 +161,25 @@ def test_dequantize_any_output_loads_in_peft_and_equals_the_hand_dequantized_ada
     torch.testing.assert_close(logits(theirs), logits(reference), rtol=0, atol=0)
 
 
+def test_block_size_with_a_cast_is_a_usage_error(llama_lora, tmp_path):
+    """A cast has no blocks: --block-size there would be silently ignored, so it is refused (exit 2)."""
+    runner, cli = CliRunner(), build_cli()
+    for scheme in ("bf16", "fp16"):
+        res = runner.invoke(
+            cli, ["quantize", str(llama_lora), "--to", scheme, "--block-size", "32", "-o", str(tmp_path / scheme)]
+        )
+        assert res.exit_code == 2 and "--block-size" in res.output, res.output
+        assert not (tmp_path / scheme).exists()
+    res = runner.invoke(cli, ["quantize", str(llama_lora), "--to", "bf16", "-o", str(tmp_path / "cast")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(
+        cli, ["quantize", str(llama_lora), "--to", "int8", "--block-size", "32", "-o", str(tmp_path / "q")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "int8 (blocks of 32)" in runner.invoke(cli, ["inspect", str(tmp_path / "q")]).output
+    assert "[default: 64]" in runner.invoke(cli, ["quantize", "--help"]).output
+
+
 def test_dequantize_cli_dtype_and_refusals(llama_lora, tmp_path):
     runner, cli = CliRunner(), build_cli()
     q = ah.quantize(llama_lora, tmp_path / "q", scheme="fp16").path
