@@ -230,3 +230,72 @@ def test_cli(llama_base, llama_base_wide, merged_llama, tmp_path):
     res = run(cli, ["extract", "--base", str(llama_base), "--tuned", str(merged_llama), "-o", str(tmp_path / "t"),
                     "--sv-ratio", "1e6"])  # fmt: skip
     assert res.exit_code == 0 and "relative error" in res.output and "optimum" in res.output
+
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_in = torch.nn.Conv2d(4, 16, 3, padding=1)
+        self.proj = torch.nn.Conv2d(16, 16, 1)
+        self.head = torch.nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.proj(self.conv_in(x)).mean(dim=(2, 3)))
+
+
+def test_conv2d_end_to_end(tmp_path):
+    from fixtures_models import randomize_adapter_weights
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = _ConvNet()
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(base / "model.safetensors"))
+    (base / "config.json").write_text(json.dumps({"architectures": ["ConvNet"]}))
+    lora = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["conv_in", "proj", "head"]))
+    randomize_adapter_weights(lora, seed=1, scale=0.1)
+    lora.save_pretrained(str(tmp_path / "lora"))
+    merged = ah.merge(tmp_path / "lora", base=base, out=tmp_path / "merged").path
+    result = ah.extract(base, merged, out=tmp_path / "x", rank=4)
+    assert {m.name: m.kind for m in result.modules} == {"conv_in": "conv", "proj": "conv", "head": "linear"}
+
+    def deltas(adapter: Path) -> dict[str, torch.Tensor]:
+        fresh = _ConvNet()
+        fresh.load_state_dict(read_checkpoint(base))
+        model = PeftModel.from_pretrained(fresh, str(adapter))
+        with torch.no_grad():
+            layers = {n: model.base_model.model.get_submodule(n) for n in ("conv_in", "proj")}
+            return {n: layer.get_delta_weight("default") for n, layer in layers.items()}
+
+    want, got = deltas(tmp_path / "lora"), deltas(result.path)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=2e-7)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    fresh, merged_net = _ConvNet(), _ConvNet()
+    fresh.load_state_dict(read_checkpoint(base))
+    merged_net.load_state_dict(read_checkpoint(merged))
+    with torch.no_grad():
+        ours = PeftModel.from_pretrained(fresh, str(result.path))(x)
+        torch.testing.assert_close(ours, merged_net(x), rtol=0, atol=1e-5)
+
+
+def test_a_merged_lora_comes_back_from_a_bf16_base(llama_base, llama_lora, tmp_path):
+    from safetensors.torch import save_file
+
+    typed = tmp_path / "bf16"
+    typed.mkdir()
+    tensors = read_checkpoint(llama_base)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(typed / "model.safetensors"))
+    (typed / "config.json").write_text((llama_base / "config.json").read_text())
+    merged = ah.merge(llama_lora, base=typed, out=tmp_path / "merged").path
+    result = ah.extract(typed, merged, out=tmp_path / "x", rank=8)
+    want, got = _peft_deltas(llama_base, llama_lora), _peft_deltas(llama_base, result.path)
+    merged_w = read_checkpoint(merged)
+    for name, delta in want.items():
+        # tuned = bf16(W + dW) = W + dW + E with |E| <= 2^-9 |W + dW| per entry; dW has rank 8, so the rank-8
+        # truncation of dW + E is within 2 ||E||_F of dW
+        bound = 2 * 2**-9 * float(merged_w[name + ".weight"].double().norm())
+        assert float((got[name] - delta).norm()) <= bound, name
+        assert float((got[name] - delta).norm()) < 0.05 * float(delta.norm())

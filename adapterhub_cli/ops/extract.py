@@ -242,8 +242,8 @@ def extract_adapter(
     wanted = _targets_matcher(targets)
     conv1d = str(tuned.config.get("model_type") or base.config.get("model_type")) in CONV1D_MODEL_TYPES
     rules = {"rank": rank, "energy": energy, "sv_ratio": sv_ratio, "sv_fro": sv_fro, "max_rank": max_rank}
-    # tuned's files in order: each shard of --tuned read once, front to back
-    names = sorted(tuned.tensors, key=lambda k: (str(tuned.shard_of[k]), tuned.tensors[k].start))
+    # in --tuned's table order: shard by shard (a store's shards are fetched one at a time, as they are reached)
+    names = list(tuned.tensors)
     readers = _Reader(base), _Reader(tuned)
     digests: tuple[dict[str, str], dict[str, str]] = ({}, {})
     hashing: list[Future[None]] = []
