@@ -196,3 +196,14 @@ def test_cli_each_refuses_weights_and_existing_outputs(bf16_base, llama_lora, ll
     assert runner.invoke(build_cli(), [*args, "--overwrite"]).exit_code == 0
     assert tensor_hashes(tmp_path / "o" / Path(llama_lora).name) == first
     shutil.rmtree(tmp_path / "o")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_each_on_cuda_equals_merging_each_adapter_alone_on_cuda(bf16_base, llama_lora, llama_dora, tmp_path):
+    adapters = [llama_lora, llama_dora]
+    results = ah.merge_each(adapters, base=bf16_base, out_dir=tmp_path / "each", device="cuda")
+    for adapter, r in zip(adapters, results, strict=True):
+        assert r.ok, r.error
+        alone = ah.merge(adapter, base=bf16_base, out=tmp_path / f"alone-{r.name}", device="cuda")
+        assert tensor_hashes(r.path) == tensor_hashes(alone.path)

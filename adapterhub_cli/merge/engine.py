@@ -72,7 +72,9 @@ class MergeResult:
     modules: int
     shards: int
     bytes_written: int
-    seconds: float  # the merge itself, from validation to the folder in place (not Python or torch start-up)
+    #: the merge itself, from validation to the folder in place (not Python's start-up; it runs while torch imports
+    #: on the CLI's helper thread, and includes what is left of that import when the first merged tensor needs it)
+    seconds: float
     peak_rss_mib: float
     device: str
     untied: list[str] = field(default_factory=list)
