@@ -134,6 +134,22 @@ def _exact(
     return k, u, s, vh, err
 
 
+#: rows per block of the float64 sums over a (d_out, d_in) matrix (bounded temporaries)
+ROWS = 256
+
+
+def _sq_norm(x: torch.Tensor, minus: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
+    """``||x||_F²`` (or ``||x - Q C||_F²`` with ``minus = (Q, C)``: Q (m, l), C (l, n)), summed in float64 over
+    blocks of :data:`ROWS` rows, so no temporary larger than a block is made."""
+    total = 0.0
+    for i in range(0, x.shape[0], ROWS):
+        block = x[i : i + ROWS]
+        if minus is not None:
+            block = block - minus[0][i : i + ROWS] @ minus[1]
+        total += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
+    return total
+
+
 def _orth(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal columns (Householder QR) spanning tall ``x`` (m, l)."""
     return torch.linalg.qr(x, mode="reduced").Q
@@ -155,8 +171,7 @@ def _randomized(
         if i == power_iters - 1:  # y's spectrum: dW's, projected on span(z)
             before = torch.linalg.svdvals(y.to(torch.float64)).cpu()
         q = _orth(y)
-    small = (q.T @ delta).to(torch.float64)
-    ub, s, vh = _svd(small)
+    ub, s, vh = _svd((q.T @ delta).to(torch.float64))
     return q, ub, s, vh, before
 
 
@@ -216,7 +231,7 @@ def extract_lora(
     choose_rank(torch.ones(1, dtype=torch.float64), **rules)  # type: ignore[arg-type]  # the rule itself is valid
     work = delta.detach()
     work = work if work.dtype in (torch.float32, torch.float64) else work.to(torch.float32)
-    total = float(torch.linalg.vector_norm(work, dtype=torch.float64).square())
+    total = _sq_norm(work)
     if not math.isfinite(total):
         raise NonFiniteError("the weight difference holds NaN or inf")
     if total == 0.0:
@@ -252,9 +267,7 @@ def extract_lora(
     captured = float(s_cpu.square().sum())
     missed = total - captured
     if missed < 1e-4 * total:  # the difference would lose its digits: measure what the sketch misses directly
-        residual = work - q @ (q.T @ work)
-        missed = float(torch.linalg.vector_norm(residual, dtype=torch.float64).square())
-        del residual
+        missed = _sq_norm(work, (q, q.T @ work))
     err2 = max(missed, 0.0) + float(s_cpu[k:].square().sum())
     gain = 0.0
     if before is not None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from adapterhub_cli.artifact.checkpoint import BaseView
 from adapterhub_cli.artifact.patterns import PatternError, compile_pattern
 from adapterhub_cli.artifact.provenance import Provenance, base_record, tool_version
-from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, header_length, read_tensor
-from adapterhub_cli.errors import IncompatibleBaseError, InvalidAdapterError, UsageError
+from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, header_length, read_tensor, torch_dtype
+from adapterhub_cli.errors import CorruptFileError, IncompatibleBaseError, InvalidAdapterError, UsageError
 from adapterhub_cli.formats.peft import PEFT_PREFIX, peft_key, rank_layout, write_peft
 from adapterhub_cli.ops.reduce import check_options
 
@@ -41,6 +43,8 @@ EMBEDDING_LEAVES = frozenset(
 )
 #: leaf names of output heads tied to (or shaped like) the vocabulary
 HEAD_LEAVES = frozenset({"lm_head", "embed_out"})
+#: bytes per piece when tensors are compared or measured without loading them whole
+CHUNK = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -104,21 +108,65 @@ class _Reader:
         self._file: Any = None
         self._start: dict[Path, int] = {}
 
-    def read(self, key: str) -> torch.Tensor:
+    def _open(self, key: str) -> tuple[int, int, Path]:
+        """The open file descriptor of ``key``'s shard, where its data starts, and its path."""
         path = self.view.shard_of[key]
         if path != self._path:
             self.close()
             self._file = path.open("rb")
             self._path = path
         if path not in self._start:
-            self._start[path] = 8 + header_length(self._file.read(8), file_size=None, path=path)
-        return read_tensor(self._file.fileno(), self.view.tensors[key], self._start[path], path=path)
+            self._start[path] = 8 + header_length(os.pread(self._file.fileno(), 8, 0), file_size=None, path=path)
+        return self._file.fileno(), self._start[path], path
+
+    def read(self, key: str) -> torch.Tensor:
+        fd, start, path = self._open(key)
+        return read_tensor(fd, self.view.tensors[key], start, path=path)
+
+    def chunks(self, key: str) -> Iterator[bytes]:
+        """The stored bytes of ``key`` in pieces of at most :data:`CHUNK` bytes."""
+        info = self.view.tensors[key]
+        offset, remaining = info.start, info.nbytes
+        while remaining:
+            fd, start, path = self._open(key)
+            data = os.pread(fd, min(CHUNK, remaining), start + offset)
+            if not data:
+                raise CorruptFileError(f"tensor {key!r}: the file ends early", path=path, module=key)
+            offset, remaining = offset + len(data), remaining - len(data)
+            yield data
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
             self._path = None
+
+
+def _same_bytes(readers: tuple[_Reader, _Reader], key: str, digests: tuple[dict[str, str], dict[str, str]]) -> bool:
+    """Whether ``key`` holds the same bytes in both checkpoints, read piece by piece (never a whole tensor); when it
+    does, the sha256 of its bytes goes into ``digests`` for both."""
+    hashes = hashlib.sha256(), hashlib.sha256()
+    for a, b in zip(readers[0].chunks(key), readers[1].chunks(key), strict=True):
+        if a != b:
+            return False
+        hashes[0].update(a)
+        hashes[1].update(b)
+    digests[0][key], digests[1][key] = hashes[0].hexdigest(), hashes[1].hexdigest()
+    return True
+
+
+def _chunk_norms(readers: tuple[_Reader, _Reader], key: str, dtype: str) -> tuple[float, float]:
+    """``(||W_base||_F, ||W_tuned - W_base||_F)`` of ``key`` (the same float dtype on both sides), piece by piece."""
+    import torch
+
+    t = torch_dtype(dtype)
+    base_sq = delta_sq = 0.0
+    for a, b in zip(readers[0].chunks(key), readers[1].chunks(key), strict=True):
+        wa = torch.frombuffer(bytearray(a), dtype=t).float()
+        wb = torch.frombuffer(bytearray(b), dtype=t).float()
+        base_sq += float(torch.linalg.vector_norm(wa, dtype=torch.float64)) ** 2
+        delta_sq += float(torch.linalg.vector_norm(wb - wa, dtype=torch.float64)) ** 2
+    return math.sqrt(base_sq), math.sqrt(delta_sq)
 
 
 def _leaf(module: str) -> str:
@@ -285,22 +333,36 @@ def extract_adapter(
                 raise IncompatibleBaseError(
                     f"tensor {name!r} is {list(bi.shape)} in --base but {list(shape)} in --tuned", hint=hint
                 )
-            b_t, t_t = readers[0].read(name), readers[1].read(name)
-            _done(hashing)  # at most one pair is being hashed while the next is read
-            hashing.append(pool.submit(digest_pair, name, b_t, t_t))
             if progress is not None:
                 progress(i + 1, len(names))
-            if bi.dtype == ti.dtype and torch.equal(b_t, t_t):
+            if bi.dtype == ti.dtype and _same_bytes(readers, name, digests):
                 unchanged += 1
                 continue
             floating = bi.dtype in COMPUTE_DTYPES and ti.dtype in COMPUTE_DTYPES
+            module = name[: -len(".weight")] if name.endswith(".weight") else name
+            if kind in ("embedding", "head") and embeddings == "skip" and floating and bi.dtype == ti.dtype:
+                # left out: measured piece by piece, never loaded whole
+                base_norm, delta_norm = _chunk_norms(readers, name, ti.dtype)
+                rel_change = delta_norm / base_norm if base_norm else float("inf")
+                what = "an input embedding" if kind == "embedding" else "a vocabulary head"
+                changed.append(ChangedTensor(name, shape, rel_change, "skipped", f"{what} (--embeddings skip)"))
+                warnings.append(
+                    f"{module} changed ({what}, ||dW||/||W|| = {rel_change:.3g}) and is left out "
+                    "(--embeddings skip); --embeddings lora or save keeps it"
+                )
+                continue
+            b_t, t_t = readers[0].read(name), readers[1].read(name)
+            _done(hashing)  # at most one pair is being hashed while the next is read
+            hashing.append(pool.submit(digest_pair, name, b_t, t_t))
             if not floating:
                 why = f"not a float tensor ({ti.dtype})"
                 changed.append(ChangedTensor(name, shape, float("nan"), "reported", why))
                 continue
-            module = name[: -len(".weight")] if name.endswith(".weight") else name
+            delta = t_t.to(device=device, dtype=torch.float32, copy=True)  # t_t is being hashed: never in place
             b32 = b_t.to(device=device, dtype=torch.float32)
-            delta = t_t.to(device=device, dtype=torch.float32) - b32
+            base_norm = float(torch.linalg.vector_norm(b32))
+            delta.sub_(b32)
+            del b32
             if not bool(torch.isfinite(delta).all()):
                 raise InvalidAdapterError(
                     f"tensor {name!r} holds NaN or inf (in --base or --tuned)",
@@ -308,10 +370,8 @@ def extract_adapter(
                     module=name,
                     hint="the checkpoint is damaged, or the fine-tune diverged",
                 )
-            base_norm = float(torch.linalg.vector_norm(b32, dtype=torch.float64))
-            delta_norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+            delta_norm = float(torch.linalg.vector_norm(delta))
             rel_change = delta_norm / base_norm if base_norm else float("inf")
-            del b32
             if kind in ("embedding", "head") and embeddings != "lora":
                 what = "an input embedding" if kind == "embedding" else "a vocabulary head"
                 if embeddings == "save":
