@@ -600,6 +600,11 @@ def merge_each(
     """
     if not adapters:
         raise UsageError("merge --each needs at least one adapter")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UsageError(
+            f"output {out_dir} is a file: merge --each writes one folder per adapter inside a folder",
+            hint="give a folder (made if missing) with -o",
+        )
     view = base if isinstance(base, BaseView) else open_base(base, token=token)
     names = each_names(adapters)
     loaded: list[Adapter | None] = []

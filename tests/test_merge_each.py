@@ -156,6 +156,9 @@ def test_names_are_unique_plain_folder_names(tmp_path, llama_lora):
         "style",
         f"{Path(llama_lora).name}-3",
     ]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="is a file"):
+        ah.merge_each([llama_lora], base=llama_lora, out_dir=tmp_path / "file")
     hidden = tmp_path / ".hidden"
     with pytest.raises(UsageError, match="not a plain folder name"):
         each_names([hidden])
