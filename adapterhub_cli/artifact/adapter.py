@@ -59,6 +59,17 @@ class LoraModule:
         )
 
 
+def stored_transposed(kind: str, flag: bool, stored: tuple[int, ...], update: tuple[int, int]) -> bool:
+    """THE rule for whether a base stores the transpose of a module's (d_out, d_in) update: always for embeddings;
+    from the shapes when they tell (PEFT corrects a wrong ``fan_in_fan_out`` for Conv1D / Linear the same way, and
+    GPT-2's Conv1D stores (d_in, d_out)); else the config's ``fan_in_fan_out`` flag. Used by merge and analyze."""
+    if kind == "embedding":
+        return True
+    if update[0] != update[1]:
+        return tuple(stored) == (update[1], update[0])
+    return flag
+
+
 class TensorSource:
     """Loads tensors by their stored key: from a checked safetensors file, or from an in-memory state dict."""
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from adapterhub_cli.artifact.adapter import Adapter, LoraModule
+from adapterhub_cli.artifact.adapter import Adapter, LoraModule, stored_transposed
 from adapterhub_cli.errors import InvalidAdapterError, UsageError
 from adapterhub_cli.merge.plan import TOKENS_SUFFIX, Contribution, TensorPlan, token_indices
 from adapterhub_cli.parallel import default_workers
@@ -50,13 +50,8 @@ def check_device(device: str) -> str:
 
 
 def fan_in_fan_out(kind: str, flag: bool, stored: tuple[int, ...], update: tuple[int, int]) -> bool:
-    """Whether the stored weight is the transpose of the (d_out, d_in) update: always for embeddings; from the
-    shapes when they tell (PEFT corrects a wrong flag for Conv1D / Linear the same way); else the config flag."""
-    if kind == "embedding":
-        return True
-    if update[0] != update[1]:
-        return stored == (update[1], update[0])
-    return flag
+    """Whether the stored weight is the transpose of the (d_out, d_in) update (:func:`stored_transposed`)."""
+    return stored_transposed(kind, flag, stored, update)
 
 
 class _Merger:

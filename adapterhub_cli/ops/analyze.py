@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub_cli.artifact.adapter import Adapter, LoraModule
+from adapterhub_cli.artifact.adapter import Adapter, LoraModule, stored_transposed
 from adapterhub_cli.artifact.checkpoint import BaseView
 from adapterhub_cli.artifact.safetensors import header_length, torch_dtype
 from adapterhub_cli.errors import CorruptFileError, IncompatibleBaseError, UsageError
@@ -131,13 +131,9 @@ def layer_of(module: str) -> int | None:
 
 
 def transposed_storage(m: LoraModule, flag: bool, stored: tuple[int, ...]) -> bool:
-    """Whether the base stores the transpose of the (d_out, d_in) update: always for embeddings; from the shapes
-    when they tell (GPT-2's Conv1D); else the config's ``fan_in_fan_out`` (the rule merge follows)."""
-    if m.kind == "embedding":
-        return True
-    if m.d_out != m.d_in:
-        return tuple(stored) == (m.d_in, m.d_out)
-    return flag
+    """Whether the base stores the transpose of the (d_out, d_in) update (:func:`stored_transposed`, the rule
+    merge follows)."""
+    return stored_transposed(m.kind, flag, stored, (m.d_out, m.d_in))
 
 
 class _WeightReader:
