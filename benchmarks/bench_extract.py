@@ -16,13 +16,14 @@ Both run as whole processes in the same run; wall time and peak RSS (the child's
 
 Compared per module: our factors' relative error (exact, see lora_ops.extract) against the dense optimum.
 
-Usage: python benchmarks/bench_extract.py [--layers 2] [--rank 64] [--runs 1] [--noise 1e-4] [--skip-dense]
+Usage: python benchmarks/bench_extract.py [--layers 2] [--rank 64] [--runs 1] [--dense-runs 1] [--noise 1e-4] [--skip-dense]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
 import sys
@@ -130,7 +131,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=22, help="decoder layers kept (22: the whole model)")
     parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=1, help="runs of adapters extract")
+    parser.add_argument("--dense-runs", type=int, default=1, help="runs of the dense script (alternated with ours)")
     parser.add_argument("--noise", type=float, default=1e-4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-dense", action="store_true")
@@ -156,29 +158,43 @@ def main() -> None:
         "-o",
         str(work / "ours"),
     ]
-    ours = [run(ours_cmd, stdout=str(work / "ours.json")) for _ in range(args.runs)]
+    cpu: dict[str, list[float]] = {"ours": [], "dense": []}
+
+    def timed(which: str, cmd: list[str], stdout: str | None = None) -> tuple[float, float]:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result = run(cmd, stdout=stdout)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu[which].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+        return result
+
+    dense_cmd = [sys.executable, "-c", DENSE_SCRIPT, str(base), str(tuned), str(work / "dense"), str(args.rank)]
+    ours, dense = [], []
+    for i in range(args.runs):  # alternated, so a change in the machine's load falls on both
+        ours.append(timed("ours", ours_cmd, stdout=str(work / "ours.json")))
+        if not args.skip_dense and i < args.dense_runs:
+            dense.append(timed("dense", dense_cmd))
     report = json.loads((work / "ours.json").read_text())
-    dense = []
-    if not args.skip_dense:
-        dense_cmd = [sys.executable, "-c", DENSE_SCRIPT, str(base), str(tuned), str(work / "dense"), str(args.rank)]
-        dense.append(run(dense_cmd))
     errors_file = work / "dense" / "errors.json"
     dense_errors = json.loads(errors_file.read_text()) if errors_file.exists() else {}
     ours_errors = {m["name"]: m["rel_error"] for m in report["modules"]}
     ratios = [ours_errors[n] / e for n, e in dense_errors.items() if e > 0]
     estimate = [m["rel_error"] / m["opt_rel_error"] for m in report["modules"] if m["opt_rel_error"] > 0]
 
-    def row(name: str, xs: list[tuple[float, float]]) -> str:
+    def row(name: str, xs: list[tuple[float, float]], cpus: list[float]) -> str:
         walls, rss = [x[0] for x in xs], [x[1] for x in xs]
-        return f"{name:38} {min(walls):8.2f} {statistics.median(walls):8.2f} {max(walls):8.2f} {max(rss):9.0f}"
+        return (
+            f"{name:38} {min(walls):8.2f} {statistics.median(walls):8.2f} {max(walls):8.2f} "
+            f"{statistics.median(cpus):8.2f} {max(rss):9.0f}"
+        )
 
     print(f"base: {base}\ntuned: {tuned}\n{len(report['modules'])} modules, rank {args.rank}, whole processes")
-    print(f"{'command':38} {'min s':>8} {'median':>8} {'max s':>8} {'peak MiB':>9}")
-    print(row(f"adapters extract ({args.runs} run)", ours))
+    print(f"{'command':38} {'min s':>8} {'median':>8} {'max s':>8} {'CPU s':>8} {'peak MiB':>9}")
+    print(row(f"adapters extract ({len(ours)} runs)", ours, cpu["ours"]))
     if dense:
-        print(row("dense torch.linalg.svd (1 run)", dense))
+        print(row(f"dense torch.linalg.svd ({len(dense)} runs)", dense, cpu["dense"]))
         speedup = statistics.median(x[0] for x in dense) / statistics.median(x[0] for x in ours)
-        print(f"speed-up (median wall): {speedup:.1f}x")
+        cpu_ratio = statistics.median(cpu["dense"]) / statistics.median(cpu["ours"])
+        print(f"speed-up: {speedup:.1f}x (median wall), {cpu_ratio:.1f}x (median CPU time)")
     print(f"inside the process, the extract operation itself: {report['seconds']:.2f} s")
     methods = sorted({m["method"] for m in report["modules"]})
     lo, hi = min(dense_errors.values(), default=float("nan")), max(dense_errors.values(), default=float("nan"))
