@@ -16,7 +16,8 @@ Both run as whole processes in the same run; wall time and peak RSS (the child's
 
 Compared per module: our factors' relative error (exact, see lora_ops.extract) against the dense optimum.
 
-Usage: python benchmarks/bench_extract.py [--layers 2] [--rank 64] [--runs 1] [--dense-runs 1] [--noise 1e-4] [--skip-dense]
+Usage: python benchmarks/bench_extract.py [--layers 2] [--rank 64] [--runs 1] [--dense-runs 1] [--noise 1e-4]
+       [--skip-dense]
 """
 
 from __future__ import annotations
