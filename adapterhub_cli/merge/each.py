@@ -236,8 +236,12 @@ class _Stream:
         return self.error is not None
 
     def finish(self, base_model: str | None) -> None:
-        """Wait for every shard, write the index, side files and card, and move the folder into place."""
-        if self.failed or self._atomic is None or self.folder is None:
+        """Wait for every shard, write the index, side files and card, and move the folder into place; after a
+        failure (the writer thread may have recorded one that no :meth:`fail` has cleaned up yet), clean up."""
+        if self._atomic is None or self.folder is None:
+            return
+        if self.error is not None:
+            self.fail(self.error)
             return
         try:
             self._drain()
