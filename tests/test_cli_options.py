@@ -42,6 +42,8 @@ HUB_COMMANDS = [
     "push",
     "pull",
     "versions",
+    "extract",
+    "analyze",
 ]
 #: every command that reads adapters (merge and unmerge map names through --into / --from)
 BASE_COMMANDS = ["inspect", "diff", "reduce", "combine", "quantize", "dequantize", "convert"]
