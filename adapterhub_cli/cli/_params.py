@@ -142,3 +142,44 @@ def writable_format_choice() -> RegistryChoice:
         return list(writable_formats())
 
     return RegistryChoice(names, "format to write")
+
+
+def rank_rule_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The rank rules of ``reduce`` and ``extract`` (exactly one is required; the API checks it): ``--rank``,
+    ``--energy``, ``--sv-ratio``, ``--sv-fro``, and ``--max-rank`` capping the dynamic three."""
+    options = [
+        click.option(
+            "--rank",
+            type=click.IntRange(min=1),
+            metavar="K",
+            help="Keep K singular values in every module (for reduce: below the adapter's largest rank).",
+        ),
+        click.option(
+            "--energy",
+            type=click.FloatRange(0, 1, min_open=True),
+            metavar="FRACTION",
+            help="Per module, keep the fewest singular values holding this fraction of ||dW||_F² (e.g. 0.99).",
+        ),
+        click.option(
+            "--sv-ratio",
+            type=click.FloatRange(min=1),
+            metavar="X",
+            help="Per module, keep every singular value >= sigma_1 / X.",
+        ),
+        click.option(
+            "--sv-fro",
+            type=click.FloatRange(0, 1, min_open=True),
+            metavar="FRACTION",
+            help="Per module, keep the fewest singular values holding this fraction of ||dW||_F "
+            "(0.9 keeps 81% of the energy).",
+        ),
+        click.option(
+            "--max-rank",
+            type=click.IntRange(min=1),
+            metavar="K",
+            help="Cap the rank --energy, --sv-ratio or --sv-fro may choose (not with --rank).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f

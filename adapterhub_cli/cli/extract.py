@@ -7,7 +7,7 @@ from dataclasses import asdict
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import complete_paths, json_option, output_options, token_option
+from adapterhub_cli.cli._params import complete_paths, json_option, output_options, rank_rule_options, token_option
 
 
 @click.command("extract")
@@ -26,30 +26,7 @@ from adapterhub_cli.cli._params import complete_paths, json_option, output_optio
     shell_complete=complete_paths,
     help="The full fine-tune of BASE: a folder or a store ref (its shard layout may differ from BASE's).",
 )
-@click.option("--rank", type=click.IntRange(min=1), metavar="K", help="Keep K singular values in every module.")
-@click.option(
-    "--energy",
-    type=click.FloatRange(0, 1, min_open=True),
-    help="Per module, keep the fewest singular values holding this fraction of ||dW||_F² (e.g. 0.9).",
-)
-@click.option(
-    "--sv-ratio",
-    type=click.FloatRange(min=1),
-    metavar="X",
-    help="Per module, keep every singular value >= sigma_1 / X.",
-)
-@click.option(
-    "--sv-fro",
-    type=click.FloatRange(0, 1, min_open=True),
-    help="Per module, keep the fewest singular values holding this fraction of ||dW||_F (0.9 keeps 81% of the "
-    "energy).",
-)
-@click.option(
-    "--max-rank",
-    type=click.IntRange(min=1),
-    metavar="K",
-    help="Cap the rank --energy, --sv-ratio or --sv-fro may choose (not with --rank).",
-)
+@rank_rule_options
 @click.option(
     "--targets",
     metavar="PATTERN",

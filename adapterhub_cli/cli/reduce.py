@@ -7,42 +7,19 @@ from dataclasses import asdict
 import click
 
 from adapterhub_cli.cli._output import out
-from adapterhub_cli.cli._params import base_option, complete_paths, json_option, output_options, token_option
+from adapterhub_cli.cli._params import (
+    base_option,
+    complete_paths,
+    json_option,
+    output_options,
+    rank_rule_options,
+    token_option,
+)
 
 
 @click.command("reduce")
 @click.argument("adapter", shell_complete=complete_paths)
-@click.option(
-    "--rank",
-    type=click.IntRange(min=1),
-    help="Keep K singular values in every module (below the adapter's largest rank).",
-    metavar="K",
-)
-@click.option(
-    "--energy",
-    type=click.FloatRange(0, 1, min_open=True),
-    metavar="FRACTION",
-    help="Per module, keep the fewest singular values holding this fraction of ||dW||_F² (e.g. 0.99).",
-)
-@click.option(
-    "--sv-ratio",
-    type=click.FloatRange(min=1),
-    metavar="X",
-    help="Per module, keep every singular value >= sigma_1 / X.",
-)
-@click.option(
-    "--sv-fro",
-    type=click.FloatRange(0, 1, min_open=True),
-    metavar="FRACTION",
-    help="Per module, keep the fewest singular values holding this fraction of ||dW||_F "
-    "(0.9 keeps 81% of the energy).",
-)
-@click.option(
-    "--max-rank",
-    type=click.IntRange(min=1),
-    metavar="K",
-    help="Cap the rank --energy, --sv-ratio or --sv-fro may choose (not with --rank).",
-)
+@rank_rule_options
 @output_options
 @base_option
 @token_option
