@@ -111,7 +111,9 @@ def batch_cmd(
     report_path: str | None,
     as_json: bool,
 ) -> None:
-    """Run the jobs of a JOBS file (YAML or JSON): a list of {op: <API function>, <its keyword arguments>}, e.g.
+    """Run the jobs of a JOBS file (YAML or JSON) on a local process pool or on Ray.
+
+    JOBS is a list of {op: <API function>, <its keyword arguments>}, for example
     {op: reduce, source: org/a@v1, out: out/a-r16, rank: 16}; a job with for_each: [items] or {glob: PATTERN}
     repeats over them with {item} and {name} filled in. Every job is checked first (exit 2, naming each bad job's
     index); jobs then run independently. Exit 0 when all succeed, 1 when some failed."""
