@@ -54,10 +54,10 @@ def analyze_cmd(
 ) -> None:
     """Measure an adapter against its base, module by module (LoRA paper, section 7).
 
-    Per module: the relative update ||dW||/||W|| (rel), its cosine with W, the amplification ||dW||/||Uᵀ W V||
-    (U, V: dW's top singular vectors), how much more dW's directions are emphasised by W than random ones (align/rand, about 1 for unrelated
-    directions) and DoRA's mean change of row magnitude (dM) and direction (dD, 1 - cos); then the same pooled per
-    module family and per layer.
+    Per module: the relative update ||dW||/||W|| (rel), its cosine with W, the amplification ||dW||/||Uᵀ W V|| (U,
+    V: dW's top singular vectors), how much more dW's directions are emphasised by W than random ones (align/rand,
+    about 1 for unrelated directions) and DoRA's mean change of row magnitude (dM) and direction (dD, 1 - cos);
+    then the same pooled per module family and per layer.
 
     Each base weight is read once in row blocks and met with the factors (O(m n r) per module, the dense update is
     never formed). Zero updates (B = 0) are reported as such, their ratios null. --json gives every number (also
