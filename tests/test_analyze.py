@@ -429,6 +429,27 @@ def test_plot_writes_a_png(llama_base: Path, llama_all_linear: Path, tmp_path: P
         ah.analyze(llama_all_linear, base=llama_base, plot=tmp_path / "plot.jpg")
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_plot_follows_the_umask_and_leaves_no_temporary(
+    llama_base: Path, llama_lora: Path, tmp_path: Path, umask: int
+) -> None:
+    """The PNG is written to an unguessable temporary created exclusively beside it (never a planted link), gets
+    the umask's mode like any output, and nothing else stays in the folder."""
+    pytest.importorskip("matplotlib")
+    import os
+    import stat
+
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    before = os.umask(umask)
+    try:
+        ah.analyze(llama_lora, base=llama_base, plot=folder / "a.png")
+    finally:
+        os.umask(before)
+    assert [p.name for p in folder.iterdir()] == ["a.png"]
+    assert stat.S_IMODE((folder / "a.png").stat().st_mode) == 0o666 & ~umask
+
+
 def test_missing_matplotlib_gives_the_install_hint(
     llama_base: Path, llama_lora: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import statistics
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.adapter import Adapter, LoraModule, stored_transposed
 from adapterhub_cli.artifact.checkpoint import BaseView
+from adapterhub_cli.artifact.files import follow_umask
 from adapterhub_cli.artifact.safetensors import header_length, torch_dtype
 from adapterhub_cli.errors import CorruptFileError, IncompatibleBaseError, UsageError
 from adapterhub_cli.parallel import map_modules
@@ -453,9 +455,14 @@ def write_plot(report: AnalyzeReport, path: str | Path) -> Path:
     if by_family:
         top.legend(fontsize=8, ncol=min(4, len(by_family)), title="module family", title_fontsize=8)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.incomplete-{os.getpid()}")
+    # a fresh, unguessable temporary file created exclusively beside the target (never a planted link), given the
+    # umask's mode, then renamed into place
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".incomplete")
+    tmp = Path(name)
     try:
-        fig.savefig(tmp, format="png", dpi=110, metadata={PLOT_KEY: "per-layer rel_fro and amplification"})
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=110, metadata={PLOT_KEY: "per-layer rel_fro and amplification"})
+        follow_umask(tmp)
         tmp.replace(target)
     finally:
         plt.close(fig)
