@@ -369,6 +369,17 @@ def test_usage_errors_and_a_missing_ray(tmp_path, monkeypatch, llama_lora):
     assert result.exit_code == 2 and "--workers sizes the Ray instance started here" in result.output
     result = run_cli("batch", jobs, "--report", jobs)
     assert result.exit_code == 2 and "is the JOBS file itself" in result.output
+    link = tmp_path / "jobs-link.json"  # the JOBS file reached through a link is still the JOBS file
+    link.symlink_to(jobs)
+    result = run_cli("batch", jobs, "--report", link)
+    assert result.exit_code == 2 and "is the JOBS file itself" in result.output
+    secret = tmp_path / "secret.txt"
+    secret.write_text("keep me\n")
+    planted = tmp_path / "planted.jsonl"  # a report path that is a link elsewhere is refused, never written through
+    planted.symlink_to(secret)
+    result = run_cli("batch", jobs, "--report", planted)
+    assert result.exit_code == 2 and "is a link" in result.output
+    assert secret.read_text() == "keep me\n" and json.loads(jobs.read_text())[0]["op"] == "inspect"
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     result = run_cli("batch", jobs, "--engine", "ray")
     assert result.exit_code == 2, result.output

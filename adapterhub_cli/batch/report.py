@@ -6,11 +6,13 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from adapterhub_cli.artifact.files import sha256_file
+from adapterhub_cli.artifact.files import follow_umask, sha256_file
+from adapterhub_cli.errors import UsageError
 
 
 Status = Literal["ok", "failed", "skipped"]
@@ -85,7 +87,14 @@ class ReportWriter:
         self._records: list[JobRecord] = []
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("w", encoding="utf-8")
+            if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
+                raise UsageError(
+                    f"--report {self.path} is a link or not a regular file",
+                    hint="give a plain file path for the report",
+                )
+            # O_NOFOLLOW: a link planted between the check and the open is refused, never written through
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
+            self._file = os.fdopen(fd, "w", encoding="utf-8")
 
     def add(self, record: JobRecord) -> None:
         self._records.append(record)
@@ -99,11 +108,13 @@ class ReportWriter:
             return
         self._file.close()
         self._file = None
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        tmp = Path(name)
         try:
-            with tmp.open("w", encoding="utf-8") as f:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 for record in sorted(self._records, key=lambda r: r.index):
                     f.write(_line(record))
+            follow_umask(tmp)
             tmp.replace(self.path)
         finally:
             with contextlib.suppress(OSError):

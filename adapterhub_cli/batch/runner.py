@@ -120,7 +120,7 @@ def batch(
     from adapterhub_cli.batch.engines import cores, import_ray, run_local, run_ray, run_serial  # multiprocessing
 
     checked = load_jobs(jobs)
-    if report is not None and isinstance(jobs, str | Path) and Path(report).absolute() == Path(jobs).absolute():
+    if report is not None and isinstance(jobs, str | Path) and Path(report).resolve() == Path(jobs).resolve():
         raise UsageError(f"--report {report} is the JOBS file itself", hint="give another report path")
     if engine == "ray":
         import_ray()  # before anything runs: a missing Ray is a usage error, not a failure of every job
