@@ -72,8 +72,8 @@ def check_options(
     Raises:
         UsageError: naming the options as the CLI spells them.
     """
-    given = [f"--{n}" for n, v in (("rank", rank), ("energy", energy), ("sv-ratio", sv_ratio), ("sv-fro", sv_fro))]
-    chosen = [n for n, v in zip(given, (rank, energy, sv_ratio, sv_fro), strict=True) if v is not None]
+    rules = {"--rank": rank, "--energy": energy, "--sv-ratio": sv_ratio, "--sv-fro": sv_fro}
+    chosen = [name for name, value in rules.items() if value is not None]
     if len(chosen) != 1:
         got = f" (got {', '.join(chosen)})" if chosen else ""
         raise UsageError(
