@@ -180,6 +180,15 @@ def test_for_each_expands_over_a_list_and_a_glob(tmp_path, monkeypatch):
     assert jobs[3].label == "jobs[2] item 'hf://org/support-bot@v1.2.0' (quantize)"
 
 
+def test_for_each_name_that_is_not_a_plain_name_is_refused():
+    """{name} builds paths: an item whose last part is '..' (or empty) cannot send an output up a folder."""
+    with pytest.raises(ah.JobsFileError) as e:
+        load_jobs([{"op": "reduce", "for_each": ["a/..", "b"], "source": "{item}", "out": "o/{name}/r", "rank": 2}])
+    assert "jobs[0] item 'a/..': its {name} '..' is not a plain file name" in str(e.value)
+    jobs = load_jobs([{"op": "reduce", "for_each": ["a/..", "b"], "source": "{item}", "out": "o/{index}", "rank": 2}])
+    assert [j.kwargs["out"] for j in jobs] == ["o/0", "o/1"]
+
+
 def test_every_op_checks_against_the_api_signature():
     """The names a job may use are the API function's keyword arguments (progress and api excepted)."""
     for op, fn in OPS.items():

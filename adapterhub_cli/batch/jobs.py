@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub_cli import api
+from adapterhub_cli.artifact.checkpoint import is_plain_name
 from adapterhub_cli.errors import AdapterNotFoundError, UsageError
 
 
@@ -183,6 +184,12 @@ def load_jobs(jobs: str | Path | Sequence[Mapping[str, Any]], *, root: str | Pat
         items, item_problems = _items(raw.get("for_each"), label, root)
         problems.extend(item_problems)
         for position, item in enumerate(items):
+            if item is not None and not is_plain_name(short_name(item)) and _uses_name(raw):
+                problems.append(
+                    f"{label} item {item!r}: its {{name}} {short_name(item)!r} is not a plain file name; "
+                    "use {index} or list the items"
+                )
+                continue
             body = _substitute(raw, item, position) if item is not None else dict(raw)
             job, job_problems = _check(len(expanded), entry, body, item)
             problems.extend(job_problems)
@@ -236,6 +243,13 @@ def short_name(item: str) -> str:
     text = item.split("://", 1)[-1].split("@", 1)[0].rstrip("/")
     name = text.rsplit("/", 1)[-1]
     return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+
+
+def _uses_name(raw: Mapping[str, Any]) -> bool:
+    """Whether a template's string values (or lists of them) say ``{name}``: a path built from it must stay put."""
+    values = [v for k, v in raw.items() if k != "for_each"]
+    strings = [s for v in values for s in (v if isinstance(v, list) else [v]) if isinstance(s, str)]
+    return any("{name}" in s for s in strings)
 
 
 def _substitute(raw: Mapping[str, Any], item: str, position: int) -> dict[str, Any]:
