@@ -310,6 +310,22 @@ def test_transient_failures_are_retried_a_bounded_number_of_times(monkeypatch):
     assert calls.count("always") == 3 and calls.count("gone") == 1
 
 
+def test_a_jobs_token_never_reaches_the_report(monkeypatch, tmp_path):
+    secret = "tok-batch-" + "x7" * 12
+
+    def leaky(source: str, *, token: str | None = None) -> Path:
+        raise ValueError(f"could not open {source} with {token}")
+
+    monkeypatch.setitem(OPS, "leaky", leaky)
+    report = tmp_path / "r.jsonl"
+    records = ah.batch([{"op": "leaky", "source": "a", "token": secret}], engine="serial", report=report)
+    assert records[0].status == "failed" and records[0].error_message.startswith("could not open a with ")
+    assert secret not in report.read_text() and secret not in json.dumps(records[0].to_json())
+    with pytest.raises(ah.JobsFileError) as e:
+        load_jobs([{"op": "pull", "ref": "x", "out": "y", "token": 12345678901234567}])
+    assert "12345678901234567" not in str(e.value) and "token = (not shown)" in str(e.value)
+
+
 def _dies_on_its_first_attempt(job, *, resume, cwd, attempt):
     """Stands in for run_job in a pool process: the process dies the first time (as an out-of-memory kill would)."""
     import os

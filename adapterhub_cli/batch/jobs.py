@@ -293,8 +293,9 @@ def _check(index: int, entry: int, raw: Mapping[str, Any], item: str | None) -> 
         else:
             expected = _json_types(str(params[name].annotation))
             if expected and not _fits(value, expected):
+                shown = "(not shown)" if name == "token" else repr(value)
                 problems.append(
-                    f"{label}: {key} = {value!r} is {_kind(value)}; expected {' or '.join(sorted(expected))}"
+                    f"{label}: {key} = {shown} is {_kind(value)}; expected {' or '.join(sorted(expected))}"
                     + (" (quote it in YAML)" if "string" in expected and isinstance(value, int | float) else "")
                 )
             kwargs[name] = value

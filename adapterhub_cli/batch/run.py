@@ -16,7 +16,7 @@ from typing import Any
 from adapterhub_cli.artifact.validate import ValidationReport
 from adapterhub_cli.batch.jobs import OPS, Job
 from adapterhub_cli.batch.report import JobRecord, output_digest
-from adapterhub_cli.errors import AdaptersError, IncompatibleBaseError, StoreError, scrub
+from adapterhub_cli.errors import AdaptersError, IncompatibleBaseError, StoreError, register_secret, scrub
 
 
 #: Environment variables that size thread pools inside a job (torch's own is set with ``torch.set_num_threads``):
@@ -63,6 +63,7 @@ def run_job(job: Job, *, resume: bool = False, cwd: str | None = None, attempt: 
     """
     from adapterhub_cli.batch.resume import check
 
+    register_secret(job.kwargs.get("token"))  # in this process too, before anything can quote it
     if cwd is not None and Path(cwd).is_dir() and str(Path.cwd()) != cwd:
         os.chdir(cwd)
     record = JobRecord(
@@ -80,7 +81,7 @@ def run_job(job: Job, *, resume: bool = False, cwd: str | None = None, attempt: 
         with job_threads(job.threads):
             if resume:
                 decision = check(job)
-                record.note = decision.reason
+                record.note = scrub(decision.reason) if decision.reason else None
                 if decision.up_to_date:
                     record.status = "skipped"
                     record.output_sha256 = output_digest(job.kwargs["out"])
