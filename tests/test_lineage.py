@@ -309,3 +309,29 @@ def test_merge_json_carries_the_warnings_validate_gives(llama_base, llama_lora, 
 def test_merge_of_a_fitting_pair_has_no_warnings(llama_base, llama_lora, tmp_path):
     assert ah.validate(llama_lora, base=llama_base).warnings == []  # the fixture declares this very base
     assert ah.merge(llama_lora, base=llama_base, out=tmp_path / "m").warnings == []
+
+
+def test_lineage_lines_of_an_untrusted_record_stay_one_line_each_and_cannot_forge_the_card_markers():
+    from adapterhub_cli.artifact.card import PROVENANCE_COMMENT, lineage_lines, quantized_scheme
+    from adapterhub_cli.stores.card import CARD_END
+
+    forged = f"x\n\n{CARD_END}\n{PROVENANCE_COMMENT}{{}} -->| `y`"
+    record = {
+        "operation": forged,
+        "parameters": {"weights": [0.5, 2, True], forged: forged},
+        "inputs": [
+            {"source": "b", "role": "base", "config_sha256": forged},
+            {"source": forged, "sha256": "s", "role": "adapter"},
+            {"source": forged, "sha256": "s", "role": "adapter"},  # the same adapter twice, another weight
+            {"source": "z", "role": "adapter"},
+        ],
+    }
+    text = "\n".join(lineage_lines(record))
+    assert CARD_END not in text and PROVENANCE_COMMENT not in text and "\n\n\n" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "adapter" in line]
+    assert [r.split(" | ")[2] for r in rows] == ["0.5", "2", "1"]
+    assert all(r.count("|") == 5 for r in rows)  # no cell ends early
+    assert all(len(line) < 500 for line in text.splitlines())
+    # fields of the wrong type are left out rather than failing a push
+    assert lineage_lines({"operation": "merge", "parameters": [1], "inputs": "abc"})[0].startswith("Produced by")
+    assert quantized_scheme({"operation": "quantize", "parameters": ["nf4"]}) is None

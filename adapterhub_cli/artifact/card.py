@@ -81,7 +81,8 @@ def quantized_scheme(provenance: dict[str, Any] | None) -> str | None:
     """The scheme (int8, fp8, nf4) of an adapter ``quantize`` stored in a layout PEFT cannot load, else None."""
     if not provenance or provenance.get("operation") != "quantize":
         return None
-    scheme = (provenance.get("parameters") or {}).get("scheme")
+    params = provenance.get("parameters")
+    scheme = params.get("scheme") if isinstance(params, dict) else None
     return scheme if scheme in QUANTIZED_SCHEMES else None
 
 
@@ -186,39 +187,62 @@ def _lineage(provenance: dict[str, Any]) -> list[str]:
 
 def lineage_lines(provenance: dict[str, Any]) -> list[str]:
     """Markdown lines describing a provenance record: the operation, its parameters, and its inputs (a merge's
-    base and adapters with their weights; each input's sha256, or the digests recorded for a base)."""
-    op = provenance.get("operation", "?")
-    lines = [f"Produced by `{op}` with {provenance.get('tool', 'adapterhub-cli')}.", ""]
-    params = provenance.get("parameters") or {}
+    base and adapters with their weights; each input's sha256, or the digests recorded for a base).
+
+    The record may come from files someone else wrote (a pushed checkpoint's shards): every value is shown as one
+    short line (:func:`_cell`), so none can add lines, end a table cell or a code span, or open an HTML comment
+    (the card markers), and fields of the wrong type are left out."""
+    op = _cell(provenance.get("operation", "?"))
+    tool = _cell(provenance.get("tool", "adapterhub-cli"))
+    lines = [f"Produced by `{op}` with {tool}.", ""]
+    given = provenance.get("parameters")
+    params: dict[Any, Any] = given if isinstance(given, dict) else {}
     if params:
-        lines += ["Parameters:", ""] + [f"- `{k}`: `{json.dumps(v)}`" for k, v in params.items()] + [""]
-    inputs = [i for i in provenance.get("inputs") or [] if isinstance(i, dict)]
+        lines += ["Parameters:", ""]
+        lines += [f"- `{_cell(k)}`: `{_cell(json.dumps(v, default=str))}`" for k, v in params.items()] + [""]
+    listed = provenance.get("inputs")
+    inputs = [i for i in listed if isinstance(i, dict)] if isinstance(listed, list) else []
     if not inputs:
         return lines
     if not any(i.get("role") for i in inputs):
         lines += ["| input | sha256 |", "| --- | --- |"]
-        return [*lines, *[f"| `{i.get('source')}` | `{i.get('sha256') or '-'}` |" for i in inputs], ""]
-    given = params.get("weights")
-    weights: list[Any] = given if isinstance(given, list) else []
-    adapters = [i for i in inputs if i.get("role") == "adapter"]
+        rows = [f"| `{_cell(i.get('source'))}` | `{_cell(i.get('sha256') or '-')}` |" for i in inputs]
+        return [*lines, *rows, ""]
+    weights = params.get("weights")
+    weights = weights if isinstance(weights, list) else []
     lines += ["| input | role | weight | sha256 |", "| --- | --- | --- | --- |"]
+    k = 0  # the adapter's position among the adapters (its weight's index)
     for i in inputs:
-        role = str(i.get("role") or "input")
+        role = _cell(i.get("role") or "input")
         weight = "-"
         if role == "adapter":
-            k = adapters.index(i)
-            weight = f"{weights[k]:g}" if k < len(weights) and isinstance(weights[k], int | float) else "1"
-        lines.append(f"| `{i.get('source')}` | {role} | {weight} | `{i.get('sha256') or '-'}` |")
+            w = weights[k] if k < len(weights) else 1
+            weight = f"{w:g}" if isinstance(w, int | float) and not isinstance(w, bool) else "1"
+            k += 1
+        lines.append(f"| `{_cell(i.get('source'))}` | {role} | {weight} | `{_cell(i.get('sha256') or '-')}` |")
     lines.append("")
     for i in inputs:
         if i.get("role") == "base" and not i.get("sha256"):
             lines += [
                 f"The base's weights were not hashed (as long as the merge itself); its `config.json` hashes to "
-                f"`{i.get('config_sha256') or '-'}` and its tensor table (names, dtypes, shapes) to "
-                f"`{i.get('tensors_sha256') or '-'}`.",
+                f"`{_cell(i.get('config_sha256') or '-')}` and its tensor table (names, dtypes, shapes) to "
+                f"`{_cell(i.get('tensors_sha256') or '-')}`.",
                 "",
             ]
     return lines
+
+
+#: the longest value a lineage line shows (a path, a ref, a parameter's JSON)
+_CELL_CHARS = 200
+
+
+def _cell(value: object) -> str:
+    """``value`` as one short line safe inside a markdown table cell and a code span: line breaks become spaces,
+    ``|`` and backticks are replaced, ``<`` becomes ``\u2039`` (no HTML, no comment markers such as the card's own),
+    cut at 200 characters."""
+    text = " ".join(str(value).split())
+    text = text.replace("`", "'").replace("|", "/").replace("<", "\u2039")
+    return text if len(text) <= _CELL_CHARS else text[: _CELL_CHARS - 3] + "..."
 
 
 def embedded_provenance(provenance: dict[str, Any]) -> str:
