@@ -67,6 +67,16 @@ def test_latest_is_the_highest_release_everywhere() -> None:
         check_version("org/x", ah_version("0.9.0"), published, force=False)
 
 
+def test_hostile_tag_names_never_pass_for_a_version() -> None:
+    # a server's tag is taken as a version only when it is exactly one: padding or a newline is not forgiven
+    hostile = ["v1.0.0", "v9.0.0\n", " v8.0.0", "v7.0.0 ", "latest-v6.0.0"]
+    assert latest_release(hostile) == "v1.0.0"
+    assert pick_tag(hostile, AdapterRef.parse("org/x@^9")) is None
+    assert pick_tag(hostile, AdapterRef.parse("org/x@8.0.0")) is None
+    # a range breaks a tie the way latest does: the v tag
+    assert pick_tag(["1.2.0", "v1.2.0"], AdapterRef.parse("org/x@^1")) == "v1.2.0"
+
+
 def ah_version(text: str):  # type: ignore[no-untyped-def]
     from adapterhub_cli.artifact.ref import require_version
 

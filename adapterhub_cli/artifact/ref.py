@@ -279,7 +279,7 @@ def pick_tag(tags: Iterable[str], ref: AdapterRef) -> str | None:
         return None
     if rev in names:
         return rev
-    parsed = {name: v for name in names if (v := Version.parse(name)) is not None}
+    parsed = {name: v for name in names if (v := tag_version(name)) is not None}
     if kind == "version":
         want = Version.parse(rev)
         return next((n for n, v in sorted(parsed.items(), key=lambda x: x[0]) if v == want), None)
@@ -289,17 +289,27 @@ def pick_tag(tags: Iterable[str], ref: AdapterRef) -> str | None:
         bounds = version_range(rev)
         if bounds is None:
             return None
-        hits = {n: v for n, v in parsed.items() if in_range(v, bounds)}
-        return max(hits, key=lambda n: hits[n]) if hits else None
+        return _highest({n: v for n, v in parsed.items() if in_range(v, bounds)})
     return None
+
+
+def tag_version(name: str) -> Version | None:
+    """The version a tag name spells, exactly (``v1.2.0``, ``1.2.0``); None for any other name, including one with
+    spaces or a newline around a version (a tag is a server's text: only :meth:`Version.parse` of what a person
+    typed forgives those)."""
+    return Version.parse(name) if _SEMVER.fullmatch(name) else None
+
+
+def _highest(tags: dict[str, Version]) -> str | None:
+    """The tag of the highest version; of two spelling one version the ``v`` one wins."""
+    return max(tags, key=lambda n: (tags[n], n.startswith("v"))) if tags else None
 
 
 def latest_release(tags: Iterable[str]) -> str | None:
     """THE meaning of "latest", for ``@latest``, for a ref without a revision and for push's version check: the
     tag of the highest semver release among ``tags``, prereleases (``2.0.0-rc.1``) excluded; None when there is
     none. Of two tags spelling one version (``1.2.0`` and ``v1.2.0``) the ``v`` one wins."""
-    releases = {n: v for n in tags if (v := Version.parse(n)) is not None and v.pre is None}
-    return max(releases, key=lambda n: (releases[n], n.startswith("v"))) if releases else None
+    return _highest({n: v for n in tags if (v := tag_version(n)) is not None and v.pre is None})
 
 
 def ref_scheme(text: object) -> str | None:
