@@ -489,3 +489,16 @@ def test_store_base_read_by_range_gives_the_same_report(llama_base: Path, llama_
     assert [(m.module, m.rel_fro, m.proj_fro, m.dM, m.dD) for m in got.modules] == [
         (m.module, m.rel_fro, m.proj_fro, m.dM, m.dD) for m in want.modules
     ]
+
+
+def test_base_top_with_many_blocks_gives_the_same_overlaps(
+    llama_base: Path, llama_lora: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--base-top keeps every row block of W: read 3 rows at a time, W's top subspaces are the same as in one block."""
+    whole = ah.analyze(llama_lora, base=llama_base, base_top=4)
+    monkeypatch.setattr(ops_analyze, "BLOCK_BYTES", 4 * 64 * 3)
+    blocks = ah.analyze(llama_lora, base=llama_base, base_top=4)
+    for a, b in zip(whole.modules, blocks.modules, strict=True):
+        assert a.base_top is not None and b.base_top is not None
+        for key in ("overlap_out", "overlap_in", "w_top_proj", "spec_rel"):
+            assert a.base_top[key] == pytest.approx(b.base_top[key], rel=1e-5, abs=1e-9), (a.module, key)

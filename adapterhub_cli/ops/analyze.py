@@ -153,7 +153,8 @@ class _WeightReader:
         return self._starts[path]
 
     def blocks(self, key: str, rows: int, cols: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(start, W[start : start + b])`` for the stored weight ``key`` seen as (rows, cols), float32."""
+        """``(start, W[start : start + b])`` for the stored weight ``key`` seen as (rows, cols), float32; a block is
+        valid until the next is asked for (an F32 block is a view of the one buffer every block is read into)."""
         import torch
 
         info = self.view.tensors[key]
@@ -271,19 +272,17 @@ def analyze_adapter(
         info = view.tensors[key]
         rows, cols = info.shape[0], math.prod(info.shape[1:])
         acc = BaseAccumulator(f, transposed=transposed)
+        parts: list[torch.Tensor] = []  # the whole weight, for --base-top only
+        for start, block in reader.blocks(key, rows, cols):
+            acc.add(start, block)
+            if base_top is not None:
+                parts.append(block.clone())  # a float32 block is a view of the reader's reused buffer
         top = None
         if base_top is not None:
-            parts = []
-            for start, block in reader.blocks(key, rows, cols):
-                acc.add(start, block)
-                parts.append(block)
             w = torch.cat(parts)
             del parts
             top = top_singular(w.T if transposed else w, base_top, seed=seed)
             del w
-        else:
-            for start, block in reader.blocks(key, rows, cols):
-                acc.add(start, block)
         magnitude = adapter.tensor(m.magnitude.name) if m.magnitude is not None else None
         return _row(name, m, key, acc.finish(magnitude=magnitude, top=top))
 
