@@ -3,6 +3,7 @@ local Ray instance (byte-identical outputs), failures recorded per job, transien
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import shutil
@@ -18,7 +19,7 @@ import adapterhub_cli as ah
 from adapterhub_cli.batch import OPS, load_jobs, output_digest, read_report
 from adapterhub_cli.batch.resume import recorded_provenance
 from adapterhub_cli.cli.main import build_cli
-from adapterhub_cli.errors import HubError
+from adapterhub_cli.errors import REDACTED, HubError
 
 
 def run_cli(*args, env=None):
@@ -310,6 +311,11 @@ def test_transient_failures_are_retried_a_bounded_number_of_times(monkeypatch):
     assert calls.count("always") == 3 and calls.count("gone") == 1
 
 
+@dataclasses.dataclass
+class _Url:
+    url: str
+
+
 def test_a_jobs_token_never_reaches_the_report(monkeypatch, tmp_path):
     secret = "tok-batch-" + "x7" * 12
 
@@ -321,6 +327,9 @@ def test_a_jobs_token_never_reaches_the_report(monkeypatch, tmp_path):
     records = ah.batch([{"op": "leaky", "source": "a", "token": secret}], engine="serial", report=report)
     assert records[0].status == "failed" and records[0].error_message.startswith("could not open a with ")
     assert secret not in report.read_text() and secret not in json.dumps(records[0].to_json())
+    monkeypatch.setitem(OPS, "url", lambda source, *, token=None: _Url(f"u/{token}"))
+    (record,) = ah.batch([{"op": "url", "source": "a", "token": secret}], engine="serial")
+    assert record.summary == {"url": "u/" + REDACTED}
     with pytest.raises(ah.JobsFileError) as e:
         load_jobs([{"op": "pull", "ref": "x", "out": "y", "token": 12345678901234567}])
     assert "12345678901234567" not in str(e.value) and "token = (not shown)" in str(e.value)

@@ -130,7 +130,9 @@ def summarize(result: object) -> dict[str, Any]:
         value = getattr(result, f.name, None)
         if isinstance(value, float):
             summary[f.name] = value if math.isfinite(value) else None
-        elif isinstance(value, bool | int | str) or value is None:
+        elif isinstance(value, str):  # a server's text (a push's url) too: no token in the report
+            summary[f.name] = scrub(value)
+        elif isinstance(value, bool | int) or value is None:
             summary[f.name] = value
         elif isinstance(value, Path):
             summary[f.name] = str(value)

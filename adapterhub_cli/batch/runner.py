@@ -12,7 +12,7 @@ from typing import Any
 
 from adapterhub_cli.batch.jobs import Job, load_jobs
 from adapterhub_cli.batch.report import BatchStatus, JobRecord, ReportWriter
-from adapterhub_cli.errors import UsageError
+from adapterhub_cli.errors import UsageError, register_secret
 
 
 ENGINES = ("local", "ray", "serial")
@@ -120,6 +120,8 @@ def batch(
     from adapterhub_cli.batch.engines import cores, import_ray, run_local, run_ray, run_serial  # multiprocessing
 
     checked = load_jobs(jobs)
+    for job in checked:  # here too: what an engine reports of a job's failure is scrubbed in this process
+        register_secret(job.kwargs.get("token"))
     if report is not None and isinstance(jobs, str | Path) and Path(report).resolve() == Path(jobs).resolve():
         raise UsageError(f"--report {report} is the JOBS file itself", hint="give another report path")
     if engine == "ray":
