@@ -502,3 +502,21 @@ def test_base_top_with_many_blocks_gives_the_same_overlaps(
         assert a.base_top is not None and b.base_top is not None
         for key in ("overlap_out", "overlap_in", "w_top_proj", "spec_rel"):
             assert a.base_top[key] == pytest.approx(b.base_top[key], rel=1e-5, abs=1e-9), (a.module, key)
+
+
+def test_base_weight_with_nan_is_refused(llama_base: Path, llama_lora: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from adapterhub_cli.errors import InvalidAdapterError
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_base, base)
+    weights = load_file(base / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    weights[key] = weights[key].clone()
+    weights[key][1, 2] = float("nan")
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InvalidAdapterError, match=r"q_proj\.weight holds NaN or inf"):
+        ah.analyze(llama_lora, base=base)
+    res = CliRunner().invoke(build_cli(), ["analyze", str(llama_lora), "--base", str(base), "--json"])
+    assert res.exit_code != 0 and "NaN" in res.output

@@ -22,7 +22,7 @@ from adapterhub_cli.artifact.adapter import Adapter, LoraModule, stored_transpos
 from adapterhub_cli.artifact.checkpoint import BaseView
 from adapterhub_cli.artifact.files import follow_umask
 from adapterhub_cli.artifact.safetensors import header_length, torch_dtype
-from adapterhub_cli.errors import CorruptFileError, IncompatibleBaseError, UsageError
+from adapterhub_cli.errors import CorruptFileError, IncompatibleBaseError, InvalidAdapterError, UsageError
 from adapterhub_cli.parallel import map_modules
 
 
@@ -253,7 +253,7 @@ def analyze_adapter(
     Raises:
         IncompatibleBaseError: a module with no weight in the base, of another shape, or in a quantized dtype.
         UsageError: ``base_top`` below 1.
-        InvalidAdapterError: factors holding NaN / inf.
+        InvalidAdapterError: factors or a base weight holding NaN / inf.
     """
     import torch
 
@@ -277,6 +277,13 @@ def analyze_adapter(
             acc.add(start, block)
             if base_top is not None:
                 parts.append(block.clone())  # a float32 block is a view of the reader's reused buffer
+        if not math.isfinite(float(acc.row2.sum())):  # ||W||² in float64: finite exactly when every entry is
+            raise InvalidAdapterError(
+                f"module {name}: the base weight {key} holds NaN or inf",
+                path=view.path,
+                module=name,
+                hint="the base checkpoint is damaged: point --base at a healthy copy",
+            )
         top = None
         if base_top is not None:
             w = torch.cat(parts)
