@@ -141,6 +141,7 @@ def test_bad_jobs_file_is_refused_before_anything_runs(tmp_path, llama_lora):
     assert result.exit_code == 2 and "not valid YAML" in result.output
     result = run_cli("batch", tmp_path / "missing.yaml")
     assert result.exit_code == 2 and "JOBS file not found" in result.output
+    assert "a YAML or JSON file listing the jobs is expected" in result.output
 
 
 def test_for_each_expands_over_a_list_and_a_glob(tmp_path, monkeypatch):

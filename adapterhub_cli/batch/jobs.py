@@ -141,7 +141,9 @@ def read_jobs_file(path: str | Path) -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise AdapterNotFoundError(path, "JOBS file")
+        missing = AdapterNotFoundError(path, "JOBS file")
+        missing.hint = "check the path; a YAML or JSON file listing the jobs is expected"
+        raise missing
     size = path.stat().st_size
     if size > MAX_JOBS_BYTES:
         raise JobsFileError(str(path), [f"the file is {size} bytes; at most {MAX_JOBS_BYTES} are read"])
