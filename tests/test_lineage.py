@@ -335,3 +335,12 @@ def test_lineage_lines_of_an_untrusted_record_stay_one_line_each_and_cannot_forg
     # fields of the wrong type are left out rather than failing a push
     assert lineage_lines({"operation": "merge", "parameters": [1], "inputs": "abc"})[0].startswith("Produced by")
     assert quantized_scheme({"operation": "quantize", "parameters": ["nf4"]}) is None
+
+
+def test_a_provenance_record_over_a_megabyte_is_not_read_back():
+    from adapterhub_cli.artifact.provenance import _recorded
+
+    small = json.dumps({"operation": "merge", "inputs": []})
+    assert _recorded({PROVENANCE_KEY: small}) == {"operation": "merge", "inputs": []}
+    huge = json.dumps({"operation": "merge", "inputs": [{"source": "x" * 100}] * 20_000})
+    assert _recorded({PROVENANCE_KEY: huge}) is None

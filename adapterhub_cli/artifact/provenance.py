@@ -144,9 +144,13 @@ def provenance(operation: str, parameters: dict[str, Any], inputs: list[Adapter]
     return Provenance.of_output(operation, parameters, inputs).record()
 
 
+#: the longest provenance record read back (a merge of thousands of adapters fits): the record goes into cards
+_MAX_RECORD = 1 << 20
+
+
 def _recorded(metadata: dict[str, str]) -> dict[str, Any] | None:
     raw = metadata.get(PROVENANCE_KEY)
-    if raw is None:
+    if not isinstance(raw, str) or len(raw) > _MAX_RECORD:  # a file someone else wrote: not ours to repeat
         return None
     try:
         doc = json.loads(raw)
