@@ -182,3 +182,22 @@ def test_copied_tensor_nan_is_refused_with_buffered_writes_too(llama_base, llama
         ah.merge(llama_lora, base=base, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_torch_that_fails_to_import_on_the_warmup_thread_fails_again_where_the_merge_imports_it(tmp_path):
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('this torch is broken')\n")
+    script = (
+        "import sys, threading\n"
+        "from adapterhub_cli.merge import warmup\n"
+        "warmup.start('cuda:0')\n"
+        "[t.join() for t in threading.enumerate() if t.name == 'adapters-import-torch']\n"
+        "try:\n"
+        "    import torch\n"
+        "except ImportError as e:\n"
+        "    print('raised:', e)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == "raised: this torch is broken" and not done.stderr
