@@ -299,3 +299,25 @@ def test_a_merged_lora_comes_back_from_a_bf16_base(llama_base, llama_lora, tmp_p
         bound = 2 * 2**-9 * float(merged_w[name + ".weight"].double().norm())
         assert float((got[name] - delta).norm()) <= bound, name
         assert float((got[name] - delta).norm()) < 0.05 * float(delta.norm())
+
+
+def test_nan_in_the_tuned_weights_and_output_into_an_input_are_refused(llama_base, merged_llama, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(merged_llama, tuned)
+    (weights_file,) = tuned.glob("*.safetensors")
+    weights = load_file(weights_file)
+    key = next(k for k in weights if k.endswith("q_proj.weight"))
+    weights[key] = weights[key].clone()
+    weights[key][0, 0] = float("nan")
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    with pytest.raises(ah.InvalidAdapterError, match=r"q_proj\.weight' holds NaN or inf"):
+        ah.extract(llama_base, tuned, out=tmp_path / "x", rank=4)
+    assert not (tmp_path / "x").exists()
+    before = sorted(p.name for p in merged_llama.iterdir())
+    with pytest.raises(ah.AdaptersError):
+        ah.extract(llama_base, merged_llama, out=merged_llama, rank=4, overwrite=True)
+    assert sorted(p.name for p in merged_llama.iterdir()) == before
