@@ -363,14 +363,14 @@ def extract_adapter(
             base_norm = float(torch.linalg.vector_norm(b32))
             delta.sub_(b32)
             del b32
-            if not bool(torch.isfinite(delta).all()):
+            delta_norm = float(torch.linalg.vector_norm(delta))
+            if not math.isfinite(delta_norm):  # NaN / inf anywhere in dW (no m x n mask formed for the check)
                 raise InvalidAdapterError(
                     f"tensor {name!r} holds NaN or inf (in --base or --tuned)",
                     path=tuned.path,
                     module=name,
                     hint="the checkpoint is damaged, or the fine-tune diverged",
                 )
-            delta_norm = float(torch.linalg.vector_norm(delta))
             rel_change = delta_norm / base_norm if base_norm else float("inf")
             if kind in ("embedding", "head") and embeddings != "lora":
                 what = "an input embedding" if kind == "embedding" else "a vocabulary head"
