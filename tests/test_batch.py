@@ -191,6 +191,14 @@ def test_for_each_name_that_is_not_a_plain_name_is_refused():
     assert [j.kwargs["out"] for j in jobs] == ["o/0", "o/1"]
 
 
+def test_two_analyze_jobs_writing_one_plot_are_refused():
+    with pytest.raises(ah.JobsFileError) as e:
+        load_jobs([{"op": "analyze", "for_each": ["a", "b"], "source": "{item}", "base": "m", "plot": "p.png"}])
+    assert "jobs[0] item 'b' (analyze): writes p.png, as jobs[0] item 'a' (analyze) does" in str(e.value)
+    (job,) = load_jobs([{"op": "analyze", "source": "a", "base": "m", "plot": "p.png"}])
+    assert job.output == "p.png"
+
+
 def test_every_op_checks_against_the_api_signature():
     """The names a job may use are the API function's keyword arguments (progress and api excepted)."""
     for op, fn in OPS.items():

@@ -58,9 +58,10 @@ BATCH_KEYS = ("op", "threads", "for_each")
 NOT_FROM_FILE = ("progress", "api")
 #: Other spellings accepted for an argument: the issue's and the CLI's ``adapter`` for the API's ``source``.
 ALIASES = {"adapter": "source"}
-#: The keyword arguments that name what a job reads, and what it writes, per op (the report's inputs / output).
+#: The keyword arguments that name what a job reads, and what it writes (``out``; analyze's ``plot``): the report's
+#: inputs / output, and what the distinct-outputs check compares.
 INPUT_KEYS = ("source", "sources", "adapters", "a", "b", "base", "tuned", "merged", "ref")
-OUTPUT_KEY = "out"
+OUTPUT_KEYS = ("out", "plot")
 #: The largest JOBS file read (a list of 100,000 jobs is far below it).
 MAX_JOBS_BYTES = 64 * 1024 * 1024
 _PLACEHOLDER = re.compile(r"\{(item|name|index)\}")
@@ -123,7 +124,7 @@ class Job:
         """What the job writes: its ``out``, or ``repo_id@version`` for a push; None for a job that only reads."""
         if self.op == "push":
             return f"{self.kwargs.get('repo_id')}@{self.kwargs.get('version')}"
-        value = self.kwargs.get(OUTPUT_KEY)
+        value = next((self.kwargs[k] for k in OUTPUT_KEYS if self.kwargs.get(k) is not None), None)
         return str(value) if value is not None else None
 
     @property
@@ -369,16 +370,17 @@ def _cross_check(jobs: list[Job]) -> list[str]:
     problems: list[str] = []
     writers: dict[str, Job] = {}
     for job in jobs:
-        out = job.kwargs.get(OUTPUT_KEY)
-        if job.op == "push" or not isinstance(out, str):
-            continue
-        key = _local_key(out)
-        if key is None:
-            continue
-        if key in writers:
-            problems.append(f"{job.label}: writes {out}, as {writers[key].label} does; give each job its own out")
-        else:
-            writers[key] = job
+        for name in OUTPUT_KEYS if job.op != "push" else ():
+            out = job.kwargs.get(name)
+            key = _local_key(out) if isinstance(out, str) else None
+            if key is None:
+                continue
+            if key in writers:
+                problems.append(
+                    f"{job.label}: writes {out}, as {writers[key].label} does; give each job its own {name}"
+                )
+            else:
+                writers[key] = job
     for job in jobs:
         for value in job.inputs:
             key = _local_key(value)
