@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import queue
 import threading
@@ -34,13 +33,12 @@ from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.card import hub_id, merged_card
 from adapterhub_cli.artifact.checkpoint import CARD_FILE, BaseView
 from adapterhub_cli.artifact.files import atomic_dir
-from adapterhub_cli.artifact.provenance import PROVENANCE_KEY, base_record, merge_provenance
 from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, encode_header, torch_dtype
 from adapterhub_cli.errors import AdaptersError, InvalidAdapterError
 from adapterhub_cli.merge import bnb
 from adapterhub_cli.merge.compute import _Merger, check_device, require_finite
 from adapterhub_cli.merge.direct_io import StagedFile
-from adapterhub_cli.merge.engine import MergeResult, Progress, _dtype_of, _result
+from adapterhub_cli.merge.engine import MergeResult, Progress, _dtype_of, _result, merge_record, shard_metadata
 from adapterhub_cli.merge.plan import MergePlan, TensorPlan, build_plan
 from adapterhub_cli.merge.shards import (
     READ_AHEAD,
@@ -131,14 +129,17 @@ def run_merge_each(
         except OUTPUT_ERRORS as e:
             results[i] = _failed(target, e)
             continue
-        parameters = {
-            "weights": [1.0],
-            "dtype": dtype,
-            "max_shard_size": max_shard_size,
-            "device": device,
-            **({"quantize": quantize} if quantize else {}),
-        }
-        record = merge_provenance("merge", parameters, base_record(plan.view, base_source), [target.adapter])
+        record = merge_record(
+            plan,
+            [target.adapter],
+            reverse=False,
+            weights=None,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            device=device,
+            quantize=quantize,
+            base_source=base_source,
+        )
         streams.append(_Stream(i, target, plan, record, device))
     try:
         live = [s for s in streams if s.open(overwrite)]
@@ -188,7 +189,7 @@ class _Stream:
         self.plan = plan
         self.record = record
         self.device = device
-        self.metadata = {"format": "pt", PROVENANCE_KEY: json.dumps(record, sort_keys=True)}
+        self.metadata = shard_metadata(record)
         self.names = plan.shard_files or shard_names(plan.view.weights_stem, len(plan.shards))
         self.where = {p.name: (i, j) for i, shard in enumerate(plan.shards) for j, p in enumerate(shard)}
         self.order = [p for shard in plan.shards for p in shard]

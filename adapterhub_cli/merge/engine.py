@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.card import hub_id, merged_card
@@ -128,16 +128,18 @@ def run_merge(
         reverse=reverse,
         quantize=quantize,
     )
-    operation = "unmerge" if reverse else "merge"
-    parameters = {
-        "weights": list(weights) if weights is not None else [1.0] * len(adapters),
-        "dtype": dtype,
-        "max_shard_size": max_shard_size,  # None: the base's shard layout kept
-        "device": device,
-        **({"quantize": quantize} if quantize else {}),
-    }
-    record = merge_provenance(operation, parameters, base_record(plan.view, base_source), adapters)
-    metadata = {"format": "pt", PROVENANCE_KEY: json.dumps(record, sort_keys=True)}
+    record = merge_record(
+        plan,
+        adapters,
+        reverse=reverse,
+        weights=weights,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        device=device,
+        quantize=quantize,
+        base_source=base_source,
+    )
+    metadata = shard_metadata(record)
     if base_model is None and not reverse:
         base_model = hub_id(plan.view.config.get("_name_or_path"))
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -169,6 +171,35 @@ def run_merge(
     result = _result(plan, Path(out), written, time.perf_counter() - started, device)
     result.warnings += notes
     return result
+
+
+def merge_record(
+    plan: MergePlan,
+    adapters: list[Adapter],
+    *,
+    reverse: bool,
+    weights: list[float] | None,
+    dtype: str,
+    max_shard_size: str | int | None,
+    device: str,
+    quantize: str | None,
+    base_source: str | None,
+) -> dict[str, Any]:
+    """The provenance record of a merge (or unmerge) of ``adapters`` into ``plan``'s base with these options."""
+    parameters = {
+        "weights": list(weights) if weights is not None else [1.0] * len(adapters),
+        "dtype": dtype,
+        "max_shard_size": max_shard_size,  # None: the base's shard layout kept
+        "device": device,
+        **({"quantize": quantize} if quantize else {}),
+    }
+    operation = "unmerge" if reverse else "merge"
+    return merge_provenance(operation, parameters, base_record(plan.view, base_source), adapters)
+
+
+def shard_metadata(record: dict[str, Any]) -> dict[str, str]:
+    """The safetensors metadata of every output shard: ``format: pt`` and the provenance record."""
+    return {"format": "pt", PROVENANCE_KEY: json.dumps(record, sort_keys=True)}
 
 
 def _write_shards(
