@@ -423,6 +423,12 @@ def test_usage_errors_and_a_missing_ray(tmp_path, monkeypatch, llama_lora):
     result = run_cli("batch", jobs, "--report", planted)
     assert result.exit_code == 2 and "is a link" in result.output
     assert secret.read_text() == "keep me\n" and json.loads(jobs.read_text())[0]["op"] == "inspect"
+    weights = llama_lora / "adapter_model.safetensors"  # nor an input, or a path inside one
+    before = weights.read_bytes()
+    for report in (weights, llama_lora / "report.jsonl"):
+        result = run_cli("batch", jobs, "--report", report)
+        assert result.exit_code == 2 and "which jobs[0] (inspect) reads or writes" in result.output, result.output
+    assert weights.read_bytes() == before and not (llama_lora / "report.jsonl").exists()
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     result = run_cli("batch", jobs, "--engine", "ray")
     assert result.exit_code == 2, result.output

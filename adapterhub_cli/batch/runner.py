@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from adapterhub_cli.batch.jobs import Job, load_jobs
+from adapterhub_cli.batch.jobs import OUTPUT_KEYS, Job, load_jobs
 from adapterhub_cli.batch.report import BatchStatus, JobRecord, ReportWriter
 from adapterhub_cli.errors import UsageError, register_secret
 
@@ -58,6 +58,21 @@ class _Tracker:
     def slots(self, count: int) -> None:
         self.status.slots = count
         self._tell()
+
+
+def _check_report_path(report: Path, jobs: list[Job]) -> None:
+    """Refuse a report that would replace, or land inside, what a job reads or writes (a local path)."""
+    real = report.resolve()
+    for job in jobs:
+        for value in [*job.inputs, *(job.kwargs.get(k) for k in OUTPUT_KEYS)]:
+            if not isinstance(value, str) or "://" in value:
+                continue
+            path = Path(value).resolve()
+            if real == path or path in real.parents:
+                raise UsageError(
+                    f"--report {report} is {value}, or lies inside it, which {job.label} reads or writes",
+                    hint="give a report path outside the jobs' inputs and outputs",
+                )
 
 
 def default_report(jobs_file: str | Path) -> Path:
@@ -124,6 +139,8 @@ def batch(
         register_secret(job.kwargs.get("token"))
     if report is not None and isinstance(jobs, str | Path) and Path(report).resolve() == Path(jobs).resolve():
         raise UsageError(f"--report {report} is the JOBS file itself", hint="give another report path")
+    if report is not None:
+        _check_report_path(Path(report), checked)
     if engine == "ray":
         import_ray()  # before anything runs: a missing Ray is a usage error, not a failure of every job
     pool = workers or cores()
