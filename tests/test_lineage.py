@@ -344,3 +344,21 @@ def test_a_provenance_record_over_a_megabyte_is_not_read_back():
     assert _recorded({PROVENANCE_KEY: small}) == {"operation": "merge", "inputs": []}
     huge = json.dumps({"operation": "merge", "inputs": [{"source": "x" * 100}] * 20_000})
     assert _recorded({PROVENANCE_KEY: huge}) is None
+
+
+def test_a_push_card_over_an_existing_card_with_odd_tags_keeps_the_string_ones():
+    from adapterhub_cli.stores.card import hub_card
+
+    existing = "---\ntags:\n- 1\n- mine\n- null\n---\n# hand written\n"
+    text = hub_card(
+        existing,
+        adapter=None,
+        config={"architectures": ["LlamaForCausalLM"]},
+        relation="merge",
+        base_model=None,
+        repo_id="org/merged",
+        version="1.0.0",
+        sha256={},
+    )
+    assert front_matter(text)["tags"] == ["mine", "lora", "adapterhub-cli", "merge"]
+    assert "# hand written" in text

@@ -71,7 +71,7 @@ def hub_card(
     else:  # the Hub accepts only repo ids: drop a local path another tool put there (PEFT writes one)
         kept = [b for b in _as_list(data.get("base_model")) if is_repo_id(b)]
         data["base_model"] = (kept[0] if len(kept) == 1 else kept) or None
-    tags = [t for t in data.get("tags") or [] if not t.startswith("base_model:") or is_repo_id(t.split(":")[-1])]
+    tags = [t for t in _as_list(data.get("tags")) if not t.startswith("base_model:") or is_repo_id(t.split(":")[-1])]
     data["tags"] = tags
     data["base_model_relation"] = relation if data.get("base_model") else None  # meaningless without a base
     if relation == "adapter":
