@@ -291,6 +291,23 @@ def test_offline_versions_are_served_from_the_tags_seen_online(
         assert "../../etc/passwd" not in json.dumps([r.to_dict() for r in rows])
 
 
+def test_a_versions_record_keeps_what_it_can_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapterhub_cli.stores.records import VersionInfo
+
+    monkeypatch.setenv("ADAPTERS_CACHE", str(tmp_path / "cache"))
+
+    def row(tag: str, commit: str = "a" * 40) -> VersionInfo:
+        return VersionInfo(tag=tag, version=None, commit=commit, date=None, title="", message="")
+
+    # one unreadable tag (too long, control characters) is dropped, not the whole record
+    rows = [row("v1.0.0"), row("v" * 300), row("v2.0.0\x1b[2J")]
+    hub_cache.record_versions("org/x", rows, endpoint="http://127.0.0.1")
+    read = hub_cache.read_versions("org/x")
+    assert read is not None and [r.tag for r in read[1]] == ["v1.0.0"]
+    record = hub_cache.versions_record("org/x")
+    assert record is not None and [p.name for p in record.parent.iterdir()] == [record.name]  # no temporary left
+
+
 # ----------------------------------------------------------------------------------------- foreign checkpoints
 
 

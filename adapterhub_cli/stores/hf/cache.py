@@ -169,6 +169,8 @@ def record_versions(repo_id: str, rows: list[VersionInfo], *, endpoint: str) -> 
     previous = {r.tag: r for r in (read_versions(repo_id) or ("", []))[1]}
     tags: dict[str, dict[str, str | None]] = {}
     for r in rows:
+        if not _recordable(r.tag, r.commit):
+            continue  # the reader would refuse the whole record for it
         old = previous.get(r.tag)
         keep = old is not None and old.commit == r.commit and r.date is None
         tags[r.tag] = {
@@ -189,9 +191,24 @@ def record_versions(repo_id: str, rows: list[VersionInfo], *, endpoint: str) -> 
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
-        with os.fdopen(fd, "w") as f:
-            f.write(scrub(json.dumps(doc, indent=1, sort_keys=True)) + "\n")
-        tmp.replace(path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(scrub(json.dumps(doc, indent=1, sort_keys=True)) + "\n")
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _recordable(tag: object, commit: object) -> bool:
+    """Whether a tag and its commit may stand in a versions record: a tag of 1 to 256 characters that is its own
+    server text (no control characters), a commit id."""
+    return (
+        isinstance(tag, str)
+        and 0 < len(tag) <= 256
+        and server_text(tag) == tag
+        and isinstance(commit, str)
+        and SHA1.match(commit) is not None
+    )
 
 
 def read_versions(repo_id: str) -> tuple[str, list[VersionInfo]] | None:
@@ -215,12 +232,13 @@ def read_versions(repo_id: str) -> tuple[str, list[VersionInfo]] | None:
         return None
     rows = []
     for tag, entry in doc["tags"].items():
-        if not isinstance(entry, dict) or server_text(tag) != tag or not tag or len(tag) > 256:
+        if not isinstance(entry, dict):
             return None
         commit, date = entry.get("commit"), entry.get("date")
         texts = [entry.get("title"), entry.get("message")]
-        if not (isinstance(commit, str) and SHA1.match(commit)) or not (date is None or isinstance(date, str)):
+        if not _recordable(tag, commit) or not (date is None or isinstance(date, str)):
             return None
+        assert isinstance(commit, str)  # _recordable checked it
         if not all(isinstance(t, str) and len(t) <= _RECORD_TEXT_LIMIT for t in texts):
             return None
         v = Version.parse(tag)
