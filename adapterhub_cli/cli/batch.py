@@ -16,7 +16,7 @@ from adapterhub_cli.cli._params import complete_paths, json_option
 
 
 if TYPE_CHECKING:
-    from adapterhub_cli.batch import BatchStatus, JobRecord
+    from adapterhub_cli.batch import BatchStatus
 
 
 def _status_table(status: BatchStatus, elapsed: float) -> Any:
@@ -58,10 +58,6 @@ def _live_progress() -> Iterator[Callable[[BatchStatus], None] | None]:
             latest[:] = [status]
 
         yield update
-
-
-def _record_json(r: JobRecord) -> dict[str, Any]:
-    return r.to_json()
 
 
 @click.command("batch")
@@ -144,7 +140,7 @@ def batch_cmd(
                 "engine": engine,
                 "report": report,
                 "job_seconds": seconds,
-                "failed_jobs": [_record_json(r) for r in failed],
+                "failed_jobs": [r.to_json() for r in failed],
             }
         )
     else:
