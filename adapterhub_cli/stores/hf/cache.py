@@ -38,9 +38,9 @@ from adapterhub_cli.stores.records import VersionInfo
 
 
 #: a git object id: a commit, or the blob sha1 the Hub gives for a file not in LFS
-SHA1 = re.compile(r"^[0-9a-f]{40}$")
+SHA1 = re.compile(r"^[0-9a-f]{40}\Z")
 #: the sha256 the Hub gives for an LFS file (its blob name in the cache)
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def repo_dir(repo_id: str) -> Path:
