@@ -782,6 +782,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port} is not a port number (0 to 65535; 0 picks a free one)")
+    if args.token is not None and not args.token.strip():
+        parser.error("--token is empty: give the token to accept, or leave --token out to accept any")
     tokens = {args.token} if args.token else None
     try:
         hub = FakeHub(tokens=tokens, anonymous=tokens is None).start(args.port)

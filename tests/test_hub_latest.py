@@ -184,6 +184,8 @@ def test_hub_server_help_and_bad_port() -> None:
     assert done.returncode == 0 and "usage:" in done.stdout and "--token" in done.stdout and "--port" in done.stdout
     done = subprocess.run([sys.executable, str(SERVER), "--port", "70000"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "not a port number" in done.stderr
+    done = subprocess.run([sys.executable, str(SERVER), "--token", ""], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--token is empty" in done.stderr  # never a server that accepts any token
 
 
 @pytest.fixture
