@@ -333,9 +333,14 @@ def test_a_jobs_token_never_reaches_the_report(monkeypatch, tmp_path):
 
     monkeypatch.setitem(OPS, "leaky", leaky)
     report = tmp_path / "r.jsonl"
-    records = ah.batch([{"op": "leaky", "source": "a", "token": secret}], engine="serial", report=report)
+    records = ah.batch(
+        [{"op": "leaky", "source": "a", "token": secret}, {"op": "leaky", "source": f"hf://u:{secret}@h/o/n"}],
+        engine="serial",
+        report=report,
+    )
     assert records[0].status == "failed" and records[0].error_message.startswith("could not open a with ")
     assert secret not in report.read_text() and secret not in json.dumps(records[0].to_json())
+    assert read_report(report)[1]["inputs"] == [f"hf://u:{REDACTED}@h/o/n"]
     monkeypatch.setitem(OPS, "url", lambda source, *, token=None: _Url(f"u/{token}"))
     (record,) = ah.batch([{"op": "url", "source": "a", "token": secret}], engine="serial")
     assert record.summary == {"url": "u/" + REDACTED}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from adapterhub_cli.artifact.files import follow_umask, sha256_file
-from adapterhub_cli.errors import UsageError
+from adapterhub_cli.errors import UsageError, scrub
 
 
 Status = Literal["ok", "failed", "skipped"]
@@ -122,7 +122,8 @@ class ReportWriter:
 
 
 def _line(record: JobRecord) -> str:
-    return json.dumps(record.to_json(), ensure_ascii=True, allow_nan=False, default=str) + "\n"
+    """The record's JSON line, scrubbed as a whole: a token that a job's input or output names is not written."""
+    return scrub(json.dumps(record.to_json(), ensure_ascii=True, allow_nan=False, default=str)) + "\n"
 
 
 def read_report(path: str | Path) -> list[dict[str, Any]]:
