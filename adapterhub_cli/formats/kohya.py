@@ -691,7 +691,7 @@ def kohya_stash(adapter: Adapter) -> dict[str, Any] | None:
         t = loaded[key]
         value: float | int = int(t.reshape(-1)[0].item()) if not t.dtype.is_floating_point else _scalar(t)
         alphas[module] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "value": value}
-    return {"names": names, "alphas": alphas, "metadata": dict(header.metadata), "digest": _adapter_digest(adapter)}
+    return {"names": names, "alphas": alphas, "metadata": dict(header.metadata), "digest": adapter_digest(adapter)}
 
 
 def _raw_factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -700,14 +700,11 @@ def _raw_factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor
     return {m.name: (loaded[m.A.name], loaded[m.B.name]) for m in adapter.modules.values()}
 
 
-def _adapter_digest(adapter: Adapter, raw: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> str:
+def adapter_digest(adapter: Adapter, raw: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> str:
+    """The digest a kohya stash records of the factors it belongs to (module names, A and B bytes); ``raw``: the
+    factors when already read."""
     raw = raw if raw is not None else _raw_factors(adapter)
     return factor_digest([(n, a, b) for n, (a, b) in raw.items()])
-
-
-def adapter_digest(adapter: Adapter) -> str:
-    """The digest a kohya stash records of the factors it belongs to (module names, A and B bytes)."""
-    return _adapter_digest(adapter)
 
 
 def check_convertible(adapter: Adapter, to: str) -> None:
@@ -816,7 +813,7 @@ def write_kohya(
     adapter.warnings += [w for w in diffusion_warnings(adapter, "kohya") if w not in adapter.warnings]
     out = Path(out)
     raw = _raw_factors(adapter)
-    digest = _adapter_digest(adapter, raw)
+    digest = adapter_digest(adapter, raw)
     stash = kohya_stash(adapter)
     if stash is None and KOHYA_STASH_KEY in adapter.metadata:
         try:
