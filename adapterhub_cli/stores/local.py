@@ -46,7 +46,7 @@ from adapterhub_cli.artifact.ref import FILE, FILE_SCHEME, AdapterRef, Version, 
 from adapterhub_cli.errors import CorruptFileError, StoreNotFoundError, UsageError, VersionConflictError, server_text
 from adapterhub_cli.stores.base import Store
 from adapterhub_cli.stores.publish import check_version
-from adapterhub_cli.stores.records import PushResult, Resolved, StoreFile, VersionInfo
+from adapterhub_cli.stores.records import PushResult, Resolved, StoreFile, VersionInfo, resolution_note
 
 
 #: absolute folders (separated by ``os.pathsep``) below which a bare path ``/ROOT/ORG/NAME[@REF]`` is a registry ref
@@ -159,15 +159,7 @@ class LocalStore(Store):
                 if only_pre
                 else f"see `adapters versions {parsed.repo_ref}`",
             )
-        note = (
-            f"the latest release {tag} (no version was given)"
-            if rev is None
-            else f"the latest release {tag} (prereleases excluded)"
-            if kind == "latest"
-            else f"the highest release in {rev}: {tag}"
-            if kind == "range"
-            else None
-        )
+        note = resolution_note(kind, rev, tag, None, published)
         folder, doc, content_id = published[tag]
         files = {}
         listed = doc.get("files") or {}

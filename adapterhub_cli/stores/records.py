@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from adapterhub_cli.artifact.ref import tag_version
 
 
 @dataclass(frozen=True)
@@ -127,3 +129,21 @@ class PullResult:
         d.pop("root")
         d["path"] = str(self.path)
         return d
+
+
+def resolution_note(
+    kind: str, rev: str | None, tag: str | None, branch: str | None, tags: Iterable[str]
+) -> str | None:
+    """How a ref that named no exact version was resolved, in words (None for an exact tag, branch or commit):
+    THE wording of :attr:`Resolved.note` for every store. ``tags``: the published tags."""
+    if kind == "default" and tag is not None:
+        return f"the latest release {tag} (no version was given)"
+    if kind == "default":
+        pre = sorted(t for t in tags if tag_version(t) is not None)
+        why = f"no release tags, only prereleases: {', '.join(pre)}" if pre else "no version tags"
+        return f"the default branch{f' {branch}' if branch else ''} ({why})"
+    if kind == "latest":
+        return f"the latest release {tag} (prereleases excluded)"
+    if kind == "range":
+        return f"the highest release in {rev}: {tag}"
+    return None

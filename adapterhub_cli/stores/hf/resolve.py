@@ -22,7 +22,7 @@ from adapterhub_cli.errors import HubError, HubNotFoundError, HubResponseError, 
 from adapterhub_cli.stores.hf import cache
 from adapterhub_cli.stores.hf.cache import SHA1, SHA256
 from adapterhub_cli.stores.hf.client import Client, connect, offline
-from adapterhub_cli.stores.records import Resolved, StoreFile, VersionInfo
+from adapterhub_cli.stores.records import Resolved, StoreFile, VersionInfo, resolution_note
 
 
 if TYPE_CHECKING:
@@ -173,23 +173,6 @@ def resolve(ref: AdapterRef | str, *, api: HfApi | None = None, token: str | Non
     return HfResolved(
         HF, ref.repo_id, rev, commit, tag, files, branch=branch, note=note, download_revision=download_rev
     )
-
-
-def resolution_note(
-    kind: str, rev: str | None, tag: str | None, branch: str | None, tags: dict[str, str]
-) -> str | None:
-    """How a ref that named no exact version was resolved, in words (None for an exact tag, branch or commit)."""
-    if kind == "default" and tag is not None:
-        return f"the latest release {tag} (no version was given)"
-    if kind == "default":
-        pre = sorted(t for t in tags if Version.parse(t) is not None)
-        why = f"no release tags, only prereleases: {', '.join(pre)}" if pre else "no version tags"
-        return f"the default branch{f' {branch}' if branch else ''} ({why})"
-    if kind == "latest":
-        return f"the latest release {tag} (prereleases excluded)"
-    if kind == "range":
-        return f"the highest release in {rev}: {tag}"
-    return None
 
 
 def _remember(client: Client, repo_id: str, tags: dict[str, str]) -> None:
