@@ -311,7 +311,8 @@ def _check_targets(adapter: Adapter, base: BaseView) -> list[Finding]:
         names = base.module_names()
         if not any(cfg.targets(n) for n in names):
             names = _namings(base)
-        excluded = [(n, why) for n in names if (why := cfg.excluded_by(n))] if not any(map(cfg.targets, names)) else []
+        hit = any(cfg.targets(n) for n in names)
+        excluded = [] if hit else [(n, why) for n in names if (why := cfg.excluded_by(n))]
         if excluded:
             name, why = excluded[0]
             out.append(
@@ -324,7 +325,7 @@ def _check_targets(adapter: Adapter, base: BaseView) -> list[Finding]:
                     name,
                 )
             )
-        elif not any(cfg.targets(n) for n in names):
+        elif not hit:
             out.append(
                 Finding(
                     "targets-not-found",
