@@ -73,6 +73,8 @@ def test_hostile_tag_names_never_pass_for_a_version() -> None:
     assert latest_release(hostile) == "v1.0.0"
     assert pick_tag(hostile, AdapterRef.parse("org/x@^9")) is None
     assert pick_tag(hostile, AdapterRef.parse("org/x@8.0.0")) is None
+    # a tag named "latest" (which may point anywhere) does not change what @latest means
+    assert pick_tag(["v1.0.0", "latest", "v2.0.0-rc.1"], AdapterRef.parse("org/x@latest")) == "v1.0.0"
     # a range breaks a tie the way latest does: the v tag
     assert pick_tag(["1.2.0", "v1.2.0"], AdapterRef.parse("org/x@^1")) == "v1.2.0"
 

@@ -277,14 +277,14 @@ def pick_tag(tags: Iterable[str], ref: AdapterRef) -> str | None:
     rev, kind = ref.revision, ref.kind
     if rev is None:
         return None
+    if kind == "latest":  # one meaning, even where a tag is named "latest" (it may point anywhere)
+        return latest_release(names)
     if rev in names:
         return rev
     parsed = {name: v for name in names if (v := tag_version(name)) is not None}
     if kind == "version":
         want = Version.parse(rev)
         return next((n for n, v in sorted(parsed.items(), key=lambda x: x[0]) if v == want), None)
-    if kind == "latest":
-        return latest_release(names)
     if kind == "range":
         bounds = version_range(rev)
         if bounds is None:
