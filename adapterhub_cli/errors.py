@@ -27,6 +27,8 @@ REDACTED = "***"
 _MIN_SECRET = 8  # shorter values are not scrubbed by value (they would blank ordinary words)
 _SECRETS: set[str] = set()
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s'\",;()]+")
+#: the password in a URL's user info: ``scheme://user:PASSWORD@``
+_URL_PASSWORD = re.compile(r"(://[^/\s:@]*:)[^/\s@]+@")
 _HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{30,}")  # a Hub token: hf_ and 34 letters
 _ESCAPES = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves, erasing
@@ -47,7 +49,8 @@ def register_secret(value: str | None) -> None:
 
 def scrub(text: str) -> str:
     """``text`` without secrets: the exact value of every registered token (:func:`register_secret`) and of
-    ``HF_TOKEN`` / ``HUGGING_FACE_HUB_TOKEN``, and anything shaped like one (``Bearer ...``, ``hf_...``).
+    ``HF_TOKEN`` / ``HUGGING_FACE_HUB_TOKEN``, anything shaped like one (``Bearer ...``, ``hf_...``), and the password
+    of a URL's user info (``https://user:PASSWORD@host``, e.g. an ``HF_ENDPOINT`` with credentials).
 
     Every :class:`AdaptersError` scrubs its message and hint; the CLI scrubs whatever it prints for an error.
     """
@@ -55,6 +58,7 @@ def scrub(text: str) -> str:
     secrets.update(v.strip() for k in TOKEN_ENV_VARS if len((v := os.environ.get(k) or "").strip()) >= _MIN_SECRET)
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, REDACTED)
+    text = _URL_PASSWORD.sub(rf"\g<1>{REDACTED}@", text)
     return _HF_TOKEN.sub(REDACTED, _BEARER.sub(rf"\g<1>{REDACTED}", text))
 
 

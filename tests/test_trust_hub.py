@@ -406,6 +406,12 @@ def test_the_saved_login_is_scrubbed_by_its_value(
         (f"token={TOKEN}&x=1", "token=***&x=1"),  # the env token by value, and by shape
         ("hf_" + "Z" * 34, "***"),  # any Hub-shaped token
         ("/tmp/hf_home0/hub/models--org--lora", "/tmp/hf_home0/hub/models--org--lora"),  # paths stay readable
+        # an endpoint with credentials in its user info (HF_ENDPOINT=https://user:pass@host)
+        (
+            "not found on https://bob:s3cr3t-pass@hub.example.org/api",
+            "not found on https://bob:***@hub.example.org/api",
+        ),
+        ("http://127.0.0.1:8080/api and user@host", "http://127.0.0.1:8080/api and user@host"),  # ports and mails stay
     ],
 )
 def test_scrub_removes_tokens_by_value_and_shape(text: str, clean: str, monkeypatch: pytest.MonkeyPatch) -> None:
