@@ -109,6 +109,7 @@ def merge_lora(
     subtract: bool = False,
     rows: int = 256,
     out: torch.Tensor | None = None,
+    sums: list[float] | None = None,
 ) -> torch.Tensor:
     """``merge_delta(weight, lora_delta(A, B, scale))`` (or PEFT's unmerge with ``subtract``), computed in blocks of
     about ``rows`` rows of the stored weight (:func:`row_blocks`) so the float32 update never exists whole and
@@ -124,6 +125,9 @@ def merge_lora(
         A: (r, d_in); B: (d_out, r).
         out: where to write the result (same shape and dtype as weight, or ``weight`` itself to merge in
             place); a new tensor by default.
+        sums: if given, the sum of each block of the result is appended to it, taken while the block is in
+            cache: NaN and inf survive a sum, so finite sums (barring an overflow of the sum itself) mean a
+            finite result, without another pass over the whole tensor.
     """
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
         raise ShapeMismatchError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit (A (r, d_in), B (d_out, r))")
@@ -147,9 +151,18 @@ def merge_lora(
         block = block.mul_(scale)  # PEFT's `* scale`, in the block's own memory
         if subtract:
             torch.sub(weight[i:j], block.to(weight.dtype), out=out[i:j])
+        elif weight.dtype in _HALF and block.dtype == torch.float32:
+            # the same float32 sum (exact conversion, commutative add), rounded once by the copy: faster than
+            # torch's mixed-dtype add, which converts element by element
+            out[i:j].copy_(block.add_(weight[i:j]))
         else:
             torch.add(weight[i:j], block, out=out[i:j])  # in float32, rounded once to out's dtype
+        if sums is not None:
+            sums.append(float(out[i:j].sum()))
     return out
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def unmerge_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

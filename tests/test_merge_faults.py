@@ -102,10 +102,10 @@ TERMINATED_MERGE = textwrap.dedent(
     compute = importlib.import_module("adapterhub_cli.merge.compute")
     apply = compute._Merger.apply
 
-    def stalled(self, plan, weight):  # the first merged tensor: announce, then wait (in the main thread)
+    def stalled(self, plan, weight, *args, **kwargs):  # the first merged tensor: announce, then wait (main thread)
         Path(marker).touch()
         time.sleep(120)
-        return apply(self, plan, weight)
+        return apply(self, plan, weight, *args, **kwargs)
 
     compute._Merger.apply = stalled
     sys.argv[0] = "adapters"

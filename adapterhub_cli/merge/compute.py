@@ -86,6 +86,7 @@ class _Merger:
         self.pool = pool  # (several mergers may share one: ``pool`` given, it is not shut down by close)
         #: the stored keys of lora_B factors loaded so far that are all zero (validate's ``untrained`` warning)
         self.zero_b: set[str] = set()
+        self._b_names: dict[int, set[str]] = {}
 
     def _with_default_threads(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
         """Run ``fn`` with torch's usual thread count: a convolution's result depends on it, and PEFT uses it."""
@@ -122,20 +123,32 @@ class _Merger:
         fan_in_fan_out: bool,
         fn: Any,
         src: torch.Tensor | None = None,
+        sums: list[float] | None = None,
     ) -> torch.Tensor:
         """``merge_lora`` into ``weight`` (from ``src``, default ``weight`` itself: in place) with the rows split
-        between threads at block boundaries (same blocks, same arithmetic: the result is identical to one call)."""
+        between threads at block boundaries (same blocks, same arithmetic: the result is identical to one call).
+        ``sums`` gets the sum of every block of the result (:func:`lora_ops.merge_lora`)."""
         n = weight.shape[0]
         src = weight if src is None else src
         if self.pool is None or n < 4 * ROWS or weight.device.type != "cpu":
-            return fn(src, a, b, scale, fan_in_fan_out=fan_in_fan_out, subtract=self.reverse, rows=ROWS, out=weight)
+            return fn(
+                src,
+                a,
+                b,
+                scale,
+                fan_in_fan_out=fan_in_fan_out,
+                subtract=self.reverse,
+                rows=ROWS,
+                out=weight,
+                sums=sums,
+            )
         from lora_ops.merge import row_blocks
 
         # each block reads its rows before writing them: in place is safe
         blocks = row_blocks(n, ROWS)  # whole blocks per thread: each call splits its span into the same blocks
         per = -(-len(blocks) // self.workers)
         spans = [(blocks[k][0], blocks[min(k + per, len(blocks)) - 1][1]) for k in range(0, len(blocks), per)]
-        part = functools.partial(self._merge_rows, weight, a, b, scale, fan_in_fan_out, fn, src)
+        part = functools.partial(self._merge_rows, weight, a, b, scale, fan_in_fan_out, fn, src, sums)
         list(self.pool.map(part, spans))
         return weight
 
@@ -148,6 +161,7 @@ class _Merger:
         fan_in_fan_out: bool,
         fn: Any,
         src: torch.Tensor,
+        sums: list[float] | None,
         span: tuple[int, int],
     ) -> None:
         """Rows ``span`` of :meth:`_merge_lora`, from ``src`` into ``weight``."""
@@ -162,9 +176,17 @@ class _Merger:
             subtract=self.reverse,
             rows=ROWS,
             out=weight[lo:hi],
+            sums=sums,  # (list.append is atomic: the threads share it)
         )
 
-    def apply(self, plan: TensorPlan, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(
+        self,
+        plan: TensorPlan,
+        weight: torch.Tensor,
+        out: torch.Tensor | None = None,
+        *,
+        sums: list[float] | None = None,
+    ) -> torch.Tensor:
         """``weight`` with every contribution of ``plan`` added, in the order of the adapters.
 
         On the CPU the LoRA updates are added in place (``weight``'s buffer holds the result) in row blocks. On
@@ -175,6 +197,9 @@ class _Merger:
         ``out`` (same shape and dtype as ``weight``): write the result there and leave ``weight`` unchanged (a
         base tensor shared by several outputs, :mod:`.each`); the first LoRA update then reads ``weight`` and
         writes ``out`` (no copy first), with the same arithmetic, so the result is the same bit for bit.
+
+        ``sums``: gets the block sums of the result (:func:`lora_ops.merge_lora`) when its last contribution is a
+        LoRA update added in row blocks, for :func:`require_finite`; left empty otherwise.
         """
         import torch
 
@@ -191,21 +216,23 @@ class _Merger:
             stored.copy_(on, non_blocking=True)
             torch.cuda.current_stream(on.device).synchronize()
             return stored
+        last = plan.contributions[-1] if plan.contributions else None
         if not separate or out is None:
             base_weight = weight.clone() if dora else weight  # DoRA needs the unmerged weight
             for c in plan.contributions:
-                weight = self._add(c, weight, base_weight)
+                weight = self._add(c, weight, base_weight, sums=sums if c is last else None)
             return weight
         contributions = list(plan.contributions)
         first = contributions[0] if contributions else None
         result = out
         if first is not None and self._blockwise(first):
-            result = self._add(first, out, weight, src=weight)
+            result = self._add(first, out, weight, src=weight, sums=sums if first is last else None)
             contributions = contributions[1:]
         else:
             out.copy_(weight)
         for c in contributions:
-            result = self._add(c, result, weight)  # ``weight`` is still the unmerged one (DoRA's norm)
+            # ``weight`` is still the unmerged one (DoRA's norm)
+            result = self._add(c, result, weight, sums=sums if c is last else None)
         return result
 
     def _blockwise(self, c: Contribution) -> bool:
@@ -224,21 +251,33 @@ class _Merger:
         from adapterhub_cli.artifact.preflight import require_finite as require_finite_factors
 
         loaded = adapter.source.load(keys)
+        b_keys = self._b_keys(adapter)
         for key, t in loaded.items():
-            if t.is_floating_point() and t.numel() and not math.isfinite(float(t.sum())):
+            total = float(t.sum()) if t.is_floating_point() and t.numel() else 0.0
+            if not math.isfinite(total):
                 require_finite_factors(adapter, {key: t})  # (a sum that overflowed on finite values passes)
-        b_keys = {m.B.name for m in adapter.modules.values()}
-        for key, t in loaded.items():
-            if key in b_keys and not bool(torch.any(t)):
+            if key in b_keys and total == 0 and not bool(torch.any(t)):  # (all zero: the sum is zero)
                 self.zero_b.add(key)
         return loaded
 
+    def _b_keys(self, adapter: Adapter) -> set[str]:
+        """The stored names of ``adapter``'s lora_B factors (computed once per adapter)."""
+        key = id(adapter)
+        if key not in self._b_names:
+            self._b_names[key] = {m.B.name for m in adapter.modules.values()}
+        return self._b_names[key]
+
     def _add(
-        self, c: Contribution, weight: torch.Tensor, base_weight: torch.Tensor, src: torch.Tensor | None = None
+        self,
+        c: Contribution,
+        weight: torch.Tensor,
+        base_weight: torch.Tensor,
+        src: torch.Tensor | None = None,
+        sums: list[float] | None = None,
     ) -> torch.Tensor:
         """``weight`` with contribution ``c`` added (subtracted with ``reverse``); ``base_weight`` is the weight
         before any contribution (DoRA's norm is taken over it). ``src``: read the weight from there instead (a
-        blockwise LoRA update only: :meth:`_blockwise`), writing ``weight``."""
+        blockwise LoRA update only: :meth:`_blockwise`), writing ``weight``; ``sums`` gets its block sums."""
         from lora_ops import conv_lora_delta, lora_delta, merge_delta, merge_dora, merge_lora, unmerge_delta
 
         adapter = self.adapters[c.adapter]
@@ -252,7 +291,7 @@ class _Merger:
         a, b = loaded[m.A.name].to(self.device), loaded[m.B.name].to(self.device)
         transposed = fan_in_fan_out(m.kind, adapter.config.fan_in_fan_out, tuple(weight.shape), (m.d_out, m.d_in))
         if m.magnitude is None and m.kind != "conv" and not self.on_device:
-            return self._merge_lora(weight, a, b, scale, transposed, merge_lora, src=src)
+            return self._merge_lora(weight, a, b, scale, transposed, merge_lora, src=src, sums=sums)
         if m.magnitude is None:  # a convolution, or any LoRA on the GPU: the whole update at once
             if m.kind == "conv":
                 delta = self._with_default_threads(conv_lora_delta, a, b, scale)
@@ -291,7 +330,14 @@ class _Merger:
         return out
 
 
-def require_finite(t: torch.Tensor, p: TensorPlan, adapters: list[Adapter], *, base_dtype: str | None = None) -> None:
+def require_finite(
+    t: torch.Tensor,
+    p: TensorPlan,
+    adapters: list[Adapter],
+    *,
+    base_dtype: str | None = None,
+    sums: list[float] | None = None,
+) -> None:
     """Refuse to write ``t``, the tensor the merge produced for ``p`` (merged, replaced by a saved copy, or converted
     to another dtype), if it holds NaN or inf: the merge's last line of defence, run before the tensor is written,
     so a failing merge leaves no output. Untouched base tensors in 16/32/64-bit floats pass here too (a NaN the
@@ -300,7 +346,9 @@ def require_finite(t: torch.Tensor, p: TensorPlan, adapters: list[Adapter], *, b
     One sum per tensor in its own dtype (torch accumulates 16-bit floats in float32; measured 0.7 ms for 23 MB of
     bf16 on one core, against 36 ms for a float32-typed sum and 62 ms for ``isfinite().all()``): NaN and inf survive
     a sum, so a finite sum means every value is finite; only a sum that overflowed the dtype on large finite values
-    costs the element-wise check.
+    costs the element-wise check. ``sums``: the block sums the merge took of ``t`` while computing it
+    (:meth:`_Merger.apply`); all finite, no further pass over ``t`` is needed (a pass over a tensor in memory
+    rather than in cache cost ~0.3 s of 2.6 on the 2.2 GB benchmark).
 
     Raises:
         InvalidAdapterError: ``t`` holds NaN or inf (naming the tensor and the adapters that touched it).
@@ -308,6 +356,8 @@ def require_finite(t: torch.Tensor, p: TensorPlan, adapters: list[Adapter], *, b
     import torch
 
     if not t.dtype.is_floating_point or t.numel() == 0:
+        return
+    if sums and all(math.isfinite(s) for s in sums):
         return
     if math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all()):
         return

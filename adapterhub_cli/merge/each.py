@@ -526,21 +526,22 @@ def _produce(s: _Stream, p: TensorPlan, shared: _Shared | None, *, last: bool) -
         if p.dtype in COMPUTE_DTYPES:
             t = t.to(torch_dtype(p.dtype))  # as if the base were loaded in the output dtype, then merged
         base_view = shared.tensor if shared is not None and not p.replacement else None
+        sums: list[float] = []  # the merge's block sums (the NaN / inf check)
         if p.contributions:
             if base_view is not None and t is base_view:
                 if last and shared is not None and shared.refs == 1:  # no one else reads it any more: in place
                     cleanups.append(shared.take())
-                    t = s.merger.apply(p, t)
+                    t = s.merger.apply(p, t, sums=sums)
                 else:
                     buffer = s.buffers.acquire(t.numel() * t.element_size())
                     cleanups.append(functools.partial(s.buffers.release, buffer))
                     out = buffer[: t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-                    t = s.merger.apply(p, t, out=out)
+                    t = s.merger.apply(p, t, out=out, sums=sums)
             else:
-                t = s.merger.apply(p, t)
+                t = s.merger.apply(p, t, sums=sums)
         elif base_view is not None and t is base_view and shared is not None:
             cleanups.append(shared.take())  # written straight from the shared buffer
-        require_finite(t, p, s.merger.adapters, base_dtype=_dtype_of(plan.view, p.source))
+        require_finite(t, p, s.merger.adapters, base_dtype=_dtype_of(plan.view, p.source), sums=sums)
         if plan.quantize and p.quantized_entries:
             parts = bnb.quantize_weight(t, p.name, plan.quantize, compute_dtype=t.dtype)
             for c in cleanups:

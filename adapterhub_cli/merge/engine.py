@@ -302,9 +302,10 @@ class _Producer:
         t, buffer = read_ahead.take(p)
         if p.dtype in COMPUTE_DTYPES:
             t = t.to(torch_dtype(p.dtype))  # as if the base were loaded in the output dtype, then merged
+        sums: list[float] = []  # the merge's block sums: the NaN / inf check rides on the arithmetic
         if p.contributions:
-            t = merger.apply(p, t)
-        require_finite(t, p, merger.adapters, base_dtype=_dtype_of(self.plan.view, p.source))
+            t = merger.apply(p, t, sums=sums)
+        require_finite(t, p, merger.adapters, base_dtype=_dtype_of(self.plan.view, p.source), sums=sums)
         release = None if buffer is None else functools.partial(self.buffers.release, buffer)
         if self.plan.quantize and p.quantized_entries:
             return self._quantized(p, t, self.plan.quantize, release)
