@@ -556,3 +556,22 @@ def test_threaded_row_split_is_bit_identical_to_one_call(fan_in_fan_out):
     finally:
         merger.close()
     assert torch.equal(got, merge_lora(w, a, b, 1.7, fan_in_fan_out=fan_in_fan_out))
+
+
+def test_block_sums_that_overflow_on_finite_values_fall_back_to_the_element_wise_check():
+    """A sum can overflow on large finite values: require_finite then checks element by element (passes), and a
+    real NaN behind non-finite sums is refused."""
+    import torch
+
+    from adapterhub_cli.errors import InvalidAdapterError
+    from adapterhub_cli.merge.compute import require_finite
+    from adapterhub_cli.merge.plan import TensorPlan
+
+    p = TensorPlan(name="w", source="w", dtype="BF16", shape=(2, 2))
+    big = torch.full((2, 2), 3e38, dtype=torch.bfloat16)  # finite; its sum is not
+    require_finite(big, p, [], base_dtype="BF16", sums=[float("inf")])
+    require_finite(big, p, [], base_dtype="BF16", sums=[1.0])  # finite sums: no further pass
+    bad = big.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(InvalidAdapterError, match="NaN or inf"):
+        require_finite(bad, p, [], base_dtype="BF16", sums=[float("nan")])

@@ -46,3 +46,31 @@ def test_row_blocks_cover_the_rows_without_thin_blocks(n):
         assert blocks[0][0] == 0 and blocks[-1][1] == n
         assert all(prev[1] == nxt[0] for prev, nxt in itertools.pairwise(blocks))
         assert min(j - i for i, j in blocks) >= min(n, max(rows, MIN_ROWS))
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_block_sums_cover_every_row_and_reveal_nan_and_overflow(fan_in_fan_out):
+    from lora_ops.merge import row_blocks
+
+    g = torch.Generator().manual_seed(5)
+    d_out, d_in, r = 700, 300, 8
+    a = torch.randn(r, d_in, generator=g) * 0.02
+    b = torch.randn(d_out, r, generator=g) * 0.02
+    w = torch.randn((d_in, d_out) if fan_in_fan_out else (d_out, d_in), generator=g).to(torch.bfloat16)
+    sums: list[float] = []
+    got = merge_lora(w, a, b, 2.0, fan_in_fan_out=fan_in_fan_out, rows=64, sums=sums)
+    blocks = row_blocks(w.shape[0], 64)
+    assert len(sums) == len(blocks)
+    assert sums == pytest.approx([float(got[i:j].sum()) for i, j in blocks], rel=1e-2)
+    # a NaN in the last row of the weight, or an update that overflows bf16 in the first row, shows in a sum
+    poisoned = w.clone()
+    poisoned[-1, -1] = float("nan")
+    sums = []
+    merge_lora(poisoned, a, b, 2.0, fan_in_fan_out=fan_in_fan_out, rows=64, sums=sums)
+    assert any(s != s for s in sums)
+    huge = b.clone()
+    huge[0] = 1e30
+    sums = []
+    out = merge_lora(w, a, huge, 1e10, fan_in_fan_out=fan_in_fan_out, rows=64, sums=sums)
+    assert not torch.isfinite(out).all()
+    assert not all(abs(s) < float("inf") for s in sums)
