@@ -94,7 +94,7 @@ def test_importing_the_api_and_planning_import_no_torch(llama_base, llama_lora):
 def test_warmup_imports_torch_on_a_helper_thread():
     script = (
         "import sys, threading\n"
-        "from adapterhub_cli.merge import warmup\n"
+        "from adapterhub_cli import warmup\n"
         "warmup.start('cpu'); warmup.start('cpu')\n"
         "threads = [t for t in threading.enumerate() if t.name == 'adapters-import-torch']\n"
         "assert len(threads) == 1 and threads[0].daemon\n"
@@ -190,7 +190,7 @@ def test_a_torch_that_fails_to_import_on_the_warmup_thread_fails_again_where_the
     (fake / "__init__.py").write_text("raise ImportError('this torch is broken')\n")
     script = (
         "import sys, threading\n"
-        "from adapterhub_cli.merge import warmup\n"
+        "from adapterhub_cli import warmup\n"
         "warmup.start('cuda:0')\n"
         "[t.join() for t in threading.enumerate() if t.name == 'adapters-import-torch']\n"
         "try:\n"

@@ -151,7 +151,7 @@ def merge_cmd(
     """
     if each and weights is not None:
         raise click.UsageError("--weights does not apply to --each: each output merges one adapter with weight 1")
-    from adapterhub_cli.merge import warmup
+    from adapterhub_cli import warmup
 
     warmup.start(device)  # torch imports (CUDA starts) while the merge plans and copies what needs no torch
     from adapterhub_cli import api
@@ -227,7 +227,7 @@ def unmerge_cmd(
     """Subtract ADAPTERS from a merged checkpoint, giving the base back (exact up to the dtype's rounding).
 
     The output keeps the shard layout of --from unless --max-shard-size is given."""
-    from adapterhub_cli.merge import warmup
+    from adapterhub_cli import warmup
 
     warmup.start(device)
     from adapterhub_cli import api

@@ -116,7 +116,7 @@ def run_merge(
     """
     # torch is not imported here: the plan (headers only), the side files, the card and the untouched tensors
     # before the first merged one need none, so they run while torch imports on the helper thread the CLI starts
-    # (:func:`.warmup.start`); the first merged tensor waits for it
+    # (:func:`adapterhub_cli.warmup.start`); the first merged tensor waits for it
     started = time.perf_counter()
     check_device(device)
     plan = build_plan(

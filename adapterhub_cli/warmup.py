@@ -2,8 +2,9 @@
 
 ``import torch`` takes 1-4 s and CUDA's initialisation seconds more, during which a merge can already read headers,
 plan, copy the side files and the untouched tensors before the first merged one (none of that needs torch: see
-:func:`.engine.run_merge`). A command calls :func:`start` first thing; the merge's first ``import torch`` then waits
-only for what is left of the import. This module imports nothing heavy itself.
+:func:`adapterhub_cli.merge.engine.run_merge`), and reduce, combine and quantize can validate their inputs and hash
+them for the provenance record. A command calls :func:`start` first thing; the first ``import torch`` of the main
+thread then waits only for what is left of the import. This module imports nothing heavy itself.
 """
 
 from __future__ import annotations
