@@ -74,6 +74,60 @@ def test_the_merge_needs_no_torch_until_its_first_merged_tensor(llama_base, llam
     assert (out / "config.json").exists() and (out / "README.md").exists()
 
 
+EARLY_READ_SCRIPT = r"""
+import importlib.abc, json, sys, threading
+events, read = [], threading.Event()
+
+class Spy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and "torch" not in sys.modules and not events.count(("torch", True)):
+            # torch's import waits (up to 60 s) for a first read: reads that needed torch would never come
+            events.append(("torch", read.wait(60)))
+        return None
+
+from pathlib import Path
+base, adapter, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+import adapterhub_cli.api as api
+from adapterhub_cli.merge import shards
+read_into = shards.read_into
+def spy_read(fd, info, *args, **kwargs):
+    events.append(("read", info.name, "torch" in sys.modules))
+    read_into(fd, info, *args, **kwargs)
+    read.set()
+shards.read_into = spy_read
+loaded, view = api.load(adapter), api.open_base(base)
+sys.meta_path.insert(0, Spy())
+from adapterhub_cli.merge.engine import run_merge
+run_merge(view, [loaded], out)
+print(json.dumps(events))
+"""
+
+
+def test_the_first_tensors_to_merge_are_read_into_staging_buffers_before_torch_is_imported(
+    llama_base, llama_lora, tmp_path
+):
+    """In a fresh interpreter the read-ahead starts with the merge: the first base tensors to merge are read into
+    the (numpy) staging buffers without torch, while the untouched ones are copied and torch imports."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", EARLY_READ_SCRIPT, str(llama_base), str(llama_lora), str(tmp_path / "merged")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    events = [tuple(e) for e in json.loads(done.stdout.strip().splitlines()[-1])]
+    first_torch = events.index(("torch", True))  # a read came while torch's import waited for one
+    early = [e for e in events[:first_torch] if e[0] == "read"]
+    assert early and not any(e[2] for e in early), events[:6]
+    assert len([e for e in events if e[0] == "read"]) == len({e[1] for e in events if e[0] == "read"})
+    reference = tmp_path / "reference"
+    ah.merge([llama_lora], base=llama_base, out=reference)
+    got, want = load_file(tmp_path / "merged" / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_importing_the_api_and_planning_import_no_torch(llama_base, llama_lora):
     script = (
         "import sys\n"
@@ -99,11 +153,14 @@ def test_warmup_imports_torch_on_a_helper_thread():
         "threads = [t for t in threading.enumerate() if t.name == 'adapters-import-torch']\n"
         "assert len(threads) == 1 and threads[0].daemon\n"
         "threads[0].join()\n"
-        "print('torch' in sys.modules)\n"
+        "import gc, torch\n"
+        "print('torch' in sys.modules, gc.isenabled(), gc.get_freeze_count() > 10000,"
+        " any(o is torch.nn.Module for o in gc.get_objects()))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
-    assert done.stdout.strip() == "True"
+    # torch is in; the collector runs again, and what the import made is frozen (collections no longer walk it)
+    assert done.stdout.strip() == "True True True False"
 
 
 @pytest.mark.parametrize(

@@ -329,13 +329,22 @@ def read_tensor(
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
     if not info.nbytes:
         return torch.empty(info.shape, dtype=dtype)
-    view, offset = memoryview(buf.numpy().data).cast("B"), data_start + info.start
+    read_into(fd, info, data_start, memoryview(buf.numpy().data), path=path)
+    return buf.view(dtype).reshape(info.shape)
+
+
+def read_into(fd: int, info: TensorInfo, data_start: int, view: memoryview, *, path: Path | None = None) -> None:
+    """Read the ``info.nbytes`` stored bytes of one tensor (checked header entry ``info``) from an open safetensors
+    file descriptor into the start of ``view`` (at least that long), without torch."""
+    view = view.cast("B")[: info.nbytes]
+    if len(view) < info.nbytes:
+        raise ValueError(f"a buffer of {len(view)} bytes cannot hold {info.name!r} ({info.nbytes} bytes)")
+    offset = data_start + info.start
     while view:
         n = os.preadv(fd, [view], offset)
         if n == 0:
             raise CorruptFileError(f"tensor {info.name!r}: the file ends early", path=path, module=info.name)
         view, offset = view[n:], offset + n
-    return buf.view(dtype).reshape(info.shape)
 
 
 def encode_header(

@@ -29,7 +29,8 @@ THREADS_ENV = "ADAPTERS_MERGE_THREADS"
 
 def check_device(device: str) -> str:
     """``device`` if the merge can compute there (``cpu``, ``cuda``, ``cuda:N`` with such a GPU), else UsageError.
-    ``cpu`` is checked without importing torch (a merge starts before torch is imported: :mod:`adapterhub_cli.warmup`)."""
+    ``cpu`` is checked without importing torch (a merge starts before torch is imported:
+    :mod:`adapterhub_cli.warmup`)."""
     if device == "cpu":
         return device
     import torch

@@ -56,6 +56,7 @@ from adapterhub_cli.parallel import default_workers, single_threaded_torch
 
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 __all__ = ["EachResult", "EachTarget", "run_merge_each"]
@@ -375,7 +376,7 @@ class _Shared:
     driver's own, and one per write job that reads it); the buffer goes back to the pool at the last release."""
 
     tensor: torch.Tensor
-    buffer: torch.Tensor | None
+    buffer: torch.Tensor | np.ndarray | None
     pool: BufferPool
     refs: int = 1
     finite: bool | None = None

@@ -270,22 +270,24 @@ class _Producer:
         self.total = plan.total_bytes
         self.done = 0
         self.merger: _Merger | None = None
-        self.read_ahead: _ReadAhead | None = None
         self._torch = contextlib.ExitStack()
+        inputs = _Inputs(plan, adapters, reader, buffers)
+        self.read_ahead = _ReadAhead(to_read, inputs.fetch, finish=inputs.tensor)
+        if not buffers.pin:
+            # the first tensors to merge are read (without torch) while the untouched ones are copied and torch
+            # imports; a pinned pool (CUDA) needs torch for its buffers: its reads start at the first merged tensor
+            self.read_ahead.start()
 
     def _start_torch(self) -> tuple[_Merger, _ReadAhead]:
-        if self.merger is None or self.read_ahead is None:
+        if self.merger is None:
             # torch runs single-threaded inside each compute thread (small blocked GEMMs lose more to torch's own
             # thread hand-offs than they gain); the rows of a weight are split between the merger's threads instead
             self.merger = _Merger(self.adapters, self.device, reverse=self.reverse)  # (notes torch's thread count)
             self._torch.enter_context(single_threaded_torch())
-            fetch = _Inputs(self.plan, self.adapters, self.reader, self.buffers).fetch
-            self.read_ahead = _ReadAhead(self.to_read, fetch)
         return self.merger, self.read_ahead
 
     def close(self) -> None:
-        if self.read_ahead is not None:
-            self.read_ahead.close()
+        self.read_ahead.close()
         if self.merger is not None:
             self.merger.close()
         self._torch.close()

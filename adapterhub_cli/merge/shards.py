@@ -18,28 +18,32 @@ import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.checkpoint import CONFIG_FILE, BaseView, index_file, shard_file, side_files, single_file
 from adapterhub_cli.artifact.files import read_json
-from adapterhub_cli.artifact.safetensors import encode_header, header_length, read_tensor
+from adapterhub_cli.artifact.safetensors import encode_header, header_length, read_into, read_tensor, torch_dtype
 from adapterhub_cli.errors import InvalidAdapterError
 from adapterhub_cli.merge import bnb
 from adapterhub_cli.merge.direct_io import StagedFile
 from adapterhub_cli.merge.plan import MergePlan, TensorPlan
-from adapterhub_cli.merge.staging import BufferPool
+from adapterhub_cli.merge.staging import BufferPool, as_tensor
 
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+
+    from adapterhub_cli.artifact.safetensors import TensorInfo
 
 READ_AHEAD = 2  # tensors read ahead of the one being merged
 WRITE_BEHIND = 2  # merged tensors waiting for (or in) the writer, beyond which reading waits
 
 #: a tensor read from the base (or an adapter), and the staging buffer holding it (None: its own allocation)
-Fetched = tuple["torch.Tensor", "torch.Tensor | None"]
+Fetched = tuple["torch.Tensor", "torch.Tensor | np.ndarray | None"]
 #: appends one planned tensor's bytes to its shard
 WriteJob = Callable[[StagedFile], None]
 
@@ -69,6 +73,14 @@ class _BaseReader:
             self._handle = path.open("rb")
             self._path = path
         return read_tensor(self._handle.fileno(), self.base.tensors[key], self._start(path), path=path, into=into)
+
+    def read_raw(self, key: str, into: np.ndarray) -> TensorInfo:
+        """Read the stored bytes of ``key`` into the start of the uint8 array ``into``, without torch; its entry."""
+        path = self.base.shard_of[key]
+        with path.open("rb") as f:  # (its own handle: this may run beside :meth:`tensor` on another thread)
+            info = self.base.tensors[key]
+            read_into(f.fileno(), info, self._start(path), into.data, path=path)
+        return info
 
     def copy_raw(self, key: str, sink: StagedFile, check: Callable[[memoryview], None] | None = None) -> None:
         """Append the stored bytes of ``key`` to ``sink`` unchanged (``check`` sees them on the way:
@@ -142,31 +154,70 @@ class _Inputs:
         self.reader = reader
         self.buffers = buffers
 
-    def fetch(self, p: TensorPlan) -> Fetched:
+    def fetch(self, p: TensorPlan) -> Fetched | _Raw:
+        """What ``p`` starts from; a plain base tensor of an unpinned pool is read without torch (:class:`_Raw`,
+        made a tensor by :meth:`tensor`), so the first reads can run while torch imports."""
         if p.replacement:
             return self.adapters[p.replacement[0]].tensor(p.replacement[1]), None
         if p.source in self.plan.quantized_in:
             return bnb.dequantize_weight(self.reader.tensor, p.source, self.plan.stored), None
-        buffer = self.buffers.acquire(self.plan.stored.tensors[p.source].nbytes)
+        nbytes = self.plan.stored.tensors[p.source].nbytes
+        if not self.buffers.pin:
+            raw = self.buffers.acquire_raw(nbytes)
+            try:
+                return _Raw(self.reader.read_raw(p.source, raw), raw)
+            except BaseException:
+                self.buffers.release(raw)
+                raise
+        buffer = self.buffers.acquire(nbytes)
         try:
             return self.reader.tensor(p.source, into=buffer), buffer
         except BaseException:
             self.buffers.release(buffer)
             raise
 
+    @staticmethod
+    def tensor(fetched: Fetched | _Raw) -> Fetched:
+        """``fetched`` as a tensor and its buffer (a :class:`_Raw` viewed as its dtype and shape, no copy)."""
+        if not isinstance(fetched, _Raw):
+            return fetched
+        info, buffer = fetched.info, fetched.buffer
+        t = as_tensor(buffer)[: info.nbytes]
+        return t.view(torch_dtype(info.dtype)).reshape(info.shape), buffer
+
+
+@dataclass
+class _Raw:
+    """A base tensor's stored bytes (``info``) read into the start of a staging ``buffer`` without torch."""
+
+    info: TensorInfo
+    buffer: np.ndarray
+
 
 class _ReadAhead:
-    """Runs ``fetch`` on a helper thread for the tensors of ``order``, up to ``ahead`` beyond the one taken."""
+    """Runs ``fetch`` on a helper thread for the tensors of ``order``, up to ``ahead`` beyond the one taken;
+    ``finish`` turns what was fetched into what :meth:`take` returns, on the taking thread."""
 
     def __init__(
-        self, order: list[TensorPlan], fetch: Callable[[TensorPlan], Fetched], ahead: int = READ_AHEAD
+        self,
+        order: list[TensorPlan],
+        fetch: Callable[[TensorPlan], Any],
+        ahead: int = READ_AHEAD,
+        finish: Callable[[Any], Fetched] | None = None,
     ) -> None:
         self.order = order
         self.fetch = fetch
+        self.finish = finish
         self.ahead = ahead
         self._position = {p.name: i for i, p in enumerate(order)}
-        self._pending: dict[str, Future[Fetched]] = {}
+        self._pending: dict[str, Future[Any]] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapters-reader")
+
+    def start(self) -> None:
+        """Start reading the first tensors (the one to be taken first and ``ahead`` more) before any is taken."""
+        for q in self.order[: 1 + self.ahead]:
+            if q.name not in self._pending:
+                self._pending[q.name] = self._pool.submit(self.fetch, q)
 
     def take(self, p: TensorPlan) -> Fetched:
         """``fetch(p)``, read ahead if it was, after starting the reads of the next ones."""
@@ -175,7 +226,8 @@ class _ReadAhead:
         for q in self.order[i + 1 : i + 1 + self.ahead]:
             if q.name not in self._pending:
                 self._pending[q.name] = self._pool.submit(self.fetch, q)
-        return future.result()
+        fetched = future.result()
+        return fetched if self.finish is None else self.finish(fetched)
 
     def close(self) -> None:
         self._pool.shutdown(cancel_futures=True)

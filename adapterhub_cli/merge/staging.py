@@ -5,18 +5,41 @@ Reading each base tensor into a fresh allocation costs a page fault and a page o
 merge instead reads every tensor into one of a few recycled buffers, merges it in place and hands the buffer
 back once the writer has written it. With ``pin=True`` the buffers
 are page-locked, so copies to and from a CUDA device run asynchronously at full bus speed.
+
+Unpinned buffers are numpy arrays (64-byte aligned, as torch's own allocations are): they can be filled before
+torch is imported (:meth:`BufferPool.acquire_raw`, the merge's first reads run while torch imports) and become
+tensors without a copy (:meth:`BufferPool.acquire`, :func:`as_tensor`).
 """
 
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from adapterhub_cli.errors import AdaptersError
 
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+
+ALIGN = 64  # bytes: torch's CPU allocations are 64-byte aligned (unaligned tensors compute ~2x slower)
+
+
+def aligned_bytes(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 numpy array of ``nbytes`` (at least 1) whose data starts on an :data:`ALIGN` boundary."""
+    import numpy as np
+
+    raw = np.empty(max(nbytes, 1) + ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start : start + max(nbytes, 1)]
+
+
+def as_tensor(buffer: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The uint8 tensor over ``buffer``'s memory (no copy)."""
+    import torch
+
+    return buffer if isinstance(buffer, torch.Tensor) else torch.from_numpy(buffer)
 
 
 class PoolClosedError(AdaptersError):
@@ -38,40 +61,55 @@ class BufferPool:
             raise ValueError("a buffer pool needs at least one buffer")
         self.count = count
         self.pin = pin
-        self._free: list[torch.Tensor] = []
+        self._free: list[Any] = []  # numpy arrays (unpinned) or page-locked tensors (pinned)
         self._out = 0  # buffers handed out and not released
         self._closed = False
         self._cond = threading.Condition()
 
     def acquire(self, nbytes: int) -> torch.Tensor:
-        """A buffer of at least ``nbytes`` uint8 (its contents are whatever the last user left)."""
-        import torch
+        """A buffer of at least ``nbytes`` uint8 (its contents are whatever the last user left), as a tensor."""
+        return as_tensor(self._acquire(nbytes))
 
+    def acquire_raw(self, nbytes: int) -> np.ndarray:
+        """A buffer of at least ``nbytes`` as a numpy uint8 array, without importing torch (unpinned pools only:
+        page-locking needs torch)."""
+        if self.pin:
+            raise ValueError("a pinned pool hands out tensors only")
+        buffer: np.ndarray = self._acquire(nbytes)
+        return buffer
+
+    def _acquire(self, nbytes: int) -> Any:
         with self._cond:
             while True:
                 if self._closed:
                     raise PoolClosedError("the merge is stopping")
                 # (indices, not list.remove: tensors compare element-wise)
-                fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+                fits = [i for i, b in enumerate(self._free) if b.nbytes >= nbytes]
                 if fits:
-                    buffer = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+                    buffer = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes))
                     self._out += 1
                     return buffer
                 if self._out + len(self._free) < self.count:
                     break
                 if self._free:  # none fits: make room for one that does
-                    self._free.pop(max(range(len(self._free)), key=lambda i: self._free[i].numel()))
+                    self._free.pop(max(range(len(self._free)), key=lambda i: self._free[i].nbytes))
                     break
                 self._cond.wait()
             self._out += 1
         try:
-            return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)
+            if self.pin:
+                import torch
+
+                return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+            return aligned_bytes(nbytes)
         except BaseException:
             self.release(None)
             raise
 
-    def release(self, buffer: torch.Tensor | None) -> None:
-        """Hand a buffer back (None: one that was never allocated)."""
+    def release(self, buffer: np.ndarray | torch.Tensor | None) -> None:
+        """Hand a buffer back, as a tensor or an array (None: one that was never allocated)."""
+        if buffer is not None and not self.pin and not _is_array(buffer):
+            buffer = cast("torch.Tensor", buffer).numpy()  # (the same memory: a tensor made by as_tensor)
         with self._cond:
             self._out -= 1
             if buffer is not None and not self._closed:
@@ -86,4 +124,8 @@ class BufferPool:
             self._cond.notify_all()
 
 
-__all__ = ["BufferPool", "PoolClosedError"]
+def _is_array(buffer: object) -> bool:
+    return type(buffer).__module__ == "numpy"
+
+
+__all__ = ["BufferPool", "PoolClosedError", "aligned_bytes", "as_tensor"]
