@@ -147,9 +147,21 @@ class SafetensorsHeader:
     file_size: int = 0
 
 
+def data_start(prefix: bytes, *, path: Path, file_size: int | None = None) -> int:
+    """THE offset where a safetensors file's tensor data begins: 8 + its :func:`header_length` (checked), from the
+    file's first 8 bytes ``prefix``; a tensor's ``data_offsets`` count from there."""
+    return 8 + header_length(prefix, file_size=file_size, path=path)
+
+
+def file_data_start(path: Path) -> int:
+    """:func:`data_start` of the safetensors file at ``path`` (its first 8 bytes read, checked against its size)."""
+    with Path(path).open("rb") as f:
+        return data_start(f.read(8), path=Path(path), file_size=os.fstat(f.fileno()).st_size)
+
+
 def header_length(prefix: bytes, *, file_size: int | None, path: Path) -> int:
     """The JSON header's length from a safetensors file's first 8 bytes, checked against the file size (when
-    known) and the 100 MB limit; the tensor data starts at ``8 + header_length``.
+    known) and the 100 MB limit; the tensor data starts at ``8 + header_length`` (:func:`data_start`).
 
     Raises:
         CorruptFileError: fewer than 8 bytes, or a length past the end of the file or over the limit.

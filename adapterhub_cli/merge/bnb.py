@@ -56,7 +56,8 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.checkpoint import BaseView
 from adapterhub_cli.artifact.patterns import PatternError, compile_pattern
-from adapterhub_cli.artifact.safetensors import TensorInfo, dtype_name, header_length, torch_dtype, torch_name
+from adapterhub_cli.artifact.safetensors import TensorInfo, dtype_name, torch_dtype, torch_name
+from adapterhub_cli.artifact.safetensors import data_start as start_of_data
 from adapterhub_cli.errors import CorruptFileError, InvalidAdapterError, UsageError
 
 
@@ -665,7 +666,7 @@ def _file_reader(view: BaseView) -> Callable[[str], bytes]:
         try:
             with path.open("rb") as f:
                 if path not in data_start:
-                    data_start[path] = 8 + header_length(f.read(8), file_size=None, path=path)
+                    data_start[path] = start_of_data(f.read(8), path=path)
                 f.seek(data_start[path] + info.start)
                 data = f.read(info.nbytes)
         except OSError as e:

@@ -29,7 +29,7 @@ from adapterhub_cli.artifact.card import hub_id, merged_card
 from adapterhub_cli.artifact.checkpoint import CARD_FILE, BaseView
 from adapterhub_cli.artifact.files import atomic_dir
 from adapterhub_cli.artifact.provenance import PROVENANCE_KEY, base_record, merge_provenance
-from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, header_length, torch_dtype
+from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, data_start, torch_dtype
 from adapterhub_cli.errors import AdaptersError
 from adapterhub_cli.merge import bnb
 from adapterhub_cli.merge.compute import _Merger, check_device, require_finite
@@ -337,7 +337,7 @@ def prefetch(plan: MergePlan, limit: int = 256 << 20) -> None:
             break
         try:
             with path.open("rb") as f:
-                start = 8 + header_length(f.read(8), file_size=None, path=path)
+                start = data_start(f.read(8), path=path)
                 advise(f.fileno(), start + info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
         except (OSError, AdaptersError):
             return

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.checkpoint import CONFIG_FILE, BaseView, index_file, shard_file, side_files, single_file
 from adapterhub_cli.artifact.files import read_json
-from adapterhub_cli.artifact.safetensors import encode_header, header_length, read_into, read_tensor, torch_dtype
+from adapterhub_cli.artifact.safetensors import encode_header, file_data_start, read_into, read_tensor, torch_dtype
 from adapterhub_cli.errors import InvalidAdapterError
 from adapterhub_cli.merge import bnb
 from adapterhub_cli.merge.direct_io import StagedFile
@@ -59,8 +59,7 @@ class _BaseReader:
 
     def _start(self, path: Path) -> int:
         if path not in self._data_start:
-            with path.open("rb") as f:
-                self._data_start[path] = 8 + header_length(f.read(8), file_size=None, path=path)
+            self._data_start[path] = file_data_start(path)
         return self._data_start[path]
 
     def tensor(self, key: str, into: torch.Tensor | None = None) -> torch.Tensor:

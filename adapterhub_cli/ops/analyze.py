@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from adapterhub_cli.artifact.adapter import Adapter, LoraModule, stored_transposed
 from adapterhub_cli.artifact.checkpoint import BaseView
 from adapterhub_cli.artifact.files import follow_umask
-from adapterhub_cli.artifact.safetensors import header_length, torch_dtype
+from adapterhub_cli.artifact.safetensors import file_data_start, torch_dtype
 from adapterhub_cli.errors import CorruptFileError, IncompatibleBaseError, InvalidAdapterError, UsageError
 from adapterhub_cli.parallel import map_modules
 
@@ -148,8 +148,7 @@ class _WeightReader:
 
     def _data_start(self, path: Path) -> int:
         if path not in self._starts:
-            with path.open("rb") as f:
-                self._starts[path] = 8 + header_length(f.read(8), file_size=None, path=path)
+            self._starts[path] = file_data_start(path)
         return self._starts[path]
 
     def blocks(self, key: str, rows: int, cols: int) -> Iterator[tuple[int, torch.Tensor]]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from adapterhub_cli.artifact.checkpoint import BaseView
 from adapterhub_cli.artifact.patterns import PatternError, compile_pattern
 from adapterhub_cli.artifact.provenance import Provenance, base_record, tool_version
-from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, header_length, read_tensor, torch_dtype
+from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, data_start, read_tensor, torch_dtype
 from adapterhub_cli.errors import CorruptFileError, IncompatibleBaseError, InvalidAdapterError, UsageError
 from adapterhub_cli.formats.peft import PEFT_PREFIX, peft_key, rank_layout, write_peft
 from adapterhub_cli.ops.reduce import check_options
@@ -116,7 +116,7 @@ class _Reader:
             self._file = path.open("rb")
             self._path = path
         if path not in self._start:
-            self._start[path] = 8 + header_length(os.pread(self._file.fileno(), 8, 0), file_size=None, path=path)
+            self._start[path] = data_start(os.pread(self._file.fileno(), 8, 0), path=path)
         return self._file.fileno(), self._start[path], path
 
     def read(self, key: str) -> torch.Tensor:

@@ -34,6 +34,7 @@ from adapterhub_cli.artifact.checkpoint import (
 from adapterhub_cli.artifact.files import read_json
 from adapterhub_cli.artifact.provenance import Provenance
 from adapterhub_cli.artifact.safetensors import SafetensorsHeader, TensorInfo, header_length, parse_header
+from adapterhub_cli.artifact.safetensors import data_start as start_of_data
 from adapterhub_cli.errors import CorruptFileError, InvalidAdapterError, StoreNotFoundError
 from adapterhub_cli.formats.peft import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, PeftFormat, assemble_adapter
 
@@ -274,7 +275,7 @@ def range_reader(
         where = store.where(resolved) / shard
         if shard not in data_start:
             size = resolved.files[shard].size if shard in resolved.files else None
-            data_start[shard] = 8 + header_length(store.read_range(resolved, shard, 0, 8), file_size=size, path=where)
+            data_start[shard] = start_of_data(store.read_range(resolved, shard, 0, 8), file_size=size, path=where)
         data = store.read_range(resolved, shard, data_start[shard] + info.start, info.nbytes) if info.nbytes else b""
         if len(data) != info.nbytes:
             raise CorruptFileError(f"tensor {key!r} is truncated", path=where, module=key)
