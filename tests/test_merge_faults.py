@@ -46,14 +46,23 @@ KILLED_MERGE = textwrap.dedent(
 
     adapter, base, out, marker = sys.argv[1:]
     shards = importlib.import_module("adapterhub_cli.merge.shards")
-    write_tensor = shards._write_tensor
+    direct_io = importlib.import_module("adapterhub_cli.merge.direct_io")
+    write_tensor, write_placed = shards._write_tensor, direct_io.StagedFile.write_placed
 
-    def stalled(sink, t):  # the first merged tensor: announce, then hang until killed
+    def stall():  # the first merged tensor: announce, then hang until killed
         Path(marker).touch()
         time.sleep(120)
+
+    def stalled(sink, t):  # (a tensor copied into the staging chunks)
+        stall()
         write_tensor(sink, t)
 
+    def stalled_placed(sink, *args):  # (a tensor written from its own buffer)
+        stall()
+        write_placed(sink, *args)
+
     shards._write_tensor = stalled
+    direct_io.StagedFile.write_placed = stalled_placed
     ah.merge(adapter, base=base, out=out)
     """
 )

@@ -128,6 +128,44 @@ def test_the_first_tensors_to_merge_are_read_into_staging_buffers_before_torch_i
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.parametrize("dtype", ["auto", "bf16"])  # (the fixture base is float32)
+def test_merged_tensors_are_written_from_the_buffer_they_were_read_and_merged_in(
+    llama_base, llama_lora, tmp_path, monkeypatch, dtype
+):
+    """Each merged weight is read into its staging buffer at its output offset modulo the page and merged there, so
+    the disk writes it from that buffer (no copy into the staging chunks); a weight converted to another dtype is a
+    new tensor and is copied. Either way the output equals a merge through plain buffered writes."""
+    from adapterhub_cli.merge import direct_io
+
+    calls: Counter[str] = Counter()
+    placed, copied = direct_io.StagedFile.write_placed, direct_io.StagedFile.write_tensor
+
+    def spy_placed(self, *args):
+        calls["placed"] += 1
+        return placed(self, *args)
+
+    def spy_copied(self, t):
+        calls["copied"] += 1
+        return copied(self, t)
+
+    monkeypatch.setattr(direct_io.StagedFile, "write_placed", spy_placed)
+    monkeypatch.setattr(direct_io.StagedFile, "write_tensor", spy_copied)
+    result = ah.merge([llama_lora], base=llama_base, out=tmp_path / "placed", dtype=dtype)
+    merged = result.tensors_merged
+    assert merged > 0
+    if dtype == "auto":  # stored dtype kept: every merged weight goes out from its own buffer
+        assert calls["placed"] == merged and calls["copied"] == 0, calls
+    else:  # converted: new tensors, copied
+        assert calls["placed"] == 0 and calls["copied"] >= merged, calls
+    monkeypatch.setenv("ADAPTERS_DIRECT_IO", "0")
+    ah.merge([llama_lora], base=llama_base, out=tmp_path / "buffered", dtype=dtype)
+    got, want = (
+        load_file(tmp_path / "placed" / "model.safetensors"),
+        load_file(tmp_path / "buffered" / "model.safetensors"),
+    )
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_importing_the_api_and_planning_import_no_torch(llama_base, llama_lora):
     script = (
         "import sys\n"

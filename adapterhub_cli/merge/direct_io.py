@@ -48,6 +48,21 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
+def placement(offset: int) -> int:
+    """Where in an :data:`ALIGN`-aligned buffer to put bytes bound for file offset ``offset`` so that the disk can
+    write them from there with O_DIRECT (:meth:`StagedFile.write_placed`): ``offset`` modulo :data:`ALIGN`."""
+    return offset % ALIGN
+
+
+def _address(view: memoryview) -> int:
+    """The memory address of a writable buffer's first byte."""
+    import ctypes
+
+    if not len(view):
+        return 0
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
 def _drop_direct(fd: int) -> None:
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~getattr(os, "O_DIRECT", 0))
@@ -114,6 +129,7 @@ class StagedFile:
         self._fill = 0
         self._offset = 0  # file offset of the current chunk
         self._failed = threading.Event()
+        self._placed: list[Future[None]] = []  # writes straight from callers' buffers (write_placed)
 
     # ------------------------------------------------------------------ appending
 
@@ -146,6 +162,55 @@ class StagedFile:
             done += n
             self._advance(n)
         self.size += total
+
+    def write_placed(self, buffer: memoryview, pad: int, nbytes: int, release: Callable[[], None] | None) -> None:
+        """Append ``buffer[pad : pad + nbytes]``, placed so that with O_DIRECT the disk writes it from ``buffer``
+        itself, without a copy into a staging chunk; ``release`` is called once those bytes are written (or could
+        not be: it is called whatever happens).
+
+        ``buffer`` starts on an :data:`ALIGN` boundary and ``pad`` is the file offset of the bytes modulo
+        :data:`ALIGN` (:func:`placement`); ``buffer[:pad]`` is scratch, filled here with the block's bytes already
+        staged, and the last partial block is carried into the next chunk. Placed any other way, or without
+        O_DIRECT, the bytes are copied (:meth:`write`) and released at once.
+        """
+        view = buffer.cast("B")
+        address = _address(view)
+        if not self.direct or pad != self.size % ALIGN or address % ALIGN or len(view) < pad + nbytes:
+            try:
+                self.write(view[pad : pad + nbytes])
+            finally:
+                if release is not None:
+                    release()
+            return
+        try:
+            chunk = self._chunks[self._current]
+            start = self._offset + self._fill - pad  # file offset of the block the bytes start in
+            head = start - self._offset  # whole blocks staged before it (a multiple of ALIGN)
+            view[:pad] = chunk.view[head : self._fill]
+            if head:
+                chunk.pending = self._disk.submit(self._write_chunk, chunk.view[:head], self._offset)
+                self._current = (self._current + 1) % len(self._chunks)
+                self._chunks[self._current].wait()  # the chunk that receives the tail is not in flight
+            whole = (pad + nbytes) // ALIGN * ALIGN
+            tail = pad + nbytes - whole
+            # the last partial block is staged (copied) before the buffer may be written and released
+            self._chunks[self._current].view[:tail] = view[whole : whole + tail]
+            self._offset, self._fill = start + whole, tail
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        done = self._disk.submit(self._write_then, view[:whole], start, release)
+        self.size += nbytes
+        self._placed.append(done)
+
+    def _write_then(self, data: memoryview, offset: int, release: Callable[[], None] | None) -> None:
+        try:
+            if data:
+                self._write_chunk(data, offset)
+        finally:
+            if release is not None:
+                release()
 
     def copy_range(
         self, src_fd: int, offset: int, nbytes: int, check: Callable[[memoryview], None] | None = None
@@ -231,6 +296,7 @@ class StagedFile:
                 self._write_chunk(last.view[:head], self._offset)
             for chunk in self._chunks:
                 chunk.wait()
+            self._wait_placed()
             if self._fill > head:  # the tail is not a whole block: written through the page cache
                 _drop_direct(self.fd)
                 _pwrite_all(self.fd, last.view[head : self._fill], self._offset + head)
@@ -245,7 +311,16 @@ class StagedFile:
                 chunk.wait()
             except BaseException:
                 pass
+        try:
+            self._wait_placed()
+        except BaseException:
+            pass
         self._chunks.clear()
 
+    def _wait_placed(self) -> None:
+        placed, self._placed = self._placed, []
+        for done in placed:
+            done.result()
 
-__all__ = ["ALIGN", "CHUNK", "StagedFile", "direct_io_wanted", "write_all"]
+
+__all__ = ["ALIGN", "CHUNK", "StagedFile", "direct_io_wanted", "placement", "write_all"]

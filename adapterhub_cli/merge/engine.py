@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.card import hub_id, merged_card
@@ -44,9 +44,11 @@ from adapterhub_cli.merge.shards import (
     _ReadAhead,
     _ShardWriter,
     copy_side_files,
+    output_offsets,
     shard_names,
     write_index,
     write_parts,
+    write_placed,
     write_then_release,
 )
 from adapterhub_cli.merge.staging import BufferPool
@@ -54,6 +56,7 @@ from adapterhub_cli.parallel import single_threaded_torch
 
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 __all__ = ["MergeResult", "Progress", "run_merge"]
@@ -223,7 +226,8 @@ def _write_shards(
     # to the pool once written
     buffers = BufferPool(READ_AHEAD + 1 + WRITE_BEHIND, pin=device.startswith("cuda"))
     to_read = [p for shard in plan.shards for p in shard if not plan.copied(p)]
-    produce = _Producer(plan, adapters, reader, buffers, to_read, device, reverse, progress)
+    offsets = output_offsets(plan.shards, metadata)
+    produce = _Producer(plan, adapters, reader, buffers, to_read, device, reverse, progress, offsets)
     files = _ShardWriter()
     written = 0
     try:
@@ -258,6 +262,7 @@ class _Producer:
         device: str,
         reverse: bool,
         progress: Progress | None,
+        offsets: dict[str, int] | None = None,
     ) -> None:
         self.plan = plan
         self.adapters = adapters
@@ -271,7 +276,7 @@ class _Producer:
         self.done = 0
         self.merger: _Merger | None = None
         self._torch = contextlib.ExitStack()
-        inputs = _Inputs(plan, adapters, reader, buffers)
+        self.inputs = inputs = _Inputs(plan, adapters, reader, buffers, offsets)
         self.read_ahead = _ReadAhead(to_read, inputs.fetch, finish=inputs.tensor)
         if not buffers.pin:
             # the first tensors to merge are read (without torch) while the untouched ones are copied and torch
@@ -311,6 +316,11 @@ class _Producer:
         release = None if buffer is None else functools.partial(self.buffers.release, buffer)
         if self.plan.quantize and p.quantized_entries:
             return self._quantized(p, t, self.plan.quantize, release)
+        pad = self.inputs.pad(p)
+        if _placed(t, buffer, pad):  # merged in place where it was read: the disk writes it from there
+            return functools.partial(
+                write_placed, cast("np.ndarray", buffer), pad, t.numel() * t.element_size(), release
+            )
         return functools.partial(write_then_release, t, release)
 
     def _quantized(self, p: TensorPlan, t: torch.Tensor, scheme: str, release: Callable[[], None] | None) -> WriteJob:
@@ -367,6 +377,17 @@ def _result(plan: MergePlan, out: Path, written: int, seconds: float, device: st
         device=device,
         untied=untied,
         warnings=[*plan.warnings, *untie],
+    )
+
+
+def _placed(t: torch.Tensor, buffer: object, pad: int) -> bool:
+    """Whether ``t`` is the contiguous tensor at byte ``pad`` of the numpy staging ``buffer`` (not a converted or
+    replaced copy)."""
+    return (
+        type(buffer).__module__ == "numpy"
+        and t.device.type == "cpu"
+        and t.is_contiguous()
+        and t.data_ptr() == buffer.ctypes.data + pad  # type: ignore[attr-defined]
     )
 
 

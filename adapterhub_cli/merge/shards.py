@@ -28,7 +28,7 @@ from adapterhub_cli.artifact.files import read_json
 from adapterhub_cli.artifact.safetensors import encode_header, file_data_start, read_into, read_tensor, torch_dtype
 from adapterhub_cli.errors import InvalidAdapterError
 from adapterhub_cli.merge import bnb
-from adapterhub_cli.merge.direct_io import StagedFile
+from adapterhub_cli.merge.direct_io import StagedFile, placement
 from adapterhub_cli.merge.plan import MergePlan, TensorPlan
 from adapterhub_cli.merge.staging import BufferPool, as_tensor
 
@@ -147,11 +147,25 @@ class _Inputs:
     """The tensor each planned output starts from: a ``modules_to_save`` copy from its adapter, a bitsandbytes
     weight dequantized, or the base tensor read into a staging buffer from ``buffers``."""
 
-    def __init__(self, plan: MergePlan, adapters: list[Adapter], reader: _BaseReader, buffers: BufferPool) -> None:
+    def __init__(
+        self,
+        plan: MergePlan,
+        adapters: list[Adapter],
+        reader: _BaseReader,
+        buffers: BufferPool,
+        offsets: dict[str, int] | None = None,
+    ) -> None:
         self.plan = plan
         self.adapters = adapters
         self.reader = reader
         self.buffers = buffers
+        #: each output tensor's file offset (:func:`output_offsets`): a base tensor is read into its buffer at that
+        #: offset modulo the page, so the disk can write it from there (:meth:`.direct_io.StagedFile.write_placed`)
+        self.offsets = offsets or {}
+
+    def pad(self, p: TensorPlan) -> int:
+        """Where in its staging buffer ``p``'s bytes start (0 unless its output offset is known)."""
+        return placement(self.offsets[p.name]) if p.name in self.offsets else 0
 
     def fetch(self, p: TensorPlan) -> Fetched | _Raw:
         """What ``p`` starts from; a plain base tensor of an unpinned pool is read without torch (:class:`_Raw`,
@@ -162,9 +176,10 @@ class _Inputs:
             return bnb.dequantize_weight(self.reader.tensor, p.source, self.plan.stored), None
         nbytes = self.plan.stored.tensors[p.source].nbytes
         if not self.buffers.pin:
-            raw = self.buffers.acquire_raw(nbytes)
+            pad = self.pad(p)
+            raw = self.buffers.acquire_raw(pad + nbytes)
             try:
-                return _Raw(self.reader.read_raw(p.source, raw), raw)
+                return _Raw(self.reader.read_raw(p.source, raw[pad:]), raw, pad)
             except BaseException:
                 self.buffers.release(raw)
                 raise
@@ -180,17 +195,39 @@ class _Inputs:
         """``fetched`` as a tensor and its buffer (a :class:`_Raw` viewed as its dtype and shape, no copy)."""
         if not isinstance(fetched, _Raw):
             return fetched
-        info, buffer = fetched.info, fetched.buffer
-        t = as_tensor(buffer)[: info.nbytes]
+        info, buffer, pad = fetched.info, fetched.buffer, fetched.pad
+        t = as_tensor(buffer)[pad : pad + info.nbytes]
         return t.view(torch_dtype(info.dtype)).reshape(info.shape), buffer
 
 
 @dataclass
 class _Raw:
-    """A base tensor's stored bytes (``info``) read into the start of a staging ``buffer`` without torch."""
+    """A base tensor's stored bytes (``info``) read into a staging ``buffer`` from byte ``pad`` on, without torch."""
 
     info: TensorInfo
     buffer: np.ndarray
+    pad: int = 0
+
+
+def output_offsets(shards: list[list[TensorPlan]], metadata: dict[str, str] | None) -> dict[str, int]:
+    """Each planned tensor's byte offset in its output shard (the header as :func:`_write_shard` writes it, with
+    ``metadata``, included)."""
+    offsets: dict[str, int] = {}
+    for shard in shards:
+        head, _ = encode_header((e for p in shard for e in p.entries), metadata or {"format": "pt"})
+        at = len(head)
+        for p in shard:
+            offsets[p.name] = at
+            at += p.nbytes
+    return offsets
+
+
+def write_placed(
+    buffer: np.ndarray, pad: int, nbytes: int, release: Callable[[], None] | None, sink: StagedFile
+) -> None:
+    """Append ``nbytes`` of ``buffer`` from byte ``pad`` to ``sink``, written from ``buffer`` itself where O_DIRECT
+    allows (:meth:`.direct_io.StagedFile.write_placed`); ``release`` gives the buffer back once written."""
+    sink.write_placed(buffer.data, pad, nbytes, release)
 
 
 class _ReadAhead:

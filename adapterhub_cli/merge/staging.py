@@ -6,7 +6,7 @@ merge instead reads every tensor into one of a few recycled buffers, merges it i
 back once the writer has written it. With ``pin=True`` the buffers
 are page-locked, so copies to and from a CUDA device run asynchronously at full bus speed.
 
-Unpinned buffers are numpy arrays (64-byte aligned, as torch's own allocations are): they can be filled before
+Unpinned buffers are numpy arrays (page-aligned): they can be filled before
 torch is imported (:meth:`BufferPool.acquire_raw`, the merge's first reads run while torch imports) and become
 tensors without a copy (:meth:`BufferPool.acquire`, :func:`as_tensor`).
 """
@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-ALIGN = 64  # bytes: torch's CPU allocations are 64-byte aligned (unaligned tensors compute ~2x slower)
+#: bytes: buffers start on a page, so the disk can write a merged tensor from its buffer with O_DIRECT (where it
+#: starts at the tensor's file offset modulo the page: :func:`adapterhub_cli.merge.direct_io.placement`)
+ALIGN = 4096
 
 
 def aligned_bytes(nbytes: int) -> np.ndarray:
