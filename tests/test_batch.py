@@ -375,6 +375,59 @@ def test_a_lost_pool_process_is_replaced_and_its_job_run_again(monkeypatch, tmp_
     assert seen[-1] == 1
 
 
+def _ok(job, *, resume, cwd, attempt):
+    from adapterhub_cli.batch import JobRecord
+
+    return JobRecord(job.index, job.entry, job.op, job.inputs, job.output, status="ok", attempts=attempt)
+
+
+def test_a_pool_found_broken_when_a_job_is_sent_is_replaced_and_the_job_sent_again(monkeypatch, tmp_path):
+    """A worker that dies between the wait and the next submit breaks the pool at submit time: the job not sent
+    goes to a new pool (not counted as an attempt), the others are not lost."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from adapterhub_cli.batch import engines
+
+    sent = []
+
+    class BreaksOnce(ProcessPoolExecutor):
+        broke = False
+
+        def submit(self, fn, /, *args, **kwargs):
+            if len(sent) == 1 and not BreaksOnce.broke:
+                BreaksOnce.broke = True
+                raise BrokenProcessPool("a child process terminated abruptly")
+            sent.append(args[0].index)
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(engines, "run_job", _ok)
+    monkeypatch.setattr(engines, "ProcessPoolExecutor", BreaksOnce)
+    records = ah.batch([{"op": "inspect", "source": str(tmp_path / n)} for n in "abc"], engine="local", workers=1)
+    assert BreaksOnce.broke
+    assert [(r.status, r.attempts) for r in records] == [("ok", 1)] * 3
+    assert sorted(sent) == [0, 1, 2]
+
+
+def test_a_ray_cluster_that_cannot_be_reached_is_one_clear_error(monkeypatch, tmp_path, llama_lora):
+    """ray.init failing (no cluster at --address) is an error naming the address and what to check, exit 2, no
+    traceback, no job run; credentials in the address never reach the message."""
+    ray = pytest.importorskip("ray")
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError(f"Could not find any running Ray instance at {kwargs.get('address')}.\nmore detail")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"op": "inspect", "source": str(llama_lora)}]))
+    result = run_cli("batch", jobs, "--engine", "ray", "--address", "ray://user:hunter2@head.example:10001")
+    assert result.exit_code == 2, result.output
+    assert "could not connect to the Ray cluster at ray://user:" in result.output
+    assert "ConnectionError: Could not find any running Ray instance" in result.output
+    assert "hunter2" not in result.output and "Traceback" not in result.output and "more detail" not in result.output
+
+
 def test_progress_is_told_every_start_and_finish(monkeypatch):
     monkeypatch.setitem(OPS, "nothing", lambda source: None)
     monkeypatch.setitem(OPS, "fails", lambda source: 1 / 0)

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from adapterhub_cli.batch.jobs import Job
 from adapterhub_cli.batch.report import JobRecord
 from adapterhub_cli.batch.run import THREAD_ENV, run_job
-from adapterhub_cli.errors import UsageError, scrub
+from adapterhub_cli.errors import AdaptersError, UsageError, scrub
 
 
 #: How many more times a job whose failure is transient runs again.
@@ -138,16 +138,24 @@ def run_local(jobs: Iterable[Job], *, workers: int, resume: bool, tracker: Track
     try:
         while queue or in_flight:
             used = sum(cost(j) for j in in_flight.values())
+            broken = False
             while queue and (not in_flight or used + cost(queue[0]) <= workers):
-                job = queue.popleft()
-                attempt = attempts[job.index] = attempts.get(job.index, 0) + 1
-                in_flight[pool.submit(run_job, job, resume=resume, cwd=cwd, attempt=attempt)] = job
+                job = queue[0]
+                attempt = attempts.get(job.index, 0) + 1
+                try:
+                    future = pool.submit(run_job, job, resume=resume, cwd=cwd, attempt=attempt)
+                except BrokenProcessPool:  # a worker died since the last wait: this job was not sent
+                    broken = True
+                    break
+                queue.popleft()
+                attempts[job.index] = attempt
+                in_flight[future] = job
                 tracker.started(job, retry=retried.pop(job.index, None))
                 used += cost(job)
-            done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
-            broken = False
-            for future in done:
-                broken |= collect(future, in_flight.pop(future))
+            if in_flight and not broken:
+                done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+                for future in done:
+                    broken |= collect(future, in_flight.pop(future))
             if broken:  # the pool is unusable: the jobs still in it fail the same way; then start a new one
                 for future in wait(list(in_flight)).done:
                     collect(future, in_flight.pop(future))
@@ -158,6 +166,16 @@ def run_local(jobs: Iterable[Job], *, workers: int, resume: bool, tracker: Track
 
 
 # ------------------------------------------------------------------------------------------------ Ray
+
+
+class RayStartError(AdaptersError):
+    """Ray could not be started or reached (a wrong ``--address``, a cluster down or of another version)."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, scrubbed of secrets (an address may carry credentials)."""
+    text = str(e).strip().splitlines()
+    return scrub(text[0] if text else "")
 
 
 def import_ray() -> Any:
@@ -198,10 +216,22 @@ def run_ray(
         import logging
 
         options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
-        if address is not None:
-            ray.init(address=address, **options)
-        else:
-            ray.init(num_cpus=workers or cores(), include_dashboard=False, **options)
+        try:
+            if address is not None:
+                ray.init(address=address, **options)
+            else:
+                ray.init(num_cpus=workers or cores(), include_dashboard=False, **options)
+        except Exception as e:  # (Ray raises ConnectionError, RuntimeError, ValueError... by cause)
+            where = f"the Ray cluster at {address}" if address is not None else "a local Ray instance"
+            raise RayStartError(
+                f"could not connect to {where}: {type(e).__name__}: {first_line(e)}; no job was run",
+                hint=(
+                    "check the address (auto: the `ray start` of this machine; ray://HOST:10001 a remote head) and "
+                    "that the cluster runs the same Ray and Python versions"
+                    if address is not None
+                    else "start one with `ray start --head` and pass --address auto, or use --engine local"
+                ),
+            ) from None
         started_here = True
     try:
         tracker.slots(max(1, int(ray.cluster_resources().get("CPU", 1))))
