@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.checkpoint import CONFIG_FILE, BaseView, index_file, shard_file, side_files, single_file
 from adapterhub_cli.artifact.files import read_json
-from adapterhub_cli.artifact.safetensors import encode_header, file_data_start, read_into, read_tensor, torch_dtype
+from adapterhub_cli.artifact.safetensors import (
+    DTYPE_BITS,
+    encode_header,
+    file_data_start,
+    read_into,
+    read_tensor,
+    torch_dtype,
+)
 from adapterhub_cli.errors import InvalidAdapterError
 from adapterhub_cli.merge import bnb
 from adapterhub_cli.merge.direct_io import StagedFile, placement
@@ -164,8 +171,14 @@ class _Inputs:
         self.offsets = offsets or {}
 
     def pad(self, p: TensorPlan) -> int:
-        """Where in its staging buffer ``p``'s bytes start (0 unless its output offset is known)."""
-        return placement(self.offsets[p.name]) if p.name in self.offsets else 0
+        """Where in its staging buffer ``p``'s bytes start: its output offset modulo the page, or 0 when that offset
+        is unknown or not a multiple of the stored element's size (after an odd-sized tensor, e.g. packed 4-bit
+        weights: a tensor cannot start there; it is then copied when written)."""
+        info = self.plan.stored.tensors.get(p.source)
+        if p.name not in self.offsets or info is None:
+            return 0
+        pad = placement(self.offsets[p.name])
+        return pad if pad % max(DTYPE_BITS[info.dtype] // 8, 1) == 0 else 0
 
     def fetch(self, p: TensorPlan) -> Fetched | _Raw:
         """What ``p`` starts from; a plain base tensor of an unpinned pool is read without torch (:class:`_Raw`,

@@ -6,9 +6,9 @@ merge instead reads every tensor into one of a few recycled buffers, merges it i
 back once the writer has written it. With ``pin=True`` the buffers
 are page-locked, so copies to and from a CUDA device run asynchronously at full bus speed.
 
-Unpinned buffers are numpy arrays (page-aligned): they can be filled before
-torch is imported (:meth:`BufferPool.acquire_raw`, the merge's first reads run while torch imports) and become
-tensors without a copy (:meth:`BufferPool.acquire`, :func:`as_tensor`).
+Unpinned buffers are page-aligned numpy arrays: they can be filled before torch is imported
+(:meth:`BufferPool.acquire_raw`: the merge's first reads run while torch imports), become tensors without a copy
+(:meth:`BufferPool.acquire`, :func:`as_tensor`), and the disk can write from them with O_DIRECT.
 """
 
 from __future__ import annotations
