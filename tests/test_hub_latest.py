@@ -77,6 +77,9 @@ def test_hostile_tag_names_never_pass_for_a_version() -> None:
     assert pick_tag(["v1.0.0", "latest", "v2.0.0-rc.1"], AdapterRef.parse("org/x@latest")) == "v1.0.0"
     # a range breaks a tie the way latest does: the v tag
     assert pick_tag(["1.2.0", "v1.2.0"], AdapterRef.parse("org/x@^1")) == "v1.2.0"
+    # so does a version that names neither tag exactly (build metadata); a tag named exactly is that tag
+    assert pick_tag(["1.2.0", "v1.2.0"], AdapterRef.parse("org/x@1.2.0+build.5")) == "v1.2.0"
+    assert pick_tag(["1.2.0", "v1.2.0"], AdapterRef.parse("org/x@1.2.0")) == "1.2.0"
 
 
 def ah_version(text: str):  # type: ignore[no-untyped-def]

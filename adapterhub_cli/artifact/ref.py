@@ -284,7 +284,7 @@ def pick_tag(tags: Iterable[str], ref: AdapterRef) -> str | None:
     parsed = {name: v for name in names if (v := tag_version(name)) is not None}
     if kind == "version":
         want = Version.parse(rev)
-        return next((n for n, v in sorted(parsed.items(), key=lambda x: x[0]) if v == want), None)
+        return _highest({n: v for n, v in parsed.items() if v == want})  # (as for ranges: ``v1.2.0`` over ``1.2.0``)
     if kind == "range":
         bounds = version_range(rev)
         if bounds is None:
