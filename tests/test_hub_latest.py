@@ -309,8 +309,11 @@ def test_a_versions_record_keeps_what_it_can_read_back(tmp_path: Path, monkeypat
     # one unreadable tag (too long, control characters, a commit id with a newline) is dropped, not the record
     rows = [row("v1.0.0"), row("v" * 300), row("v2.0.0\x1b[2J"), row("v3.0.0", "b" * 40 + "\n")]
     hub_cache.record_versions("org/x", rows, endpoint="http://127.0.0.1")
-    read = hub_cache.read_versions("org/x")
+    read = hub_cache.read_versions("org/x", endpoint="http://127.0.0.1/")  # (a trailing slash is the same server)
     assert read is not None and [r.tag for r in read[1]] == ["v1.0.0"]
+    # the same repo name on another server (a mirror, a private Hub) is another repo: its record is not this one's
+    assert hub_cache.read_versions("org/x", endpoint="https://huggingface.co") is None
+    assert hub_cache.read_versions("org/x", endpoint="http://127.0.0.1:8080") is None
     record = hub_cache.versions_record("org/x")
     assert record is not None and [p.name for p in record.parent.iterdir()] == [record.name]  # no temporary left
     assert not hub_cache.SHA1.match("a" * 40 + "\n") and not hub_cache.SHA256.match("a" * 64 + "\n")

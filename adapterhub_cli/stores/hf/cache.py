@@ -166,7 +166,7 @@ def record_versions(repo_id: str, rows: list[VersionInfo], *, endpoint: str) -> 
     path = versions_record(repo_id)
     if path is None:
         return
-    previous = {r.tag: r for r in (read_versions(repo_id) or ("", []))[1]}
+    previous = {r.tag: r for r in (read_versions(repo_id, endpoint=endpoint) or ("", []))[1]}
     tags: dict[str, dict[str, str | None]] = {}
     for r in rows:
         if not _recordable(r.tag, r.commit):
@@ -199,6 +199,14 @@ def record_versions(repo_id: str, rows: list[VersionInfo], *, endpoint: str) -> 
             tmp.unlink(missing_ok=True)
 
 
+def same_endpoint(a: str, b: str) -> bool:
+    """Whether two endpoint URLs name one server (a trailing slash and the case of scheme and host aside)."""
+    from urllib.parse import urlsplit
+
+    x, y = urlsplit(a.strip().rstrip("/")), urlsplit(b.strip().rstrip("/"))
+    return (x.scheme.lower(), x.netloc.lower(), x.path) == (y.scheme.lower(), y.netloc.lower(), y.path)
+
+
 def _recordable(tag: object, commit: object) -> bool:
     """Whether a tag and its commit may stand in a versions record: a tag of 1 to 256 characters that is its own
     server text (no control characters), a commit id."""
@@ -211,10 +219,11 @@ def _recordable(tag: object, commit: object) -> bool:
     )
 
 
-def read_versions(repo_id: str) -> tuple[str, list[VersionInfo]] | None:
+def read_versions(repo_id: str, *, endpoint: str) -> tuple[str, list[VersionInfo]] | None:
     """(when it was seen online, the versions) from the record of ``repo_id``; None when there is none or it does
-    not check out: a regular file of at most :data:`MAX_RECORD_BYTES`, this repo's, every tag a string without
-    control characters, every commit a commit id, every text a string (shown as server text)."""
+    not check out: a regular file of at most :data:`MAX_RECORD_BYTES`, this repo's as seen on ``endpoint`` (the
+    same name on another server, a mirror or a private Hub, is another repo), every tag a string without control
+    characters, every commit a commit id, every text a string (shown as server text)."""
     from adapterhub_cli.artifact.jsonsafe import parse_json
     from adapterhub_cli.artifact.ref import Version
 
@@ -226,6 +235,8 @@ def read_versions(repo_id: str) -> tuple[str, list[VersionInfo]] | None:
     except (OSError, AdaptersError):
         return None
     if not isinstance(doc, dict) or doc.get("repo_id") != repo_id or not isinstance(doc.get("tags"), dict):
+        return None
+    if not isinstance(doc.get("endpoint"), str) or not same_endpoint(doc["endpoint"], endpoint):
         return None
     seen_at = doc.get("seen_at")
     if not isinstance(seen_at, str) or len(seen_at) > 64:

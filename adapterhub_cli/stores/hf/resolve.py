@@ -21,7 +21,7 @@ from adapterhub_cli.artifact.ref import HF, AdapterRef, Version, hub_ref, latest
 from adapterhub_cli.errors import HubError, HubNotFoundError, HubResponseError, server_line, server_text
 from adapterhub_cli.stores.hf import cache
 from adapterhub_cli.stores.hf.cache import SHA1, SHA256
-from adapterhub_cli.stores.hf.client import Client, connect, offline
+from adapterhub_cli.stores.hf.client import Client, connect, get_api, offline
 from adapterhub_cli.stores.records import Resolved, StoreFile, VersionInfo, resolution_note
 
 
@@ -133,7 +133,7 @@ def resolve(ref: AdapterRef | str, *, api: HfApi | None = None, token: str | Non
     ref = hub_ref(ref)
     assert ref.repo_id is not None
     if offline():
-        return _resolve_from_cache(ref)
+        return _resolve_from_cache(ref, _endpoint(api))
     client = connect(ref.repo_id, api, token)
     rev, kind = ref.revision, ref.kind
     tags: dict[str, str] = {}
@@ -198,7 +198,7 @@ def versions(repo_id: str, *, api: HfApi | None = None, token: str | None = None
     """
     repo_id = hub_ref(repo_id).repo_id or repo_id
     if offline():
-        return _versions_from_cache(repo_id)
+        return _versions_from_cache(repo_id, _endpoint(api))
     client = connect(repo_id, api, token)
     targets, _ = repo_refs(client, repo_id)
     commits: dict[str, Any] = {}
@@ -233,10 +233,15 @@ def _ordered(rows: list[VersionInfo]) -> list[VersionInfo]:
     return semver + others
 
 
-def _versions_from_cache(repo_id: str) -> list[VersionInfo]:
+def _endpoint(api: HfApi | None) -> str:
+    """The endpoint ``api`` (default: HF_ENDPOINT, else the Hub) talks to: whose tags an offline record must hold."""
+    return str(get_api(api).endpoint)
+
+
+def _versions_from_cache(repo_id: str, endpoint: str) -> list[VersionInfo]:
     """Offline ``versions``: the record of the tags last seen online, else the version tags the HF cache holds
     (``seen_at``: when that ref was cached)."""
-    recorded = cache.read_versions(repo_id)
+    recorded = cache.read_versions(repo_id, endpoint=endpoint)
     if recorded is not None:
         return _ordered(recorded[1])
     refs_dir = cache.repo_dir(repo_id) / "refs"
@@ -257,13 +262,13 @@ def _versions_from_cache(repo_id: str) -> list[VersionInfo]:
     return _ordered(rows)
 
 
-def _resolve_from_cache(ref: AdapterRef) -> HfResolved:
+def _resolve_from_cache(ref: AdapterRef, endpoint: str) -> HfResolved:
     """Resolve ``ref`` from the HF cache alone (offline mode): its recorded refs and snapshot files, the blob each
     file links to giving its hash (:mod:`adapterhub_cli.stores.hf.cache` reads only checked names). Tags are those
     last seen online when recorded (so a ref without a revision means what it meant then), plus the cached refs."""
     assert ref.repo_id is not None
     names = cache.read_refs(ref.repo_id)
-    recorded = cache.read_versions(ref.repo_id)
+    recorded = cache.read_versions(ref.repo_id, endpoint=endpoint)
     seen = {r.tag: r.commit for r in recorded[1]} if recorded is not None else {}
     tags = {**seen, **{n: c for n, c in names.items() if n in seen or Version.parse(n) is not None}}
     rev, kind = ref.revision, ref.kind
