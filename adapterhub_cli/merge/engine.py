@@ -248,8 +248,9 @@ class _Producer:
     base's bytes (checked for NaN / inf on the way, without torch), or the tensor read ahead, converted to its
     output dtype, merged and (if asked) quantized.
 
-    torch is first needed at the first tensor that is not a raw copy: only then are the merger, the read-ahead
-    thread and torch's single-threaded mode set up (everything before it runs while torch imports).
+    torch is first needed at the first tensor that is not a raw copy: only then are the merger and torch's
+    single-threaded mode set up (everything before it runs while torch imports). The read-ahead thread starts at
+    once on the CPU: the first tensors to merge are read (without torch) while the untouched ones are copied.
     """
 
     def __init__(
