@@ -37,8 +37,16 @@ from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, encode_header, t
 from adapterhub_cli.errors import AdaptersError, InvalidAdapterError
 from adapterhub_cli.merge import bnb
 from adapterhub_cli.merge.compute import _Merger, check_device, require_finite
-from adapterhub_cli.merge.direct_io import StagedFile
-from adapterhub_cli.merge.engine import MergeResult, Progress, _dtype_of, _result, merge_record, shard_metadata
+from adapterhub_cli.merge.direct_io import StagedFile, placement
+from adapterhub_cli.merge.engine import (
+    MergeResult,
+    Progress,
+    _dtype_of,
+    _placed,
+    _result,
+    merge_record,
+    shard_metadata,
+)
 from adapterhub_cli.merge.plan import MergePlan, TensorPlan, build_plan
 from adapterhub_cli.merge.shards import (
     READ_AHEAD,
@@ -48,10 +56,11 @@ from adapterhub_cli.merge.shards import (
     _ReadAhead,
     _sync_and_close,
     copy_side_files,
+    output_offsets,
     shard_names,
     write_index,
 )
-from adapterhub_cli.merge.staging import BufferPool
+from adapterhub_cli.merge.staging import BufferPool, as_tensor
 from adapterhub_cli.parallel import default_workers, single_threaded_torch
 
 
@@ -191,6 +200,7 @@ class _Stream:
         self.record = record
         self.device = device
         self.metadata = shard_metadata(record)
+        self.offsets = output_offsets(plan.shards, self.metadata)  # where each tensor starts in its shard
         self.names = plan.shard_files or shard_names(plan.view.weights_stem, len(plan.shards))
         self.where = {p.name: (i, j) for i, shard in enumerate(plan.shards) for j, p in enumerate(shard)}
         self.order = [p for shard in plan.shards for p in shard]
@@ -522,6 +532,7 @@ def _produce(s: _Stream, p: TensorPlan, shared: _Shared | None, *, last: bool) -
         return
     assert s.merger is not None and s.buffers is not None
     cleanups: list[Callable[[], None]] = []
+    placed: tuple[np.ndarray, int, int, _Handoff] | None = None
     try:
         t = s.adapter.tensor(p.replacement[1]) if p.replacement else _source(shared)
         if p.dtype in COMPUTE_DTYPES:
@@ -533,6 +544,17 @@ def _produce(s: _Stream, p: TensorPlan, shared: _Shared | None, *, last: bool) -
                 if last and shared is not None and shared.refs == 1:  # no one else reads it any more: in place
                     cleanups.append(shared.take())
                     t = s.merger.apply(p, t, sums=sums)
+                elif not s.buffers.pin:  # into this output's buffer, placed for the disk to write from it
+                    nbytes = t.numel() * t.element_size()
+                    offset = placement(s.offsets[p.name])
+                    pad = offset if offset % t.element_size() == 0 else 0
+                    raw = s.buffers.acquire_raw(pad + nbytes)
+                    handoff = _Handoff(functools.partial(s.buffers.release, raw))
+                    cleanups.append(handoff.cleanup)
+                    out = as_tensor(raw)[pad : pad + nbytes].view(t.dtype).view(t.shape)
+                    t = s.merger.apply(p, t, out=out, sums=sums)
+                    if _placed(t, raw, pad):
+                        placed = (raw, pad, nbytes, handoff)
                 else:
                     buffer = s.buffers.acquire(t.numel() * t.element_size())
                     cleanups.append(functools.partial(s.buffers.release, buffer))
@@ -555,7 +577,34 @@ def _produce(s: _Stream, p: TensorPlan, shared: _Shared | None, *, last: bool) -
         for c in cleanups:
             c()
         raise
+    if placed is not None:
+        s.put(p, functools.partial(_write_placed, *placed), _all(cleanups))
+        return
     s.put(p, functools.partial(_write_tensor, t), _all(cleanups))
+
+
+class _Handoff:
+    """A staging buffer's release, run once: by the write it was handed to (:meth:`take`, once the disk has written
+    from the buffer), or by the queue's cleanup when that write never ran (:meth:`cleanup`)."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+
+    def take(self) -> Callable[[], None] | None:
+        release, self._release = self._release, None
+        return release
+
+    def cleanup(self) -> None:
+        release = self.take()
+        if release is not None:
+            release()
+
+
+def _write_placed(buffer: np.ndarray, pad: int, nbytes: int, handoff: _Handoff, sink: StagedFile) -> None:
+    """Append ``nbytes`` of ``buffer`` from ``pad`` to ``sink``, written by the disk from the buffer itself
+    (:meth:`.direct_io.StagedFile.write_placed`, which then releases it)."""
+    release = handoff.take()
+    sink.write_placed(buffer.data, pad, nbytes, release)
 
 
 def _source(shared: _Shared | None) -> torch.Tensor:
