@@ -215,3 +215,38 @@ def test_each_on_cuda_equals_merging_each_adapter_alone_on_cuda(bf16_base, llama
         assert r.ok, r.error
         alone = ah.merge(adapter, base=bf16_base, out=tmp_path / f"alone-{r.name}", device="cuda")
         assert tensor_hashes(r.path) == tensor_hashes(alone.path)
+
+
+def test_each_writes_merged_tensors_from_the_buffers_they_were_merged_in(
+    bf16_base, llama_lora, llama_all_linear, tmp_path, monkeypatch
+):
+    """The shared base tensor is read where its last output writes it from (merged there in place), the other
+    outputs merge into their own buffers at their own offsets: every merged tensor is written by the disk from its
+    buffer, the last output's untouched tensors too; the outputs equal plain buffered ones."""
+    from collections import Counter
+
+    from adapterhub_cli.merge import direct_io
+
+    calls: Counter[str] = Counter()
+    placed, copied = direct_io.StagedFile.write_placed, direct_io.StagedFile.write_tensor
+
+    def spy_placed(self, *args):
+        calls[f"placed {self.path.parent.name.split('.')[1]}"] += 1
+        return placed(self, *args)
+
+    def spy_copied(self, t):
+        calls[f"copied {self.path.parent.name.split('.')[1]}"] += 1
+        return copied(self, t)
+
+    monkeypatch.setattr(direct_io.StagedFile, "write_placed", spy_placed)
+    monkeypatch.setattr(direct_io.StagedFile, "write_tensor", spy_copied)
+    adapters = [llama_lora, llama_all_linear]
+    results = ah.merge_each(adapters, base=bf16_base, out_dir=tmp_path / "each")
+    first, last = (Path(a).name for a in adapters)
+    assert results[0].merge is not None and results[1].merge is not None
+    assert calls[f"placed {first}"] == results[0].merge.tensors_merged
+    assert calls[f"placed {last}"] == results[1].merge.tensors and calls[f"copied {last}"] == 0, calls
+    monkeypatch.setenv("ADAPTERS_DIRECT_IO", "0")
+    buffered = ah.merge_each(adapters, base=bf16_base, out_dir=tmp_path / "buffered")
+    for r, b in zip(results, buffered, strict=True):
+        assert tensor_hashes(r.path) == tensor_hashes(b.path)

@@ -27,13 +27,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.card import hub_id, merged_card
 from adapterhub_cli.artifact.checkpoint import CARD_FILE, BaseView
 from adapterhub_cli.artifact.files import atomic_dir
-from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, encode_header, torch_dtype
+from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, DTYPE_BITS, encode_header, torch_dtype
 from adapterhub_cli.errors import AdaptersError, InvalidAdapterError
 from adapterhub_cli.merge import bnb
 from adapterhub_cli.merge.compute import _Merger, check_device, require_finite
@@ -471,17 +471,32 @@ def _drive(streams: list[_Stream], device: str, progress: Progress | None) -> No
         s.buffers = BufferPool(WRITE_BEHIND + 2, pin=pin)
     steps = _union(streams)
     reps = {id(step): dataclasses.replace(step.consumers[0][1], name=str(k)) for k, step in enumerate(steps)}
+    assert list(reps) == [id(step) for step in steps]
     reading = [reps[id(step)] for step in steps if step.reads_base]
+
+    last_of = {rep.name: steps[k].consumers[-1] for k, rep in enumerate(reps.values())}
 
     def fetch(p: TensorPlan) -> Fetched:
         if p.source in quantized_in:
             return bnb.dequantize_weight(reader.tensor, p.source, stored), None
-        buffer = shared_pool.acquire(stored.tensors[p.source].nbytes)
+        info = stored.tensors[p.source]
+        if pin:
+            buffer = shared_pool.acquire(info.nbytes)
+            try:
+                return reader.tensor(p.source, into=buffer), buffer
+            except BaseException:
+                shared_pool.release(buffer)
+                raise
+        # placed for the last output that writes it (it may then write from this buffer: :func:`_produce`)
+        s, q = last_of[p.name]
+        pad = _pad(s, q, info.dtype)
+        raw = shared_pool.acquire_raw(pad + info.nbytes)
         try:
-            return reader.tensor(p.source, into=buffer), buffer
+            reader.read_raw(p.source, raw[pad:])
         except BaseException:
-            shared_pool.release(buffer)
+            shared_pool.release(raw)
             raise
+        return as_tensor(raw)[pad : pad + info.nbytes].view(torch_dtype(info.dtype)).reshape(info.shape), raw
 
     read_ahead = _ReadAhead(reading, fetch)
     total = sum(s.plan.total_bytes for s in streams)
@@ -528,6 +543,16 @@ def _produce(s: _Stream, p: TensorPlan, shared: _Shared | None, *, last: bool) -
                 module=p.name,
                 hint="the base checkpoint is damaged: download or copy it again",
             )
+        pad = _pad(s, p, plan.stored.tensors[p.source].dtype)
+        if last and _placed(shared.tensor, shared.buffer, pad):  # read where this output writes it from
+            handoff = _Handoff(shared.take())
+            nbytes = shared.tensor.numel() * shared.tensor.element_size()
+            s.put(
+                p,
+                functools.partial(_write_placed, cast("np.ndarray", shared.buffer), pad, nbytes, handoff),
+                handoff.cleanup,
+            )
+            return
         s.put(p, functools.partial(_write_tensor, shared.tensor), shared.take())
         return
     assert s.merger is not None and s.buffers is not None
@@ -542,12 +567,15 @@ def _produce(s: _Stream, p: TensorPlan, shared: _Shared | None, *, last: bool) -
         if p.contributions:
             if base_view is not None and t is base_view:
                 if last and shared is not None and shared.refs == 1:  # no one else reads it any more: in place
-                    cleanups.append(shared.take())
+                    handoff = _Handoff(shared.take())
+                    cleanups.append(handoff.cleanup)
                     t = s.merger.apply(p, t, sums=sums)
+                    pad = _pad(s, p, plan.stored.tensors[p.source].dtype)
+                    if _placed(t, shared.buffer, pad):
+                        placed = (cast("np.ndarray", shared.buffer), pad, t.numel() * t.element_size(), handoff)
                 elif not s.buffers.pin:  # into this output's buffer, placed for the disk to write from it
                     nbytes = t.numel() * t.element_size()
-                    offset = placement(s.offsets[p.name])
-                    pad = offset if offset % t.element_size() == 0 else 0
+                    pad = _pad(s, p, p.dtype)
                     raw = s.buffers.acquire_raw(pad + nbytes)
                     handoff = _Handoff(functools.partial(s.buffers.release, raw))
                     cleanups.append(handoff.cleanup)
@@ -581,6 +609,13 @@ def _produce(s: _Stream, p: TensorPlan, shared: _Shared | None, *, last: bool) -
         s.put(p, functools.partial(_write_placed, *placed), _all(cleanups))
         return
     s.put(p, functools.partial(_write_tensor, t), _all(cleanups))
+
+
+def _pad(s: _Stream, p: TensorPlan, dtype: str) -> int:
+    """Where a buffer holds ``p`` (of ``dtype``) for output ``s`` to write it from there: its offset in its shard
+    modulo the page, or 0 where no tensor of that dtype can start (:meth:`.shards._Inputs.pad`)."""
+    pad = placement(s.offsets[p.name])
+    return pad if pad % max(DTYPE_BITS[dtype] // 8, 1) == 0 else 0
 
 
 class _Handoff:
