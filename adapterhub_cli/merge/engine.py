@@ -227,10 +227,12 @@ def _write_shards(
     buffers = BufferPool(READ_AHEAD + 1 + WRITE_BEHIND, pin=device.startswith("cuda"))
     to_read = [p for shard in plan.shards for p in shard if not plan.copied(p)]
     offsets = output_offsets(plan.shards, metadata)
-    produce = _Producer(plan, adapters, reader, buffers, to_read, device, reverse, progress, offsets)
     files = _ShardWriter()
+    produce: _Producer | None = None
     written = 0
     try:
+        # (its read-ahead starts at once: inside the try, so that whatever fails afterwards stops it)
+        produce = _Producer(plan, adapters, reader, buffers, to_read, device, reverse, progress, offsets)
         for name, shard in zip(names, plan.shards, strict=True):
             written += files.write(folder / name, shard, produce, metadata)
         files.sync()  # every shard on disk before the folder is moved into place
@@ -239,7 +241,8 @@ def _write_shards(
     finally:
         files.close()
         buffers.close()  # a read waiting for a buffer after an error gives up
-        produce.close()
+        if produce is not None:
+            produce.close()
     return written
 
 
