@@ -48,10 +48,13 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
-def placement(offset: int) -> int:
-    """Where in an :data:`ALIGN`-aligned buffer to put bytes bound for file offset ``offset`` so that the disk can
-    write them from there with O_DIRECT (:meth:`StagedFile.write_placed`): ``offset`` modulo :data:`ALIGN`."""
-    return offset % ALIGN
+def placement(offset: int, itemsize: int = 1) -> int:
+    """Where in an :data:`ALIGN`-aligned buffer to put a tensor bound for file offset ``offset`` so that the disk
+    can write it from there with O_DIRECT (:meth:`StagedFile.write_placed`): ``offset`` modulo :data:`ALIGN`; 0
+    where no tensor of ``itemsize``-byte elements can start (an offset after an odd-sized tensor, e.g. packed 4-bit
+    weights): placed there, it is copied when written instead."""
+    pad = offset % ALIGN
+    return pad if pad % max(itemsize, 1) == 0 else 0
 
 
 def _address(view: memoryview) -> int:

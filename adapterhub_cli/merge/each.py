@@ -612,10 +612,9 @@ def _produce(s: _Stream, p: TensorPlan, shared: _Shared | None, *, last: bool) -
 
 
 def _pad(s: _Stream, p: TensorPlan, dtype: str) -> int:
-    """Where a buffer holds ``p`` (of ``dtype``) for output ``s`` to write it from there: its offset in its shard
-    modulo the page, or 0 where no tensor of that dtype can start (:meth:`.shards._Inputs.pad`)."""
-    pad = placement(s.offsets[p.name])
-    return pad if pad % max(DTYPE_BITS[dtype] // 8, 1) == 0 else 0
+    """Where a buffer holds ``p`` (of ``dtype``) for output ``s`` to write it from there
+    (:func:`.direct_io.placement` of its offset in its shard)."""
+    return placement(s.offsets[p.name], DTYPE_BITS[dtype] // 8)
 
 
 class _Handoff:

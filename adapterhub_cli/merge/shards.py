@@ -171,14 +171,12 @@ class _Inputs:
         self.offsets = offsets or {}
 
     def pad(self, p: TensorPlan) -> int:
-        """Where in its staging buffer ``p``'s bytes start: its output offset modulo the page, or 0 when that offset
-        is unknown or not a multiple of the stored element's size (after an odd-sized tensor, e.g. packed 4-bit
-        weights: a tensor cannot start there; it is then copied when written)."""
+        """Where in its staging buffer ``p``'s bytes start (:func:`.direct_io.placement` of its output offset; 0
+        when that is unknown)."""
         info = self.plan.stored.tensors.get(p.source)
         if p.name not in self.offsets or info is None:
             return 0
-        pad = placement(self.offsets[p.name])
-        return pad if pad % max(DTYPE_BITS[info.dtype] // 8, 1) == 0 else 0
+        return placement(self.offsets[p.name], DTYPE_BITS[info.dtype] // 8)
 
     def fetch(self, p: TensorPlan) -> Fetched | _Raw:
         """What ``p`` starts from; a plain base tensor of an unpinned pool is read without torch (:class:`_Raw`,
