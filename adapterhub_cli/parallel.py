@@ -1,5 +1,5 @@
-"""Threads for tensor work: how many (:func:`default_workers`, the one rule), and module-level parallelism for
-factor operations (small LAPACK calls run side by side in threads)."""
+"""Threads for tensor work: how many (:func:`cores`, :func:`default_workers`, the one rule), and module-level
+parallelism for factor operations (small LAPACK calls run side by side in threads)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,18 @@ R = TypeVar("R")
 MAX_WORKERS = 8  # past 8 threads the pieces of work here (256-row blocks, one module's QR) are too small to share
 
 
+def cores() -> int:
+    """The cores this process may run on: its CPU affinity where the system says (a container or ``taskset``
+    limited to 2 of 64 cores gives 2, where ``os.cpu_count()`` would say 64), else every core."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def default_workers(env_var: str | None = None) -> int:
-    """How many threads a parallel step uses: every core, at most :data:`MAX_WORKERS`.
+    """How many threads a parallel step uses: every core this process may run on (:func:`cores`), at most
+    :data:`MAX_WORKERS`.
 
     A positive integer in the environment variable ``env_var`` (e.g. ``ADAPTERS_MERGE_THREADS``), when given and
     set, overrides it, above the cap too; else one in ``ADAPTERS_THREADS`` (what ``adapters batch`` sets for each
@@ -27,7 +37,7 @@ def default_workers(env_var: str | None = None) -> int:
         raw = os.environ.get(name, "") if name else ""
         if raw.isdigit() and int(raw) > 0:
             return int(raw)
-    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+    return max(1, min(cores(), MAX_WORKERS))
 
 
 @contextlib.contextmanager

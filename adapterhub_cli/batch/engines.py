@@ -17,6 +17,7 @@ from adapterhub_cli.batch.jobs import Job
 from adapterhub_cli.batch.report import JobRecord
 from adapterhub_cli.batch.run import THREAD_ENV, run_job
 from adapterhub_cli.errors import AdaptersError, UsageError, scrub
+from adapterhub_cli.parallel import cores
 
 
 #: How many more times a job whose failure is transient runs again.
@@ -33,14 +34,6 @@ class Tracker(Protocol):
     def finished(self, record: JobRecord) -> None: ...
 
     def slots(self, count: int) -> None: ...
-
-
-def cores() -> int:
-    """The cores this process may run on (its CPU affinity where the system says, else every core)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def _failed(job: Job, code: str, message: str, *, attempt: int, transient: bool, hint: str | None = None) -> JobRecord:

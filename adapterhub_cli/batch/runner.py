@@ -132,7 +132,8 @@ def batch(
         )
     if workers is not None and engine == "serial":
         raise UsageError("--workers does not apply to the serial engine (one job at a time)")
-    from adapterhub_cli.batch.engines import cores, import_ray, run_local, run_ray, run_serial  # multiprocessing
+    from adapterhub_cli.batch.engines import import_ray, run_local, run_ray, run_serial  # multiprocessing
+    from adapterhub_cli.parallel import cores
 
     checked = load_jobs(jobs)
     for job in checked:  # here too: what an engine reports of a job's failure is scrubbed in this process
