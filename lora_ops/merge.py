@@ -151,9 +151,10 @@ def merge_lora(
         block = block.mul_(scale)  # PEFT's `* scale`, in the block's own memory
         if subtract:
             torch.sub(weight[i:j], block.to(weight.dtype), out=out[i:j])
-        elif weight.dtype in _HALF and block.dtype == torch.float32:
+        elif weight.dtype in _HALF and block.dtype == torch.float32 and block.is_contiguous():
             # the same float32 sum (exact conversion, commutative add), rounded once by the copy: faster than
-            # torch's mixed-dtype add, which converts element by element
+            # torch's mixed-dtype add, which converts element by element (a transposed block keeps that add: its
+            # NaNs would come out with other payload bits)
             out[i:j].copy_(block.add_(weight[i:j]))
         else:
             torch.add(weight[i:j], block, out=out[i:j])  # in float32, rounded once to out's dtype

@@ -206,3 +206,22 @@ def test_a_placed_buffer_is_released_even_when_its_write_fails(tmp_path, monkeyp
         sink.abort()
         os.close(sink.fd)
     assert released == [True]
+
+
+def test_a_placed_write_that_cannot_start_still_releases_its_buffer(tmp_path):
+    """A buffer the disk cannot take (read-only here) raises, and its release runs all the same."""
+    from adapterhub_cli.merge.direct_io import placement
+
+    released = []
+    with ThreadPoolExecutor(1) as disk:
+        sink = StagedFile(tmp_path / "out", disk, direct=True, chunk=8192)
+        if not sink.direct:
+            pytest.skip("this filesystem refuses O_DIRECT")
+        sink.write(b"y" * 100)
+        pad = placement(sink.size)
+        frozen = memoryview(bytes(pad + 5000))  # read-only
+        with pytest.raises(TypeError):
+            sink.write_placed(frozen, pad, 5000, lambda: released.append(True))
+        sink.abort()
+        os.close(sink.fd)
+    assert released == [True]

@@ -269,3 +269,72 @@ def test_inputs_never_modified(llama_base_sharded, roberta_base, llama_lora, rob
         ah.unmerge(adapter, merged=tmp_path / f"m{i}", out=tmp_path / f"u{i}")
         assert {p: tree_sha256(p) for p in (adapter, base)} == before
         assert {p: p.stat().st_mtime_ns for p in (adapter, base)} == mtimes  # nothing added or removed
+
+
+# ------------------------------------------------------------------------------- a write error never hangs
+
+HANGING_MERGE = textwrap.dedent(
+    """
+    import errno, faulthandler, importlib, sys, time
+    import adapterhub_cli as ah
+
+    adapter, base, out = sys.argv[1:]
+    shards = importlib.import_module("adapterhub_cli.merge.shards")
+    real = shards._BaseReader.copy_raw
+
+    def copy_raw(self, key, sink, check=None):  # the untouched embedding, written first: slow, then the disk is full
+        if "embed_tokens" in key:
+            time.sleep(2)
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return real(self, key, sink, check)
+
+    shards._BaseReader.copy_raw = copy_raw
+    faulthandler.dump_traceback_later(60, exit=True)  # a hang shows where it waits
+    try:
+        ah.merge(adapter, base=base, out=out)
+    except OSError as e:
+        print("refused:", e)
+    """
+)
+
+
+def _embedding_first(base: Path, out: Path) -> Path:
+    """A copy of ``base`` whose safetensors file holds the embedding first, then every linear weight."""
+    import shutil
+    import struct
+
+    shutil.copytree(base, out)
+    f = out / "model.safetensors"
+    raw = f.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    meta = header.pop("__metadata__", None)
+    keys = sorted(header, key=lambda k: (("embed_tokens" not in k), not k.endswith("proj.weight"), k))
+    new, blobs, at = ({"__metadata__": meta} if meta else {}), [], 0
+    for k in keys:
+        a, b = header[k]["data_offsets"]
+        new[k] = {"dtype": header[k]["dtype"], "shape": header[k]["shape"], "data_offsets": [at, at + b - a]}
+        blobs.append(data[a:b])
+        at += b - a
+    head = json.dumps(new).encode()
+    head += b" " * (-len(head) % 8)
+    f.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+    return out
+
+
+def test_a_write_error_with_merged_tensors_queued_behind_it_fails_the_merge_and_never_hangs(
+    llama_base, llama_all_linear, tmp_path
+):
+    """A write that fails (a full disk) while the merged tensors queued behind it hold every staging buffer: the
+    skipped writes give their buffers back, the merge fails with the disk's error and leaves nothing."""
+    base = _embedding_first(llama_base, tmp_path / "base")
+    work = tmp_path / "work"
+    work.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", HANGING_MERGE, str(llama_all_linear), str(base), str(work / "merged")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "refused: [Errno 28] No space left on device (injected)" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 0 and leftovers(work) == []

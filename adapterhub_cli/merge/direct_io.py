@@ -176,16 +176,17 @@ class StagedFile:
         staged, and the last partial block is carried into the next chunk. Placed any other way, or without
         O_DIRECT, the bytes are copied (:meth:`write`) and released at once.
         """
-        view = buffer.cast("B")
-        address = _address(view)
-        if not self.direct or pad != self.size % ALIGN or address % ALIGN or len(view) < pad + nbytes:
-            try:
-                self.write(view[pad : pad + nbytes])
-            finally:
-                if release is not None:
-                    release()
-            return
+        done: Future[None] | None = None
         try:
+            view = buffer.cast("B")
+            if (
+                not self.direct
+                or pad != self.size % ALIGN
+                or len(view) < pad + nbytes
+                or _address(view) % ALIGN  # (raises for a read-only buffer: released all the same)
+            ):
+                self.write(view[pad : pad + nbytes])
+                return
             chunk = self._chunks[self._current]
             start = self._offset + self._fill - pad  # file offset of the block the bytes start in
             head = start - self._offset  # whole blocks staged before it (a multiple of ALIGN)
@@ -199,12 +200,12 @@ class StagedFile:
             # the last partial block is staged (copied) before the buffer may be written and released
             self._chunks[self._current].view[:tail] = view[whole : whole + tail]
             self._offset, self._fill = start + whole, tail
-        except BaseException:
-            if release is not None:
+            done = self._disk.submit(self._write_then, view[:whole], start, release)
+        finally:
+            if done is None and release is not None:  # (copied, or failed before the disk took the buffer)
                 release()
-            raise
-        done = self._disk.submit(self._write_then, view[:whole], start, release)
         self.size += nbytes
+        assert done is not None
         self._placed.append(done)
 
     def _write_then(self, data: memoryview, offset: int, release: Callable[[], None] | None) -> None:
@@ -321,9 +322,11 @@ class StagedFile:
         self._chunks.clear()
 
     def _wait_placed(self) -> None:
+        """Wait for every write from a caller's buffer (each releases its buffer); then raise the first error."""
         placed, self._placed = self._placed, []
-        for done in placed:
-            done.result()
+        errors = [e for e in (done.exception() for done in placed) if e is not None]
+        if errors:
+            raise errors[0]
 
 
 __all__ = ["ALIGN", "CHUNK", "StagedFile", "direct_io_wanted", "placement", "write_all"]

@@ -52,6 +52,7 @@ from adapterhub_cli.merge.shards import (
     READ_AHEAD,
     WRITE_BEHIND,
     Fetched,
+    Handoff,
     _BaseReader,
     _ReadAhead,
     _sync_and_close,
@@ -59,6 +60,7 @@ from adapterhub_cli.merge.shards import (
     output_offsets,
     shard_names,
     write_index,
+    write_placed,
 )
 from adapterhub_cli.merge.staging import BufferPool, as_tensor
 from adapterhub_cli.parallel import default_workers, single_threaded_torch
@@ -545,7 +547,7 @@ def _produce(s: _Stream, p: TensorPlan, shared: _Shared | None, *, last: bool) -
             )
         pad = _pad(s, p, plan.stored.tensors[p.source].dtype)
         if last and _placed(shared.tensor, shared.buffer, pad):  # read where this output writes it from
-            handoff = _Handoff(shared.take())
+            handoff = Handoff(shared.take())
             nbytes = shared.tensor.numel() * shared.tensor.element_size()
             s.put(
                 p,
@@ -557,7 +559,7 @@ def _produce(s: _Stream, p: TensorPlan, shared: _Shared | None, *, last: bool) -
         return
     assert s.merger is not None and s.buffers is not None
     cleanups: list[Callable[[], None]] = []
-    placed: tuple[np.ndarray, int, int, _Handoff] | None = None
+    placed: tuple[np.ndarray, int, int, Handoff] | None = None
     try:
         t = s.adapter.tensor(p.replacement[1]) if p.replacement else _source(shared)
         if p.dtype in COMPUTE_DTYPES:
@@ -567,7 +569,7 @@ def _produce(s: _Stream, p: TensorPlan, shared: _Shared | None, *, last: bool) -
         if p.contributions:
             if base_view is not None and t is base_view:
                 if last and shared is not None and shared.refs == 1:  # no one else reads it any more: in place
-                    handoff = _Handoff(shared.take())
+                    handoff = Handoff(shared.take())
                     cleanups.append(handoff.cleanup)
                     t = s.merger.apply(p, t, sums=sums)
                     pad = _pad(s, p, plan.stored.tensors[p.source].dtype)
@@ -577,7 +579,7 @@ def _produce(s: _Stream, p: TensorPlan, shared: _Shared | None, *, last: bool) -
                     nbytes = t.numel() * t.element_size()
                     pad = _pad(s, p, p.dtype)
                     raw = s.buffers.acquire_raw(pad + nbytes)
-                    handoff = _Handoff(functools.partial(s.buffers.release, raw))
+                    handoff = Handoff(functools.partial(s.buffers.release, raw))
                     cleanups.append(handoff.cleanup)
                     out = as_tensor(raw)[pad : pad + nbytes].view(t.dtype).view(t.shape)
                     t = s.merger.apply(p, t, out=out, sums=sums)
@@ -617,28 +619,9 @@ def _pad(s: _Stream, p: TensorPlan, dtype: str) -> int:
     return placement(s.offsets[p.name], DTYPE_BITS[dtype] // 8)
 
 
-class _Handoff:
-    """A staging buffer's release, run once: by the write it was handed to (:meth:`take`, once the disk has written
-    from the buffer), or by the queue's cleanup when that write never ran (:meth:`cleanup`)."""
-
-    def __init__(self, release: Callable[[], None]) -> None:
-        self._release: Callable[[], None] | None = release
-
-    def take(self) -> Callable[[], None] | None:
-        release, self._release = self._release, None
-        return release
-
-    def cleanup(self) -> None:
-        release = self.take()
-        if release is not None:
-            release()
-
-
-def _write_placed(buffer: np.ndarray, pad: int, nbytes: int, handoff: _Handoff, sink: StagedFile) -> None:
-    """Append ``nbytes`` of ``buffer`` from ``pad`` to ``sink``, written by the disk from the buffer itself
-    (:meth:`.direct_io.StagedFile.write_placed`, which then releases it)."""
-    release = handoff.take()
-    sink.write_placed(buffer.data, pad, nbytes, release)
+def _write_placed(buffer: np.ndarray, pad: int, nbytes: int, handoff: Handoff, sink: StagedFile) -> None:
+    """:func:`.shards.write_placed` (one function here, so a test can fail one output's placed writes)."""
+    write_placed(buffer, pad, nbytes, handoff, sink)
 
 
 def _source(shared: _Shared | None) -> torch.Tensor:

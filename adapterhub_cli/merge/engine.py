@@ -38,7 +38,8 @@ from adapterhub_cli.merge.shards import (
     READ_AHEAD,
     WRITE_BEHIND,
     FiniteCheck,
-    WriteJob,
+    Handoff,
+    Produced,
     _BaseReader,
     _Inputs,
     _ReadAhead,
@@ -301,38 +302,41 @@ class _Producer:
             self.merger.close()
         self._torch.close()
 
-    def __call__(self, p: TensorPlan) -> WriteJob:
+    def __call__(self, p: TensorPlan) -> Produced:
+        """The job writing ``p``, and the release of its staging buffer for when that job does not take it."""
         self.done += p.nbytes
         if self.progress:
             self.progress(self.done, self.total)
         if self.plan.copied(p):
             dtype = self.reader.base.tensors[p.source].dtype
             check = FiniteCheck(p.name, dtype) if p.dtype in COMPUTE_DTYPES and FiniteCheck.wanted(dtype) else None
-            return functools.partial(self.reader.copy_raw, p.source, check=check)
+            return functools.partial(self.reader.copy_raw, p.source, check=check), None
         merger, read_ahead = self._start_torch()
         t, buffer = read_ahead.take(p)
-        if p.dtype in COMPUTE_DTYPES:
-            t = t.to(torch_dtype(p.dtype))  # as if the base were loaded in the output dtype, then merged
-        sums: list[float] = []  # the merge's block sums: the NaN / inf check rides on the arithmetic
-        if p.contributions:
-            t = merger.apply(p, t, sums=sums)
-        require_finite(t, p, merger.adapters, base_dtype=_dtype_of(self.plan.view, p.source), sums=sums)
-        release = None if buffer is None else functools.partial(self.buffers.release, buffer)
-        if self.plan.quantize and p.quantized_entries:
-            return self._quantized(p, t, self.plan.quantize, release)
-        pad = self.inputs.pad(p)
-        if _placed(t, buffer, pad):  # merged in place where it was read: the disk writes it from there
-            return functools.partial(
-                write_placed, cast("np.ndarray", buffer), pad, t.numel() * t.element_size(), release
-            )
-        return functools.partial(write_then_release, t, release)
-
-    def _quantized(self, p: TensorPlan, t: torch.Tensor, scheme: str, release: Callable[[], None] | None) -> WriteJob:
-        """The job writing ``t`` quantized with bitsandbytes ``scheme`` (its staging buffer is free at once)."""
-        parts = bnb.quantize_weight(t, p.name, scheme, compute_dtype=t.dtype)
-        if release is not None:
-            release()
-        return functools.partial(write_parts, parts, [key for key, _, _ in p.entries])
+        handoff = None if buffer is None else Handoff(functools.partial(self.buffers.release, buffer))
+        try:
+            if p.dtype in COMPUTE_DTYPES:
+                t = t.to(torch_dtype(p.dtype))  # as if the base were loaded in the output dtype, then merged
+            sums: list[float] = []  # the merge's block sums: the NaN / inf check rides on the arithmetic
+            if p.contributions:
+                t = merger.apply(p, t, sums=sums)
+            require_finite(t, p, merger.adapters, base_dtype=_dtype_of(self.plan.view, p.source), sums=sums)
+            if self.plan.quantize and p.quantized_entries:
+                parts = bnb.quantize_weight(t, p.name, self.plan.quantize, compute_dtype=t.dtype)
+                if handoff is not None:
+                    handoff.cleanup()  # (quantized into new tensors: the staging buffer is free at once)
+                return functools.partial(write_parts, parts, [key for key, _, _ in p.entries]), None
+            pad = self.inputs.pad(p)
+            if handoff is not None and _placed(t, buffer, pad):  # merged where it was read: written from there
+                nbytes = t.numel() * t.element_size()
+                return functools.partial(write_placed, cast("np.ndarray", buffer), pad, nbytes, handoff), (
+                    handoff.cleanup
+                )
+            return functools.partial(write_then_release, t, handoff), (handoff.cleanup if handoff else None)
+        except BaseException:
+            if handoff is not None:
+                handoff.cleanup()
+            raise
 
 
 def prefetch(plan: MergePlan, limit: int = 256 << 20) -> None:

@@ -53,6 +53,26 @@ WRITE_BEHIND = 2  # merged tensors waiting for (or in) the writer, beyond which 
 Fetched = tuple["torch.Tensor", "torch.Tensor | np.ndarray | None"]
 #: appends one planned tensor's bytes to its shard
 WriteJob = Callable[[StagedFile], None]
+#: what a producer makes of one planned tensor: its write job, and what to run after it whatever happens (the
+#: release of its staging buffer when the job did not take it: the job was skipped after an error, or failed first)
+Produced = tuple[WriteJob, "Callable[[], None] | None"]
+
+
+class Handoff:
+    """A staging buffer's release, run once: by the write it was handed to (:meth:`take`; a write from the buffer
+    itself releases it once the disk has written it), or by :meth:`cleanup` when that write never took it."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+
+    def take(self) -> Callable[[], None] | None:
+        release, self._release = self._release, None
+        return release
+
+    def cleanup(self) -> None:
+        release = self.take()
+        if release is not None:
+            release()
 
 
 class _BaseReader:
@@ -233,12 +253,10 @@ def output_offsets(shards: list[list[TensorPlan]], metadata: dict[str, str] | No
     return offsets
 
 
-def write_placed(
-    buffer: np.ndarray, pad: int, nbytes: int, release: Callable[[], None] | None, sink: StagedFile
-) -> None:
+def write_placed(buffer: np.ndarray, pad: int, nbytes: int, handoff: Handoff, sink: StagedFile) -> None:
     """Append ``nbytes`` of ``buffer`` from byte ``pad`` to ``sink``, written from ``buffer`` itself where O_DIRECT
-    allows (:meth:`.direct_io.StagedFile.write_placed`); ``release`` gives the buffer back once written."""
-    sink.write_placed(buffer.data, pad, nbytes, release)
+    allows (:meth:`.direct_io.StagedFile.write_placed`), which releases it once written."""
+    sink.write_placed(buffer.data, pad, nbytes, handoff.take())
 
 
 class _ReadAhead:
@@ -289,28 +307,40 @@ class _AsyncWriter:
     next tensor's read and merge. At most ``depth`` tensors wait in memory."""
 
     def __init__(self, depth: int = 4) -> None:
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[tuple[Callable[[], None], Callable[[], None] | None] | None] = queue.Queue(
+            maxsize=depth
+        )
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="adapters-writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
+            item = self._queue.get()
             try:
-                if job is None:
+                if item is None:
                     return
-                if self._error is None:
-                    job()
+                job, cleanup = item
+                try:
+                    if self._error is None:
+                        job()
+                finally:
+                    if cleanup is not None:  # (a skipped job's buffer goes back: the reader may be waiting for it)
+                        cleanup()
             except BaseException as e:  # handed to the caller at the next submit or at close
-                self._error = e
+                if self._error is None or isinstance(self._error, _AbandonedError):
+                    self._error = e
             finally:
                 self._queue.task_done()
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], None], cleanup: Callable[[], None] | None = None) -> None:
+        """Queue ``job``; ``cleanup`` runs after it whatever happens, also when it is skipped after an error (and
+        at once when this raises the error of an earlier job)."""
         if self._error is not None:
+            if cleanup is not None:
+                cleanup()
             raise self._error
-        self._queue.put(job)
+        self._queue.put((job, cleanup))
 
     def abandon(self) -> None:
         """Skip every job still queued and wait for the one running (after an error elsewhere)."""
@@ -342,7 +372,7 @@ class _ShardWriter:
         self,
         path: Path,
         shard: list[TensorPlan],
-        produce: Callable[[TensorPlan], WriteJob],
+        produce: Callable[[TensorPlan], Produced],
         metadata: dict[str, str] | None = None,
     ) -> int:
         """Write one shard (see :func:`_write_shard`); its size in bytes."""
@@ -363,7 +393,7 @@ class _ShardWriter:
 def _write_shard(
     path: Path,
     shard: list[TensorPlan],
-    produce: Callable[[TensorPlan], WriteJob],
+    produce: Callable[[TensorPlan], Produced],
     writer: _AsyncWriter,
     disk: ThreadPoolExecutor,
     closer: ThreadPoolExecutor,
@@ -382,7 +412,8 @@ def _write_shard(
     try:
         sink.write(head)
         for p in shard:
-            writer.submit(functools.partial(produce(p), sink))
+            job, cleanup = produce(p)
+            writer.submit(functools.partial(job, sink), cleanup)
         writer.drain()
         sink.finish()
         size = os.fstat(sink.fd).st_size
@@ -409,8 +440,9 @@ def _write_tensor(sink: StagedFile, t: torch.Tensor) -> None:
     sink.write_tensor(t)
 
 
-def write_then_release(t: torch.Tensor, release: Callable[[], None] | None, sink: StagedFile) -> None:
-    """Append ``t`` to ``sink``, then call ``release`` (giving ``t``'s staging buffer back), even on error."""
+def write_then_release(t: torch.Tensor, handoff: Handoff | None, sink: StagedFile) -> None:
+    """Append ``t`` to ``sink``, then give ``t``'s staging buffer back (``handoff``), even on error."""
+    release = handoff.take() if handoff is not None else None
     try:
         _write_tensor(sink, t)
     finally:

@@ -74,3 +74,18 @@ def test_block_sums_cover_every_row_and_reveal_nan_and_overflow(fan_in_fan_out):
     out = merge_lora(w, a, huge, 1e10, fan_in_fan_out=fan_in_fan_out, rows=64, sums=sums)
     assert not torch.isfinite(out).all()
     assert not all(abs(s) < float("inf") for s in sums)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_nan_and_inf_come_out_with_the_same_bits_as_peft(dtype, fan_in_fan_out):
+    """NaN payloads and infinities in the weight pass through the blocked add exactly as through PEFT's."""
+    g = torch.Generator().manual_seed(3)
+    d_out, d_in, r = 300, 200, 4
+    a = torch.randn(r, d_in, generator=g) * 0.02
+    b = torch.randn(d_out, r, generator=g) * 0.02
+    w = torch.randn((d_in, d_out) if fan_in_fan_out else (d_out, d_in), generator=g).to(dtype)
+    w[0, 0], w[1, 1], w[2, 2] = float("nan"), float("inf"), -float("nan")
+    want = peft_merge(w, a, b, 2.0, fan_in_fan_out).view(torch.int16)
+    got = merge_lora(w, a, b, 2.0, fan_in_fan_out=fan_in_fan_out, rows=64).view(torch.int16)
+    assert torch.equal(got, want)
