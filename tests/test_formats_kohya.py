@@ -489,7 +489,12 @@ def test_sdxl_text_encoders_and_reduce_back_to_kohya(sd_base: Path, tmp_path: Pa
             "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj",
         ]
     )
-    ah.reduce(a, tmp_path / "small", rank=1)
+    reduced = ah.reduce(a, tmp_path / "small", rank=1)
+    # one PEFT folder with components' prefixes: PEFT loads it on no single model, and the result says so
+    [note] = [w for w in reduced.warnings if "PEFT loads it on no single model" in w]
+    assert "text_encoder, text_encoder_2, unet" in note and "--to diffusers" in note
+    both = ah.combine([a, a], tmp_path / "both", method="cat")
+    assert any("PEFT loads it on no single model" in w for w in both.warnings)
     ah.convert(tmp_path / "small", tmp_path / "small.safetensors", to="kohya", base=base)
     names = {k.split(".", 1)[0] for k in read_header(tmp_path / "small.safetensors").tensors}
     assert names == {k.split(".", 1)[0] for k in sd}
@@ -787,3 +792,11 @@ def test_convert_refuses_lora_bias_by_name(sd_base: Path, tmp_path: Path, to: st
         ah.convert(adapter, out, to=to)
     ah.convert(adapter, tmp_path / "peft", to="peft")  # the PEFT layout holds it
     assert all(m.bias is not None for m in ah.load(tmp_path / "peft").modules.values())
+
+
+def test_an_adapter_of_one_model_gets_no_pipeline_warning(llama_lora: Path, tmp_path: Path) -> None:
+    from adapterhub_cli.formats.diffusers import pipeline_output_warnings
+
+    assert pipeline_output_warnings([ah.load(llama_lora)], tmp_path / "out") == []
+    reduced = ah.reduce(llama_lora, tmp_path / "small", rank=2)
+    assert not any("no single model" in w for w in reduced.warnings)

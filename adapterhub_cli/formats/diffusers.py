@@ -254,6 +254,21 @@ def has_components(adapter: Adapter) -> bool:
     )
 
 
+def pipeline_output_warnings(adapters: list[Adapter], out: str | Path) -> list[str]:
+    """What to tell the user when an operation on whole-pipeline adapters (:func:`has_components`) writes one PEFT
+    folder ``out``: its modules carry their components' prefixes (``unet.``, ``text_encoder.``), so PEFT loads it on
+    no single model; converting it gives a file diffusers loads, or each component's adapter can be used alone."""
+    if not adapters or not all(has_components(a) for a in adapters):
+        return []
+    comps = sorted({component_of(n)[0] for a in adapters for n in a.modules})
+    return [
+        f"{out} holds the modules of the pipeline's {', '.join(comps)} under one PEFT config, named with their "
+        "component: PEFT loads it on no single model; `adapters convert "
+        f"{out} --to diffusers` (or `--to kohya`) gives a file diffusers loads, and `adapters "
+        "convert FILE --to peft --base PIPELINE` writes one PEFT adapter per component to run this on"
+    ]
+
+
 def split_components(adapter: Adapter) -> dict[str, Adapter]:
     """One adapter per component (``unet``, ``text_encoder``, ...), its modules named as in that component alone
     (``unet.down_blocks.0...`` -> ``down_blocks.0...``), so that PEFT matches them on that model. Factors are

@@ -17,6 +17,7 @@ from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.preflight import require_valid
 from adapterhub_cli.artifact.provenance import provenance
 from adapterhub_cli.errors import IncompatibleBaseError, PluginError, UsageError
+from adapterhub_cli.formats.diffusers import pipeline_output_warnings
 from adapterhub_cli.formats.peft import peft_key, rank_layout, write_peft
 from adapterhub_cli.ops.methods import CombineMethod, get_method
 
@@ -217,7 +218,7 @@ def combine_adapters(
         rank_pattern=rank_pattern,
         modules=rows,
         zero_modules=zero,
-        warnings=warnings,
+        warnings=warnings + pipeline_output_warnings(adapters, path),
     )
 
 

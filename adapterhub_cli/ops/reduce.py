@@ -14,6 +14,7 @@ from adapterhub_cli.artifact.preflight import require_finite, require_valid
 from adapterhub_cli.artifact.provenance import provenance
 from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, torch_dtype
 from adapterhub_cli.errors import UsageError
+from adapterhub_cli.formats.diffusers import pipeline_output_warnings
 from adapterhub_cli.formats.peft import peft_key, rank_layout, write_peft
 from adapterhub_cli.parallel import map_modules
 
@@ -202,7 +203,8 @@ def reduce_adapter(
         params_after=after,
         modules=rows,
         seconds=time.perf_counter() - started,
-        warnings=_warnings(rows, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank),
+        warnings=_warnings(rows, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank)
+        + pipeline_output_warnings([adapter], path),
     )
 
 
