@@ -117,12 +117,20 @@ def test_bad_jobs_file_is_refused_before_anything_runs(tmp_path, llama_lora):
 - op: inspect
   source: {llama_lora}
   threads: 0
+- op: inspect
+  source: {llama_lora}
+  timeout: 0
+- op: inspect
+  source: {llama_lora}
+  timeout: soon
 """
     )
     result = run_cli("batch", jobs)
     assert result.exit_code == 2, result.output
     text = result.output
-    assert "8 problem(s), nothing was run" in text
+    assert "10 problem(s), nothing was run" in text
+    assert "jobs[9] (inspect): timeout = 0; expected a number of seconds > 0" in text
+    assert "jobs[10] (inspect): timeout = 'soon'; expected a number of seconds > 0" in text
     assert "jobs[1]: unknown op 'reduse' (did you mean 'reduce'?)" in text
     assert "jobs[2] (reduce): unknown argument 'rnk' (did you mean 'rank'?)" in text
     assert "jobs[3] (quantize): missing required argument(s): scheme" in text
@@ -426,6 +434,40 @@ def test_a_ray_cluster_that_cannot_be_reached_is_one_clear_error(monkeypatch, tm
     assert "could not connect to the Ray cluster at ray://user:" in result.output
     assert "ConnectionError: Could not find any running Ray instance" in result.output
     assert "hunter2" not in result.output and "Traceback" not in result.output and "more detail" not in result.output
+
+
+def test_a_job_past_its_timeout_is_stopped_and_fails_alone(monkeypatch, tmp_path):
+    """A job with ``timeout`` is stopped when it runs past it (its own record: JobTimeoutError, the hint); the job
+    after it runs; a job run outside a main thread says its limit is not enforced."""
+    import threading
+    import time
+
+    from adapterhub_cli.batch.jobs import OPS
+
+    def slow(source: str, out: str | None = None) -> None:
+        time.sleep(float(source))
+
+    monkeypatch.setitem(OPS, "slow", slow)
+    started = time.perf_counter()
+    records = ah.batch(
+        [{"op": "slow", "source": "30", "timeout": 0.5}, {"op": "slow", "source": "0.01", "timeout": 5}],
+        engine="serial",
+    )
+    assert time.perf_counter() - started < 10
+    assert (records[0].status, records[0].error_code) == ("failed", "JobTimeoutError")
+    assert "stopped after its timeout of 0.5 s" in records[0].error_message and records[0].error_hint
+    assert not records[0].transient
+    assert records[1].status == "ok"
+    elsewhere: list = []
+    thread = threading.Thread(
+        target=lambda: elsewhere.extend(ah.batch([{"op": "slow", "source": "0.01", "timeout": 5}], engine="serial"))
+    )
+    thread.start()
+    thread.join(30)
+    assert elsewhere[0].status == "ok" and "not enforced" in (elsewhere[0].note or "")
+    # in a pool process too (a job there runs in its main thread): a limit far too short for any real op
+    [pooled] = ah.batch([{"op": "inspect", "source": str(tmp_path), "timeout": 1e-6}], engine="local", workers=1)
+    assert (pooled.status, pooled.error_code) == ("failed", "JobTimeoutError")
 
 
 def test_progress_is_told_every_start_and_finish(monkeypatch):

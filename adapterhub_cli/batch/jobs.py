@@ -2,7 +2,8 @@
 
 A job names an API function of :mod:`adapterhub_cli.api` (``op``) and passes it keyword arguments exactly as the
 Python API names them (``source``, ``out``, ``rank``, ...; ``adapter`` is accepted for ``source``). Two more keys
-belong to the batch itself: ``threads`` (torch threads for this job, default 1) and ``for_each`` (a template: the
+belong to the batch itself: ``threads`` (torch threads for this job, default 1), ``timeout`` (seconds after which
+the job is stopped and fails, default none) and ``for_each`` (a template: the
 job is repeated once per item of a list, or per path a ``{"glob": PATTERN}`` matches, with ``{item}``, ``{name}``
 and ``{index}`` in its string values replaced by the item, its short name and its position).
 
@@ -53,7 +54,7 @@ OPS: dict[str, Callable[..., Any]] = {
 }
 
 #: Keys of a job that belong to the batch, not to the API function.
-BATCH_KEYS = ("op", "threads", "for_each")
+BATCH_KEYS = ("op", "threads", "timeout", "for_each")
 #: Keyword arguments a JOBS file cannot give: Python objects, not JSON values.
 NOT_FROM_FILE = ("progress", "api")
 #: Other spellings accepted for an argument: the issue's and the CLI's ``adapter`` for the API's ``source``.
@@ -101,6 +102,8 @@ class Job:
     kwargs: dict[str, Any] = field(default_factory=dict)
     threads: int = 1
     item: str | None = None
+    #: seconds after which the job is stopped and fails (None: no limit)
+    timeout: float | None = None
 
     @property
     def label(self) -> str:
@@ -309,9 +312,15 @@ def _check(index: int, entry: int, raw: Mapping[str, Any], item: str | None) -> 
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         problems.append(f"{label}: threads = {threads!r}; expected a whole number >= 1")
         threads = 1
+    timeout = raw.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf")
+    ):
+        problems.append(f"{label}: timeout = {timeout!r}; expected a number of seconds > 0")
     if problems:
         return None, problems
-    return Job(index=index, entry=entry, op=op, kwargs=kwargs, threads=threads, item=item), []
+    limit = float(timeout) if timeout is not None else None
+    return Job(index=index, entry=entry, op=op, kwargs=kwargs, threads=threads, item=item, timeout=limit), []
 
 
 #: annotation words -> the JSON types that may give them (a word not listed accepts anything)

@@ -51,6 +51,38 @@ def job_threads(threads: int) -> Iterator[None]:
                 os.environ[k] = v
 
 
+class JobTimeoutError(AdaptersError):
+    """A job ran past its ``timeout`` and was stopped."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[bool]:
+    """Raise :class:`JobTimeoutError` in the body once ``seconds`` have passed (an interval timer and SIGALRM: the
+    body stops at its next Python step, after the native call it is in returns; outputs are atomic, so nothing
+    partial stays). Yields whether the limit is enforced: only in a process's main thread, where signals arrive
+    (a pool process and a Ray worker run jobs there; a job run from another thread has no limit)."""
+    import signal
+    import threading
+
+    if seconds is None or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
+        yield seconds is None
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise JobTimeoutError(
+            f"stopped after its timeout of {seconds:g} s",
+            hint="raise the job's timeout, or check what it waits for (a slow download, a stalled store)",
+        )
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        yield True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def run_job(job: Job, *, resume: bool = False, cwd: str | None = None, attempt: int = 1) -> JobRecord:
     """Run ``job`` here and report how it went; never raises for the job's own failure (it is in the record).
 
@@ -78,7 +110,9 @@ def run_job(job: Job, *, resume: bool = False, cwd: str | None = None, attempt: 
     started = time.perf_counter()
     kwargs = dict(job.kwargs)
     try:
-        with job_threads(job.threads):
+        with job_threads(job.threads), time_limit(job.timeout) as limited:
+            if not limited:
+                record.note = f"timeout {job.timeout:g} s not enforced: the job ran outside a main thread"
             if resume:
                 decision = check(job)
                 record.note = scrub(decision.reason) if decision.reason else None
