@@ -111,8 +111,9 @@ def batch_cmd(
 
     JOBS is a list of {op: <API function>, <its keyword arguments>}, for example
     {op: reduce, source: org/a@v1, out: out/a-r16, rank: 16}; a job with for_each: [items] or {glob: PATTERN}
-    repeats over them with {item} and {name} filled in. Every job is checked first (exit 2, naming each bad job's
-    index); jobs then run independently. Exit 0 when all succeed, 1 when some failed."""
+    repeats over them with {item} and {name} filled in; threads: N gives a job N torch threads, timeout: S stops it
+    after S seconds. Every job is checked first (exit 2, naming each bad job's index); jobs then run independently.
+    Exit 0 when all succeed, 1 when some failed."""
     from adapterhub_cli.batch import batch, default_report
 
     report = report_path or str(default_report(jobs_file))
