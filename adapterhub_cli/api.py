@@ -410,16 +410,16 @@ def quantize(
     out: str | Path,
     *,
     scheme: str,
-    block_size: int = 64,
+    block_size: int | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
     token: str | None = None,
     base: str | Path | None = None,
 ) -> QuantizeResult:
-    """Store an adapter's factors quantized: ``int8`` / ``fp8`` (one float32 scale per ``block_size`` values),
-    ``nf4`` (bitsandbytes), or a ``bf16`` / ``fp16`` cast. The result is read back by :func:`load` (and every
-    operation) transparently; :func:`dequantize` turns it into a plain PEFT adapter. ``token``, ``base``: as for
-    :func:`load`."""
+    """Store an adapter's factors quantized: ``int8`` / ``fp8`` (one float32 scale per ``block_size`` values,
+    default 64), ``nf4`` (bitsandbytes), or a ``bf16`` / ``fp16`` cast (no blocks: a ``block_size`` is refused).
+    The result is read back by :func:`load` (and every operation) transparently; :func:`dequantize` turns it into a
+    plain PEFT adapter. ``token``, ``base``: as for :func:`load`."""
     adapter = load(source, token=token, base=base)
     check_output(out, _inputs(("adapter", [adapter, source])), overwrite=overwrite)
     return quantize_adapter(adapter, out, scheme=scheme, block_size=block_size, overwrite=overwrite, progress=progress)

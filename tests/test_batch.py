@@ -436,6 +436,27 @@ def test_a_ray_cluster_that_cannot_be_reached_is_one_clear_error(monkeypatch, tm
     assert "hunter2" not in result.output and "Traceback" not in result.output and "more detail" not in result.output
 
 
+def test_whole_number_arguments_refuse_fractions_and_non_finite_numbers():
+    """A fraction, a number written 16.0 or a NaN where an int is expected, or NaN / inf for a float: refused with
+    the others before anything runs (they failed deep inside the job, as a TypeError)."""
+    with pytest.raises(ah.JobsFileError) as e:
+        load_jobs(
+            [
+                {"op": "reduce", "source": "a", "out": "o1", "rank": 2.5},
+                {"op": "reduce", "source": "a", "out": "o2", "rank": float("nan")},
+                {"op": "reduce", "source": "a", "out": "o3", "rank": 16.0},
+                {"op": "reduce", "source": "a", "out": "o4", "energy": float("inf")},
+                {"op": "reduce", "source": "a", "out": "o5", "energy": 1},  # a whole number is a number too
+            ]
+        )
+    text = str(e.value)
+    assert "4 problem(s)" in text
+    assert "jobs[0] (reduce): rank = 2.5 is a fraction; expected null or whole number" in text
+    assert "jobs[1] (reduce): rank = nan is not a finite number" in text
+    assert "jobs[2] (reduce): rank = 16.0 is a number written with a decimal point" in text
+    assert "jobs[3] (reduce): energy = inf is not a finite number" in text
+
+
 def test_a_job_past_its_timeout_is_stopped_and_fails_alone(monkeypatch, tmp_path):
     """A job with ``timeout`` is stopped when it runs past it (its own record: JobTimeoutError, the hint); the job
     after it runs; a job run outside a main thread says its limit is not enforced."""

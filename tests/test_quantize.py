@@ -218,3 +218,14 @@ def test_inspect_reports_the_stored_dtypes_and_the_scheme(scheme, llama_lora, tm
     res = CliRunner().invoke(build_cli(), ["inspect", str(q)])
     assert res.exit_code == 0, res.output
     assert STORED[scheme] in res.output and "F32 scales" in res.output
+
+
+def test_the_api_and_a_batch_job_refuse_a_block_size_with_a_cast(llama_lora, tmp_path):
+    """The check lives in the operation: the API and a batch job refuse it as the CLI does (nothing written)."""
+    with pytest.raises(ah.UsageError, match="--block-size applies to int8, fp8 and nf4"):
+        ah.quantize(llama_lora, tmp_path / "a", scheme="bf16", block_size=32)
+    job = {"op": "quantize", "source": str(llama_lora), "out": str(tmp_path / "b"), "scheme": "fp16", "block_size": 32}
+    [record] = ah.batch([job], engine="serial")
+    assert record.status == "failed" and record.error_code == "UsageError"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert ah.quantize(llama_lora, tmp_path / "c", scheme="int8").block_size == 64

@@ -1,7 +1,7 @@
 """The JOBS file: a YAML or JSON list of jobs, each ``{"op": <API function>, <its keyword arguments>...}``.
 
 A job names an API function of :mod:`adapterhub_cli.api` (``op``) and passes it keyword arguments exactly as the
-Python API names them (``source``, ``out``, ``rank``, ...; ``adapter`` is accepted for ``source``). Two more keys
+Python API names them (``source``, ``out``, ``rank``, ...; ``adapter`` is accepted for ``source``). Three more keys
 belong to the batch itself: ``threads`` (torch threads for this job, default 1), ``timeout`` (seconds after which
 the job is stopped and fails, default none) and ``for_each`` (a template: the
 job is repeated once per item of a list, or per path a ``{"glob": PATTERN}`` matches, with ``{item}``, ``{name}``
@@ -18,6 +18,7 @@ import difflib
 import glob
 import inspect as _pyinspect
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -209,11 +210,15 @@ def load_jobs(jobs: str | Path | Sequence[Mapping[str, Any]], *, root: str | Pat
     return expanded
 
 
-def _kind(value: object) -> str:
-    """What a JSON / YAML value is, in a message's words."""
+def _kind(value: object, expected: set[str] = frozenset()) -> str:  # type: ignore[assignment]
+    """What a JSON / YAML value is, in a message's words (for a number where a whole one is ``expected``: why not)."""
     kinds = {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "nothing"}
     if type(value) in kinds:
         return kinds[type(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "not a finite number"
+    if isinstance(value, float) and "whole number" in expected:
+        return "a fraction" if not value.is_integer() else "a number written with a decimal point"
     return "a number" if isinstance(value, int | float) else type(value).__name__
 
 
@@ -301,7 +306,7 @@ def _check(index: int, entry: int, raw: Mapping[str, Any], item: str | None) -> 
             if expected and not _fits(value, expected):
                 shown = "(not shown)" if name == "token" else repr(value)
                 problems.append(
-                    f"{label}: {key} = {shown} is {_kind(value)}; expected {' or '.join(sorted(expected))}"
+                    f"{label}: {key} = {shown} is {_kind(value, expected)}; expected {' or '.join(sorted(expected))}"
                     + (" (quote it in YAML)" if "string" in expected and isinstance(value, int | float) else "")
                 )
             kwargs[name] = value
@@ -330,7 +335,7 @@ _TYPE_WORDS = {
     "AdapterLike": "string",
     "BaseLike": "string",
     "AdapterRef": "string",
-    "int": "number",
+    "int": "whole number",
     "float": "number",
     "bool": "true/false",
     "None": "null",
@@ -356,8 +361,10 @@ def _fits(value: object, expected: set[str]) -> bool:
         return "null" in expected
     if isinstance(value, bool):
         return "true/false" in expected
-    if isinstance(value, int | float):
-        return "number" in expected
+    if isinstance(value, int):  # (a whole number is a number too)
+        return "whole number" in expected or "number" in expected
+    if isinstance(value, float):  # finite only: NaN and infinities are no argument's value
+        return "number" in expected and math.isfinite(value)
     if isinstance(value, str):
         return "string" in expected
     if isinstance(value, list):

@@ -27,6 +27,7 @@ from adapterhub_cli.artifact.provenance import Provenance, base_record, checkpoi
 from adapterhub_cli.artifact.safetensors import read_header
 from adapterhub_cli.batch.jobs import OPS, Job
 from adapterhub_cli.errors import AdaptersError
+from adapterhub_cli.ops.quantize import DEFAULT_BLOCK
 
 
 #: The ops whose output records its provenance, and the keyword argument(s) naming their input adapters.
@@ -46,7 +47,11 @@ NOT_PARAMETERS = frozenset(
     {"source", "sources", "adapters", "merged", "out", "overwrite", "progress", "token", "api", "format", "force"}
 )
 #: Parameters whose None the operation records as a value: combine's and merge's weights, combine's seed.
-NONE_MEANS: dict[str, Callable[[int], Any]] = {"weights": lambda n: [1.0] * n, "seed": lambda n: 0}
+NONE_MEANS: dict[str, Callable[[int], Any]] = {
+    "weights": lambda n: [1.0] * n,
+    "seed": lambda n: 0,
+    "block_size": lambda n: DEFAULT_BLOCK,  # (quantize records the block size it used)
+}
 
 
 @dataclass(frozen=True)

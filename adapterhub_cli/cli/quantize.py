@@ -24,7 +24,7 @@ from adapterhub_cli.cli._params import base_option, complete_paths, json_option,
     type=click.IntRange(min=1),
     default=None,
     metavar="N",
-    help="Values per scale (int8, fp8, nf4; a bf16 / fp16 cast has no blocks).  [default: 64]",
+    help="Values per scale (int8, fp8, nf4; a bf16 / fp16 cast has none).  [default: 64]",
 )
 @output_options
 @base_option
@@ -43,14 +43,12 @@ def quantize_cmd(
     """Store ADAPTER's factors quantized; report the size and each module's relative update error."""
     from adapterhub_cli import api
 
-    if block_size is not None and scheme in ("bf16", "fp16"):
-        raise click.UsageError(f"--block-size applies to int8, fp8 and nf4; --to {scheme} is a plain cast")
     with out.progress("quantizing") as update:
         r = api.quantize(
             adapter,
             output,
             scheme=scheme,
-            block_size=64 if block_size is None else block_size,
+            block_size=block_size,
             overwrite=overwrite,
             progress=update,
             token=token,

@@ -18,6 +18,10 @@ from adapterhub_cli.formats.quantized import QUANT_KEY, SCALE_SUFFIX
 from adapterhub_cli.parallel import map_modules
 
 
+CASTS = ("bf16", "fp16")  # schemes that are a plain cast: no blocks, no scales
+DEFAULT_BLOCK = 64  # values per scale of int8 / fp8 / nf4
+
+
 @dataclass(frozen=True)
 class ModuleQuantization:
     """Stored bytes of one module's A and B before and after, and the relative error of its update."""
@@ -56,7 +60,7 @@ def quantize_adapter(
     out: str | Path,
     *,
     scheme: str,
-    block_size: int = 64,
+    block_size: int | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> QuantizeResult:
@@ -67,6 +71,12 @@ def quantize_adapter(
 
     if scheme not in SCHEMES:
         raise UsageError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if block_size is not None and scheme in CASTS:
+        raise UsageError(f"--block-size applies to int8, fp8 and nf4; --to {scheme} is a plain cast")
+    if block_size is None:
+        block_size = DEFAULT_BLOCK
+    if block_size < 1:
+        raise UsageError(f"--block-size {block_size}: give a whole number >= 1")
     if scheme == "nf4":
         _require_bitsandbytes()
     if adapter.metadata.get(QUANT_KEY):
