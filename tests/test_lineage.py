@@ -362,3 +362,24 @@ def test_a_push_card_over_an_existing_card_with_odd_tags_keeps_the_string_ones()
     )
     assert front_matter(text)["tags"] == ["mine", "lora", "adapterhub-cli", "merge"]
     assert "# hand written" in text
+
+
+def test_lineage_lines_scrub_secrets_before_cutting_values_and_keep_free_text_in_code_spans():
+    """A value is scrubbed before it is cut to 200 characters: a token or a URL password cut short would no longer
+    be recognised by the scrub of the whole card. Tool and role cannot add markdown (a link, an image) to a card."""
+    from adapterhub_cli.artifact.card import lineage_lines
+
+    token = "hf_" + "A1b2C3d4E5" * 4
+    long_path = "x" * 180
+    record = {
+        "operation": "merge",
+        "tool": "![pixel](https://evil.example/t.png)",
+        "inputs": [
+            {"source": f"{long_path}/{token}/more", "sha256": "s", "role": "adapter"},
+            {"source": f"{'y' * 170}https://u:p4ssw0rdSECRETLONGER@host/x", "sha256": "s", "role": "[a](http://z)"},
+        ],
+    }
+    text = "\n".join(lineage_lines(record))
+    assert "A1b2C3d4E5" not in text and "p4ssw0rd" not in text
+    assert "](https://evil" not in text.replace("`![pixel](https://evil.example/t.png)`", "")
+    assert "[a](http://z)" not in text

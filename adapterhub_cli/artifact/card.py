@@ -194,7 +194,7 @@ def lineage_lines(provenance: dict[str, Any]) -> list[str]:
     (the card markers), and fields of the wrong type are left out."""
     op = _cell(provenance.get("operation", "?"))
     tool = _cell(provenance.get("tool", "adapterhub-cli"))
-    lines = [f"Produced by `{op}` with {tool}.", ""]
+    lines = [f"Produced by `{op}` with `{tool}`.", ""]
     given = provenance.get("parameters")
     params: dict[Any, Any] = given if isinstance(given, dict) else {}
     if params:
@@ -213,7 +213,8 @@ def lineage_lines(provenance: dict[str, Any]) -> list[str]:
     lines += ["| input | role | weight | sha256 |", "| --- | --- | --- | --- |"]
     k = 0  # the adapter's position among the adapters (its weight's index)
     for i in inputs:
-        role = _cell(i.get("role") or "input")
+        given_role = i.get("role") or "input"
+        role = given_role if given_role in ("base", "adapter", "input") else "input"  # (no free text outside a span)
         weight = "-"
         if role == "adapter":
             w = weights[k] if k < len(weights) else 1
@@ -237,10 +238,10 @@ _CELL_CHARS = 200
 
 
 def _cell(value: object) -> str:
-    """``value`` as one short line safe inside a markdown table cell and a code span: line breaks become spaces,
-    ``|`` and backticks are replaced, ``<`` becomes ``\u2039`` (no HTML, no comment markers such as the card's own),
-    cut at 200 characters."""
-    text = " ".join(str(value).split())
+    """``value`` as one short line safe inside a markdown table cell and a code span: secrets scrubbed first (a
+    token cut short would no longer be recognised), line breaks become spaces, ``|`` and backticks are replaced,
+    ``<`` becomes ``\u2039`` (no HTML, no comment markers such as the card's own), cut at 200 characters."""
+    text = scrub(" ".join(str(value).split()))
     text = text.replace("`", "'").replace("|", "/").replace("<", "\u2039")
     return text if len(text) <= _CELL_CHARS else text[: _CELL_CHARS - 3] + "..."
 
