@@ -321,3 +321,27 @@ def test_nan_in_the_tuned_weights_and_output_into_an_input_are_refused(llama_bas
     with pytest.raises(ah.AdaptersError):
         ah.extract(llama_base, merged_llama, out=merged_llama, rank=4, overwrite=True)
     assert sorted(p.name for p in merged_llama.iterdir()) == before
+
+
+def test_skipped_embeddings_are_still_hashed_and_still_refused_with_nan(llama_base, finetuned_llama, tmp_path):
+    """--embeddings skip measures a changed embedding piece by piece, never loaded whole: the inputs it records are
+    the same as with --embeddings save, and a NaN in it is refused as in any other changed tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    skipped = ah.extract(llama_base, finetuned_llama, out=tmp_path / "skip", rank=4)
+    saved = ah.extract(llama_base, finetuned_llama, out=tmp_path / "save", rank=4, embeddings="save")
+    recorded = [{i["role"]: i["sha256"] for i in ah.load(r.path).provenance.inputs} for r in (skipped, saved)]
+    assert recorded[0] == recorded[1] and all(recorded[0].values())
+    bad = tmp_path / "bad"
+    shutil.copytree(finetuned_llama, bad)
+    files = sorted(bad.glob("*.safetensors"))
+    for f in files:
+        weights = load_file(f)
+        if "model.embed_tokens.weight" in weights:
+            weights["model.embed_tokens.weight"][3, 3] = float("nan")
+            save_file(weights, f, metadata={"format": "pt"})
+    with pytest.raises(ah.InvalidAdapterError, match=r"embed_tokens\.weight' holds NaN or inf"):
+        ah.extract(llama_base, bad, out=tmp_path / "never", rank=4)
+    assert not (tmp_path / "never").exists()

@@ -116,7 +116,8 @@ class _Reader:
             self._file = path.open("rb")
             self._path = path
         if path not in self._start:
-            self._start[path] = data_start(os.pread(self._file.fileno(), 8, 0), path=path)
+            fd = self._file.fileno()
+            self._start[path] = data_start(os.pread(fd, 8, 0), path=path, file_size=os.fstat(fd).st_size)
         return self._file.fileno(), self._start[path], path
 
     def read(self, key: str) -> torch.Tensor:
@@ -145,28 +146,45 @@ class _Reader:
 def _same_bytes(readers: tuple[_Reader, _Reader], key: str, digests: tuple[dict[str, str], dict[str, str]]) -> bool:
     """Whether ``key`` holds the same bytes in both checkpoints, read piece by piece (never a whole tensor); when it
     does, the sha256 of its bytes goes into ``digests`` for both."""
-    hashes = hashlib.sha256(), hashlib.sha256()
+    digest = hashlib.sha256()  # (equal bytes: one hash serves both)
     for a, b in zip(readers[0].chunks(key), readers[1].chunks(key), strict=True):
         if a != b:
             return False
-        hashes[0].update(a)
-        hashes[1].update(b)
-    digests[0][key], digests[1][key] = hashes[0].hexdigest(), hashes[1].hexdigest()
+        digest.update(a)
+    digests[0][key] = digests[1][key] = digest.hexdigest()
     return True
 
 
-def _chunk_norms(readers: tuple[_Reader, _Reader], key: str, dtype: str) -> tuple[float, float]:
-    """``(||W_base||_F, ||W_tuned - W_base||_F)`` of ``key`` (the same float dtype on both sides), piece by piece."""
+def _chunk_norms(
+    readers: tuple[_Reader, _Reader], key: str, dtype: str, digests: tuple[dict[str, str], dict[str, str]]
+) -> tuple[float, float]:
+    """``(||W_base||_F, ||W_tuned - W_base||_F)`` of ``key`` (the same float dtype on both sides), piece by piece;
+    the sha256 of each side's bytes goes into ``digests`` on the way (the record names the inputs whatever
+    ``--embeddings`` says)."""
     import torch
 
     t = torch_dtype(dtype)
     base_sq = delta_sq = 0.0
+    hashes = hashlib.sha256(), hashlib.sha256()
     for a, b in zip(readers[0].chunks(key), readers[1].chunks(key), strict=True):
+        hashes[0].update(a)
+        hashes[1].update(b)
         wa = torch.frombuffer(bytearray(a), dtype=t).float()
         wb = torch.frombuffer(bytearray(b), dtype=t).float()
         base_sq += float(torch.linalg.vector_norm(wa, dtype=torch.float64)) ** 2
         delta_sq += float(torch.linalg.vector_norm(wb - wa, dtype=torch.float64)) ** 2
+    digests[0][key], digests[1][key] = hashes[0].hexdigest(), hashes[1].hexdigest()
     return math.sqrt(base_sq), math.sqrt(delta_sq)
+
+
+def _non_finite(name: str, path: Path) -> InvalidAdapterError:
+    """The refusal of a changed tensor holding NaN or inf (found by its norms, no mask formed)."""
+    return InvalidAdapterError(
+        f"tensor {name!r} holds NaN or inf (in --base or --tuned)",
+        path=path,
+        module=name,
+        hint="the checkpoint is damaged, or the fine-tune diverged",
+    )
 
 
 def _leaf(module: str) -> str:
@@ -342,7 +360,9 @@ def extract_adapter(
             module = name[: -len(".weight")] if name.endswith(".weight") else name
             if kind in ("embedding", "head") and embeddings == "skip" and floating and bi.dtype == ti.dtype:
                 # left out: measured piece by piece, never loaded whole
-                base_norm, delta_norm = _chunk_norms(readers, name, ti.dtype)
+                base_norm, delta_norm = _chunk_norms(readers, name, ti.dtype, digests)
+                if not math.isfinite(delta_norm):
+                    raise _non_finite(name, tuned.path)
                 rel_change = delta_norm / base_norm if base_norm else float("inf")
                 what = "an input embedding" if kind == "embedding" else "a vocabulary head"
                 changed.append(ChangedTensor(name, shape, rel_change, "skipped", f"{what} (--embeddings skip)"))
@@ -365,12 +385,7 @@ def extract_adapter(
             del b32
             delta_norm = float(torch.linalg.vector_norm(delta))
             if not math.isfinite(delta_norm):  # NaN / inf anywhere in dW (no m x n mask formed for the check)
-                raise InvalidAdapterError(
-                    f"tensor {name!r} holds NaN or inf (in --base or --tuned)",
-                    path=tuned.path,
-                    module=name,
-                    hint="the checkpoint is damaged, or the fine-tune diverged",
-                )
+                raise _non_finite(name, tuned.path)
             rel_change = delta_norm / base_norm if base_norm else float("inf")
             if kind in ("embedding", "head") and embeddings != "lora":
                 what = "an input embedding" if kind == "embedding" else "a vocabulary head"
