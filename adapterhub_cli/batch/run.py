@@ -115,7 +115,8 @@ def run_job(job: Job, *, resume: bool = False, cwd: str | None = None, attempt: 
                 record.note = f"timeout {job.timeout:g} s not enforced: the job ran outside a main thread"
             if resume:
                 decision = check(job)
-                record.note = scrub(decision.reason) if decision.reason else None
+                if decision.reason:  # (after a timeout note, if any)
+                    record.note = "; ".join(filter(None, [record.note, scrub(decision.reason)]))
                 if decision.up_to_date:
                     record.status = "skipped"
                     record.output_sha256 = output_digest(job.kwargs["out"])

@@ -50,11 +50,6 @@ def check_device(device: str) -> str:
     return device
 
 
-def fan_in_fan_out(kind: str, flag: bool, stored: tuple[int, ...], update: tuple[int, int]) -> bool:
-    """Whether the stored weight is the transpose of the (d_out, d_in) update (:func:`stored_transposed`)."""
-    return stored_transposed(kind, flag, stored, update)
-
-
 class _Merger:
     """Produces merged tensors: loads factors once per module and applies each adapter's update in order.
 
@@ -87,7 +82,8 @@ class _Merger:
         self.pool = pool  # (several mergers may share one: ``pool`` given, it is not shut down by close)
         #: the stored keys of lora_B factors loaded so far that are all zero (validate's ``untrained`` warning)
         self.zero_b: set[str] = set()
-        self._b_names: dict[int, set[str]] = {}
+        #: each adapter's lora_B names (the all-zero check of :meth:`_load`)
+        self._b_names = {id(a): {m.B.name for m in a.modules.values()} for a in adapters}
 
     def _with_default_threads(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
         """Run ``fn`` with torch's usual thread count: a convolution's result depends on it, and PEFT uses it."""
@@ -252,7 +248,7 @@ class _Merger:
         from adapterhub_cli.artifact.preflight import require_finite as require_finite_factors
 
         loaded = adapter.source.load(keys)
-        b_keys = self._b_keys(adapter)
+        b_keys = self._b_names[id(adapter)]
         for key, t in loaded.items():
             total = float(t.sum()) if t.is_floating_point() and t.numel() else 0.0
             if not math.isfinite(total):
@@ -260,13 +256,6 @@ class _Merger:
             if key in b_keys and total == 0 and not bool(torch.any(t)):  # (all zero: the sum is zero)
                 self.zero_b.add(key)
         return loaded
-
-    def _b_keys(self, adapter: Adapter) -> set[str]:
-        """The stored names of ``adapter``'s lora_B factors (computed once per adapter)."""
-        key = id(adapter)
-        if key not in self._b_names:
-            self._b_names[key] = {m.B.name for m in adapter.modules.values()}
-        return self._b_names[key]
 
     def _add(
         self,
@@ -290,7 +279,7 @@ class _Merger:
             return self._add_bias(adapter, m, scale, weight)
         loaded = self._load(adapter, [m.A.name, m.B.name] + ([m.magnitude.name] if m.magnitude else []))
         a, b = loaded[m.A.name].to(self.device), loaded[m.B.name].to(self.device)
-        transposed = fan_in_fan_out(m.kind, adapter.config.fan_in_fan_out, tuple(weight.shape), (m.d_out, m.d_in))
+        transposed = stored_transposed(m.kind, adapter.config.fan_in_fan_out, tuple(weight.shape), (m.d_out, m.d_in))
         if m.magnitude is None and m.kind != "conv" and not self.on_device:
             return self._merge_lora(weight, a, b, scale, transposed, merge_lora, src=src, sums=sums)
         if m.magnitude is None:  # a convolution, or any LoRA on the GPU: the whole update at once

@@ -473,10 +473,9 @@ def _drive(streams: list[_Stream], device: str, progress: Progress | None) -> No
         s.buffers = BufferPool(WRITE_BEHIND + 2, pin=pin)
     steps = _union(streams)
     reps = {id(step): dataclasses.replace(step.consumers[0][1], name=str(k)) for k, step in enumerate(steps)}
-    assert list(reps) == [id(step) for step in steps]
     reading = [reps[id(step)] for step in steps if step.reads_base]
 
-    last_of = {rep.name: steps[k].consumers[-1] for k, rep in enumerate(reps.values())}
+    last_of = {str(k): step.consumers[-1] for k, step in enumerate(steps)}  # (keyed as the reps are named)
 
     def fetch(p: TensorPlan) -> Fetched:
         if p.source in quantized_in:

@@ -132,12 +132,6 @@ def layer_of(module: str) -> int | None:
     return None
 
 
-def transposed_storage(m: LoraModule, flag: bool, stored: tuple[int, ...]) -> bool:
-    """Whether the base stores the transpose of the (d_out, d_in) update (:func:`stored_transposed`, the rule
-    merge follows)."""
-    return stored_transposed(m.kind, flag, stored, (m.d_out, m.d_in))
-
-
 class _WeightReader:
     """Reads a base weight in row blocks of float32: ``pread`` of each block's byte range from a local shard, or the
     whole tensor by one range read from a store's base (``BaseView.read_raw``)."""
@@ -218,7 +212,7 @@ def _base_key(adapter: Adapter, view: BaseView, m: LoraModule) -> tuple[str, boo
             "(F32, F16, BF16, F64) only",
             hint="point --base at the unquantized checkpoint the adapter was trained on",
         )
-    transposed = transposed_storage(m, adapter.config.fan_in_fan_out, tuple(info.shape))
+    transposed = stored_transposed(m.kind, adapter.config.fan_in_fan_out, tuple(info.shape), (m.d_out, m.d_in))
     rows = info.shape[0]
     cols = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
     want = (m.d_in, m.d_out) if transposed else (m.d_out, m.d_in)
@@ -271,11 +265,12 @@ def analyze_adapter(
         info = view.tensors[key]
         rows, cols = info.shape[0], math.prod(info.shape[1:])
         acc = BaseAccumulator(f, transposed=transposed)
-        parts: list[torch.Tensor] = []  # the whole weight, for --base-top only
+        # the whole weight in float32, for --base-top only (a block is a view of the reader's reused buffer: copied)
+        w = torch.empty(rows, cols) if base_top is not None else None
         for start, block in reader.blocks(key, rows, cols):
             acc.add(start, block)
-            if base_top is not None:
-                parts.append(block.clone())  # a float32 block is a view of the reader's reused buffer
+            if w is not None:
+                w[start : start + len(block)].copy_(block)
         if not math.isfinite(float(acc.row2.sum())):  # ||W||² in float64: finite exactly when every entry is
             raise InvalidAdapterError(
                 f"module {name}: the base weight {key} holds NaN or inf",
@@ -284,9 +279,7 @@ def analyze_adapter(
                 hint="the base checkpoint is damaged: point --base at a healthy copy",
             )
         top = None
-        if base_top is not None:
-            w = torch.cat(parts)
-            del parts
+        if w is not None and base_top is not None:
             top = top_singular(w.T if transposed else w, base_top, seed=seed)
             del w
         magnitude = adapter.tensor(m.magnitude.name) if m.magnitude is not None else None

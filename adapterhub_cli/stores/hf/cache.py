@@ -200,7 +200,8 @@ def record_versions(repo_id: str, rows: list[VersionInfo], *, endpoint: str) -> 
 
 
 def same_endpoint(a: str, b: str) -> bool:
-    """Whether two endpoint URLs name one server (a trailing slash and the case of scheme and host aside)."""
+    """Whether two endpoint URLs name one server (a trailing slash and the case of scheme and host aside). A record
+    stores its endpoint scrubbed (a password in it masked): compare it with the scrubbed live one."""
     from urllib.parse import urlsplit
 
     x, y = urlsplit(a.strip().rstrip("/")), urlsplit(b.strip().rstrip("/"))
@@ -236,7 +237,7 @@ def read_versions(repo_id: str, *, endpoint: str) -> tuple[str, list[VersionInfo
         return None
     if not isinstance(doc, dict) or doc.get("repo_id") != repo_id or not isinstance(doc.get("tags"), dict):
         return None
-    if not isinstance(doc.get("endpoint"), str) or not same_endpoint(doc["endpoint"], endpoint):
+    if not isinstance(doc.get("endpoint"), str) or not same_endpoint(doc["endpoint"], scrub(endpoint)):
         return None
     seen_at = doc.get("seen_at")
     if not isinstance(seen_at, str) or len(seen_at) > 64:
