@@ -314,14 +314,14 @@ def test_a_versions_record_keeps_what_it_can_read_back(tmp_path: Path, monkeypat
     # the same repo name on another server (a mirror, a private Hub) is another repo: its record is not this one's
     assert hub_cache.read_versions("org/x", endpoint="https://huggingface.co") is None
     assert hub_cache.read_versions("org/x", endpoint="http://127.0.0.1:8080") is None
-    # an endpoint with credentials is recorded scrubbed, and still recognised (its password never stored)
-    hub_cache.record_versions("org/y", rows, endpoint="https://user:s3cretPassw0rd@hub.example")
-    record = hub_cache.versions_record("org/y")
-    assert record is not None and "s3cretPassw0rd" not in record.read_text()
-    assert hub_cache.read_versions("org/y", endpoint="https://user:s3cretPassw0rd@hub.example") is not None
     record = hub_cache.versions_record("org/x")
     assert record is not None and [p.name for p in record.parent.iterdir()] == [record.name]  # no temporary left
     assert not hub_cache.SHA1.match("a" * 40 + "\n") and not hub_cache.SHA256.match("a" * 64 + "\n")
+    # an endpoint with credentials is recorded scrubbed, and still recognised (its password never stored)
+    hub_cache.record_versions("org/y", rows, endpoint="https://user:s3cretPassw0rd@hub.example")
+    other = hub_cache.versions_record("org/y")
+    assert other is not None and "s3cretPassw0rd" not in other.read_text()
+    assert hub_cache.read_versions("org/y", endpoint="https://user:s3cretPassw0rd@hub.example") is not None
 
 
 # ----------------------------------------------------------------------------------------- foreign checkpoints
