@@ -25,16 +25,31 @@ def run(cmd: list[str], stdout: str | None = None) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("adapterhub_cli", "lora_ops")
+
+
+def byte_compile(checkout: str | Path) -> None:
+    """Byte-compile the packages of ``checkout`` into their ``__pycache__`` folders, as ``pip install`` does, so a
+    timed run imports them as an installed tool would: where ``PYTHONDONTWRITEBYTECODE`` is set (as on the machine
+    these numbers come from) a source checkout would otherwise compile ~100 modules in every run (measured:
+    0.14 s of a 3.8 s merge, medians of 7). Only stale files are compiled again."""
+    folders = [str(Path(checkout) / name) for name in PACKAGES if (Path(checkout) / name).is_dir()]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *folders], check=True)
+
+
 def adapters_cli(checkout: str | Path | None = None) -> list[str]:
     """The argv prefix running the ``adapters`` CLI in a fresh interpreter: this checkout's, or (``checkout``) the
     package of another checkout of the repository (a ``git worktree`` of an older commit, to compare before/after in
-    one run: the editable install's import hook is set aside so that checkout's package is the one imported)."""
+    one run: the editable install's import hook is set aside so that checkout's package is the one imported).
+    The checkout is byte-compiled first (:func:`byte_compile`)."""
+    byte_compile(checkout or REPO)
     if checkout is None:
-        return [sys.executable, "-c", "from adapterhub_cli.cli.main import main; main()"]
+        return [sys.executable, "-c", "from adapterhub_cli.cli.main import console_main; console_main()"]
     code = (
         "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
         f"sys.path.insert(0, {str(Path(checkout).resolve())!r}); "
-        "from adapterhub_cli.cli.main import main; main()"
+        "from adapterhub_cli.cli.main import console_main; console_main()"
     )
     return [sys.executable, "-c", code]
 

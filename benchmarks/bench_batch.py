@@ -140,7 +140,7 @@ def main() -> None:
             "sys.exit(any(x.status != 'ok' for x in r))"
         )
         runs["one at a time (1 process)"] = timed([python, "-c", code, str(jobs_file)], env)
-        cli = [python, "-c", "from adapterhub_cli.cli.main import main; main()", "batch"]
+        cli = [python, "-c", "from adapterhub_cli.cli.main import console_main; console_main()", "batch"]
         jobs_file = work / "local.json"
         jobs_file.write_text(json.dumps(manifest(base, adapters, work / "local")))
         runs[f"local pool, {workers} workers"] = timed([*cli, str(jobs_file), "--workers", str(workers)], env)

@@ -144,7 +144,7 @@ def main() -> None:
     ours_cmd = [
         sys.executable,
         "-c",
-        "from adapterhub_cli.cli.main import main; main()",
+        "from adapterhub_cli.cli.main import console_main; console_main()",
         "extract",
         "--base",
         str(base),

@@ -41,7 +41,7 @@ print(cfg.r, cfg.lora_alpha, len(sd), sum(t.numel() for t in sd.values()))
 
 def adapters_exe() -> list[str]:
     exe = shutil.which("adapters")
-    return [exe] if exe else [sys.executable, "-c", "from adapterhub_cli.cli.main import main; main()"]
+    return [exe] if exe else [sys.executable, "-c", "from adapterhub_cli.cli.main import console_main; console_main()"]
 
 
 def time_once(cmd: list[str], env: dict[str, str]) -> float:

@@ -38,7 +38,7 @@ def main() -> None:
         cmd = [
             sys.executable,
             "-c",
-            "from adapterhub_cli.cli.main import main; main()",
+            "from adapterhub_cli.cli.main import console_main; console_main()",
             "quantize",
             str(adapter),
             "--to",

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import click
@@ -459,3 +460,66 @@ def test_the_license_is_an_spdx_string_that_setuptools_reads_without_a_warning()
         warnings.simplefilter("error")  # setuptools' deprecation of the table form is a warning
         dist = apply_configuration(Distribution(), root / "pyproject.toml")
     assert dist.metadata.license_expression == "Apache-2.0"
+
+
+# ----------------------------------------------------------------------------------------------- fast exit
+
+_CONSOLE = textwrap.dedent(
+    """
+    import atexit, sys, threading, time
+    from pathlib import Path
+    marker = Path(sys.argv.pop(1))
+    mode = sys.argv.pop(1)
+    atexit.register(lambda: marker.with_suffix(".atexit").write_text("ran"))
+
+    class Teardown:  # destroyed by the interpreter's teardown, which the fast exit skips
+        def __del__(self):
+            marker.with_suffix(".teardown").write_text("ran")
+
+    keep = Teardown()
+    if mode == "thread":  # a worker thread still running: the orderly exit waits for it, and so must we
+        threading.Thread(target=lambda: (time.sleep(1), marker.with_suffix(".thread").write_text("done"))).start()
+    from adapterhub_cli.cli.main import console_main
+    sys.argv[0] = "adapters"
+    console_main()
+    marker.with_suffix(".returned").write_text("console_main returned")
+    """
+)
+
+
+def _console(tmp_path: Path, mode: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _CONSOLE, str(tmp_path / "m"), mode, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_installed_command_exits_with_the_status_after_atexit_and_flushed_output(
+    tmp_path: Path, llama_lora: Path
+) -> None:
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"adapters": "adapterhub_cli.cli.main:console_main"}
+    # a whole JSON report through a pipe (flushed before the process ends), status 0, atexit handlers run
+    proc = _console(tmp_path, "plain", "inspect", str(llama_lora), "--json", "--modules")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["modules"]
+    assert (tmp_path / "m.atexit").read_text() == "ran"
+    assert not (tmp_path / "m.returned").exists()  # the process ended inside console_main,
+    assert not (tmp_path / "m.teardown").exists()  # without the interpreter's teardown
+    # an error keeps its status and message
+    (tmp_path / "m.atexit").unlink()
+    proc = _console(tmp_path, "plain", "inspect", str(tmp_path / "missing"))
+    assert proc.returncode == 2 and "adapter not found" in proc.stderr
+    assert (tmp_path / "m.atexit").read_text() == "ran"
+
+
+def test_the_installed_command_waits_for_a_running_thread_like_an_orderly_exit(tmp_path: Path) -> None:
+    proc = _console(tmp_path, "thread", "--version")
+    assert proc.returncode == 0 and "version" in proc.stdout, proc.stderr
+    assert (tmp_path / "m.thread").read_text() == "done"  # not cut off by the fast exit
+    assert (tmp_path / "m.atexit").read_text() == "ran"

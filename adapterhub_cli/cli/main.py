@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from types import FrameType
 from typing import Any, cast
 
@@ -139,6 +140,46 @@ def install_signal_handlers() -> None:
 
 
 def main() -> None:
-    """Entry point of the `adapters` command."""
+    """Run the `adapters` command on ``sys.argv``; ends with ``SystemExit`` (click's standalone mode), as a
+    command run inside another Python program should."""
     install_signal_handlers()
     build_cli()(prog_name="adapters")
+
+
+def console_main() -> None:
+    """Entry point of the installed `adapters` command: :func:`main`, then :func:`exit_now` with its status."""
+    try:
+        main()
+    except SystemExit as e:
+        status = e.code
+    else:
+        status = 0
+    if isinstance(status, int | None):
+        exit_now(status or 0)
+    raise SystemExit(status)
+
+
+def exit_now(status: int) -> None:
+    """End the process with ``status`` without the interpreter's teardown, which with torch loaded takes 0.1-0.4 s
+    of a command's time (destroying thousands of modules and objects that the process is about to drop anyway;
+    measured on the merge benchmark: 3.53 s -> 3.43 s, medians of 8 alternated runs).
+
+    Everything an orderly exit does that has an effect outside the process still happens: the ``atexit``
+    handlers run (logging flushes its handlers, finalizers registered with :mod:`weakref` run), and standard
+    output and error are flushed (a failure to flush them gives exit status 120, as it does at a normal exit).
+    Where a thread other than daemons is still running (the orderly exit would wait for it), it returns and the
+    caller exits the usual way.
+    """
+    import atexit
+    import threading
+
+    if any(t is not threading.main_thread() and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        raise SystemExit(status)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            status = 120
+    os._exit(status)
