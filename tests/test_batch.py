@@ -132,6 +132,7 @@ def test_bad_jobs_file_is_refused_before_anything_runs(tmp_path, llama_lora):
     assert "jobs[9] (inspect): timeout = 0; expected a number of seconds > 0" in text
     assert "jobs[10] (inspect): timeout = 'soon'; expected a number of seconds > 0" in text
     assert "jobs[1]: unknown op 'reduse' (did you mean 'reduce'?)" in text
+    assert text.count("dequantize") == 1  # the known ops are listed once (in that line), not again in the hint
     assert "jobs[2] (reduce): unknown argument 'rnk' (did you mean 'rank'?)" in text
     assert "jobs[3] (quantize): missing required argument(s): scheme" in text
     assert "jobs[4] (push): version = 1.2 is a number; expected string (quote it in YAML)" in text

@@ -37,18 +37,8 @@ class Tracker(Protocol):
 
 
 def _failed(job: Job, code: str, message: str, *, attempt: int, transient: bool, hint: str | None = None) -> JobRecord:
-    return JobRecord(
-        index=job.index,
-        entry=job.entry,
-        op=job.op,
-        inputs=job.inputs,
-        output=job.output,
-        status="failed",
-        attempts=attempt,
-        error_code=code,
-        error_message=scrub(message),
-        error_hint=hint,
-        transient=transient,
+    return job.record(
+        "failed", attempt, error_code=code, error_message=scrub(message), error_hint=hint, transient=transient
     )
 
 

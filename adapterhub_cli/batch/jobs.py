@@ -28,6 +28,7 @@ from typing import Any
 
 from adapterhub_cli import api
 from adapterhub_cli.artifact.checkpoint import is_plain_name
+from adapterhub_cli.batch.report import JobRecord, Status
 from adapterhub_cli.errors import AdapterNotFoundError, UsageError
 
 
@@ -82,7 +83,7 @@ class JobsFileError(UsageError):
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
         super().__init__(
             f"{source}: {len(problems)} problem(s), nothing was run:\n  " + "\n  ".join(shown) + more,
-            hint="each job is an object with 'op' (an API function: " + ", ".join(OPS) + ") and that function's "
+            hint="each job is an object with 'op' (an API function, e.g. merge or reduce) and that function's "
             "keyword arguments, as the Python API names them",
         )
 
@@ -122,6 +123,20 @@ class Job:
             elif value is not None:
                 found.append(str(value))
         return found
+
+    def record(self, status: Status, attempts: int, **outcome: Any) -> JobRecord:
+        """The report's record of this job (its index, entry, op, inputs and output) with ``status``, the number of
+        ``attempts`` and the ``outcome`` fields (:class:`~adapterhub_cli.batch.report.JobRecord`)."""
+        return JobRecord(
+            index=self.index,
+            entry=self.entry,
+            op=self.op,
+            inputs=self.inputs,
+            output=self.output,
+            status=status,
+            attempts=attempts,
+            **outcome,
+        )
 
     @property
     def output(self) -> str | None:

@@ -98,15 +98,7 @@ def run_job(job: Job, *, resume: bool = False, cwd: str | None = None, attempt: 
     register_secret(job.kwargs.get("token"))  # in this process too, before anything can quote it
     if cwd is not None and Path(cwd).is_dir() and str(Path.cwd()) != cwd:
         os.chdir(cwd)
-    record = JobRecord(
-        index=job.index,
-        entry=job.entry,
-        op=job.op,
-        inputs=job.inputs,
-        output=job.output,
-        status="ok",
-        attempts=attempt,
-    )
+    record = job.record("ok", attempt)
     started = time.perf_counter()
     kwargs = dict(job.kwargs)
     try:

@@ -149,6 +149,17 @@ def _new_console(**kwargs: Any) -> Console:
     return QuietOnBrokenPipe(**kwargs)
 
 
+def live_display_wanted() -> bool:
+    """Whether a live display (a progress bar, the batch table) is shown: only when stdout and stderr are both
+    terminals and ``TERM`` is not ``dumb`` (never in a pipe, a file, a CI log or a captured run, whatever
+    ``FORCE_COLOR`` says)."""
+    return _isatty(sys.stdout) and _isatty(sys.stderr) and os.environ.get("TERM") != "dumb"
+
+
+def _no_progress(done: int, total: int) -> None:
+    """The progress callback where no bar is shown."""
+
+
 def _isatty(stream: Any) -> bool:
     try:
         return bool(stream.isatty())
@@ -465,13 +476,15 @@ class Output:
 
     @contextlib.contextmanager
     def progress(self, description: str) -> Iterator[Callable[[int, int], None]]:
-        """A progress bar on stderr, shown only when stdout and stderr are both terminals (never in a pipe, a
-        file, a CI log or a captured run, whatever ``FORCE_COLOR`` says); yields ``update(done, total)``."""
+        """A progress bar on stderr where :func:`live_display_wanted`; yields ``update(done, total)`` (which does
+        nothing where no bar is shown)."""
+        if not live_display_wanted():
+            yield _no_progress
+            return
         from rich.markup import escape as _markup_escape
         from rich.progress import Progress
 
-        shown = _isatty(sys.stdout) and _isatty(sys.stderr) and os.environ.get("TERM") != "dumb"
-        with Progress(console=self.err_console, transient=True, disable=not shown) as bar:
+        with Progress(console=self.err_console, transient=True) as bar:
             task = bar.add_task(_markup_escape(visible(description)), total=None)
 
             def update(done: int, total: int) -> None:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from adapterhub_cli.cli._output import out
+from adapterhub_cli.cli._output import live_display_wanted, out
 from adapterhub_cli.cli._params import complete_paths, json_option
 
 
@@ -30,7 +28,7 @@ def _status_table(status: BatchStatus, elapsed: float) -> Any:
         str(status.failed),
         str(status.skipped),
         str(status.retries),
-        f"{status.done / elapsed if elapsed > 0 else 0.0:.2f}",
+        f"{status.throughput:.2f}",
         f"{elapsed:.0f} s",
     )
     return t
@@ -39,9 +37,8 @@ def _status_table(status: BatchStatus, elapsed: float) -> Any:
 @contextlib.contextmanager
 def _live_progress() -> Iterator[Callable[[BatchStatus], None] | None]:
     """A live table on stderr (done / running / failed, throughput), shown only when stdout and stderr are both
-    terminals, as ``out.progress`` decides; yields the ``progress`` callback for :func:`adapterhub_cli.batch`."""
-    shown = sys.stdout.isatty() and sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
-    if not shown:
+    terminals (:func:`live_display_wanted`); yields the ``progress`` callback for :func:`adapterhub_cli.batch`."""
+    if not live_display_wanted():
         yield None
         return
     from rich.live import Live
