@@ -323,12 +323,14 @@ def test_tokens_never_print_even_from_a_file(
     assert json.loads(cli("inspect", str(d), "--json").stdout)["revision"] == "Bearer ***"
 
 
+@pytest.mark.parametrize("entry", ["main", "console_main"])
 @pytest.mark.parametrize("fmt", ["plain", "json"])
 def test_a_reader_that_went_away_does_not_fail_a_written_output(
-    fmt: str, llama_lora: Path, copy_adapter: Callable[..., Path], tmp_path: Path
+    fmt: str, entry: str, llama_lora: Path, copy_adapter: Callable[..., Path], tmp_path: Path
 ) -> None:
     """``adapters reduce ... | head -0``: stdout is a pipe nobody reads. The output is written, so the command
-    still exits 0, quietly (no ``Error: Broken pipe``, no ``Exception ignored`` at exit)."""
+    still exits 0, quietly (no ``Error: Broken pipe``, no ``Exception ignored`` at exit), whether it ends with
+    the orderly exit (``main``) or the installed command's fast one (``console_main``)."""
     import os
     import subprocess
 
@@ -339,7 +341,7 @@ def test_a_reader_that_went_away_does_not_fail_a_written_output(
     os.close(read_end)
     try:
         done = subprocess.run(
-            [sys.executable, "-c", "from adapterhub_cli.cli.main import main; main()", *args],
+            [sys.executable, "-c", f"from adapterhub_cli.cli.main import {entry}; {entry}()", *args],
             stdout=write_end,
             stderr=subprocess.PIPE,
             text=True,
