@@ -18,6 +18,7 @@ import torch
 from lora_ops.errors import LoraOpsError, ShapeMismatchError
 from lora_ops.factors import LoraFactors, check_factors
 from lora_ops.rank import _finite
+from lora_ops.svd import thin_svd
 
 
 #: Why a ratio is null: the update is zero (B = 0, an adapter as initialised), or the base weight is zero.
@@ -346,7 +347,7 @@ def top_singular(
     m, n = W.shape
     k = max(0, min(k, m, n))
     if m * n <= exact_max or k + oversample >= min(m, n):
-        u, s, vh = torch.linalg.svd(W.to(torch.float64), full_matrices=False)
+        u, s, vh = thin_svd(W.to(torch.float64))
         return u[:, :k], s[:k], vh[:k].T
     w = W.to(dtype)
     g = torch.Generator().manual_seed(seed)
@@ -356,7 +357,7 @@ def top_singular(
         q = torch.linalg.qr(w.T @ q).Q
         q = torch.linalg.qr(w @ q).Q
     small = (q.T @ w).to(torch.float64)  # (k + p, n)
-    u_s, s, vh = torch.linalg.svd(small, full_matrices=False)
+    u_s, s, vh = thin_svd(small)
     return (q.to(torch.float64) @ u_s)[:, :k], s[:k], vh[:k].T
 
 

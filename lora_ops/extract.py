@@ -46,6 +46,7 @@ import torch
 
 from lora_ops.errors import LoraOpsError, NonFiniteError
 from lora_ops.rank import choose_rank
+from lora_ops.svd import thin_svd
 
 
 Method = Literal["auto", "exact", "randomized"]
@@ -114,20 +115,11 @@ def _rule_rank(
     return choose_rank(s, rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank)
 
 
-def _svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of ``x`` (m, n): U (m, r), S (r,), Vᵀ (r, n). A wide matrix is decomposed as its contiguous
-    transpose: LAPACK (column-major) is several times slower on a wide row-major matrix."""
-    if x.shape[0] >= x.shape[1]:
-        return torch.linalg.svd(x, full_matrices=False)
-    u, s, vh = torch.linalg.svd(x.T.contiguous(), full_matrices=False)
-    return vh.T, s, u.T
-
-
 def _exact(
     delta: torch.Tensor, total: float, rules: dict[str, float | int | None]
 ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Dense SVD of ``delta`` in float64: k, U (m, r), S (r,) on the CPU, Vᵀ (r, n), and the optimal rel. error."""
-    u, s, vh = _svd(delta.to(torch.float64))
+    u, s, vh = thin_svd(delta.to(torch.float64))
     s = s.cpu()
     k = choose_rank(s, **rules)  # type: ignore[arg-type]
     err = float(s[k:].square().sum().sqrt()) / math.sqrt(total)
@@ -171,7 +163,7 @@ def _randomized(
         if i == power_iters - 1:  # y's spectrum: dW's, projected on span(z)
             before = torch.linalg.svdvals(y.to(torch.float64)).cpu()
         q = _orth(y)
-    ub, s, vh = _svd((q.T @ delta).to(torch.float64))
+    ub, s, vh = thin_svd((q.T @ delta).to(torch.float64))
     return q, ub, s, vh, before
 
 

@@ -110,11 +110,10 @@ def _elementwise(
 
 def dense_to_lora(delta: torch.Tensor, k: int, alpha: float) -> CombinedFactors:
     """Optimal rank-k factors of a dense (d_out, d_in) update with scale alpha / k, and the relative error."""
-    import torch
-
     from lora_ops import LoraFactors
+    from lora_ops.svd import thin_svd
 
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    u, s, vh = thin_svd(delta.double())
     k = max(1, min(k, s.numel()))
     root = (s[:k] / (alpha / k)).sqrt()
     total = float(s.square().sum())
