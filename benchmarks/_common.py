@@ -49,7 +49,8 @@ def adapters_cli(checkout: str | Path | None = None) -> list[str]:
     code = (
         "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
         f"sys.path.insert(0, {str(Path(checkout).resolve())!r}); "
-        "from adapterhub_cli.cli.main import console_main; console_main()"
+        # (an older checkout, from before the installed command's fast exit, has main only)
+        "import adapterhub_cli.cli.main as m; getattr(m, 'console_main', m.main)()"
     )
     return [sys.executable, "-c", code]
 

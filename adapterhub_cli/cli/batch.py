@@ -28,7 +28,7 @@ def _status_table(status: BatchStatus, elapsed: float) -> Any:
         str(status.failed),
         str(status.skipped),
         str(status.retries),
-        f"{status.throughput:.2f}",
+        f"{status.done / elapsed if elapsed > 0 else 0.0:.2f}",  # (recomputed at every redraw, as time passes)
         f"{elapsed:.0f} s",
     )
     return t
