@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from cli_helpers import run_cli as cli
+from click.testing import Result
 from safetensors.torch import load_file
 
 import adapterhub_cli as ah
 from adapterhub_cli.artifact.safetensors import read_header
-from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.errors import (
     AdapterNotFoundError,
     CorruptFileError,
@@ -96,10 +96,6 @@ def tree_digest(path: Path) -> dict[str, str]:
 
 def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
-
-
-def cli(*args: str) -> Result:
-    return CliRunner().invoke(build_cli(), list(args))
 
 
 def cli_error(result: Result, exit_code: int = 2) -> str:

@@ -12,18 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import run_cli
 from safetensors.torch import load_file, save_file
 
 import adapterhub_cli as ah
 from adapterhub_cli.batch import OPS, load_jobs, output_digest, read_report
 from adapterhub_cli.batch.resume import recorded_provenance
-from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.errors import REDACTED, HubError
-
-
-def run_cli(*args, env=None):
-    return CliRunner(env=env).invoke(build_cli(), [str(a) for a in args])
 
 
 def manifest(lora: Path, rslora: Path, patterns: Path, base: Path, out: Path) -> list[dict]:

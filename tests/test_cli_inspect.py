@@ -17,20 +17,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from cli_helpers import run_cli
 
 import adapterhub_cli as ah
-from adapterhub_cli.cli.main import build_cli
 
 
 @pytest.fixture(autouse=True)
 def _private_hash_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """sha256 digests are cached on disk; keep that cache out of the user's home (subprocesses inherit it)."""
     monkeypatch.setenv("ADAPTERS_CACHE", str(tmp_path_factory.mktemp("adapters_cache")))
-
-
-def run_cli(*args: str, catch_exceptions: bool = True) -> Result:
-    return CliRunner().invoke(build_cli(), list(args), catch_exceptions=catch_exceptions)
 
 
 def field(output: str, key: str) -> str:

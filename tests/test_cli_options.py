@@ -20,7 +20,8 @@ import click
 import fixtures_diffusion as fd
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from cli_helpers import run_cli
+from click.testing import Result
 from hub_server import serving
 
 import adapterhub_cli as ah
@@ -51,10 +52,6 @@ BASE_COMMANDS = ["inspect", "diff", "reduce", "combine", "quantize", "dequantize
 
 # huggingface_hub's LFS upload passes data= to httpx2, which deprecates it; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> Result:
-    return CliRunner(env=env).invoke(build_cli(), [str(a) for a in args])
 
 
 def _option(command: str, name: str) -> click.Option | None:
@@ -477,6 +474,9 @@ _CONSOLE = textwrap.dedent(
             marker.with_suffix(".teardown").write_text("ran")
 
     keep = Teardown()
+    if mode == "cstdio":  # native code's output, still in the C library's buffer (stdout is a pipe)
+        import ctypes
+        ctypes.CDLL(None).printf(b"printed by C\\n")
     if mode == "thread":  # a worker thread still running: the orderly exit waits for it, and so must we
         threading.Thread(target=lambda: (time.sleep(1), marker.with_suffix(".thread").write_text("done"))).start()
     from adapterhub_cli.cli.main import console_main
@@ -488,11 +488,13 @@ _CONSOLE = textwrap.dedent(
 
 
 def _console(tmp_path: Path, mode: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (the C streams keep their buffers)
     return subprocess.run(
         [sys.executable, "-c", _CONSOLE, str(tmp_path / "m"), mode, *args],
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
 
 
@@ -523,3 +525,10 @@ def test_the_installed_command_waits_for_a_running_thread_like_an_orderly_exit(t
     assert proc.returncode == 0 and "version" in proc.stdout, proc.stderr
     assert (tmp_path / "m.thread").read_text() == "done"  # not cut off by the fast exit
     assert (tmp_path / "m.atexit").read_text() == "ran"
+
+
+def test_the_installed_command_flushes_what_native_code_printed(tmp_path: Path) -> None:
+    proc = _console(tmp_path, "cstdio", "--version")
+    assert proc.returncode == 0, proc.stderr
+    assert "printed by C" in proc.stdout and "version" in proc.stdout
+    assert not (tmp_path / "m.teardown").exists()  # (the fast exit was taken)

@@ -9,16 +9,11 @@ from pathlib import Path
 import fixtures_diffusion as fd
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from cli_helpers import run_cli
 
 import adapterhub_cli as ah
 from adapterhub_cli.artifact.safetensors import load_safetensors, read_header, save_safetensors
-from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.formats import detect_format
-
-
-def run_cli(*args: str) -> Result:
-    return CliRunner().invoke(build_cli(), list(args))
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+from cli_helpers import run_cli
 from hub_server import FakeHub, serving
 
 import adapterhub_cli as ah
 from adapterhub_cli.artifact.ref import AdapterRef, Version, in_range, version_range
-from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.errors import CorruptFileError, HubAuthError, HubError, HubNotFoundError, VersionConflictError
 from adapterhub_cli.stores.hf import client as hub_client
 
@@ -38,10 +37,6 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     """A fresh server accepting ``TOKEN`` (also in ``HF_TOKEN``), with huggingface_hub pointed at it."""
     with serving(monkeypatch, tokens={TOKEN}, token=TOKEN) as server:
         yield server
-
-
-def run_cli(*args: str) -> Result:
-    return CliRunner().invoke(build_cli(), list(args))
 
 
 def same_model(a: Path, b: Path) -> None:

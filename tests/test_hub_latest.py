@@ -19,12 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from cli_helpers import run_cli
 from hub_server import FakeHub, point_at, serving
 
 import adapterhub_cli as ah
 from adapterhub_cli.artifact.ref import AdapterRef, latest_release, pick_tag
-from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.errors import HubAuthError, HubError, HubNotFoundError, StoreNotFoundError, VersionConflictError
 from adapterhub_cli.stores.hf import cache as hub_cache
 from adapterhub_cli.stores.publish import check_version
@@ -40,10 +39,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload ra
 def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     with serving(monkeypatch, tokens={TOKEN}, token=TOKEN) as server:
         yield server
-
-
-def run_cli(*args: str) -> Result:
-    return CliRunner().invoke(build_cli(), list(args))
 
 
 def go_offline(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
+from cli_helpers import status_and_output as run_cli
 from peft import PeftModel
 from peft_helpers import load_base, logits, read_checkpoint
 
@@ -23,7 +23,6 @@ from adapterhub_cli.artifact.card import card_provenance, loading_class
 from adapterhub_cli.artifact.files import sha256_file
 from adapterhub_cli.artifact.provenance import PROVENANCE_KEY, checkpoint_provenance
 from adapterhub_cli.artifact.safetensors import read_header
-from adapterhub_cli.cli.main import build_cli
 
 
 TOKEN = "hf_lineage_token_0d5e9a"
@@ -43,11 +42,6 @@ def python_snippet(card: str) -> str:
     found = re.search(r"```python\n(.*?)```", card, flags=re.S)
     assert found, card
     return found.group(1)
-
-
-def run_cli(*args: object) -> tuple[int, str]:
-    res = CliRunner().invoke(build_cli(), [str(a) for a in args])
-    return res.exit_code, res.output
 
 
 def peft_merged(base: Path, adapter: Path) -> dict[str, torch.Tensor]:

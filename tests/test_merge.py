@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import status_and_output as cli
 from click.testing import CliRunner
 from fixtures_models import LLAMA_KWARGS, load_base_model, randomize_adapter_weights
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -111,11 +112,6 @@ def assert_same_tensors(ours: Path, ref: Path, *, only_ours: frozenset[str] = fr
 
 def rel_max_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x - y).abs().max() / y.abs().max())
-
-
-def cli(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(build_cli(), [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 # ------------------------------------------------------------------ session fixtures

@@ -16,20 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import status_and_output as cli
 from peft_helpers import read_checkpoint, tree_sha256
 
 import adapterhub_cli as ah
-from adapterhub_cli.cli.main import build_cli
 
 
 ENGINE = importlib.import_module("adapterhub_cli.merge.engine")
 DIRECT_IO = importlib.import_module("adapterhub_cli.merge.direct_io")
-
-
-def cli(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(build_cli(), [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def leftovers(parent: Path) -> list[str]:

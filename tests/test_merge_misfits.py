@@ -8,11 +8,10 @@ import importlib
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cli_helpers import status_and_output as cli
 from test_merge_conv import build_conv_case
 
 import adapterhub_cli as ah
-from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.errors import UsageError
 
 
@@ -38,11 +37,6 @@ def no_output_folder(monkeypatch):
         raise AssertionError("the merge created its output folder before refusing")
 
     monkeypatch.setattr(ENGINE, "atomic_dir", refuse)
-
-
-def cli(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(build_cli(), [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def assert_nothing_written(work: Path) -> None:

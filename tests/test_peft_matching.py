@@ -18,12 +18,11 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from cli_helpers import run_cli as cli
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 import adapterhub_cli as ah
-from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.errors import IncompatibleBaseError, UsageError
 
 
@@ -35,10 +34,6 @@ PREFIX = "base_model.model."
 @pytest.fixture(autouse=True)
 def _private_hash_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ADAPTERS_CACHE", str(tmp_path / "hash-cache"))
-
-
-def cli(*args: str) -> Result:
-    return CliRunner().invoke(build_cli(), list(args))
 
 
 def set_config(folder: Path, **changes: Any) -> None:

@@ -13,22 +13,16 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import status_and_output as cli
 from fixtures_models import build_lora_adapter, load_base_model
 from peft import PeftModel
 from peft_helpers import load_base, read_checkpoint
 
 import adapterhub_cli as ah
-from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.errors import AdaptersError, InvalidAdapterError
 
 
 CONFIG = "adapter_config.json"
-
-
-def cli(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(build_cli(), [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def set_config(folder: Path, drop: tuple[str, ...] = (), **changes: object) -> None:

@@ -15,19 +15,14 @@ import threading
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from cli_helpers import run_cli
 
 import adapterhub_cli as ah
 from adapterhub_cli.artifact.ref import AdapterRef
-from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.errors import CorruptFileError, StoreNotFoundError, UsageError, VersionConflictError
 from adapterhub_cli.stores import find_store, get_store, stores
 from adapterhub_cli.stores import local as local_store
 from adapterhub_cli.stores.local import MANIFEST, ROOTS_ENV, LocalStore
-
-
-def run_cli(*args: str) -> Result:
-    return CliRunner().invoke(build_cli(), list(args))
 
 
 @pytest.fixture

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from cli_helpers import run_cli
+from click.testing import Result
 from hub_server import FakeHub, serving
 
 import adapterhub_cli as ah
 from adapterhub_cli.artifact.ref import Version
 from adapterhub_cli.artifact.safetensors import save_safetensors
-from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.errors import AdaptersError, CorruptFileError, UnsafeFileError
 from adapterhub_cli.stores.local import LocalStore
 
@@ -45,10 +45,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload ra
 def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     with serving(monkeypatch, tokens={HUB_TOKEN}, token=HUB_TOKEN) as server:
         yield server
-
-
-def run_cli(*args: str) -> Result:
-    return CliRunner().invoke(build_cli(), list(args))
 
 
 def cli_error(result: Result) -> str:

@@ -27,7 +27,8 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from cli_helpers import run_cli as cli
+from click.testing import Result
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig
@@ -39,7 +40,6 @@ import adapterhub_cli as ah
 from adapterhub_cli.artifact.config import AdapterConfig
 from adapterhub_cli.artifact.patterns import PatternError, compile_pattern
 from adapterhub_cli.artifact.safetensors import read_header
-from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.errors import CorruptFileError, IncompatibleBaseError, InvalidAdapterError
 
 
@@ -50,10 +50,6 @@ Q0 = "model.layers.0.self_attn.q_proj"
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-
-
-def cli(*args: str) -> Result:
-    return CliRunner().invoke(build_cli(), list(args))
 
 
 def cli_error(result: Result, exit_code: int = 2) -> str:

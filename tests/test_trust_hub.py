@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+from cli_helpers import run_cli
+from click.testing import Result
 from hub_server import FakeHub, serving
 
 import adapterhub_cli as ah
-from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.errors import (
     AdaptersError,
     CorruptFileError,
@@ -50,10 +50,6 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     """A fresh server accepting the three tokens, ``TOKEN`` in ``HF_TOKEN``."""
     with serving(monkeypatch, tokens={TOKEN, OTHER, SAVED}, token=TOKEN) as server:
         yield server
-
-
-def run_cli(*args: str) -> Result:
-    return CliRunner().invoke(build_cli(), list(args))
 
 
 def cli_error(result: Result) -> str:

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from cli_helpers import run_cli as cli
+from click.testing import Result
 from safetensors.torch import load_file, save_file
 
 import adapterhub_cli as ah
 from adapterhub_cli.artifact import files
 from adapterhub_cli.artifact.files import OUTPUT_MARKER, is_earlier_output
-from adapterhub_cli.cli.main import build_cli
 from adapterhub_cli.errors import InvalidAdapterError, UsageError
 
 
@@ -39,10 +39,6 @@ WEIGHTS = "adapter_model.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-
-
-def cli(*args: object) -> Result:
-    return CliRunner().invoke(build_cli(), [str(a) for a in args])
 
 
 def cli_error(result: Result) -> str:

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from cli_helpers import run_cli as cli
+from click.testing import Result
 
 from adapterhub_cli.cli._output import Output, styled, visible
-from adapterhub_cli.cli.main import build_cli
 
 
 CONFIG = "adapter_config.json"
@@ -80,10 +80,6 @@ def hostile(src: Path, copy: Callable[..., Path], leaf: str, base: str = HOSTILE
     cfg["base_model_name_or_path"] = base
     (d / CONFIG).write_text(json.dumps(cfg))
     return d, name
-
-
-def cli(*args: str) -> Result:
-    return CliRunner().invoke(build_cli(), list(args))
 
 
 def assert_clean(result: Result, exit_code: int) -> None:

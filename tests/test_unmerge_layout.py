@@ -9,21 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import status_and_output as run_cli
 from peft import PeftModel
 from peft_helpers import load_base, logits, lora_layers, read_checkpoint
 
 import adapterhub_cli as ah
 from adapterhub_cli.artifact.safetensors import read_header
-from adapterhub_cli.cli.main import build_cli
 
 
 INDEX = "model.safetensors.index.json"
-
-
-def run_cli(*args: object) -> tuple[int, str]:
-    res = CliRunner().invoke(build_cli(), [str(a) for a in args])
-    return res.exit_code, res.output
 
 
 def ulp(t: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ from typing import Any
 import fixtures_models as fm
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from cli_helpers import run_cli as cli
+from click.testing import CliRunner
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
@@ -51,10 +52,6 @@ MODULE_COUNT = {
 @pytest.fixture(autouse=True)
 def _private_hash_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ADAPTERS_CACHE", str(tmp_path / "hash-cache"))
-
-
-def cli(*args: str) -> Result:
-    return CliRunner().invoke(build_cli(), list(args))
 
 
 def set_config(folder: Path, **changes: Any) -> None:
