@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import assert_one_error, run_cli
 from click.testing import Result
 from hub_server import FakeHub, serving
 
@@ -54,11 +54,7 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
 
 def cli_error(result: Result) -> str:
     """Check the CLI failed cleanly (exit 2, one error message, no traceback); return all it printed."""
-    assert result.exit_code == 2, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = result.stderr.splitlines()
-    assert lines and lines[0].startswith("Error: ") and sum("Error:" in line for line in lines) == 1, result.stderr
+    assert_one_error(result)
     return result.output
 
 
