@@ -14,6 +14,7 @@ options as the CLI spells them (``--overwrite``): the keyword argument is the sa
 
 from __future__ import annotations
 
+import contextlib
 import inspect as _pyinspect
 import math
 from collections.abc import Sequence
@@ -621,18 +622,25 @@ def merge_each(
     for item, name, adapter, error in zip(adapters, names, loaded, errors, strict=True):
         out = check_output(Path(out_dir) / name, inputs, overwrite=overwrite)
         targets.append(EachTarget(name, str(item.path if isinstance(item, Adapter) else item), out, adapter, error))
-    return run_merge_each(
-        view,
-        targets,
-        device=device,
-        dtype=dtype,
-        max_shard_size=max_shard_size,
-        quantize=quantize,
-        overwrite=overwrite,
-        progress=progress,
-        base_source=None if isinstance(base, BaseView) else str(base),
-        base_model=_hub_repo_id(base),
-    )
+    # the outputs' parent is made with the first of them; where none is made, it goes again
+    made = not Path(out_dir).exists() and not Path(out_dir).is_symlink()
+    try:
+        return run_merge_each(
+            view,
+            targets,
+            device=device,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            quantize=quantize,
+            overwrite=overwrite,
+            progress=progress,
+            base_source=None if isinstance(base, BaseView) else str(base),
+            base_model=_hub_repo_id(base),
+        )
+    finally:
+        if made:  # no output made it (all failed, or an interrupt): the empty folder would block a later -o there
+            with contextlib.suppress(OSError):
+                Path(out_dir).rmdir()  # (only if empty)
 
 
 def each_names(adapters: Sequence[AdapterLike | AdapterRef]) -> list[str]:

@@ -118,6 +118,29 @@ def test_a_misfit_and_a_nan_fail_their_outputs_only(
         assert tensor_hashes(r.path) == tensor_hashes(alone.path)
 
 
+def test_no_empty_output_folder_stays_when_no_output_is_made(bf16_base, llama_lora, nan_lora, tmp_path, monkeypatch):
+    """-o OUT is made for the outputs; when none is made (each failed, or an interrupt), OUT goes too (it would
+    block a later merge to OUT), but a folder that was there before stays."""
+    out = tmp_path / "each"
+    results = ah.merge_each([nan_lora], base=bf16_base, out_dir=out)  # fails while merging, after OUT was made
+    assert [r.ok for r in results] == [False] and not out.exists()
+
+    def interrupted(*args, **kwargs):  # Ctrl-C in the main thread, at the first tensor
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(each_module, "_produce", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ah.merge_each([llama_lora], base=bf16_base, out_dir=out)
+    assert not out.exists()
+    monkeypatch.undo()
+    assert ah.merge(llama_lora, base=bf16_base, out=out).path == out  # the path is free for a plain merge
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert [r.ok for r in ah.merge_each([nan_lora], base=bf16_base, out_dir=kept)] == [False]
+    assert kept.is_dir() and not any(kept.iterdir())
+
+
 @pytest.mark.parametrize("where", ["_write_tensor", "_write_placed"])
 def test_a_write_error_in_one_output_leaves_the_others(
     bf16_base, llama_lora, llama_rslora, llama_dora, tmp_path, monkeypatch, where

@@ -11,7 +11,8 @@ exactly as a merge of that adapter alone computes them, bit for bit.
 
 A failure in one output (an adapter that does not fit the base, a NaN its update creates, a write error) removes
 that output's temporary folder and is reported in its :class:`EachResult`; the other outputs go on. Anything else
-(Ctrl-C, a bug) stops every output and leaves none behind.
+(Ctrl-C, a bug) stops every output: those not yet complete leave nothing behind; those already moved into place
+(complete, as their own merge would have written them) stay.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def run_merge_each(
             _drive(live, device, progress)
         for s in live:
             s.finish(base_model)
-    except BaseException as e:  # Ctrl-C, a bug: no output stays behind
+    except BaseException as e:  # Ctrl-C, a bug: no unfinished output stays behind (finished ones are in place)
         for s in streams:
             s.fail(e)
         raise
