@@ -354,6 +354,35 @@ def test_a_failed_final_rename_restores_the_previous_output(ins, scratch, writer
     assert snapshot(scratch) == previous  # the previous output as it was, no temporary or moved-aside folder
 
 
+@pytest.mark.parametrize("writer", BY_NAME)
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names descriptors through /proc")
+def test_every_output_file_is_on_disk_before_the_rename(ins, scratch, writer, monkeypatch):
+    """Each file of an output (and its folder) is fsynced before the output is renamed into place: after a power
+    loss the name cannot come back with empty files behind it."""
+    out = scratch / ("out" + writer.suffix)
+    events: list[tuple[str, str]] = []
+    fsync, rename = os.fsync, files._rename
+
+    def spy_fsync(fd: int) -> None:
+        events.append(("fsync", str(Path(f"/proc/self/fd/{fd}").readlink())))
+        fsync(fd)
+
+    def spy_rename(src: Path, dst: Path) -> None:
+        events.append(("rename", str(src)))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(files, "_rename", spy_rename)
+    writer.call(ins, out, False)
+    moved = [i for i, (kind, path) in enumerate(events) if kind == "rename" and path.endswith(".incomplete")]
+    assert len(moved) == 1
+    tmp = events[moved[0]][1]
+    synced = {path for kind, path in events[: moved[0]] if kind == "fsync"}
+    written = [out] if out.is_file() else [out, *out.rglob("*")]
+    for path in written:
+        assert tmp + str(path)[len(str(out)) :] in synced, path.relative_to(scratch)
+
+
 # ------------------------------------------------------------------------------------------ non-finite
 
 

@@ -372,8 +372,40 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _sync_tree(tmp: Path) -> None:
+    """fsync every regular file and folder under ``tmp`` (folders after what they hold; links are not followed),
+    so that what is renamed into place next is on disk whole, not only its name (a power loss right after the
+    rename could otherwise leave empty files behind a complete-looking output). Files already synced (merged
+    shards) cost a system call each. Best effort where a file system refuses to sync a folder."""
+    if not tmp.is_dir() or tmp.is_symlink():
+        _sync_file(tmp)
+        return
+    for root, dirs, files in os.walk(tmp, topdown=False, followlinks=False):
+        for name in files:
+            _sync_file(Path(root) / name)
+        for name in dirs:
+            if not (Path(root) / name).is_symlink():
+                _fsync_dir(Path(root) / name)
+    _fsync_dir(tmp)
+
+
+def _sync_file(path: Path) -> None:
+    """fsync the regular file ``path`` (not a link, not a device)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return  # a link, or gone: nothing of ours to sync
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` onto ``target``; an existing ``target`` is moved aside first and moved back if that fails."""
+    """Rename ``tmp`` onto ``target`` once everything in it is on disk (:func:`_sync_tree`); an existing ``target``
+    is moved aside first and moved back if that fails."""
+    _sync_tree(tmp)
     if not os.path.lexists(target):
         _rename(tmp, target)
     else:
