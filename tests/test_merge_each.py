@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import shutil
+import threading
 import warnings
 from pathlib import Path
 
@@ -139,6 +140,37 @@ def test_no_empty_output_folder_stays_when_no_output_is_made(bf16_base, llama_lo
     kept.mkdir()
     assert [r.ok for r in ah.merge_each([nan_lora], base=bf16_base, out_dir=kept)] == [False]
     assert kept.is_dir() and not any(kept.iterdir())
+
+
+def test_a_failing_clean_up_fails_its_output_without_stopping_its_writer(
+    bf16_base, llama_lora, llama_rslora, tmp_path, monkeypatch
+):
+    """A clean-up (a staging buffer's release) that raises on an output's writer thread fails that output; the
+    thread lives on (the driver's later puts and the final drain wait on it: no hang), the other output is whole."""
+    real = each_module._Shared.take
+    victim = {"n": 0}
+
+    def take(self):
+        release = real(self)
+
+        def failing_release() -> None:
+            release()  # (the buffer goes back all the same)
+            if threading.current_thread().name.startswith("adapters-writer"):
+                victim["n"] += 1
+                if victim["n"] == 2:
+                    raise RuntimeError("release failed (injected)")
+
+        return failing_release
+
+    monkeypatch.setattr(each_module._Shared, "take", take)
+    results = ah.merge_each([llama_lora, llama_rslora], base=bf16_base, out_dir=tmp_path / "each")
+    assert sorted(r.ok for r in results) == [False, True] and victim["n"] >= 2
+    failed = next(r for r in results if not r.ok)
+    assert "release failed (injected)" in (failed.error or "") and not failed.path.exists()
+    monkeypatch.undo()
+    good = next(r for r in results if r.ok)
+    alone = ah.merge(good.adapter, base=bf16_base, out=tmp_path / "alone")
+    assert tensor_hashes(good.path) == tensor_hashes(alone.path)
 
 
 @pytest.mark.parametrize("where", ["_write_tensor", "_write_placed"])

@@ -127,7 +127,11 @@ class StagedFile:
         self.size = 0
         self._disk = disk
         self._chunk = chunk - chunk % ALIGN or ALIGN
-        self._chunks = [_Chunk.allocate(self._chunk) for _ in range(max(depth, 1))] if self.direct else []
+        try:
+            self._chunks = [_Chunk.allocate(self._chunk) for _ in range(max(depth, 1))] if self.direct else []
+        except BaseException:  # (no staging memory: the descriptor is not handed to anyone, so it is closed here)
+            os.close(self.fd)
+            raise
         self._current = 0  # index of the chunk being filled
         self._fill = 0
         self._offset = 0  # file offset of the current chunk

@@ -335,7 +335,11 @@ class _Stream:
                         self.error = e
                 finally:
                     if cleanup is not None:
-                        cleanup()
+                        try:
+                            cleanup()
+                        except BaseException as e:  # (the thread must live on: later puts and the drain wait on it)
+                            if self.error is None:
+                                self.error = e
             finally:
                 self._queue.task_done()
 
