@@ -355,6 +355,26 @@ def test_a_failed_final_rename_restores_the_previous_output(ins, scratch, writer
 
 
 @pytest.mark.parametrize("writer", BY_NAME)
+def test_an_interrupt_between_the_two_renames_puts_the_previous_output_back(ins, scratch, writer, monkeypatch):
+    """With --overwrite the previous output is moved aside, then the new one moved in; a Ctrl-C (or SIGTERM) that
+    lands right after the first rename still leaves the previous output in place and nothing else behind."""
+    out = scratch / ("out" + writer.suffix)
+    writer.call(ins, out, False)
+    previous = snapshot(scratch)
+    rename = files._rename
+
+    def interrupted_after(src: Path, dst: Path) -> None:
+        rename(src, dst)
+        if dst.name.endswith(".replaced"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(files, "_rename", interrupted_after)
+    with pytest.raises(KeyboardInterrupt):
+        writer.call(ins, out, True)
+    assert snapshot(scratch) == previous
+
+
+@pytest.mark.parametrize("writer", BY_NAME)
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names descriptors through /proc")
 def test_every_output_file_is_on_disk_before_the_rename(ins, scratch, writer, monkeypatch):
     """Each file of an output (and its folder) is fsynced before the output is renamed into place: after a power

@@ -410,12 +410,13 @@ def _move_into_place(tmp: Path, target: Path) -> None:
         _rename(tmp, target)
     else:
         old = _temp_path(target, "replaced")
-        _rename(target, old)
         try:
+            _rename(target, old)
             _rename(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                _rename(old, target)  # the previous output back in place
+        except BaseException:  # (also a signal landing between the two renames)
+            if os.path.lexists(old) and not os.path.lexists(target):
+                with contextlib.suppress(OSError):
+                    _rename(old, target)  # the previous output back in place
             raise
         _remove(old)
     _fsync_dir(target.parent)
