@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from adapterhub_cli.artifact.adapter import Adapter
+from adapterhub_cli.artifact.factor_errors import module_errors
 from adapterhub_cli.artifact.provenance import read_provenance
 from adapterhub_cli.artifact.ref import ref_scheme
 
@@ -190,7 +191,9 @@ def module_spectra(adapter: Adapter) -> list[ModuleSpectrum]:
 
     out = []
     for name in adapter.modules:
-        s = singular_values(adapter.factors(name, finite=True))
+        factors = adapter.factors(name, finite=True)
+        with module_errors(str(adapter.path), name):
+            s = singular_values(factors)
         out.append(
             ModuleSpectrum(
                 name=name,

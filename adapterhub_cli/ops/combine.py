@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub_cli.artifact.adapter import Adapter
+from adapterhub_cli.artifact.factor_errors import module_errors
 from adapterhub_cli.artifact.preflight import require_valid
 from adapterhub_cli.artifact.provenance import provenance
 from adapterhub_cli.errors import IncompatibleBaseError, PluginError, UsageError
 from adapterhub_cli.formats.diffusers import pipeline_output_warnings
 from adapterhub_cli.formats.peft import peft_key, rank_layout, write_peft
+from adapterhub_cli.ops.checks import MAX_SEED, require_real, require_whole
 from adapterhub_cli.ops.methods import CombineMethod, get_method
 
 
@@ -84,9 +86,11 @@ def check_options(
             f"--weights has {len(weights)} value(s) for {count} adapter(s): give one weight per adapter",
             hint="e.g. --weights " + ",".join(["1"] * count),
         )
-    if rank is not None and rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {rank}")
-    if density is not None and not 0 < density <= 1:
+    if rank is not None:
+        require_whole("--rank", rank)
+    if seed is not None:
+        require_whole("--seed", seed, minimum=0, maximum=MAX_SEED)
+    if density is not None and not 0 < require_real("--density", density) <= 1:
         raise UsageError(f"--density must be in (0, 1], got {density}")
     spec.check_options({"rank": rank, "density": density, "seed": seed})
 
@@ -255,7 +259,8 @@ def _combine_module(
     from lora_ops import rescale
 
     factors = [a.factors(name) for a, _ in members]
-    combined = spec.combine(factors, [w for _, w in members], alpha=alpha, **context)
+    with module_errors(", ".join(str(a.path) for a, _ in members), name):
+        combined = spec.combine(factors, [w for _, w in members], alpha=alpha, **context)
     result, err = combined.factors, float(combined.rel_error)
     if result.shape != factors[0].shape or result.A.dim() != 2 or result.rank < 1:
         raise PluginError(
@@ -264,7 +269,8 @@ def _combine_module(
         )
     k = result.rank
     if result.scale != alpha / k:
-        result = rescale(result, alpha / k)
+        with module_errors(", ".join(str(a.path) for a, _ in members), name):
+            result = rescale(result, alpha / k)
     a_out, b_out = result.A.float(), result.B.float()
     norm_in = sum(abs(w) * _norm(f.A, f.B, f.scale) for f, (_, w) in zip(factors, members, strict=True))
     is_zero = _norm(a_out, b_out, result.scale) <= ZERO_TOLERANCE * norm_in

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from adapterhub_cli.artifact.adapter import Adapter
+from adapterhub_cli.artifact.factor_errors import module_errors
 from adapterhub_cli.errors import IncompatibleBaseError
 
 
@@ -104,20 +105,21 @@ def diff_adapters(a: Adapter, b: Adapter) -> DiffReport:
     rows = []
     for name in shared:
         fa, fb = a.factors(name, finite=True), b.factors(name, finite=True)
-        na, nb = norm(fa), norm(fb)
-        dist = distance(fa, fb)
-        rows.append(
-            ModuleDiff(
-                name=name,
-                rank_a=a.modules[name].rank,
-                rank_b=b.modules[name].rank,
-                norm_a=na,
-                norm_b=nb,
-                cosine=cosine(fa, fb),
-                rel_distance=(dist / na) if na > 0 else (0.0 if nb == 0 else None),
-                subspace_overlap=subspace_overlap(fa, fb),
+        with module_errors(f"{a.path}, {b.path}", name):
+            na, nb = norm(fa), norm(fb)
+            dist = distance(fa, fb)
+            rows.append(
+                ModuleDiff(
+                    name=name,
+                    rank_a=a.modules[name].rank,
+                    rank_b=b.modules[name].rank,
+                    norm_a=na,
+                    norm_b=nb,
+                    cosine=cosine(fa, fb),
+                    rel_distance=(dist / na) if na > 0 else (0.0 if nb == 0 else None),
+                    subspace_overlap=subspace_overlap(fa, fb),
+                )
             )
-        )
     rows.sort(key=lambda m: -1.0 if m.rel_distance is None else m.rel_distance, reverse=True)
     tol = max(IDENTICAL_TOL.get(t.dtype, 1e-2) for t in a.all_tensor_infos() + b.all_tensor_infos())
     saved = _saved_tensor_changes(a, b, tol)

@@ -15,11 +15,16 @@ from adapterhub_cli.artifact.safetensors import dtype_name
 from adapterhub_cli.errors import InvalidAdapterError, UsageError
 from adapterhub_cli.formats.peft import write_peft
 from adapterhub_cli.formats.quantized import QUANT_KEY, SCALE_SUFFIX
+from adapterhub_cli.ops.checks import require_whole
 from adapterhub_cli.parallel import map_modules
 
 
 CASTS = ("bf16", "fp16")  # schemes that are a plain cast: no blocks, no scales
 DEFAULT_BLOCK = 64  # values per scale of int8 / fp8 / nf4
+#: the largest block: one scale per 64k values is already far beyond what keeps an error small, and a block is
+#: padded to its size (a block of 2**28 values took 10 GB to quantize a 24 KB adapter)
+MAX_BLOCK = 1 << 16
+NF4_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,12 @@ def quantize_adapter(
         raise UsageError(f"--block-size applies to int8, fp8 and nf4; --to {scheme} is a plain cast")
     if block_size is None:
         block_size = DEFAULT_BLOCK
-    if block_size < 1:
-        raise UsageError(f"--block-size {block_size}: give a whole number >= 1")
+    require_whole("--block-size", block_size, maximum=MAX_BLOCK)
+    if scheme == "nf4" and block_size not in NF4_BLOCKS:
+        raise UsageError(
+            f"--block-size {block_size}: bitsandbytes' nf4 takes {', '.join(map(str, NF4_BLOCKS))}",
+            hint=f"the default is {DEFAULT_BLOCK}",
+        )
     if scheme == "nf4":
         _require_bitsandbytes()
     if adapter.metadata.get(QUANT_KEY):

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub_cli.artifact.adapter import Adapter
+from adapterhub_cli.artifact.factor_errors import module_errors
 from adapterhub_cli.artifact.preflight import require_finite, require_valid
 from adapterhub_cli.artifact.provenance import provenance
 from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, torch_dtype
 from adapterhub_cli.errors import UsageError
 from adapterhub_cli.formats.diffusers import pipeline_output_warnings
 from adapterhub_cli.formats.peft import peft_key, rank_layout, write_peft
+from adapterhub_cli.ops.checks import require_real, require_whole
 from adapterhub_cli.parallel import map_modules
 
 
@@ -81,8 +83,12 @@ def check_options(
             f"give exactly one of --rank, --energy, --sv-ratio, --sv-fro{got}",
             hint="--rank K keeps K singular values per module; --energy 0.99 lets each module choose",
         )
-    if rank is not None and rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {rank}")
+    for name, whole in (("--rank", rank), ("--max-rank", max_rank)):
+        if whole is not None:
+            require_whole(name, whole)
+    for name, real in (("--energy", energy), ("--sv-ratio", sv_ratio), ("--sv-fro", sv_fro)):
+        if real is not None:
+            require_real(name, real)
     for name, value in (("--energy", energy), ("--sv-fro", sv_fro)):
         if value is not None and not 0 < value <= 1:
             raise UsageError(f"{name} must be in (0, 1], got {value}")
@@ -148,16 +154,17 @@ def reduce_adapter(
         m = adapter.modules[name]
         factors = adapter.factors(name)
         require_finite(adapter, {m.A.name: factors.A, m.B.name: factors.B})
-        red = reduce_rank(
-            factors,
-            rank=rank,
-            energy=energy,
-            sv_ratio=sv_ratio,
-            sv_fro=sv_fro,
-            max_rank=max_rank,
-            scale=_scale_rule(m.alpha, cfg.use_rslora),
-            dtype=_torch_dtype(m.A.dtype),
-        )
+        with module_errors(str(adapter.path), name):
+            red = reduce_rank(
+                factors,
+                rank=rank,
+                energy=energy,
+                sv_ratio=sv_ratio,
+                sv_fro=sv_fro,
+                max_rank=max_rank,
+                scale=_scale_rule(m.alpha, cfg.use_rslora),
+                dtype=_torch_dtype(m.A.dtype),
+            )
         a, b = red.factors.A, red.factors.B
         if m.kind == "conv":  # A was (r, in, kh, kw) and B (out, r, 1, 1), flattened to matrices for the SVD
             a = a.reshape(red.rank, *m.A.shape[1:])

@@ -1,0 +1,115 @@
+"""Numeric options of the operations, from the Python API and the command line: a wrong type or a value out of
+range is a ``UsageError`` naming the option (exit 2 from the CLI), never a ``TypeError``, a traceback or a
+10 GB allocation; what the factor math refuses for one module is an ``InvalidAdapterError`` naming the input
+and the module."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import assert_one_error, run_cli
+from safetensors.torch import load_file, save_file
+
+import adapterhub_cli as ah
+from adapterhub_cli.errors import InvalidAdapterError, UsageError
+
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+@pytest.mark.parametrize(
+    ("call", "phrase"),
+    [
+        (lambda a, o: ah.reduce(a, o, rank=2.5), "--rank 2.5: give a whole number >= 1"),
+        (lambda a, o: ah.reduce(a, o, rank="2"), "--rank '2': give a whole number"),
+        (lambda a, o: ah.reduce(a, o, rank=True), "--rank True: give a whole number"),
+        (lambda a, o: ah.reduce(a, o, energy="0.9"), "--energy '0.9': give a finite number"),
+        (lambda a, o: ah.reduce(a, o, energy=float("nan")), "--energy nan: give a finite number"),
+        (lambda a, o: ah.reduce(a, o, energy=0.9, max_rank=1.5), "--max-rank 1.5: give a whole number"),
+        (lambda a, o: ah.quantize(a, o, scheme="int8", block_size="64"), "--block-size '64': give a whole number"),
+        (lambda a, o: ah.quantize(a, o, scheme="int8", block_size=1 << 40), "give a whole number from 1 to 65536"),
+        (lambda a, o: ah.quantize(a, o, scheme="fp8", block_size=0), "give a whole number from 1 to 65536"),
+        (lambda a, o: ah.quantize(a, o, scheme="nf4", block_size=7), "bitsandbytes' nf4 takes 32, 64, 128"),
+        (lambda a, o: ah.combine([a, a], o, method="dare_linear", density=0.5, seed=1 << 63), "--seed"),
+        (lambda a, o: ah.combine([a, a], o, method="dare_linear", density=0.5, seed="x"), "--seed 'x'"),
+        (lambda a, o: ah.combine([a, a], o, method="dare_linear", density=0.5, seed=-1), "--seed -1"),
+        (lambda a, o: ah.combine([a, a], o, method="svd", rank=1.5), "--rank 1.5"),
+        (lambda a, o: ah.combine([a, a], o, method="ties", density="0.5"), "--density '0.5'"),
+    ],
+)
+def test_api_options_of_the_wrong_type_or_range_are_usage_errors(
+    llama_lora: Path, tmp_path: Path, call: Callable[[Path, Path], object], phrase: str
+) -> None:
+    with pytest.raises(UsageError, match=None) as info:
+        call(llama_lora, tmp_path / "out")
+    assert phrase in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["combine", "{a}", "{a}", "--method", "dare_linear", "--density", "0.5", "--seed", str(1 << 70)],
+        ["quantize", "{a}", "--to", "int8", "--block-size", str(1 << 40)],
+        ["quantize", "{a}", "--to", "nf4", "--block-size", "7"],
+    ],
+    ids=["huge-seed", "huge-block", "nf4-block"],
+)
+def test_cli_options_out_of_range_exit_2_cleanly(llama_lora: Path, tmp_path: Path, args: list[str]) -> None:
+    out = tmp_path / "out"
+    result = run_cli(*(a.format(a=llama_lora) for a in args), "-o", out)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "ADAPTERS_DEBUG" not in result.output and not out.exists()
+
+
+def _rewrite(folder: Path, change: Callable[[str, torch.Tensor], torch.Tensor], **config: object) -> None:
+    tensors = {k: change(k, v) for k, v in load_file(folder / WEIGHTS).items()}
+    save_file(tensors, folder / WEIGHTS)
+    if config:
+        cfg = json.loads((folder / CONFIG).read_text())
+        cfg.update(config)
+        (folder / CONFIG).write_text(json.dumps(cfg))
+
+
+def test_a_negative_alpha_that_reduce_cannot_use_names_the_adapter_and_module(
+    llama_lora: Path, copy_adapter: Callable[..., Path], tmp_path: Path
+) -> None:
+    d = copy_adapter(llama_lora, "negative-alpha")
+    _rewrite(d, lambda k, v: v, lora_alpha=-16)
+    with pytest.raises(InvalidAdapterError) as info:
+        ah.reduce(d, tmp_path / "out", rank=4)
+    assert str(d) in str(info.value) and "module model.layers." in str(info.value) and info.value.hint
+    result = run_cli("reduce", d, "--rank", "4", "-o", tmp_path / "out")
+    assert_one_error(result)
+    assert "ADAPTERS_DEBUG" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_extreme_finite_factors_fail_cleanly_in_every_combine_method(
+    llama_lora: Path, copy_adapter: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Float64 factors near 1e300 are finite, but their update is not: each method refuses the module by name."""
+    d = copy_adapter(llama_lora, "extreme")
+    _rewrite(d, lambda k, v: v.double() * 1e299 if "lora_" in k else v)
+    for method in ("ties", "dare_ties", "magnitude_prune", "svd"):
+        out = tmp_path / method
+        extra = ["--density", "0.5"] if method != "svd" else []
+        result = run_cli("combine", d, d, "--method", method, *extra, "-o", out)
+        assert_one_error(result)
+        assert "ADAPTERS_DEBUG" not in result.output and not out.exists(), (method, result.output)
+
+
+def test_extreme_finite_factors_fail_cleanly_in_diff_and_the_spectrum(
+    llama_lora: Path, copy_adapter: Callable[..., Path]
+) -> None:
+    d = copy_adapter(llama_lora, "extreme-diff")
+    _rewrite(d, lambda k, v: v.double() * 1e299 if "lora_" in k else v)
+    for args in (["diff", d, llama_lora], ["inspect", d, "--spectrum"]):
+        result = run_cli(*args)
+        assert_one_error(result)
+        assert f"{d}" in result.stderr and "module model.layers." in result.stderr, result.stderr
+        assert "ADAPTERS_DEBUG" not in result.output
