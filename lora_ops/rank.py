@@ -8,6 +8,7 @@ The QR runs in float64: the Gram-matrix shortcut loses singular values below ~5e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -193,8 +194,9 @@ def reduce_rank(
 
     Args:
         f: A (r, d_in), B (d_out, r), scale.
-        scale: the output scale s' > 0, or a function of k (e.g. ``lambda k: alpha / k`` for PEFT's rule);
-            default: keep ``f.scale``.
+        scale: the output scale s' (finite, non-zero; a negative one, from a negative lora_alpha, is kept and
+            B' takes its sign), or a function of k (e.g. ``lambda k: alpha / k`` for PEFT's rule); default: keep
+            ``f.scale``.
         dtype: output dtype (default: A's dtype).
 
     Example:
@@ -210,17 +212,18 @@ def reduce_rank(
     u, s, vh = torch.linalg.svd(_finite(float(f.scale) * (r_b @ r_a.T)), full_matrices=False)
     k = choose_rank(s, rank=rank, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro, max_rank=max_rank)
     out_scale = float(f.scale if scale is None else scale(k) if callable(scale) else scale)
-    if not out_scale > 0:
-        raise LoraOpsError(f"the output scale must be positive, got {out_scale}")
-    root = (s[:k] / out_scale).sqrt()
+    if not (math.isfinite(out_scale) and out_scale != 0):
+        raise LoraOpsError(f"the output scale must be finite and non-zero, got {out_scale}")
+    root = (s[:k] / abs(out_scale)).sqrt()  # a negative scale (a negative lora_alpha) flips B's sign instead
+    sign = 1.0 if out_scale > 0 else -1.0
     if _well_conditioned(r_b) and _well_conditioned(r_a):
         # Q_b = B R_b⁻¹ and Q_aᵀ = R_a⁻ᵀ A: two r x k triangular solves replace forming Q_b and Q_a
-        B = b64 @ torch.linalg.solve_triangular(r_b, u[:, :k] * root, upper=True)
+        B = b64 @ torch.linalg.solve_triangular(r_b, u[:, :k] * (sign * root), upper=True)
         A = torch.linalg.solve_triangular(r_a, (root[:, None] * vh[:k]).T, upper=True).T @ a64
     else:  # rank-deficient B or A: R is singular, form the orthonormal factors explicitly
         c = core_svd(f)
         u, s, vh = c.U, c.S, c.Vh
-        B = (c.Q_b @ u[:, :k]) * root
+        B = (c.Q_b @ u[:, :k]) * (sign * root)
         A = root[:, None] * (vh[:k] @ c.Q_a.T)
     out_dtype = dtype or f.A.dtype
     e = s.square()

@@ -76,17 +76,33 @@ def _rewrite(folder: Path, change: Callable[[str, torch.Tensor], torch.Tensor], 
         (folder / CONFIG).write_text(json.dumps(cfg))
 
 
-def test_a_negative_alpha_that_reduce_cannot_use_names_the_adapter_and_module(
+def test_a_negative_alpha_is_reduced_like_any_other_and_a_zero_one_is_refused_by_module(
     llama_lora: Path, copy_adapter: Callable[..., Path], tmp_path: Path
 ) -> None:
+    """PEFT takes a negative lora_alpha (the update subtracts); reduce keeps it and gives the optimal rank-k update
+    of the negated adapter. An alpha of 0 (an update of zero everywhere) cannot be given a rank: refused, naming
+    the adapter and the module."""
     d = copy_adapter(llama_lora, "negative-alpha")
     _rewrite(d, lambda k, v: v, lora_alpha=-16)
+    out = ah.reduce(d, tmp_path / "out", rank=4).path
+    src, red = ah.load(d), ah.load(out)
+    assert red.config.lora_alpha == -16
+    for name in src.modules:
+        f, g = src.factors(name), red.factors(name)
+        dense = (f.scale * (f.B.double() @ f.A.double())).cpu()
+        u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+        best = (u[:, :4] * s[:4]) @ vh[:4]
+        got = g.scale * (g.B.double() @ g.A.double())
+        assert g.scale < 0 and torch.allclose(got, best, rtol=1e-4, atol=1e-6 * float(s[0])), name
+
+    z = copy_adapter(llama_lora, "zero-alpha")
+    _rewrite(z, lambda k, v: v, lora_alpha=0)
     with pytest.raises(InvalidAdapterError) as info:
-        ah.reduce(d, tmp_path / "out", rank=4)
-    assert str(d) in str(info.value) and "module model.layers." in str(info.value) and info.value.hint
-    result = run_cli("reduce", d, "--rank", "4", "-o", tmp_path / "out")
+        ah.reduce(z, tmp_path / "zero", rank=4)
+    assert str(z) in str(info.value) and "module model.layers." in str(info.value) and info.value.hint
+    result = run_cli("reduce", z, "--rank", "4", "-o", tmp_path / "zero")
     assert_one_error(result)
-    assert "ADAPTERS_DEBUG" not in result.output and not (tmp_path / "out").exists()
+    assert "ADAPTERS_DEBUG" not in result.output and not (tmp_path / "zero").exists()
 
 
 def test_extreme_finite_factors_fail_cleanly_in_every_combine_method(
