@@ -4,6 +4,9 @@ mapping errors, LyCORIS refusals, `adapters convert` round trips, and diffusers'
 from __future__ import annotations
 
 import json
+import math
+import re
+import struct
 from pathlib import Path
 
 import fixtures_diffusion as fd
@@ -795,3 +798,174 @@ def test_an_adapter_of_one_model_gets_no_pipeline_warning(llama_lora: Path, tmp_
     assert pipeline_output_warnings([ah.load(llama_lora)], tmp_path / "out") == []
     reduced = ah.reduce(llama_lora, tmp_path / "small", rank=2)
     assert not any("no single model" in w for w in reduced.warnings)
+
+
+# ------------------------------------------------------------------------------------------------ embedded metadata
+
+
+def _header(file: Path) -> tuple[int, dict]:
+    raw = file.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return n, json.loads(raw[8 : 8 + n])
+
+
+def _poke_alpha(file: Path, key: str, value: float) -> None:
+    """Overwrite the 4 data bytes of the float32 scalar ``key`` in place (header, metadata and factors unchanged)."""
+    n, header = _header(file)
+    assert header[key]["dtype"] == "F32" and header[key]["shape"] == []
+    start, end = header[key]["data_offsets"]
+    raw = bytearray(file.read_bytes())
+    raw[8 + n + start : 8 + n + end] = struct.pack("<f", value)
+    file.write_bytes(bytes(raw))
+
+
+def _rewrite(
+    src: Path, out: Path, *, drop: tuple[str, ...] = (), metadata: dict[str, str | None] | None = None
+) -> Path:
+    """A copy of ``src`` through safetensors, without the tensors ``drop`` and with ``metadata`` changed (None:
+    removed)."""
+    header = read_header(src)
+    meta = dict(header.metadata)
+    for k, v in (metadata or {}).items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: t for k, t in load_file(src).items() if k not in drop}, out, metadata=meta)
+    return out
+
+
+def _kohya_of(adapter: Path, out: Path) -> tuple[Path, str, str]:
+    """``adapter`` written as kohya by ``convert``; with one module and its alpha key."""
+    r = run_cli("convert", str(adapter), "--to", "kohya", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    module = sorted(ah.load(adapter).modules)[0]
+    return out, module, f"lora_unet_{module.replace('.', '_')}.alpha"
+
+
+@pytest.mark.parametrize("value", [3e38, -16.0, 0.5, float("nan")])
+def test_alpha_tensors_count_over_a_stored_config_that_disagrees(
+    llama_lora: Path, llama_base: Path, tmp_path: Path, value: float
+) -> None:
+    """The stored PEFT config's digest covers the factors, not the alpha tensors that every kohya loader applies:
+    an alpha tensor changed behind it makes the config ignored (with a warning), and the file is read and
+    checked exactly as the same file without that metadata."""
+    f, module, key = _kohya_of(llama_lora, tmp_path / "k.safetensors")
+    src = ah.load(llama_lora)
+    assert not any("ignored" in w for w in ah.load(f).warnings)
+    _poke_alpha(f, key, value)
+    bare = _rewrite(f, tmp_path / "bare.safetensors", metadata={"adapterhub.peft_config": None})
+    stored = float(torch.tensor(value, dtype=torch.float32))
+    if math.isnan(value):  # refused as for any kohya file
+        for path in (f, bare):
+            with pytest.raises(ah.InvalidAdapterError, match=re.escape(f"{key} is nan")):
+                ah.load(path)
+            r = run_cli("validate", str(path), "--base", str(llama_base))
+            assert r.exit_code == 2 and f"{key} is nan" in r.output, r.output
+        return
+    a, b = ah.load(f), ah.load(bare)
+    rank = src.modules[module].rank
+    assert a.modules[module].alpha == b.modules[module].alpha == stored
+    assert a.modules[module].scale == b.modules[module].scale == stored / rank
+    for name, m in src.modules.items():  # the others keep their alpha
+        if name != module:
+            assert (a.modules[name].alpha, a.modules[name].scale) == (m.alpha, m.scale)
+    warned = [w for w in a.warnings if "ignored the stored PEFT config" in w]
+    assert len(warned) == 1 and key in warned[0], a.warnings
+    codes = []
+    for path in (f, bare):
+        r = run_cli("validate", str(path), "--base", str(llama_base))
+        codes.append(r.exit_code)
+        if value == 3e38:
+            assert r.exit_code == 1 and "alpha-out-of-range" in r.output, r.output
+        else:
+            assert r.exit_code == 0, r.output
+    assert codes[0] == codes[1]
+    r = run_cli("inspect", str(f), "--modules", "--json", "--no-hash")
+    assert r.exit_code == 0, r.output
+    assert f"{stored:g}" in run_cli("inspect", str(f), "--modules").output
+    if value != 3e38:  # what it writes carries the tensor's alpha, not the stored config's
+        out = tmp_path / "p"
+        r = run_cli("convert", str(f), "--to", "peft", "-o", str(out))
+        assert r.exit_code == 0, r.output
+        assert ah.load(out).modules[module].scale == stored / rank
+
+
+def test_a_missing_alpha_tensor_overrides_the_stored_config(llama_lora: Path, tmp_path: Path) -> None:
+    """Without its alpha tensor a module gets alpha = rank in every loader; the stored config (alpha 16) is not
+    used for it."""
+    f, module, key = _kohya_of(llama_lora, tmp_path / "k.safetensors")
+    cut = _rewrite(f, tmp_path / "cut.safetensors", drop=(key,))
+    a = ah.load(cut)
+    m = a.modules[module]
+    assert m.alpha == m.rank and m.scale == 1.0
+    assert any("ignored the stored PEFT config" in w and key in w for w in a.warnings), a.warnings
+    assert any("store no alpha" in w for w in a.warnings)
+
+
+@pytest.mark.parametrize("fixture", ["llama_lora", "llama_rslora", "llama_patterns"])
+def test_the_stored_config_is_still_used_when_the_alphas_agree(
+    fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Files `convert --to kohya` writes read back with their exact PEFT config (rsLoRA, patterns), no warning."""
+    src_dir = request.getfixturevalue(fixture)
+    f, _, _ = _kohya_of(src_dir, tmp_path / "k.safetensors")
+    src, back = ah.load(src_dir), ah.load(f)
+    assert back.config.raw == src.config.raw
+    assert not any("ignored" in w for w in back.warnings), back.warnings
+    for name, m in src.modules.items():
+        assert (back.modules[name].rank, back.modules[name].alpha, back.modules[name].scale) == (
+            m.rank,
+            m.alpha,
+            m.scale,
+        )
+
+
+_NAMES = "adapterhub.kohya_names"
+
+
+@pytest.mark.parametrize(
+    ("change", "part"),
+    [
+        ("dup", "several keys name the same module"),
+        ("", "module names must be dotted names"),
+        ("../../evil", "module names must be dotted names"),
+        ("model..layers", "module names must be dotted names"),
+        ("model/layers", "module names must be dotted names"),
+        (".model", "module names must be dotted names"),
+        ("model.layers.0.self_attn.q_proj ", "module names must be dotted names"),
+    ],
+)
+def test_a_bad_stored_name_map_is_refused(
+    llama_lora: Path, llama_base: Path, tmp_path: Path, change: str, part: str
+) -> None:
+    """The stored {kohya name: module} map must name each module once, by a plain dotted name: otherwise the file
+    is refused (as a map that is not JSON or not an object of names is), with or without a base; nothing is
+    dropped and no odd module name gets through."""
+    f, _, _ = _kohya_of(llama_lora, tmp_path / "k.safetensors")
+    names = json.loads(read_header(f).metadata[_NAMES])
+    first, second = sorted(names)[:2]
+    names[first] = names[second] if change == "dup" else change
+    bad = _rewrite(f, tmp_path / "bad.safetensors", metadata={_NAMES: json.dumps(names)})
+    with pytest.raises(ah.InvalidAdapterError, match=re.escape(part)) as e:
+        ah.load(bad)
+    assert first in str(e.value) and f"bad {_NAMES} metadata" in str(e.value)
+    with pytest.raises(ah.InvalidAdapterError, match=re.escape(part)):
+        ah.load(bad, base=llama_base)
+    for args in (
+        ("inspect", str(bad)),
+        ("validate", str(bad), "--base", str(llama_base)),
+        ("convert", str(bad), "--to", "peft", "-o", str(tmp_path / "out")),
+    ):
+        r = run_cli(*args)
+        assert r.exit_code == 2 and part in r.output and first in r.output, r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_good_stored_name_map_reads_every_module(llama_lora: Path, tmp_path: Path) -> None:
+    f, _, _ = _kohya_of(llama_lora, tmp_path / "k.safetensors")
+    names = json.loads(read_header(f).metadata[_NAMES])
+    a = ah.load(f)
+    assert sorted(a.modules) == sorted(names.values()) == sorted(ah.load(llama_lora).modules)

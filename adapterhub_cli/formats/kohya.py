@@ -4,7 +4,9 @@
 ``lora_te2``, ...). Underscores also occur inside module names (``to_q``, ``down_blocks``), so the dots cannot be
 guessed back: module names come from a table built from the base checkpoint's own tensor names and checked by
 shape (:class:`NameMap`), or from the ``{kohya name: module}`` map this tool stores in files it writes. A key
-that maps to nothing, or to two modules, is an error listing the keys; nothing is skipped.
+that maps to nothing, or to two modules, is an error listing the keys; nothing is skipped. A stored map that names
+a module twice, or by anything but a dotted name of letters, digits and underscores, is refused like one that is
+not JSON.
 
 The base is given as ``read(path, base=...)`` (``ah.load(path, base=...)``, ``adapters convert --base``) or, for
 every command, through the ``ADAPTERS_BASE`` environment variable. It may be a diffusers pipeline folder
@@ -16,6 +18,9 @@ every command, through the ``ADAPTERS_BASE`` environment variable. It may be a d
 Alpha rules: a missing alpha means alpha = rank (scale 1), as in sd-scripts, ComfyUI and diffusers; alpha 0 is
 read as alpha = rank, as sd-scripts' trainer (``LoRAModule``) uses it (its merge script and ComfyUI give scale 0
 instead); both are reported as warnings. Alpha keeps its exact value whatever its dtype (fp16, bf16, int64).
+The alpha tensors are what counts, as for every kohya loader: the PEFT config this tool stores in files it writes
+(its digest covers the factors only) is used only where each module's alpha tensor says the same; otherwise it is
+ignored with a warning and the file is read and checked like one without it.
 """
 
 from __future__ import annotations
@@ -337,6 +342,64 @@ def _scalar(t: torch.Tensor) -> float:
     return float(v)
 
 
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+
+
+def _checked_names(stored: dict[str, str], path: Path) -> dict[str, str]:
+    """The stored ``{kohya name: module}`` map, refused (as any other bad map) unless every module name is a dotted
+    name of letters, digits and underscores and no two keys name the same module (a module is never dropped)."""
+    bad = sorted(f"{k} -> {v!r}" for k, v in stored.items() if not _MODULE_NAME.fullmatch(v))
+    if bad:
+        raise InvalidAdapterError(
+            f"bad {NAMES_KEY} metadata (module names must be dotted names of letters, digits and underscores): "
+            + _fmt_keys(bad, 5),
+            path=path,
+        )
+    by_module: dict[str, list[str]] = {}
+    for k, v in stored.items():
+        by_module.setdefault(v, []).append(k)
+    shared = sorted(f"{' and '.join(sorted(ks))} -> {v}" for v, ks in by_module.items() if len(ks) > 1)
+    if shared:
+        raise InvalidAdapterError(
+            f"bad {NAMES_KEY} metadata (several keys name the same module): {_fmt_keys(shared, 5)}", path=path
+        )
+    return stored
+
+
+def _alpha_disagreements(
+    adapter: Adapter, modules: list[KohyaModule], alphas: dict[str, float], stored: dict[str, float]
+) -> list[str]:
+    """The modules whose alpha tensor (or its absence) says otherwise than ``adapter``'s config, as
+    ``"<alpha key>: <tensor value> vs <config value>"``: the config's alpha as :func:`write_kohya` stores it
+    (alpha, or alpha·√r with rsLoRA) must equal the tensor's value, exactly or to float32 rounding, and the
+    config's scale the one kohya loaders apply (alpha tensor / rank), to float32 rounding."""
+    import torch
+
+    out = []
+    for k in modules:
+        m = adapter.modules.get(k.module)
+        tensor = stored.get(k.module)
+        have = {alphas[k.module]} | ({tensor} if tensor is not None and k.loha is None else set())
+        if m is None:
+            out.append(f"{k.name} (no such module in the config)")
+            continue
+        rank = k.mid.shape[0] if k.mid is not None else k.down.shape[0]
+        if m.rank != rank:
+            out.append(f"{k.name}: rank {rank} vs {m.rank}")
+            continue
+        try:
+            want = float(m.alpha * math.sqrt(m.rank) if adapter.config.use_rslora else m.alpha)
+        except (OverflowError, TypeError, ValueError):
+            want = math.nan
+        key = k.alpha.name if k.alpha is not None else f"{k.name}.alpha"
+        if want not in have and float(torch.tensor(want, dtype=torch.float32)) not in have:
+            shown = "missing (alpha = rank)" if tensor is None else f"{tensor:g}"
+            out.append(f"{key}: {shown} vs {want:g}")
+        elif not math.isclose(m.scale, alphas[k.module] / rank, rel_tol=2**-24):
+            out.append(f"{key}: scale {alphas[k.module] / rank:g} vs {m.scale:g}")
+    return out
+
+
 def _fmt_keys(keys: list[str], limit: int = 20) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
@@ -429,7 +492,7 @@ class KohyaFormat:
             doc = parse_json(header.metadata[NAMES_KEY].encode(), path=path, what=f"{NAMES_KEY} metadata")
             if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
                 raise InvalidAdapterError(f"bad {NAMES_KEY} metadata (not an object of names)", path=path)
-            stored = dict(doc)
+            stored = _checked_names(dict(doc), path)
         if base is None and stored is None:
             raise InvalidAdapterError(
                 "kohya LoRA file: its module names cannot be read back without the base model (underscores in "
@@ -518,7 +581,8 @@ class KohyaFormat:
         from adapterhub_cli.formats.peft import assemble_adapter, rank_layout
 
         warnings: list[str] = []
-        alphas: dict[str, float] = {}
+        alphas: dict[str, float] = {}  # the alpha each kohya loader applies (missing or 0: rank)
+        stored: dict[str, float] = {}  # the alpha tensors' values as stored
         missing, zero = [], []
         if any(k.alpha is not None for k in modules):
             raw = load_safetensors(path, [k.alpha.name for k in modules if k.alpha is not None], header=header)
@@ -537,6 +601,7 @@ class KohyaFormat:
             value = _scalar(raw[k.alpha.name])
             if not math.isfinite(value):
                 raise InvalidAdapterError(f"{k.alpha.name} is {value}", path=path, module=k.module)
+            stored[k.module] = value
             if value == 0:
                 zero.append(k.name)
                 value = float(rank)
@@ -605,6 +670,14 @@ class KohyaFormat:
                 "`adapters reduce` can shrink them)"
             )
         source = KohyaTensorSource(header, rename, folds)
+        renamed = SafetensorsHeader(
+            path=path,
+            tensors=infos,
+            metadata=dict(header.metadata),
+            header_size=header.header_size,
+            file_size=header.file_size,
+        )
+        adapter: Adapter | None = None
         stash = header.metadata.get(PEFT_STASH_KEY)
         if stash is not None:
             try:
@@ -618,21 +691,27 @@ class KohyaFormat:
                     for k in modules
                 ]
                 if sdoc.get("digest") == factor_digest(items) and isinstance(sdoc.get("config"), dict):
-                    doc = sdoc["config"]  # written by us from a PEFT adapter, factors unchanged: its exact config
+                    # written by us from a PEFT adapter, factors unchanged: its exact config, as long as every
+                    # module's alpha tensor (which is what kohya loaders apply; the digest does not cover it)
+                    # says the same
+                    exact = assemble_adapter(path, sdoc["config"], header=renamed, format_name=self.name)
+                    differ = _alpha_disagreements(exact, modules, alphas, stored)
+                    if differ:
+                        warnings.append(
+                            f"ignored the stored PEFT config ({PEFT_STASH_KEY}): its alphas differ from the file's "
+                            f"alpha tensors, which are used, as kohya loaders do: {_fmt_keys(differ, 5)}"
+                        )
+                    else:
+                        adapter = exact
             else:
                 warnings.append(f"ignored unreadable {PEFT_STASH_KEY} metadata")
-        renamed = SafetensorsHeader(
-            path=path,
-            tensors=infos,
-            metadata=dict(header.metadata),
-            header_size=header.header_size,
-            file_size=header.file_size,
-        )
-        adapter = assemble_adapter(path, doc, header=renamed, format_name=self.name)
+        trusted = adapter is not None
+        if adapter is None:
+            adapter = assemble_adapter(path, doc, header=renamed, format_name=self.name)
         adapter.source = source
         adapter.warnings += warnings
         for m in adapter.modules.values():  # a PEFT pattern key could, in theory, match a longer name first
-            if m.scale != alphas[m.name] / m.rank and stash is None:
+            if not trusted and m.scale != alphas[m.name] / m.rank:
                 raise InvalidAdapterError(f"internal: alpha of {m.name} does not resolve", path=path, module=m.name)
         return adapter
 
