@@ -129,3 +129,24 @@ def test_extreme_finite_factors_fail_cleanly_in_diff_and_the_spectrum(
         assert_one_error(result)
         assert f"{d}" in result.stderr and "module model.layers." in result.stderr, result.stderr
         assert "ADAPTERS_DEBUG" not in result.output
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "magnitude_prune", "svd"])
+def test_a_negative_alpha_combines_like_the_same_update_with_b_negated(
+    llama_lora: Path, llama_rslora: Path, copy_adapter: Callable[..., Path], tmp_path: Path, method: str
+) -> None:
+    """alpha -16 with B is the update of alpha 16 with -B: every method gives the same combined update for both
+    (the first input's alpha, negative or not, is the output's)."""
+    neg = copy_adapter(llama_lora, f"neg-{method}")
+    _rewrite(neg, lambda k, v: v, lora_alpha=-16)
+    flipped = copy_adapter(llama_lora, f"flipped-{method}")
+    _rewrite(flipped, lambda k, v: -v if "lora_B" in k else v)
+    extra = {"density": 0.5} if method != "svd" else {}
+    seeded = {"seed": 3} if method.startswith("dare") else {}
+    a = ah.load(ah.combine([neg, llama_rslora], tmp_path / "a", method=method, **extra, **seeded).path)
+    b = ah.load(ah.combine([flipped, llama_rslora], tmp_path / "b", method=method, **extra, **seeded).path)
+    assert a.config.lora_alpha == -16 and b.config.lora_alpha == 16
+    for name in a.modules:
+        fa, fb = a.factors(name), b.factors(name)
+        da, db = fa.scale * (fa.B.double() @ fa.A.double()), fb.scale * (fb.B.double() @ fb.A.double())
+        assert torch.isfinite(da).all() and torch.allclose(da, db, rtol=1e-4, atol=1e-7 * float(db.abs().max())), name

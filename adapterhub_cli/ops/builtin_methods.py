@@ -111,14 +111,18 @@ def _elementwise(
 def dense_to_lora(delta: torch.Tensor, k: int, alpha: float) -> CombinedFactors:
     """Optimal rank-k factors of a dense (d_out, d_in) update with scale alpha / k, and the relative error."""
     from lora_ops import LoraFactors
+    from lora_ops.errors import LoraOpsError
     from lora_ops.svd import thin_svd
 
+    if not (math.isfinite(alpha) and alpha != 0):
+        raise LoraOpsError(f"the output's lora_alpha must be finite and non-zero, got {alpha}")
     u, s, vh = thin_svd(delta.double())
     k = max(1, min(k, s.numel()))
-    root = (s[:k] / (alpha / k)).sqrt()
+    root = (s[:k] / abs(alpha / k)).sqrt()
+    sign = 1.0 if alpha > 0 else -1.0  # a negative alpha (PEFT takes it) is kept: B carries the sign
     total = float(s.square().sum())
     err = 0.0 if total == 0 else math.sqrt(float(s[k:].square().sum()) / total)
-    return CombinedFactors(LoraFactors(A=root[:, None] * vh[:k], B=u[:, :k] * root, scale=alpha / k), err)
+    return CombinedFactors(LoraFactors(A=root[:, None] * vh[:k], B=u[:, :k] * (sign * root), scale=alpha / k), err)
 
 
 @hookimpl
