@@ -145,8 +145,9 @@ def test_no_empty_output_folder_stays_when_no_output_is_made(bf16_base, llama_lo
 def test_a_failing_clean_up_fails_its_output_without_stopping_its_writer(
     bf16_base, llama_lora, llama_rslora, tmp_path, monkeypatch
 ):
-    """A clean-up (a staging buffer's release) that raises on an output's writer thread fails that output; the
-    thread lives on (the driver's later puts and the final drain wait on it: no hang), the other output is whole."""
+    """A clean-up (a staging buffer's release) that raises an output's error (an OSError) on its writer thread fails
+    that output; the thread lives on (the driver's later puts and the final drain wait on it: no hang), the other
+    output is whole."""
     real = each_module._Shared.take
     victim = {"n": 0}
 
@@ -158,7 +159,7 @@ def test_a_failing_clean_up_fails_its_output_without_stopping_its_writer(
             if threading.current_thread().name.startswith("adapters-writer"):
                 victim["n"] += 1
                 if victim["n"] == 2:
-                    raise RuntimeError("release failed (injected)")
+                    raise OSError(errno.EIO, "release failed (injected)")
 
         return failing_release
 
