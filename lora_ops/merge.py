@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_ops.errors import ShapeMismatchError
+from lora_ops.errors import LoraOpsError, ShapeMismatchError
 
 
 def _transpose(t: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -131,6 +131,7 @@ def merge_lora(
     """
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
         raise ShapeMismatchError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit (A (r, d_in), B (d_out, r))")
+    _require_addable(weight)
     expected = (A.shape[1], B.shape[0]) if fan_in_fan_out else (B.shape[0], A.shape[1])
     if tuple(weight.shape) != expected:
         raise ShapeMismatchError(f"weight {tuple(weight.shape)} does not fit an update of shape {expected}")
@@ -166,10 +167,20 @@ def merge_lora(
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _require_addable(weight: torch.Tensor) -> None:
+    """Refuse a weight stored in an 8-bit float (float8_e4m3fn, float8_e5m2): torch adds and subtracts nothing in
+    it, and a result rounded back to 8 bits would not be PEFT's."""
+    if weight.is_floating_point() and weight.element_size() == 1:
+        raise LoraOpsError(
+            f"a weight stored as {weight.dtype} (an 8-bit float) cannot take a LoRA update: upcast it first"
+        )
+
+
 def unmerge_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """PEFT's unmerge: ``weight - delta.to(weight.dtype)`` (exact in float32 only up to rounding)."""
     if weight.shape != delta.shape:
         raise ShapeMismatchError(f"weight {tuple(weight.shape)} and update {tuple(delta.shape)} differ in shape")
+    _require_addable(weight)
     out = weight.clone()
     out -= delta.to(weight.dtype)
     return out

@@ -6,13 +6,21 @@ through :meth:`Adapter.tensor` / :meth:`Adapter.factors`.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.config import AdapterConfig
 from adapterhub_cli.artifact.provenance import Provenance
-from adapterhub_cli.artifact.safetensors import SafetensorsHeader, TensorInfo, load_safetensors
+from adapterhub_cli.artifact.safetensors import (
+    SafetensorsHeader,
+    TensorInfo,
+    all_finite,
+    computable,
+    load_safetensors,
+)
 from adapterhub_cli.errors import InvalidAdapterError
 
 
@@ -59,6 +67,29 @@ class LoraModule:
         )
 
 
+def factor_shape_problem(m: LoraModule) -> str | None:
+    """What is wrong with the number of dimensions of ``m``'s factors, or None. PEFT's factors of a Linear or an
+    embedding LoRA are matrices (lora_A (r, d_in), lora_B (d_out, r)); of a Conv2d LoRA, lora_A is (r, in_channels,
+    kh, kw) and lora_B (d_out, r, 1, 1). PEFT refuses other shapes (size mismatch on load); read as a Linear with
+    its trailing dimensions multiplied, a merge would silently apply a reshaped update."""
+    if m.kind == "conv":
+        if len(m.B.shape) == 4 and m.B.shape[2:] == (1, 1):
+            return None
+        return (
+            f"lora_B {m.B.name} has shape {list(m.B.shape)}, but beside a 4-D lora_A {list(m.A.shape)} (a Conv2d "
+            f"LoRA) it must be [d_out, r, 1, 1]"
+        )
+    what = "an embedding" if m.kind == "embedding" else "a Linear"
+    for part, info in (("lora_A", m.A), ("lora_B", m.B)):
+        if len(info.shape) != 2:
+            return (
+                f"{part} {info.name} has shape {list(info.shape)} ({len(info.shape)}-D): LoRA factors are matrices "
+                f"(lora_A [r, d_in], lora_B [d_out, r]), or 4-D for a Conv2d; PEFT refuses to load this one into "
+                f"{what} (Conv1d and Conv3d LoRAs are not supported)"
+            )
+    return None
+
+
 def stored_transposed(kind: str, flag: bool, stored: tuple[int, ...], update: tuple[int, int]) -> bool:
     """THE rule for whether a base stores the transpose of a module's (d_out, d_in) update: always for embeddings;
     from the shapes when they tell (PEFT corrects a wrong ``fan_in_fan_out`` for Conv1D / Linear the same way, and
@@ -71,7 +102,18 @@ def stored_transposed(kind: str, flag: bool, stored: tuple[int, ...], update: tu
 
 
 class TensorSource:
-    """Loads tensors by their stored key: from a checked safetensors file, or from an in-memory state dict."""
+    """Loads tensors by their stored key: from a checked safetensors file, or from an in-memory state dict.
+
+    Every source returns 8-bit float tensors (F8_E4M3, F8_E5M2) as float32 (:func:`computable`): torch computes
+    nothing in them on CPU (no isfinite, sum or matmul), and PEFT loads such factors into its float32 LoRA layers
+    the same way. A subclass's own ``load`` is wrapped to do the same (:meth:`__init_subclass__`).
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("load")
+        if own is not None and not getattr(own, "_computable", False):
+            cls.load = _computable_load(own)  # type: ignore[method-assign,assignment]
 
     def __init__(
         self, header: SafetensorsHeader | None = None, tensors: dict[str, torch.Tensor] | None = None
@@ -85,9 +127,22 @@ class TensorSource:
 
     def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
         if self._tensors is not None:
-            return {k: self._tensors[k] for k in keys}
+            return {k: computable(self._tensors[k]) for k in keys}
         assert self.header is not None
-        return load_safetensors(self.header.path, keys, header=self.header)
+        return {k: computable(t) for k, t in load_safetensors(self.header.path, keys, header=self.header).items()}
+
+
+def _computable_load(
+    load: Callable[[Any, list[str]], dict[str, torch.Tensor]],
+) -> Callable[[Any, list[str]], dict[str, torch.Tensor]]:
+    """A subclass's ``load`` whose 8-bit float tensors come back as float32 (see :class:`TensorSource`)."""
+
+    @functools.wraps(load)
+    def wrapped(self: Any, keys: list[str]) -> dict[str, torch.Tensor]:
+        return {k: computable(t) for k, t in load(self, keys).items()}
+
+    wrapped._computable = True  # type: ignore[attr-defined]
+    return wrapped
 
 
 @dataclass
@@ -137,14 +192,14 @@ class Adapter:
         return self.source.load([key])[key]
 
     def factors(self, module: str, *, finite: bool = False) -> LoraFactors:
-        """The factors of ``module`` as float tensors: A (r, d_in), B (d_out, r) and PEFT's scale.
+        """The factors of ``module`` as float tensors: A (r, d_in), B (d_out, r) and PEFT's scale; 8-bit floats come as
+        float32 (as PEFT loads them). Factors of a shape PEFT refuses (:func:`factor_shape_problem`) raise
+        :class:`InvalidAdapterError` naming the tensor and its shape.
 
         With ``finite``, an :class:`InvalidAdapterError` naming the module when A, B or the scale hold NaN / inf
         (for analyses that decompose the update: the spectrum, subspace overlaps).
         """
         import math
-
-        import torch
 
         from lora_ops import LoraFactors
 
@@ -152,9 +207,17 @@ class Adapter:
             m = self.modules[module]
         except KeyError:
             raise InvalidAdapterError(f"no LoRA module named {module!r}", path=self.path, module=module) from None
+        problem = factor_shape_problem(m)
+        if problem is not None:
+            raise InvalidAdapterError(
+                f"module {module}: {problem}",
+                path=self.path,
+                module=module,
+                hint="the file is damaged or was written by a broken tool; re-save the adapter with PEFT",
+            )
         t = self.source.load([m.A.name, m.B.name])
         a, b = t[m.A.name], t[m.B.name]
-        if finite and not (math.isfinite(m.scale) and bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        if finite and not (math.isfinite(m.scale) and all_finite(a) and all_finite(b)):
             raise InvalidAdapterError(
                 f"module {module}: its update holds NaN or inf (factors or scale)",
                 path=self.path,

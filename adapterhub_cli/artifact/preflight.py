@@ -7,7 +7,15 @@ from typing import Any
 
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.checkpoint import BaseView, open_base
-from adapterhub_cli.artifact.validate import Finding, _check_ranks, _check_weights, check_config, validate_against
+from adapterhub_cli.artifact.safetensors import all_finite
+from adapterhub_cli.artifact.validate import (
+    Finding,
+    _check_factor_shapes,
+    _check_ranks,
+    _check_weights,
+    check_config,
+    validate_against,
+)
 from adapterhub_cli.errors import IncompatibleBaseError, InvalidAdapterError
 
 
@@ -23,10 +31,8 @@ def require_finite(adapter: Adapter, tensors: dict[str, Any]) -> None:
 
     Operations that load every tensor anyway call this on what they loaded instead of reading twice.
     """
-    import torch
-
     for key, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise InvalidAdapterError(
                 f"non-finite: tensor {key} holds NaN or inf values",
                 path=adapter.path,
@@ -36,8 +42,8 @@ def require_finite(adapter: Adapter, tensors: dict[str, Any]) -> None:
 
 
 def require_valid(adapter: Adapter, *, base: BaseView | str | Path | None = None, check_weights: bool = True) -> None:
-    """Raise when ``adapter`` has error-level findings: alone (the scaling values of its config, ranks, finite
-    tensors) or against ``base`` if given. Every writing command calls this before it writes.
+    """Raise when ``adapter`` has error-level findings: alone (the scaling values of its config, the factors'
+    shapes, ranks, finite tensors) or against ``base`` if given. Every writing command calls this before it writes.
 
     ``check_weights=False`` skips loading the tensors for the NaN / inf check (for callers that check what
     they load with :func:`require_finite`).
@@ -56,7 +62,8 @@ def require_valid(adapter: Adapter, *, base: BaseView | str | Path | None = None
                 hint="fix the adapter or choose the base it was trained on",
             )
         return
-    findings = check_config(adapter) + _check_ranks(adapter) + (_check_weights(adapter) if check_weights else [])
+    findings = check_config(adapter) + _check_factor_shapes(adapter) + _check_ranks(adapter)
+    findings += _check_weights(adapter) if check_weights else []
     errors = [f for f in findings if f.severity == "error"]
     if errors:
         raise InvalidAdapterError(_summary(errors), path=adapter.path, module=errors[0].module)

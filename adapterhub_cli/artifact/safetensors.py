@@ -12,7 +12,9 @@ import itertools
 import json
 import math
 import os
+import re
 import struct
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +115,30 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
+def computable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in a dtype torch computes in: an 8-bit float (F8_E4M3, F8_E5M2, which torch on CPU cannot test,
+    sum or multiply) as float32, exactly, as PEFT loads such factors into its float32 LoRA layers; any other
+    tensor as it is."""
+    return t.float() if t.is_floating_point() and t.element_size() == 1 else t
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN or inf, for any dtype (8-bit floats checked as float32; integers are finite)."""
+    import torch
+
+    return not t.is_floating_point() or not t.numel() or bool(torch.isfinite(computable(t)).all())
+
+
+def count_nonfinite(t: torch.Tensor) -> tuple[int, int]:
+    """How many NaN and how many inf values ``t`` holds, for any dtype."""
+    import torch
+
+    if not t.is_floating_point():
+        return 0, 0
+    c = computable(t)
+    return int(torch.isnan(c).sum()), int(torch.isinf(c).sum())
+
+
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 _MAX_DIMS = 64  # no model has a tensor of more dimensions
 
@@ -186,28 +212,78 @@ def header_length(prefix: bytes, *, file_size: int | None, path: Path) -> int:
 
 def parse_header(raw: bytes, *, path: Path, file_size: int) -> SafetensorsHeader:
     """Check and parse a safetensors header's JSON (``raw``: the ``header_length`` bytes after the first 8) of a
-    file of ``file_size`` bytes: dtypes, shapes, byte ranges within the data, no overlaps.
+    file of ``file_size`` bytes (``sys.maxsize``: unknown): dtypes, shapes, byte ranges that cover the data exactly,
+    as the safetensors library requires.
 
     Raises:
         CorruptFileError: header not JSON (or nested too deeply, a number too long, a lone surrogate in a name:
-            the safetensors library refuses these too), unknown dtype, a shape that is not a list of sizes (or
-            whose elements overflow 64 bits), a byte range that disagrees with dtype x shape, out of range or
-            overlapping another tensor, metadata that is not strings.
+            the safetensors library refuses these too), a tensor name or an entry's field given twice, unknown
+            dtype, a shape that is not a list of sizes (or whose elements overflow 64 bits, or whose bits do not
+            fill whole bytes), a byte range that disagrees with dtype x shape, out of range, overlapping another
+            tensor or leaving bytes unused (before, between or after the tensors), metadata that is not strings.
 
     Memory is bounded by the 100 MB header limit: a header of a million entries (70 MB) peaks at about 0.85 GB
     resident while read (the safetensors library's own reader: about 0.95 GB).
     """
     n = len(raw)
-    doc = parse_json(raw, path=path, what="header", max_depth=None)  # entries are checked one by one below
+    doc = _parse_header_json(raw, path)
     if not isinstance(doc, dict):
         raise CorruptFileError("header is not a JSON object", path=path)
+    if isinstance(doc, _Repeated):
+        raise CorruptFileError(
+            f"header names {doc.repeated!r} twice: the safetensors library refuses such a file (a reader keeping "
+            "one of the entries would silently lose the other)",
+            path=path,
+            module=doc.repeated,
+            hint="the file was written by a broken tool or crafted; re-save the adapter",
+        )
     metadata = doc.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CorruptFileError("__metadata__ must map strings to strings", path=path)
+    known_size = file_size < sys.maxsize  # a store that does not list a file's size passes sys.maxsize
     data_size = file_size - 8 - n
     tensors = {name: _parse_entry(path, name, entry, data_size) for name, entry in doc.items()}
-    _check_no_overlap(path, tensors)
+    _check_layout(path, tensors, data_size if known_size else None)
     return SafetensorsHeader(path=path, tensors=tensors, metadata=dict(metadata), header_size=n, file_size=file_size)
+
+
+class _Repeated(dict[str, Any]):
+    """A JSON object of the header that names a key more than once (``repeated``: the first such key)."""
+
+    repeated: str = ""
+
+
+#: A JSON escape of a UTF-16 surrogate: :func:`parse_json` checks the strings of a document holding one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    marked = _Repeated(obj)
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            marked.repeated = key
+            break
+        seen.add(key)
+    return marked
+
+
+def _parse_header_json(raw: bytes, path: Path) -> Any:
+    """The header's JSON, its objects that repeat a key marked (:class:`_Repeated`): the safetensors library refuses
+    a repeated tensor name or entry field, where Python's ``json`` silently keeps the last. A document ``json``
+    cannot read (or holding an escaped surrogate) goes through :func:`parse_json` for its clean error or check."""
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_pairs)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, too deep, a number too long: parse_json says which
+        doc = None
+    if doc is None or _SURROGATE_ESCAPE.search(raw):
+        # entries are checked one by one by the caller
+        plain = parse_json(raw, path=path, what="header", max_depth=None)
+        return plain if doc is None else doc
+    return doc
 
 
 def read_header(path: str | Path) -> SafetensorsHeader:
@@ -230,6 +306,13 @@ def read_header(path: str | Path) -> SafetensorsHeader:
 def _parse_entry(path: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise CorruptFileError(f"tensor {name!r}: header entry is not an object", path=path, module=name)
+    if isinstance(entry, _Repeated):
+        raise CorruptFileError(
+            f"tensor {name!r}: header entry names {entry.repeated!r} twice (the safetensors library refuses it)",
+            path=path,
+            module=name,
+            hint="the file was written by a broken tool or crafted; re-save the adapter",
+        )
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise CorruptFileError(
@@ -257,7 +340,14 @@ def _parse_entry(path: Path, name: str, entry: Any, data_size: int) -> TensorInf
     ):
         raise CorruptFileError(f"tensor {name!r}: bad data_offsets {_short(offsets)}", path=path, module=name)
     start, end = offsets
-    expected = (numel * DTYPE_BITS[dtype] + 7) // 8
+    if numel * DTYPE_BITS[dtype] % 8:
+        raise CorruptFileError(
+            f"tensor {name!r}: {dtype} x {shape} does not end on a byte boundary ({numel * DTYPE_BITS[dtype]} bits; "
+            "the safetensors library refuses it)",
+            path=path,
+            module=name,
+        )
+    expected = numel * DTYPE_BITS[dtype] // 8
     if end - start != expected:
         raise CorruptFileError(
             f"tensor {name!r}: {end - start} bytes stored but {dtype} x {shape} needs {expected}",
@@ -285,13 +375,48 @@ def _short(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
-    spans = sorted((t for t in tensors.values() if t.nbytes), key=lambda t: t.start)
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_size: int | None) -> None:
+    """The safetensors library's rule: the tensors, ordered by ``(start, end)``, lie back to back from byte 0 of the
+    data and the last one ends where the file does (``data_size``; None: unknown, not checked). So no two overlap,
+    no bytes between them are unused, and nothing follows the last one."""
+    spans = sorted(tensors.values(), key=lambda t: (t.start, t.end))
+    if spans and spans[0].start:
+        first = spans[0]
+        raise CorruptFileError(
+            f"tensor {first.name!r} starts at byte {first.start} of the data: bytes 0..{first.start} belong to no "
+            "tensor (the safetensors library refuses it: invalid offset)",
+            path=path,
+            module=first.name,
+            hint=_REWRITE,
+        )
     for prev, cur in itertools.pairwise(spans):
         if cur.start < prev.end:
             raise CorruptFileError(
-                f"tensors {prev.name!r} and {cur.name!r} overlap in the file", path=path, module=cur.name
+                f"tensors {prev.name!r} and {cur.name!r} overlap in the file (the safetensors library refuses it: "
+                "invalid offset)",
+                path=path,
+                module=cur.name,
+                hint=_REWRITE,
             )
+        if cur.start > prev.end:
+            raise CorruptFileError(
+                f"bytes {prev.end}..{cur.start} of the data, between tensors {prev.name!r} and {cur.name!r}, belong "
+                "to no tensor (the safetensors library refuses it: invalid offset)",
+                path=path,
+                module=cur.name,
+                hint=_REWRITE,
+            )
+    end = spans[-1].end if spans else 0
+    if data_size is not None and end != data_size:
+        raise CorruptFileError(
+            f"{data_size - end} bytes follow the last tensor's data (bytes {end}..{data_size}): the header does not "
+            "cover the file (the safetensors library refuses it: incomplete metadata, file not fully covered)",
+            path=path,
+            hint=_REWRITE,
+        )
+
+
+_REWRITE = "the file was damaged, appended to or written by a broken tool; download or save it again"
 
 
 def load_safetensors(
@@ -400,11 +525,9 @@ def save_safetensors(
     entries = []
     for name in names:
         t = tensors[name]
-        finite = t.float() if t.element_size() == 1 else t  # no isfinite for 8-bit floats on CPU
-        if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(finite).all()):
-            raise InvalidAdapterError(
-                f"refused to write {Path(path).name}: tensor {name} holds NaN or inf values",
-                path=Path(path),
+        if not all_finite(t):
+            raise InvalidAdapterError(  # (``path`` is a temporary name the user never sees: not in the message)
+                f"refused to write the output: tensor {name} holds NaN or inf values",
                 module=name,
                 hint="an input or a parameter produced non-finite numbers; nothing was written",
             )

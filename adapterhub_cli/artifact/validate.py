@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from adapterhub_cli.artifact.adapter import Adapter, LoraModule
+from adapterhub_cli.artifact.adapter import Adapter, LoraModule, factor_shape_problem
 from adapterhub_cli.artifact.checkpoint import BaseView
 from adapterhub_cli.artifact.config import MAX_ALPHA, MAX_RANK
-from adapterhub_cli.artifact.safetensors import FLOAT_DTYPES, TensorInfo
+from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, FLOAT_DTYPES, TensorInfo, all_finite, count_nonfinite
 
 
 Severity = Literal["error", "warning", "info"]
@@ -63,6 +63,7 @@ def validate_against(adapter: Adapter, base: BaseView, *, check_weights: bool = 
         add(Finding("adapter-warning", "warning", w))
     add_all = report.findings.extend
     add_all(check_config(adapter))
+    add_all(_check_factor_shapes(adapter))
     add_all(_check_ranks(adapter))
     add_all(_check_targets(adapter, base))
     add_all(_check_names(adapter, base))
@@ -244,6 +245,16 @@ def check_config(adapter: Adapter) -> list[Finding]:
 def _number(n: int) -> str:
     """An integer for a message: its digits, or how many there are when they are too many to read."""
     return str(n) if n < 10**30 else f"a {len(str(n))}-digit number"
+
+
+def _check_factor_shapes(adapter: Adapter) -> list[Finding]:
+    """``factor-shape``: factors with a number of dimensions PEFT refuses (:func:`factor_shape_problem`): a 3-D
+    lora_A is not a Linear's with its trailing dimensions multiplied. Every writing command refuses this error."""
+    return [
+        Finding("factor-shape", "error", f"{problem}; re-save the adapter with PEFT", m.name)
+        for m in adapter.modules.values()
+        if (problem := factor_shape_problem(m)) is not None
+    ]
 
 
 def _check_ranks(adapter: Adapter) -> list[Finding]:
@@ -480,7 +491,21 @@ def _check_module_shape(adapter: Adapter, base: BaseView, m: LoraModule) -> list
         return []  # module-missing: _check_names
     w = base.tensors[key]
     out = []
-    if w.dtype not in FLOAT_DTYPES and not base.config.get("quantization_config"):
+    # 8-bit floats (F8_E4M3, F8_E5M2) and smaller are storage formats torch adds nothing to, quantization_config
+    # or not (bitsandbytes stores U8 / I8; an fp8-quantized checkpoint needs its scales to mean anything)
+    storage_float = w.dtype in FLOAT_DTYPES and w.dtype not in COMPUTE_DTYPES
+    if storage_float:
+        out.append(
+            Finding(
+                "base-weight-not-float",
+                "error",
+                f"the base stores {key} as {w.dtype}, a storage format torch cannot add to: a LoRA update can only "
+                f"be added to a weight in {', '.join(sorted(COMPUTE_DTYPES))} (an fp8 checkpoint: convert it to "
+                "bf16 first)",
+                m.name,
+            )
+        )
+    elif w.dtype not in FLOAT_DTYPES and not base.config.get("quantization_config"):
         out.append(
             Finding(
                 "base-weight-not-float",
@@ -608,8 +633,6 @@ def _check_declared_base(adapter: Adapter, base: BaseView) -> list[Finding]:
 
 
 def _check_weights(adapter: Adapter) -> list[Finding]:
-    import torch
-
     out = []
     zero_b: set[str] = set()
     b_keys = {m.B.name for m in adapter.modules.values()}
@@ -618,8 +641,8 @@ def _check_weights(adapter: Adapter) -> list[Finding]:
         t = adapter.source.load([key])[key]
         if key in b_keys and not bool(t.any()):
             zero_b.add(key)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        if not all_finite(t):  # any float dtype: 8-bit floats are checked as float32
+            n_nan, n_inf = count_nonfinite(t)
             out.append(
                 Finding(
                     "non-finite",
