@@ -95,6 +95,7 @@ def quantize_adapter(
     def quantize_module(name: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]], ModuleQuantization]:
         m = adapter.modules[name]
         loaded = adapter.source.load([m.A.name, m.B.name])
+        stored_size = {m.A.name: m.A.nbytes, m.B.name: m.B.nbytes}
         out: dict[str, Any] = {}
         described: dict[str, dict[str, Any]] = {}
         before = after = 0
@@ -105,7 +106,7 @@ def quantize_adapter(
             if q.scale is not None:
                 out[key + SCALE_SUFFIX] = q.scale
                 described[key] = {"dtype": _st_dtype(tensor), "shape": list(tensor.shape)}
-            before += _nbytes(tensor)
+            before += stored_size.get(key, _nbytes(tensor))  # as stored (fp8 factors load as float32)
             after += _nbytes(q.data) + (_nbytes(q.scale) if q.scale is not None else 0)
             restored[key] = dequantize(q, block_size=block_size, scheme=scheme).to(tensor.dtype)
             _require_representable(restored[key], tensor, scheme, adapter, name, key)
