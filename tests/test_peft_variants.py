@@ -527,3 +527,28 @@ def test_reduce_keeps_alora_and_trainable_tokens(llama_base, tmp_path):
     assert torch.equal(read_checkpoint(tmp_path / "tt2")[key], read_checkpoint(tokens)[key])
     model = peft_loads(llama_base, tmp_path / "tt2")
     assert model.peft_config["default"].trainable_token_indices == [5, 3]
+
+
+@pytest.mark.parametrize(
+    ("adapter", "base", "wrong"),
+    [("llama_lora", "llama_base", True), ("gpt2_lora", "gpt2_base", False)],
+    ids=["linear-flag-true", "conv1d-flag-false"],
+)
+def test_a_wrong_fan_in_fan_out_merges_as_peft_corrects_it(request, copy_adapter, tmp_path, adapter, base, wrong):
+    """PEFT sets fan_in_fan_out to False for a torch.nn.Linear and to True for a Conv1D, whatever the config says
+    (with a warning); shapes cannot tell for a square weight (Llama's q_proj / o_proj, GPT-2's attention c_proj),
+    so the merge takes the layer's class from the base's model type, as PEFT sees it. validate warns."""
+    base_dir: Path = request.getfixturevalue(base)
+    d = copy_adapter(request.getfixturevalue(adapter), f"fifo-{adapter}")
+    set_config(d, fan_in_fan_out=wrong)
+    report = ah.validate(d, base=base_dir)
+    assert report.ok and any(f.code == "fan-in-fan-out" for f in report.findings)
+    ours = read_checkpoint(ah.merge(d, base=base_dir, out=tmp_path / "ours").path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft_merged_tensors(base_dir, d, "causal-lm", torch.float32, tmp_path / "peft")
+    square = 0
+    for key, t in theirs.items():
+        assert torch.equal(ours[key], t), key
+        square += t.dim() == 2 and t.shape[0] == t.shape[1] and not key.endswith(("wte.weight", "embed_tokens.weight"))
+    assert square  # (a square weight was among those merged)

@@ -90,15 +90,36 @@ def factor_shape_problem(m: LoraModule) -> str | None:
     return None
 
 
-def stored_transposed(kind: str, flag: bool, stored: tuple[int, ...], update: tuple[int, int]) -> bool:
+def stored_transposed(
+    kind: str, flag: bool, stored: tuple[int, ...], update: tuple[int, int], conv1d: bool | None = None
+) -> bool:
     """THE rule for whether a base stores the transpose of a module's (d_out, d_in) update: always for embeddings;
-    from the shapes when they tell (PEFT corrects a wrong ``fan_in_fan_out`` for Conv1D / Linear the same way, and
-    GPT-2's Conv1D stores (d_in, d_out)); else the config's ``fan_in_fan_out`` flag. Used by merge and analyze."""
+    from the shapes when they tell (GPT-2's Conv1D stores (d_in, d_out)); for a square weight, from the layer's
+    class where it is known (``conv1d``: :func:`conv1d_layer`), as PEFT decides it (it sets ``fan_in_fan_out`` to
+    False for a ``torch.nn.Linear`` and to True for a ``Conv1D``, with a warning, whatever the config says); else
+    the config's ``fan_in_fan_out`` flag. Used by merge and analyze."""
     if kind == "embedding":
         return True
     if update[0] != update[1]:
         return tuple(stored) == (update[1], update[0])
-    return flag
+    return flag if conv1d is None else conv1d
+
+
+#: transformers' model types with ``Conv1D`` layers (``transformers.pytorch_utils.Conv1D``: a weight stored as
+#: (d_in, d_out)), and the names those layers have there; every other layer of theirs is a Linear or an embedding
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
+CONV1D_LAYER_NAMES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+
+
+def conv1d_layer(base_config: dict[str, Any] | None, module: str) -> bool | None:
+    """Whether ``module`` of the base described by ``base_config`` (its config.json) is a ``Conv1D``: for a model
+    type of transformers, from :data:`CONV1D_MODEL_TYPES` and the layer's name; None where the config does not tell
+    (no config, no model type, or remote code, ``auto_map``, whose layers only its own code knows)."""
+    if not base_config or not isinstance(base_config.get("model_type"), str) or base_config.get("auto_map"):
+        return None
+    if base_config["model_type"] not in CONV1D_MODEL_TYPES:
+        return False
+    return module.rsplit(".", 1)[-1] in CONV1D_LAYER_NAMES
 
 
 class TensorSource:

@@ -10,9 +10,9 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from adapterhub_cli.artifact.adapter import Adapter, LoraModule, factor_shape_problem
+from adapterhub_cli.artifact.adapter import Adapter, LoraModule, conv1d_layer, factor_shape_problem
 from adapterhub_cli.artifact.checkpoint import BaseView
 from adapterhub_cli.artifact.config import MAX_ALPHA, MAX_RANK
 from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, FLOAT_DTYPES, TensorInfo, all_finite, count_nonfinite
@@ -468,7 +468,9 @@ def _prefix_hint(adapter: Adapter, base: BaseView, missing: list[str]) -> str | 
     )
 
 
-def _expected_shapes(adapter: Adapter, m: LoraModule, w: TensorInfo) -> tuple[bool, bool]:
+def _expected_shapes(
+    adapter: Adapter, m: LoraModule, w: TensorInfo, base_config: dict[str, Any] | None = None
+) -> tuple[bool, bool]:
     """(fits, fits_only_transposed_against_the_flag) for a LoRA module and its base weight."""
     if m.kind == "conv":
         ok = len(w.shape) == 4 and w.shape[0] == m.d_out and w.shape[1:] == m.A.shape[1:]
@@ -482,6 +484,9 @@ def _expected_shapes(adapter: Adapter, m: LoraModule, w: TensorInfo) -> tuple[bo
     wants_transposed = adapter.config.fan_in_fan_out
     fits = straight or transposed
     against_flag = fits and not (transposed if wants_transposed else straight)
+    if straight and transposed:  # square: the layer's class tells, where the base's config does (as PEFT sees it)
+        conv1d = conv1d_layer(base_config, m.name)
+        against_flag = conv1d is not None and conv1d != wants_transposed
     return fits, against_flag
 
 
@@ -515,7 +520,7 @@ def _check_module_shape(adapter: Adapter, base: BaseView, m: LoraModule) -> list
                 m.name,
             )
         )
-    fits, against_flag = _expected_shapes(adapter, m, w)
+    fits, against_flag = _expected_shapes(adapter, m, w, base.config)
     if not fits:
         out.append(
             Finding(
@@ -533,8 +538,9 @@ def _check_module_shape(adapter: Adapter, base: BaseView, m: LoraModule) -> list
                 "fan-in-fan-out",
                 "warning",
                 f"fan_in_fan_out is {str(flag).lower()} but the base stores this weight "
-                f"{'as (d_out, d_in)' if flag else 'transposed, as (d_in, d_out) (Conv1D)'}; "
-                f"PEFT corrects this with a warning: set fan_in_fan_out to {str(not flag).lower()}",
+                f"{'as (d_out, d_in) (Linear)' if flag else 'transposed, as (d_in, d_out) (Conv1D)'}; "
+                f"PEFT corrects this with a warning (and so does the merge): set fan_in_fan_out to "
+                f"{str(not flag).lower()}",
                 m.name,
             )
         )

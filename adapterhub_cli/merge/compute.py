@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from adapterhub_cli.artifact.adapter import Adapter, LoraModule, stored_transposed
+from adapterhub_cli.artifact.adapter import Adapter, LoraModule, conv1d_layer, stored_transposed
 from adapterhub_cli.errors import InvalidAdapterError, UsageError
 from adapterhub_cli.merge.plan import TOKENS_SUFFIX, Contribution, TensorPlan, token_indices
 from adapterhub_cli.parallel import default_workers
@@ -64,10 +64,13 @@ class _Merger:
         reverse: bool = False,
         workers: int = 0,
         pool: ThreadPoolExecutor | None = None,
+        base_config: dict[str, Any] | None = None,
     ) -> None:
         import torch
 
         self.adapters = adapters
+        #: the base's config.json: whether a square weight is a Conv1D's or a Linear's (:func:`conv1d_layer`)
+        self.base_config = base_config
         self.device = device
         self.on_device = torch.device(device).type != "cpu"
         self.reverse = reverse
@@ -279,7 +282,13 @@ class _Merger:
             return self._add_bias(adapter, m, scale, weight)
         loaded = self._load(adapter, [m.A.name, m.B.name] + ([m.magnitude.name] if m.magnitude else []))
         a, b = loaded[m.A.name].to(self.device), loaded[m.B.name].to(self.device)
-        transposed = stored_transposed(m.kind, adapter.config.fan_in_fan_out, tuple(weight.shape), (m.d_out, m.d_in))
+        transposed = stored_transposed(
+            m.kind,
+            adapter.config.fan_in_fan_out,
+            tuple(weight.shape),
+            (m.d_out, m.d_in),
+            conv1d_layer(self.base_config, c.module),
+        )
         if m.magnitude is None and m.kind != "conv" and not self.on_device:
             return self._merge_lora(weight, a, b, scale, transposed, merge_lora, src=src, sums=sums)
         if m.magnitude is None:  # a convolution, or any LoRA on the GPU: the whole update at once

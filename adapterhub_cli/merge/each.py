@@ -474,7 +474,7 @@ def _drive(streams: list[_Stream], device: str, progress: Progress | None) -> No
     workers = default_workers()
     compute = ThreadPoolExecutor(workers, thread_name_prefix="adapters-merge") if workers > 1 else None
     for s in streams:
-        s.merger = _Merger([s.adapter], device, workers=workers, pool=compute)
+        s.merger = _Merger([s.adapter], device, workers=workers, pool=compute, base_config=s.plan.view.config)
         s.buffers = BufferPool(WRITE_BEHIND + 2, pin=pin)
     steps = _union(streams)
     reps = {id(step): dataclasses.replace(step.consumers[0][1], name=str(k)) for k, step in enumerate(steps)}

@@ -292,7 +292,9 @@ class _Producer:
         if self.merger is None:
             # torch runs single-threaded inside each compute thread (small blocked GEMMs lose more to torch's own
             # thread hand-offs than they gain); the rows of a weight are split between the merger's threads instead
-            self.merger = _Merger(self.adapters, self.device, reverse=self.reverse)  # (notes torch's thread count)
+            self.merger = _Merger(  # (notes torch's thread count)
+                self.adapters, self.device, reverse=self.reverse, base_config=self.plan.view.config
+            )
             self._torch.enter_context(single_threaded_torch())
         return self.merger, self.read_ahead
 

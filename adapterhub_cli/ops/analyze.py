@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub_cli.artifact.adapter import Adapter, LoraModule, stored_transposed
+from adapterhub_cli.artifact.adapter import Adapter, LoraModule, conv1d_layer, stored_transposed
 from adapterhub_cli.artifact.checkpoint import BaseView
 from adapterhub_cli.artifact.files import follow_umask
 from adapterhub_cli.artifact.safetensors import file_data_start, torch_dtype
@@ -212,7 +212,13 @@ def _base_key(adapter: Adapter, view: BaseView, m: LoraModule) -> tuple[str, boo
             "(F32, F16, BF16, F64) only",
             hint="point --base at the unquantized checkpoint the adapter was trained on",
         )
-    transposed = stored_transposed(m.kind, adapter.config.fan_in_fan_out, tuple(info.shape), (m.d_out, m.d_in))
+    transposed = stored_transposed(
+        m.kind,
+        adapter.config.fan_in_fan_out,
+        tuple(info.shape),
+        (m.d_out, m.d_in),
+        conv1d_layer(view.config, m.name),
+    )
     rows = info.shape[0]
     cols = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
     want = (m.d_in, m.d_out) if transposed else (m.d_out, m.d_in)
