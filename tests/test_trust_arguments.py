@@ -150,3 +150,26 @@ def test_a_negative_alpha_combines_like_the_same_update_with_b_negated(
         fa, fb = a.factors(name), b.factors(name)
         da, db = fa.scale * (fa.B.double() @ fa.A.double()), fb.scale * (fb.B.double() @ fb.A.double())
         assert torch.isfinite(da).all() and torch.allclose(da, db, rtol=1e-4, atol=1e-7 * float(db.abs().max())), name
+
+
+@pytest.mark.parametrize(("dtype", "size"), [(torch.float64, 1e299), (torch.bfloat16, 1e37)], ids=["f64", "bf16"])
+def test_validate_refuses_finite_factors_whose_update_overflows(
+    llama_lora: Path,
+    llama_base: Path,
+    copy_adapter: Callable[..., Path],
+    tmp_path: Path,
+    dtype: torch.dtype,
+    size: float,
+) -> None:
+    """Every factor is finite, but scale * B @ A is not (PEFT computes it in float32): an error finding in validate,
+    and reduce (which would carry the overflow into its output: its SVD runs in float64) refuses it by module."""
+    d = copy_adapter(llama_lora, f"overflow-{dtype}")
+    _rewrite(d, lambda k, v: (v.double() / v.double().abs().max() * size).to(dtype) if "lora_" in k else v)
+    report = ah.validate(d, base=llama_base)
+    assert not report.ok and {f.code for f in report.errors} == {"update-overflow"}
+    assert len(report.errors) == len(ah.load(d).modules)
+    result = run_cli("validate", d, "--base", llama_base)
+    assert result.exit_code == 1 and "update-overflow" in result.output
+    result = run_cli("reduce", d, "--rank", "2", "-o", tmp_path / "out")
+    assert_one_error(result)
+    assert "beyond float32's range" in " ".join(result.stderr.split()) and not (tmp_path / "out").exists()

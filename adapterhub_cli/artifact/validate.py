@@ -10,12 +10,16 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from adapterhub_cli.artifact.adapter import Adapter, LoraModule, conv1d_layer, factor_shape_problem
 from adapterhub_cli.artifact.checkpoint import BaseView
 from adapterhub_cli.artifact.config import MAX_ALPHA, MAX_RANK
 from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, FLOAT_DTYPES, TensorInfo, all_finite, count_nonfinite
+
+
+if TYPE_CHECKING:
+    from lora_ops import LoraFactors
 
 
 Severity = Literal["error", "warning", "info"]
@@ -638,16 +642,25 @@ def _check_declared_base(adapter: Adapter, base: BaseView) -> list[Finding]:
     ]
 
 
+#: the largest float32: PEFT computes an update in float32 (``(B @ A) * scale``), so beyond this it is inf
+F32_MAX = 3.4028234663852886e38
+
+
 def _check_weights(adapter: Adapter) -> list[Finding]:
     out = []
     zero_b: set[str] = set()
     b_keys = {m.B.name for m in adapter.modules.values()}
+    factor_keys = b_keys | {m.A.name for m in adapter.modules.values()}
+    amax: dict[str, float] = {}  # the largest |value| of each factor (for the overflow check)
     for info in adapter.all_tensor_infos():  # one tensor in memory at a time
         key = info.name
         t = adapter.source.load([key])[key]
         if key in b_keys and not bool(t.any()):
             zero_b.add(key)
-        if not all_finite(t):  # any float dtype: 8-bit floats are checked as float32
+        finite = all_finite(t)
+        if finite and key in factor_keys and t.is_floating_point() and t.numel():
+            amax[key] = float(t.detach().abs().max().double())
+        if not finite:  # any float dtype: 8-bit floats are checked as float32
             n_nan, n_inf = count_nonfinite(t)
             out.append(
                 Finding(
@@ -658,6 +671,7 @@ def _check_weights(adapter: Adapter) -> list[Finding]:
                     key,
                 )
             )
+    out += _check_overflow(adapter, amax)
     zero = [m.name for m in adapter.modules.values() if m.B.name in zero_b]
     if zero and len(zero) == len(adapter.modules):
         out.append(
@@ -668,3 +682,46 @@ def _check_weights(adapter: Adapter) -> list[Finding]:
     elif zero:
         out.append(Finding("zero-modules", "info", f"{len(zero)} modules have lora_B = 0 and change nothing", zero[0]))
     return out
+
+
+def _check_overflow(adapter: Adapter, amax: dict[str, float]) -> list[Finding]:
+    """``update-overflow``: modules whose update ``scale * B @ A``, computed as PEFT computes it (float32), would hold
+    inf though every factor is finite (:func:`overflowing_update`; the factors are loaded again only for a module
+    whose bound ``r * max|A| * max|B| * |scale|`` reaches float32's range, which no trained adapter's does)."""
+    out = []
+    for m in adapter.modules.values():
+        a_max, b_max = amax.get(m.A.name), amax.get(m.B.name)
+        if a_max is None or b_max is None or not math.isfinite(m.scale):
+            continue
+        if abs(m.scale) * m.rank * a_max * b_max < F32_MAX:
+            continue
+        largest = overflowing_update(adapter.factors(m.name))
+        if largest is not None:
+            out.append(Finding("update-overflow", "error", overflow_message(m.name, largest), m.name))
+    return out
+
+
+def overflowing_update(f: LoraFactors) -> float | None:
+    """The largest |element| of ``f``'s update ``scale * B @ A`` if it is beyond float32's range (where PEFT, which
+    computes it in float32, gets inf), else None. Cheap unless ``r * max|A| * max|B| * |scale|`` reaches that range;
+    then exact (float64, row blocks of B)."""
+    a = f.A.detach().double().reshape(f.A.shape[0], -1)
+    b = f.B.detach().double().reshape(f.B.shape[0], -1)
+    if not a.numel() or not b.numel():
+        return None
+    scale = abs(float(f.scale))
+    if scale * a.shape[0] * float(a.abs().max()) * float(b.abs().max()) < F32_MAX:
+        return None
+    largest = 0.0
+    for i in range(0, b.shape[0], 256):
+        block = float((b[i : i + 256] @ a).abs().max()) * scale
+        largest = math.inf if math.isnan(block) else max(largest, block)  # (inf - inf: NaN, beyond any range)
+    return largest if not largest < F32_MAX else None
+
+
+def overflow_message(module: str, largest: float) -> str:
+    """What ``update-overflow`` says."""
+    return (
+        f"module {module}: its update scale * B @ A reaches {largest:.3g}, beyond float32's range: PEFT would compute "
+        "inf (the factors are finite, but too large for each other or for this scale); the file is damaged or crafted"
+    )

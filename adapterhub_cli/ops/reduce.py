@@ -14,7 +14,8 @@ from adapterhub_cli.artifact.factor_errors import module_errors
 from adapterhub_cli.artifact.preflight import require_finite, require_valid
 from adapterhub_cli.artifact.provenance import provenance
 from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, torch_dtype
-from adapterhub_cli.errors import UsageError
+from adapterhub_cli.artifact.validate import overflow_message, overflowing_update
+from adapterhub_cli.errors import InvalidAdapterError, UsageError
 from adapterhub_cli.formats.diffusers import pipeline_output_warnings
 from adapterhub_cli.formats.peft import peft_key, rank_layout, write_peft
 from adapterhub_cli.ops.checks import require_real, require_whole
@@ -154,6 +155,9 @@ def reduce_adapter(
         m = adapter.modules[name]
         factors = adapter.factors(name)
         require_finite(adapter, {m.A.name: factors.A, m.B.name: factors.B})
+        largest = overflowing_update(factors)
+        if largest is not None:  # (validate's update-overflow: the output would keep it)
+            raise InvalidAdapterError(overflow_message(name, largest), path=adapter.path, module=name)
         with module_errors(str(adapter.path), name):
             red = reduce_rank(
                 factors,
