@@ -520,3 +520,24 @@ def test_base_weight_with_nan_is_refused(llama_base: Path, llama_lora: Path, tmp
         ah.analyze(llama_lora, base=base)
     res = CliRunner().invoke(build_cli(), ["analyze", str(llama_lora), "--base", str(base), "--json"])
     assert res.exit_code != 0 and "NaN" in res.output
+
+
+def test_a_base_weight_of_three_dimensions_is_refused(llama_base: Path, llama_lora: Path, tmp_path: Path) -> None:
+    """A q_proj weight stored as (d, d/8, 8) holds as many values as the update but is no matrix: validate refuses
+    it (shape-mismatch), and so does analyze, which used to read it as one."""
+    import shutil
+
+    from adapterhub_cli.errors import IncompatibleBaseError
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_base, base)
+    weights = load_file(base / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    d = weights[key].shape[0]
+    weights[key] = weights[key].reshape(d, d // 8, 8).contiguous()
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    assert "shape-mismatch" in {f.code for f in ah.validate(llama_lora, base=base).errors}
+    with pytest.raises(IncompatibleBaseError, match="q_proj"):
+        ah.analyze(llama_lora, base=base)
+    res = CliRunner().invoke(build_cli(), ["analyze", str(llama_lora), "--base", str(base), "--json"])
+    assert res.exit_code == 2 and "q_proj" in res.output

@@ -222,7 +222,8 @@ def _base_key(adapter: Adapter, view: BaseView, m: LoraModule) -> tuple[str, boo
     rows = info.shape[0]
     cols = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
     want = (m.d_in, m.d_out) if transposed else (m.d_out, m.d_in)
-    if (rows, cols) != want:
+    # a conv's weight is (out, in, kh, kw), flattened; any other LoRA adapts a matrix (validate's shape-mismatch)
+    if (rows, cols) != want or (m.kind != "conv" and len(info.shape) != 2):
         raise IncompatibleBaseError(
             f"module {m.name}: the update is {m.d_out} x {m.d_in} but the base weight {key} is "
             f"{' x '.join(map(str, info.shape))}",
