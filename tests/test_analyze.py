@@ -541,3 +541,24 @@ def test_a_base_weight_of_three_dimensions_is_refused(llama_base: Path, llama_lo
         ah.analyze(llama_lora, base=base)
     res = CliRunner().invoke(build_cli(), ["analyze", str(llama_lora), "--base", str(base), "--json"])
     assert res.exit_code == 2 and "q_proj" in res.output
+
+
+def test_a_base_weight_near_the_float32_limit_is_measured_in_float64(
+    llama_base: Path, llama_lora: Path, tmp_path: Path
+) -> None:
+    """Entries near 3e38 are finite, but float32 products of them are not: the module is measured again in
+    float64, so the report holds numbers, not NaN with exit 0."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_base, base)
+    weights = load_file(base / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    weights[key] = torch.full_like(weights[key], 3e38) * torch.sign(torch.randn(weights[key].shape))
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    report = ah.analyze(llama_lora, base=base, base_top=2)
+    row = next(r for r in report.modules if r.module == "model.layers.0.self_attn.q_proj")
+    numbers = [v for v in vars(row).values() if isinstance(v, float)]
+    assert numbers and all(math.isfinite(v) for v in numbers), row
+    res = CliRunner().invoke(build_cli(), ["analyze", str(llama_lora), "--base", str(base), "--json"])
+    assert res.exit_code == 0 and "nan" not in res.output.lower()

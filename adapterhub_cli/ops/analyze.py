@@ -8,6 +8,7 @@ holds the whole weight for a seeded randomized SVD. Definitions: :mod:`lora_ops.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -265,15 +266,15 @@ def analyze_adapter(
     placed = {name: _base_key(adapter, view, adapter.modules[name]) for name in names}  # check all before reading
     reader = _WeightReader(view)
 
-    def one(name: str) -> ModuleAnalysis:
+    def measure(name: str, dtype: torch.dtype) -> BaseAnalysis:
         m = adapter.modules[name]
         key, transposed = placed[name]
         f = adapter.factors(name, finite=True)
         info = view.tensors[key]
         rows, cols = info.shape[0], math.prod(info.shape[1:])
-        acc = BaseAccumulator(f, transposed=transposed)
-        # the whole weight in float32, for --base-top only (a block is a view of the reader's reused buffer: copied)
-        w = torch.empty(rows, cols) if base_top is not None else None
+        acc = BaseAccumulator(f, transposed=transposed, dtype=dtype)
+        # the whole weight, for --base-top only (a block is a view of the reader's reused buffer: copied)
+        w = torch.empty(rows, cols, dtype=dtype) if base_top is not None else None
         for start, block in reader.blocks(key, rows, cols):
             acc.add(start, block)
             if w is not None:
@@ -287,10 +288,24 @@ def analyze_adapter(
             )
         top = None
         if w is not None and base_top is not None:
-            top = top_singular(w.T if transposed else w, base_top, seed=seed)
+            top = top_singular(w.T if transposed else w, base_top, seed=seed, dtype=dtype)
             del w
         magnitude = adapter.tensor(m.magnitude.name) if m.magnitude is not None else None
-        return _row(name, m, key, acc.finish(magnitude=magnitude, top=top))
+        return acc.finish(magnitude=magnitude, top=top)
+
+    def one(name: str) -> ModuleAnalysis:
+        result = measure(name, torch.float32)
+        if not _all_finite(result):  # weights so large that float32 products overflow: all over again in float64
+            result = measure(name, torch.float64)
+            if not _all_finite(result):
+                raise InvalidAdapterError(
+                    f"module {name}: its numbers overflow even in float64 (the base weight {placed[name][0]} or "
+                    "the update holds values near the largest float)",
+                    path=view.path,
+                    module=name,
+                    hint="the base checkpoint or the adapter is damaged",
+                )
+        return _row(name, adapter.modules[name], placed[name][0], result)
 
     # modules side by side, torch single-threaded in each: a module's QR and r x r SVD are too small for torch's
     # threads (on a busy machine its threads made them 30x slower), and its W @ Q_a blocks use a core each
@@ -488,3 +503,13 @@ __all__ = [
     "summarize",
     "write_plot",
 ]
+
+
+def _all_finite(result: object) -> bool:
+    """Whether every number of an analysis (``None`` marks an undefined ratio, with its reason) is finite."""
+    for f in dataclasses.fields(result):  # type: ignore[arg-type]
+        value = getattr(result, f.name)
+        for x in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(x, float) and not math.isfinite(x):
+                return False
+    return True
