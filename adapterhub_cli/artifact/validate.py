@@ -647,6 +647,8 @@ F32_MAX = 3.4028234663852886e38
 
 
 def _check_weights(adapter: Adapter) -> list[Finding]:
+    import torch
+
     out = []
     zero_b: set[str] = set()
     b_keys = {m.B.name for m in adapter.modules.values()}
@@ -657,10 +659,16 @@ def _check_weights(adapter: Adapter) -> list[Finding]:
         t = adapter.source.load([key])[key]
         if key in b_keys and not bool(t.any()):
             zero_b.add(key)
-        finite = all_finite(t)
-        if finite and key in factor_keys and t.is_floating_point() and t.numel():
-            amax[key] = float(t.detach().abs().max().double())
-        if not finite:  # any float dtype: 8-bit floats are checked as float32
+        if key in factor_keys and t.is_floating_point() and t.numel():
+            # one pass gives both: NaN and inf survive aminmax, so its ends are finite exactly when every value is
+            lo, hi = (float(x) for x in torch.aminmax(t.detach()))
+            largest = max(abs(lo), abs(hi))
+            finite = math.isfinite(largest)
+            if finite:
+                amax[key] = largest
+        else:
+            finite = all_finite(t)
+        if not finite:  # any float dtype: 8-bit floats are checked as float32 (they load as float32)
             n_nan, n_inf = count_nonfinite(t)
             out.append(
                 Finding(
