@@ -24,7 +24,8 @@ from adapterhub_cli.cli._params import base_option, complete_paths, json_option,
     type=click.IntRange(min=1),
     default=None,
     metavar="N",
-    help="Values per scale (int8, fp8, nf4; a bf16 / fp16 cast has none).  [default: 64]",
+    help="Values per scale: 1 to 65536 for int8 / fp8, a power of two from 32 to 4096 for nf4 (a bf16 / fp16 cast "
+    "has none).  [default: 64]",
 )
 @output_options
 @base_option
