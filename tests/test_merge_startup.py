@@ -296,3 +296,63 @@ def test_a_torch_that_fails_to_import_on_the_warmup_thread_fails_again_where_the
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     assert done.stdout.strip() == "raised: this torch is broken" and not done.stderr
+
+
+IMPORTER_SCRIPT = r"""
+import importlib.abc, sys, threading
+importers = []
+
+class Spy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and "torch" not in sys.modules:
+            importers.append(threading.current_thread().name)
+        return None
+
+sys.meta_path.insert(0, Spy())
+import time
+from adapterhub_cli import warmup
+preload = warmup._preload_libraries
+warmup._preload_libraries = lambda: (time.sleep(1.0), preload())  # a slow disk: the main thread gets there first
+from adapterhub_cli.cli.main import main
+sys.argv = ["adapters", "merge", sys.argv[1], "--into", sys.argv[2], "-o", sys.argv[3]]
+try:
+    main()
+except SystemExit as e:
+    assert not e.code, e.code
+print(sorted(set(importers)))
+"""
+
+
+def test_the_cli_merge_imports_torch_on_the_helper_thread_only(llama_base, llama_lora, tmp_path):
+    """The main thread waits for the helper's import (:func:`adapterhub_cli.warmup.wait`) instead of importing torch
+    itself while the helper still loads torch's libraries (with the GIL held on the main thread throughout). (The
+    helper looks torch up twice: once to find its libraries, once to import it.)"""
+    out = tmp_path / "merged"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORTER_SCRIPT, str(llama_lora), str(llama_base), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert done.stdout.strip().splitlines()[-1] == "['adapters-import-torch']"
+    reference = ah.merge([llama_lora], base=llama_base, out=tmp_path / "in-process")
+    merged, expected = load_file(out / "model.safetensors"), load_file(reference.path / "model.safetensors")
+    assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the preload is Linux's dlopen")
+def test_torch_libraries_are_loaded_before_the_import_without_importing_torch():
+    script = (
+        "import sys\n"
+        "from adapterhub_cli import warmup\n"
+        "warmup._preload_libraries()\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print('torch' in sys.modules, 'libtorch_cpu.so' in maps, 'libtorch_global_deps.so' in maps)\n"
+        "import torch\n"
+        "print(float(torch.ones(3).sum()))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.split() == ["False", "True", "True", "3.0"]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from adapterhub_cli import warmup
 from adapterhub_cli.artifact.adapter import Adapter, LoraModule, conv1d_layer, stored_transposed
 from adapterhub_cli.errors import InvalidAdapterError, UsageError
 from adapterhub_cli.merge.plan import TOKENS_SUFFIX, Contribution, TensorPlan, token_indices
@@ -33,6 +34,7 @@ def check_device(device: str) -> str:
     :mod:`adapterhub_cli.warmup`)."""
     if device == "cpu":
         return device
+    warmup.wait()
     import torch
 
     try:

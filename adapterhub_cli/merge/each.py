@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from adapterhub_cli import warmup
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.card import hub_id, merged_card
 from adapterhub_cli.artifact.checkpoint import CARD_FILE, BaseView
@@ -464,6 +465,7 @@ def _union(streams: list[_Stream]) -> list[_Step]:
 
 def _drive(streams: list[_Stream], device: str, progress: Progress | None) -> None:
     """Read each base tensor once and give it to every output that writes it, in the union order."""
+    warmup.wait()
     import torch
 
     first = streams[0].plan

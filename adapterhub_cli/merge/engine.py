@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from adapterhub_cli import warmup
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.card import hub_id, merged_card
 from adapterhub_cli.artifact.checkpoint import CARD_FILE, BaseView
@@ -290,6 +291,7 @@ class _Producer:
 
     def _start_torch(self) -> tuple[_Merger, _ReadAhead]:
         if self.merger is None:
+            warmup.wait()  # torch imported on the helper thread (not here, while its libraries load)
             # torch runs single-threaded inside each compute thread (small blocked GEMMs lose more to torch's own
             # thread hand-offs than they gain); the rows of a weight are split between the merger's threads instead
             self.merger = _Merger(  # (notes torch's thread count)
