@@ -12,13 +12,8 @@ anything; measured for reduce, 3.12 s with it against 3.07 s without, medians of
 
 from __future__ import annotations
 
-import ctypes
 import gc
-import importlib.util
-import os
-import sys
 import threading
-from pathlib import Path
 
 
 _started: threading.Thread | None = None
@@ -37,9 +32,9 @@ def start(device: str = "cpu") -> None:
 def wait() -> None:
     """Wait for the import :func:`start` began (and CUDA's start), if any, unless called on the helper thread itself.
 
-    Call it before a thread's first ``import torch``: while the helper loads torch's libraries (without the GIL,
-    :func:`_preload_libraries`) the import itself has not begun, so a thread importing torch then would import it
-    itself, with the GIL, while the helper waits on it, and nothing else would run meanwhile.
+    Call it before a thread's first ``import torch``: it makes sure the helper does the import (a thread that got to
+    ``import torch`` before the helper would import it itself, the helper waiting on it); and a CUDA device is
+    initialised once the helper is done, not only imported.
     """
     started = _started
     if started is not None and started is not threading.current_thread():
@@ -63,39 +58,8 @@ def _warm(device: str) -> None:
             gc.enable()
 
 
-def _preload_libraries() -> None:
-    """Load torch's shared libraries (Linux) with the GIL released, before ``import torch`` loads them with it held.
-
-    Python holds the GIL while an extension module is loaded, and ``torch._C`` pulls in ``libtorch_cpu.so``, whose
-    relocations and static initialisers take ~0.18 s: every other thread (the merge's planning, copying and reading)
-    stalls that long. ``dlopen`` called through ctypes as a foreign function runs without the GIL; torch's own
-    loads then find the libraries in place. The flags are torch's: ``libtorch_global_deps.so`` global, as
-    ``torch._load_global_deps`` loads it. A library that does not load is left for torch to load (and report).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    spec = importlib.util.find_spec("torch")  # (finds the package without importing it)
-    if spec is None or spec.origin is None:
-        return
-    lib = Path(spec.origin).parent / "lib"
-    try:
-        dlopen = ctypes.CDLL(None).dlopen
-    except (OSError, AttributeError):
-        return
-    dlopen.restype = ctypes.c_void_p
-    dlopen.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    for name, mode in (
-        ("libtorch_global_deps.so", os.RTLD_NOW | os.RTLD_GLOBAL),
-        ("libtorch_cpu.so", os.RTLD_NOW),
-    ):
-        path = lib / name
-        if not path.is_file() or not dlopen(os.fsencode(path), mode):
-            return
-
-
 def _import_torch(device: str) -> None:
     try:
-        _preload_libraries()
         import torch
 
         if device.startswith("cuda") and torch.cuda.is_available():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,20 @@ def check_device(device: str) -> str:
         raise UsageError(f"device {device!r}: no CUDA device is available here", hint="use --device cpu")
     if parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise UsageError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+_DEVICE_NAME = re.compile(r"(cpu|cuda)(:\d+)?")
+
+
+def check_device_name(device: str) -> str:
+    """:func:`check_device` where it needs no torch: for ``cpu``, and for names not of the form ``cpu[:N]`` /
+    ``cuda[:N]`` (refused there, importing torch to tell an unknown name from an unsupported one). A ``cuda[:N]``
+    name is returned unchecked: whether that GPU is present is asked by :func:`check_device` once torch is imported
+    (on the helper thread while the merge plans and copies: :mod:`adapterhub_cli.warmup`), before any update is
+    computed."""
+    if device == "cpu" or not _DEVICE_NAME.fullmatch(device):
+        return check_device(device)
     return device
 
 

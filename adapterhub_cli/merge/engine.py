@@ -33,7 +33,7 @@ from adapterhub_cli.artifact.provenance import PROVENANCE_KEY, base_record, merg
 from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, data_start, torch_dtype
 from adapterhub_cli.errors import AdaptersError
 from adapterhub_cli.merge import bnb
-from adapterhub_cli.merge.compute import _Merger, check_device, require_finite
+from adapterhub_cli.merge.compute import _Merger, check_device, check_device_name, require_finite
 from adapterhub_cli.merge.plan import MergePlan, TensorPlan, build_plan
 from adapterhub_cli.merge.shards import (
     READ_AHEAD,
@@ -123,7 +123,7 @@ def run_merge(
     # before the first merged one need none, so they run while torch imports on the helper thread the CLI starts
     # (:func:`adapterhub_cli.warmup.start`); the first merged tensor waits for it
     started = time.perf_counter()
-    check_device(device)
+    check_device_name(device)  # (whether a cuda device is there is asked once torch is in: _Producer._start_torch)
     plan = build_plan(
         base,
         adapters,
@@ -291,7 +291,8 @@ class _Producer:
 
     def _start_torch(self) -> tuple[_Merger, _ReadAhead]:
         if self.merger is None:
-            warmup.wait()  # torch imported on the helper thread (not here, while its libraries load)
+            warmup.wait()  # torch imported (and CUDA started) on the helper thread, not here
+            check_device(self.device)
             # torch runs single-threaded inside each compute thread (small blocked GEMMs lose more to torch's own
             # thread hand-offs than they gain); the rows of a weight are split between the merger's threads instead
             self.merger = _Merger(  # (notes torch's thread count)
