@@ -345,3 +345,35 @@ def test_skipped_embeddings_are_still_hashed_and_still_refused_with_nan(llama_ba
     with pytest.raises(ah.InvalidAdapterError, match=r"embed_tokens\.weight' holds NaN or inf"):
         ah.extract(llama_base, bad, out=tmp_path / "never", rank=4)
     assert not (tmp_path / "never").exists()
+
+
+def test_weights_stored_in_an_8_bit_float_are_named_not_called_unchanged(llama_base, merged_llama, tmp_path):
+    """A tuned checkpoint whose targeted weights are float8 (raw 8-bit values: real fp8 checkpoints keep scales
+    beside them) is not computed on: each such weight is named in a warning and left out, and when none is left the
+    refusal says why instead of "no targeted weight differs"."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def with_fp8(leaves: tuple[str, ...], name: str) -> Path:
+        tuned = tmp_path / name
+        shutil.copytree(merged_llama, tuned)
+        (weights_file,) = tuned.glob("*.safetensors")
+        weights = load_file(weights_file)
+        for k in weights:
+            if k.endswith(leaves):
+                weights[k] = weights[k].to(torch.float8_e4m3fn)
+        save_file(weights, weights_file, metadata={"format": "pt"})
+        return tuned
+
+    result = ah.extract(llama_base, with_fp8(("q_proj.weight",), "q8"), out=tmp_path / "x", rank=8)
+    modules = {row.name for row in result.modules}
+    assert modules and all(m.endswith("v_proj") for m in modules)
+    fp8_warnings = [w for w in result.warnings if "q_proj is stored as F32 in --base, F8_E4M3 in --tuned" in w]
+    assert len(fp8_warnings) == len(modules)  # one per layer: as many as the v_proj modules extracted
+    assert all("dequantize" in w for w in fp8_warnings)
+
+    with pytest.raises(ah.InvalidAdapterError, match=r"stored in dtypes extract cannot compute with: .*F8_E4M3") as e:
+        ah.extract(llama_base, with_fp8(("q_proj.weight", "v_proj.weight"), "qv8"), out=tmp_path / "y", rank=8)
+    assert "no targeted weight differs" not in str(e.value)
+    assert not (tmp_path / "y").exists()

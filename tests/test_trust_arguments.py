@@ -173,3 +173,31 @@ def test_validate_refuses_finite_factors_whose_update_overflows(
     result = run_cli("reduce", d, "--rank", "2", "-o", tmp_path / "out")
     assert_one_error(result)
     assert "beyond float32's range" in " ".join(result.stderr.split()) and not (tmp_path / "out").exists()
+
+
+def test_convert_and_dequantize_refuse_an_update_that_overflows_too(
+    llama_lora: Path, llama_base: Path, copy_adapter: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The operations that write the factors as they are (convert, dequantize) give the update-overflow refusal
+    validate gives, before writing: finite factors, too large for each other (as PEFT computes the update)."""
+    from safetensors import safe_open
+
+    d = copy_adapter(llama_lora, "overflow-convert")
+    _rewrite(d, lambda k, v: (v.double() / v.double().abs().max() * 1e299) if "lora_" in k else v)
+    quantized = Path(ah.quantize(llama_lora, tmp_path / "q", scheme="int8").path)
+    (weights,) = quantized.glob("*.safetensors")
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    # the block scales of int8 made huge: every dequantized factor is finite (~1e20), their product is not
+    save_file({k: v * 1e22 if v.dtype == torch.float32 else v for k, v in tensors.items()}, weights, metadata=metadata)
+    for folder in (d, quantized):
+        assert {f.code for f in ah.validate(folder, base=llama_base).errors} == {"update-overflow"}, folder
+    for args, out in (
+        (["convert", d, "--to", "kohya", "-o", tmp_path / "k.safetensors"], tmp_path / "k.safetensors"),
+        (["dequantize", quantized, "-o", tmp_path / "dq"], tmp_path / "dq"),
+    ):
+        result = run_cli(*args)
+        assert_one_error(result)
+        assert "update-overflow" in result.stderr and "beyond float32's range" in " ".join(result.stderr.split())
+        assert not out.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from adapterhub_cli.artifact.safetensors import all_finite
 from adapterhub_cli.artifact.validate import (
     Finding,
     _check_factor_shapes,
+    _check_overflow,
     _check_ranks,
     _check_weights,
     check_config,
@@ -39,6 +41,28 @@ def require_finite(adapter: Adapter, tensors: dict[str, Any]) -> None:
                 module=key,
                 hint="training diverged or the file is damaged; do not ship it",
             )
+
+
+def require_no_overflow(adapter: Adapter, tensors: dict[str, Any] | None = None) -> None:
+    """Raise :class:`InvalidAdapterError` for validate's ``update-overflow``: a module whose finite factors give an
+    update ``scale * B @ A`` beyond float32's range (PEFT computes inf). For operations that write the factors
+    unchanged in substance (convert, dequantize) and so skip :func:`require_valid`'s weight pass: ``tensors`` are
+    the factors they loaded already (stored key -> tensor); any other factor is loaded here, one at a time.
+    Non-finite factors are left to the caller's own check."""
+    amax: dict[str, float] = {}
+    stored = {info.name for info in adapter.all_tensor_infos()}
+    for m in adapter.modules.values():
+        for key in (m.A.name, m.B.name):
+            if key not in stored:  # (a factor some formats compose from others: validate skips it too)
+                continue
+            t = tensors[key] if tensors is not None and key in tensors else adapter.source.load([key])[key]
+            if t.is_floating_point() and t.numel():
+                largest = float(t.detach().abs().max())
+                if math.isfinite(largest):
+                    amax[key] = largest
+    errors = _check_overflow(adapter, amax)
+    if errors:
+        raise InvalidAdapterError(_summary(errors), path=adapter.path, module=errors[0].module)
 
 
 def require_valid(adapter: Adapter, *, base: BaseView | str | Path | None = None, check_weights: bool = True) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterhub_cli.artifact.adapter import Adapter, TensorSource
 from adapterhub_cli.artifact.config import AdapterConfig
-from adapterhub_cli.artifact.preflight import require_valid
+from adapterhub_cli.artifact.preflight import require_no_overflow, require_valid
 from adapterhub_cli.artifact.provenance import provenance
 from adapterhub_cli.errors import UsageError
 from adapterhub_cli.formats import get_writer, write_adapter
@@ -56,6 +56,7 @@ def convert_adapter(
     """
     fmt = get_writer(to)
     require_valid(adapter, check_weights=False)  # ranks and scales (NaN alpha); writers refuse NaN tensors
+    require_no_overflow(adapter)  # (validate's update-overflow: the converted file would keep it)
     out = Path(out)
     params: dict[str, Any] = {"to": to}
     if base is not None:

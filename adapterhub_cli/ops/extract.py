@@ -321,6 +321,7 @@ def extract_adapter(
     saved: list[str] = []
     warnings: list[str] = []
     unchanged = 0
+    unusable: list[str] = []  # targeted weights stored in a dtype extract cannot compute with (8-bit, integer)
 
     def digest_pair(name: str, b: torch.Tensor, t: torch.Tensor) -> None:
         digests[0][name] = _tensor_digest(b)
@@ -376,6 +377,16 @@ def extract_adapter(
             hashing.append(pool.submit(digest_pair, name, b_t, t_t))
             if not floating:
                 why = f"not a float tensor ({ti.dtype})"
+                targeted = kind != "other" and wanted(module)
+                if targeted and not (kind in ("embedding", "head") and embeddings == "skip"):
+                    stored = f"{bi.dtype} in --base, {ti.dtype} in --tuned"
+                    why = f"stored as {stored}: extract computes on 16/32/64-bit float weights only"
+                    unusable.append(f"{module} ({stored})")
+                    warnings.append(
+                        f"{module} is stored as {stored}: extract computes on 16/32/64-bit float weights only (an "
+                        "8-bit or integer checkpoint keeps scales beside its weights); left out: dequantize the "
+                        "checkpoint to bf16 first"
+                    )
                 changed.append(ChangedTensor(name, shape, float("nan"), "reported", why))
                 continue
             delta = t_t.to(device=device, dtype=torch.float32, copy=True)  # t_t is being hashed: never in place
@@ -428,6 +439,14 @@ def extract_adapter(
         pool.shutdown(wait=True)
         for reader in readers:
             reader.close()
+    if not rows and not saved and unusable:
+        raise InvalidAdapterError(
+            f"nothing to extract: the targeted weights that differ are stored in dtypes extract cannot compute "
+            f"with: {', '.join(unusable[:3])}" + (f" and {len(unusable) - 3} more" if len(unusable) > 3 else ""),
+            path=tuned.path,
+            hint="dequantize the checkpoint to bf16 (an 8-bit or integer checkpoint keeps scales beside its weights), "
+            "then extract from that",
+        )
     if not rows and not saved:
         raise InvalidAdapterError(
             "nothing to extract: no targeted weight differs between --base and --tuned"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub_cli.artifact.adapter import Adapter
-from adapterhub_cli.artifact.preflight import require_valid
+from adapterhub_cli.artifact.preflight import require_no_overflow, require_valid
 from adapterhub_cli.artifact.provenance import provenance
 from adapterhub_cli.artifact.safetensors import dtype_name
 from adapterhub_cli.errors import InvalidAdapterError, UsageError
@@ -175,6 +175,7 @@ def dequantize_adapter(adapter: Adapter, out: str | Path, *, overwrite: bool = F
     require_valid(adapter, check_weights=False)
     target = torch_dtype(DTYPE_OPTIONS[dtype])
     tensors = adapter.source.load([t.name for t in adapter.all_tensor_infos()])
+    require_no_overflow(adapter, tensors)  # (validate's update-overflow: the output would keep it)
     for key, t in tensors.items():
         if dtype_name(t.dtype) in COMPUTE_DTYPES:
             cast = t.to(target)
