@@ -540,14 +540,16 @@ def test_single_file_checkpoint_with_sgm_names(tmp_path: Path) -> None:
         ah.load(path, base=base)
 
 
-def test_tucker_locon_folds_exactly_when_asked(sd_base: Path, tmp_path: Path) -> None:
-    """LoCon-Tucker (lora_mid) is refused by default and, with fold_tucker, equals the dense Tucker update."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e4m3fn], ids=["fp16", "fp8"])
+def test_tucker_locon_folds_exactly_when_asked(sd_base: Path, tmp_path: Path, dtype: torch.dtype) -> None:
+    """LoCon-Tucker (lora_mid) is refused by default and, with fold_tucker, equals the dense Tucker update (an fp8
+    file too: torch promotes no float8 type, the folded factor is float32)."""
     module = "unet.down_blocks.0.resnets.0.conv1"  # 3x3 conv, [8, 8, 3, 3]
     name = fd.kohya_name(module)
     g = torch.Generator().manual_seed(7)
-    down = torch.randn(2, 8, 1, 1, generator=g).half()
-    mid = torch.randn(2, 2, 3, 3, generator=g).half()
-    up = torch.randn(8, 2, 1, 1, generator=g).half()
+    down = torch.randn(2, 8, 1, 1, generator=g).to(dtype)
+    mid = torch.randn(2, 2, 3, 3, generator=g).to(dtype)
+    up = torch.randn(8, 2, 1, 1, generator=g).to(dtype)
     path = tmp_path / "tucker.safetensors"
     save_safetensors(
         {
@@ -570,7 +572,9 @@ def test_tucker_locon_folds_exactly_when_asked(sd_base: Path, tmp_path: Path) ->
     assert (m.rank, m.scale, m.A.shape) == (2, 0.5, (2, 8, 3, 3))
     ref = torch.einsum("op,pqhw,qi->oihw", up.double().flatten(1), mid.double(), down.double().flatten(1)) * 0.5
     torch.testing.assert_close(update(p, inner).reshape(ref.shape), ref, rtol=1e-6, atol=1e-6)
-    assert p.tensor(m.B.name).dtype == torch.float16  # lora_B keeps its bytes
+    # lora_B keeps its bytes (an fp8 one is written as float32, exactly: the PEFT writer's rule for 8-bit floats)
+    assert p.tensor(m.B.name).dtype == (dtype if dtype.itemsize > 1 else torch.float32)
+    assert p.tensor(m.A.name).dtype == torch.float32  # the folded lora_A: float32 from fp16 and fp8 alike
 
 
 def test_kohya_to_peft_loads_in_peft(sd_base: Path, tmp_path: Path) -> None:
@@ -644,9 +648,11 @@ def test_sgm_names_against_a_diffusers_unet(sd_base: Path, tmp_path: Path) -> No
     torch.testing.assert_close(_unet_output(ours), _unet_output(theirs), rtol=0, atol=1e-10)
 
 
-def test_loha_folds_exactly_at_rank_r_squared(sd_base: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e4m3fn], ids=["fp16", "fp8"])
+def test_loha_folds_exactly_at_rank_r_squared(sd_base: Path, tmp_path: Path, dtype: torch.dtype) -> None:
     """LoHa is refused by default; with fold_loha it reads as the LoRA of rank r1·r2 equal to
-    (w1a@w1b) * (w2a@w2b) * alpha / r, on a Linear and on a 3x3 conv (w*_b flattened, as LyCORIS stores them)."""
+    (w1a@w1b) * (w2a@w2b) * alpha / r, on a Linear and on a 3x3 conv (w*_b flattened, as LyCORIS stores them);
+    from an fp8 file too."""
     g = torch.Generator().manual_seed(9)
     sd: dict[str, torch.Tensor] = {}
     refs = {}
@@ -663,9 +669,9 @@ def test_loha_folds_exactly_at_rank_r_squared(sd_base: Path, tmp_path: Path) -> 
             "hada_w2_a": torch.randn(w.shape[0], r, generator=g),
             "hada_w2_b": torch.randn(r, n_in, generator=g),
         }
-        sd.update({f"{name}.{p}": t.half() for p, t in parts.items()})
+        sd.update({f"{name}.{p}": t.to(dtype) for p, t in parts.items()})
         sd[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
-        p = {k: v.half().double() for k, v in parts.items()}
+        p = {k: v.to(dtype).double() for k, v in parts.items()}
         refs[module] = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"]) * alpha / r
     path = tmp_path / "loha.safetensors"
     save_safetensors(sd, path, {"ss_network_module": "lycoris.kohya"})
