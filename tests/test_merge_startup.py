@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -54,6 +55,21 @@ print(json.dumps(events))
 """
 
 
+def _merge_events(base: Path, adapter: Path, out: Path, device: str) -> list[list[Any]]:
+    """What :data:`ORDER_SCRIPT` saw of a merge in a fresh interpreter: copies, torch's import, an error."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", ORDER_SCRIPT, str(base), str(adapter), str(out), device],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    events: list[list[Any]] = json.loads(done.stdout.strip().splitlines()[-1])
+    return events
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_a_cuda_merge_plans_and_copies_before_torch_and_asks_for_the_gpu_once_torch_is_in(
     llama_base, llama_lora, tmp_path
@@ -62,16 +78,7 @@ def test_a_cuda_merge_plans_and_copies_before_torch_and_asks_for_the_gpu_once_to
     checked at once, whether such a GPU is present once torch is in, before any update; without one the merge
     is refused with nothing written."""
     out = tmp_path / "merged"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run(
-        [sys.executable, "-c", ORDER_SCRIPT, str(llama_base), str(llama_lora), str(out), "cuda"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-        timeout=300,
-    )
-    events = json.loads(done.stdout.strip().splitlines()[-1])
+    events = _merge_events(llama_base, llama_lora, out, "cuda")
     kinds = [e[0] for e in events]
     assert kinds[-1] == "error" and events[-1][1] == "UsageError" and "no CUDA device" in events[-1][2]
     assert kinds.index("copy") < kinds.index("torch"), events[:5]
@@ -82,16 +89,7 @@ def test_the_merge_needs_no_torch_until_its_first_merged_tensor(llama_base, llam
     """In a fresh interpreter: the plan, side files, card and the untouched tensors ahead of the first merged one
     come before torch is imported (each copy checked for NaN / inf on the way)."""
     out = tmp_path / "merged"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run(
-        [sys.executable, "-c", ORDER_SCRIPT, str(llama_base), str(llama_lora), str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-        timeout=300,
-    )
-    events = json.loads(done.stdout.strip().splitlines()[-1])
+    events = _merge_events(llama_base, llama_lora, out, "cpu")
     kinds = [e[0] for e in events]
     assert kinds.count("torch") == 1
     first_torch = kinds.index("torch")
