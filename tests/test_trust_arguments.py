@@ -201,3 +201,19 @@ def test_convert_and_dequantize_refuse_an_update_that_overflows_too(
         assert_one_error(result)
         assert "update-overflow" in result.stderr and "beyond float32's range" in " ".join(result.stderr.split())
         assert not out.exists()
+
+
+def test_the_overflow_check_reads_8_bit_float_factors(
+    llama_lora: Path, copy_adapter: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Factors stored as float8 (torch on CPU takes no max of them) are measured as float32: convert goes through
+    and the update it writes is the one the fp8 factors give."""
+    d = copy_adapter(llama_lora, "fp8-factors")
+    _rewrite(d, lambda k, v: v.to(torch.float8_e4m3fn) if "lora_" in k else v)
+    result = run_cli("convert", d, "--to", "kohya", "-o", tmp_path / "k.safetensors")
+    assert result.exit_code == 0, result.output
+    src, out = ah.load(d), ah.load(tmp_path / "k.safetensors")
+    for name in src.modules:
+        f, g = src.factors(name), out.factors(name)
+        want = f.scale * (f.B.double() @ f.A.double())
+        torch.testing.assert_close(g.scale * (g.B.double() @ g.A.double()), want, rtol=1e-6, atol=0)

@@ -8,7 +8,7 @@ from typing import Any
 
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.checkpoint import BaseView, open_base
-from adapterhub_cli.artifact.safetensors import all_finite
+from adapterhub_cli.artifact.safetensors import all_finite, computable
 from adapterhub_cli.artifact.validate import (
     Finding,
     _check_factor_shapes,
@@ -57,7 +57,7 @@ def require_no_overflow(adapter: Adapter, tensors: dict[str, Any] | None = None)
                 continue
             t = tensors[key] if tensors is not None and key in tensors else adapter.source.load([key])[key]
             if t.is_floating_point() and t.numel():
-                largest = float(t.detach().abs().max())
+                largest = float(computable(t.detach()).abs().max())  # (8-bit floats as float32)
                 if math.isfinite(largest):
                     amax[key] = largest
     errors = _check_overflow(adapter, amax)
