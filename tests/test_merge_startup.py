@@ -365,3 +365,46 @@ def test_the_cli_merge_imports_torch_on_the_helper_thread_only(llama_base, llama
     reference = ah.merge([llama_lora], base=llama_base, out=tmp_path / "in-process")
     merged, expected = load_file(out / "model.safetensors"), load_file(reference.path / "model.safetensors")
     assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+COMMAND_IMPORTER_SCRIPT = r"""
+import importlib.abc, json, sys, threading
+importers = []
+
+class Spy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and "torch" not in sys.modules:
+            importers.append(threading.current_thread().name)
+        return None
+
+sys.meta_path.insert(0, Spy())
+from adapterhub_cli.cli.main import main
+sys.argv = ["adapters", *json.loads(sys.argv[1])]
+try:
+    main()
+except SystemExit as e:
+    assert not e.code, e.code
+print(sorted(set(importers)))
+"""
+
+
+@pytest.mark.parametrize("command", ["reduce", "quantize", "combine"])
+def test_other_writing_commands_import_torch_on_the_helper_thread(command, llama_lora, tmp_path):
+    """reduce, quantize and combine start torch's import on the helper thread too, while they read headers."""
+    out = tmp_path / "out"
+    args = {
+        "reduce": ["reduce", str(llama_lora), "--rank", "2", "-o", str(out)],
+        "quantize": ["quantize", str(llama_lora), "--to", "int8", "-o", str(out)],
+        "combine": ["combine", str(llama_lora), str(llama_lora), "-o", str(out)],
+    }[command]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", COMMAND_IMPORTER_SCRIPT, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    assert done.stdout.strip().splitlines()[-1] == "['adapters-import-torch']"
+    assert ah.load(out).modules  # (the command wrote its output)

@@ -80,6 +80,9 @@ def combine_cmd(
     An option the method does not use (--rank or --density with cat, --seed without a random drop) is refused;
     a result whose weighted inputs cancel (A A --weights 1,-1) is written with a warning.
     """
+    from adapterhub_cli import warmup
+
+    warmup.start()  # torch imports while the command reads headers and checks its inputs
     from adapterhub_cli import api
 
     with out.progress("combining") as update:

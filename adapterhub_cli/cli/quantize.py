@@ -42,6 +42,9 @@ def quantize_cmd(
     as_json: bool,
 ) -> None:
     """Store ADAPTER's factors quantized; report the size and each module's relative update error."""
+    from adapterhub_cli import warmup
+
+    warmup.start()  # torch imports while the command reads headers and checks its inputs
     from adapterhub_cli import api
 
     with out.progress("quantizing") as update:
@@ -97,6 +100,9 @@ def dequantize_cmd(
 ) -> None:
     """Turn an ADAPTER that `adapters quantize` wrote (int8, fp8, nf4, or a bf16 / fp16 cast) back into a plain
     PEFT adapter (loads in PeftModel.from_pretrained)."""
+    from adapterhub_cli import warmup
+
+    warmup.start()  # torch imports while the command reads headers and checks its inputs
     from adapterhub_cli import api
 
     path = api.dequantize(adapter, output, overwrite=overwrite, dtype=dtype, token=token, base=base)

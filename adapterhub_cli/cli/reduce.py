@@ -44,6 +44,9 @@ def reduce_cmd(
     ranks in rank_pattern) that loads in PeftModel.from_pretrained unchanged. A rule that keeps every rank says
     so (nothing was reduced); --rank not below any module's rank is refused.
     """
+    from adapterhub_cli import warmup
+
+    warmup.start()  # torch imports while the command reads headers and checks its inputs
     from adapterhub_cli import api
 
     with out.progress("reducing") as update:
