@@ -85,6 +85,9 @@ def convert_cmd(
     model's own tensor names, checked by shape. `--to kohya` writes one .safetensors file; `--to peft` and
     `--to diffusers` write a folder.
     """
+    from adapterhub_cli import warmup
+
+    warmup.start()  # torch imports while the command reads headers and checks its inputs
     from adapterhub_cli import api
 
     result = api.convert(

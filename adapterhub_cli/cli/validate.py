@@ -68,6 +68,9 @@ def validate_cmd(
     Reads the base's config and tensor headers only. Exit status 0 when no error was found, 1 when
     errors were found, 2 for bad input.
     """
+    from adapterhub_cli import warmup
+
+    warmup.start()  # torch imports while the command reads headers and checks its inputs
     from adapterhub_cli import api
 
     lora = api.load(adapter, allow_pickle=allow_pickle, strict=False, token=token, base=base)
