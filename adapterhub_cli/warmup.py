@@ -7,11 +7,12 @@ torch`` of the main thread then waits only for what is left of the import (:func
 imports nothing heavy itself.
 
 merge and unmerge start it, and so do the other commands that load tensors (reduce, combine, quantize,
-dequantize, convert, validate): what they do before their first tensor (importing the API, reading headers,
-checking the config) is little, but it comes off a whole process of 1.5-5 s: validate 1.62 s -> 1.46 s, convert
-2.11 s -> 1.97 s, reduce 2.21 s -> 2.09 s, quantize 4.75 s -> 4.65 s, combine 3.44 s -> 3.39 s (medians of 6-7
-alternated runs, 2 cores; the third session had measured no gain for reduce, before the command's own start-up
-shrank). `inspect` does not: it reads headers only and never imports torch.
+dequantize, convert, validate, diff, analyze, extract): what they do before their first tensor (importing the
+API, reading headers, checking the config) is little, but it comes off a whole process of 1.5-5 s: validate
+1.62 s -> 1.46 s, convert 2.11 s -> 1.97 s, reduce 2.21 s -> 2.09 s, quantize 4.75 s -> 4.65 s, combine 3.44 s ->
+3.39 s (medians of 6-7 alternated runs, 2 cores; the third session had measured no gain for reduce, before the
+command's own start-up shrank; diff, analyze and extract run for 10 s and more: the same 0.1 s is lost in their
+noise). `inspect` does not: it reads headers only and never imports torch.
 """
 
 from __future__ import annotations

@@ -388,10 +388,10 @@ print(sorted(set(importers)))
 """
 
 
-@pytest.mark.parametrize("command", ["reduce", "quantize", "combine", "convert", "validate"])
+@pytest.mark.parametrize("command", ["reduce", "quantize", "combine", "convert", "validate", "diff", "analyze"])
 def test_other_commands_import_torch_on_the_helper_thread(command, llama_lora, llama_base, tmp_path):
-    """reduce, quantize, combine, convert and validate start torch's import on the helper thread too, while they
-    read headers."""
+    """The other commands that load tensors start torch's import on the helper thread too, while they read
+    headers."""
     out = tmp_path / "out"
     args = {
         "reduce": ["reduce", str(llama_lora), "--rank", "2", "-o", str(out)],
@@ -399,6 +399,8 @@ def test_other_commands_import_torch_on_the_helper_thread(command, llama_lora, l
         "combine": ["combine", str(llama_lora), str(llama_lora), "-o", str(out)],
         "convert": ["convert", str(llama_lora), "--to", "peft", "-o", str(out)],
         "validate": ["validate", str(llama_lora), "--base", str(llama_base)],
+        "diff": ["diff", str(llama_lora), str(llama_lora)],
+        "analyze": ["analyze", str(llama_lora), "--base", str(llama_base)],
     }[command]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(
@@ -410,4 +412,4 @@ def test_other_commands_import_torch_on_the_helper_thread(command, llama_lora, l
         timeout=300,
     )
     assert done.stdout.strip().splitlines()[-1] == "['adapters-import-torch']"
-    assert command == "validate" or ah.load(out).modules  # (the command wrote its output)
+    assert command in ("validate", "diff", "analyze") or ah.load(out).modules  # (the command wrote its output)

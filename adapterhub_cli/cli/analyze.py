@@ -65,6 +65,9 @@ def analyze_cmd(
 
     ADAPTER is an adapter folder or file, or a store ref.
     """
+    from adapterhub_cli import warmup
+
+    warmup.start()  # torch imports while the command reads headers and checks its inputs
     from adapterhub_cli import api
 
     with out.progress("analyzing") as update:

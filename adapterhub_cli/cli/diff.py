@@ -35,6 +35,9 @@ def diff_cmd(a: str, b: str, top: int, exit_code: bool, base: str | None, token:
     ||dW_B||, cosine, rel. distance, overlap), and the verdict: identical (every update equal within the
     storage dtype's rounding), scaled copy (B's updates are one constant times A's) or different.
     """
+    from adapterhub_cli import warmup
+
+    warmup.start()  # torch imports while the command reads headers and checks its inputs
     from adapterhub_cli import api
 
     report = api.diff(a, b, token=token, base=base)

@@ -85,6 +85,9 @@ def extract_cmd(
     estimated for randomized). Other changed tensors (norms, biases, embeddings) are listed. The output is a PEFT
     folder that loads in PeftModel.from_pretrained.
     """
+    from adapterhub_cli import warmup
+
+    warmup.start(device)  # torch imports while the command reads headers and checks its inputs
     from adapterhub_cli import api
 
     with out.progress("extracting") as update:
