@@ -325,7 +325,7 @@ def test_a_torch_that_fails_to_import_on_the_warmup_thread_fails_again_where_the
 
 
 IMPORTER_SCRIPT = r"""
-import importlib.abc, sys, threading
+import importlib.abc, json, sys, threading, time
 importers = []
 
 class Spy(importlib.abc.MetaPathFinder):
@@ -335,57 +335,45 @@ class Spy(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, Spy())
-import time
-from adapterhub_cli import warmup
-slow = warmup._import_torch
-warmup._import_torch = lambda device: (time.sleep(1.0), slow(device))  # the helper starts late
+args, delay = json.loads(sys.argv[1]), float(sys.argv[2])
+if delay:
+    from adapterhub_cli import warmup
+    slow = warmup._import_torch
+    warmup._import_torch = lambda device: (time.sleep(delay), slow(device))  # the helper starts late
 from adapterhub_cli.cli.main import main
-sys.argv = ["adapters", "merge", sys.argv[1], "--into", sys.argv[2], "-o", sys.argv[3]]
+sys.argv = ["adapters", *args]
 try:
     main()
 except SystemExit as e:
     assert not e.code, e.code
 print(sorted(set(importers)))
 """
+
+
+def _torch_importers(args: list[str], delay: float = 0.0) -> str:
+    """The threads that imported torch while the CLI ran ``args`` in a fresh interpreter (the helper thread
+    started ``delay`` seconds late)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORTER_SCRIPT, json.dumps(args), str(delay)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    return done.stdout.strip().splitlines()[-1]
 
 
 def test_the_cli_merge_imports_torch_on_the_helper_thread_only(llama_base, llama_lora, tmp_path):
     """The main thread waits for the helper's import (:func:`adapterhub_cli.warmup.wait`) instead of importing torch
     itself when it gets to its first merged tensor before the helper has begun."""
     out = tmp_path / "merged"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run(
-        [sys.executable, "-c", IMPORTER_SCRIPT, str(llama_lora), str(llama_base), str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    )
-    assert done.stdout.strip().splitlines()[-1] == "['adapters-import-torch']"
+    args = ["merge", str(llama_lora), "--into", str(llama_base), "-o", str(out)]
+    assert _torch_importers(args, delay=1.0) == "['adapters-import-torch']"
     reference = ah.merge([llama_lora], base=llama_base, out=tmp_path / "in-process")
     merged, expected = load_file(out / "model.safetensors"), load_file(reference.path / "model.safetensors")
     assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)
-
-
-COMMAND_IMPORTER_SCRIPT = r"""
-import importlib.abc, json, sys, threading
-importers = []
-
-class Spy(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" and "torch" not in sys.modules:
-            importers.append(threading.current_thread().name)
-        return None
-
-sys.meta_path.insert(0, Spy())
-from adapterhub_cli.cli.main import main
-sys.argv = ["adapters", *json.loads(sys.argv[1])]
-try:
-    main()
-except SystemExit as e:
-    assert not e.code, e.code
-print(sorted(set(importers)))
-"""
 
 
 @pytest.mark.parametrize("command", ["reduce", "quantize", "combine", "convert", "validate", "diff", "analyze"])
@@ -402,14 +390,5 @@ def test_other_commands_import_torch_on_the_helper_thread(command, llama_lora, l
         "diff": ["diff", str(llama_lora), str(llama_lora)],
         "analyze": ["analyze", str(llama_lora), "--base", str(llama_base)],
     }[command]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run(
-        [sys.executable, "-c", COMMAND_IMPORTER_SCRIPT, json.dumps(args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-        timeout=300,
-    )
-    assert done.stdout.strip().splitlines()[-1] == "['adapters-import-torch']"
+    assert _torch_importers(args) == "['adapters-import-torch']"
     assert command in ("validate", "diff", "analyze") or ah.load(out).modules  # (the command wrote its output)
