@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from adapterhub_cli import warmup
 from adapterhub_cli.cli._output import out
 from adapterhub_cli.cli._params import complete_paths, json_option, token_option
 
@@ -65,9 +66,7 @@ def analyze_cmd(
 
     ADAPTER is an adapter folder or file, or a store ref.
     """
-    from adapterhub_cli import warmup
-
-    warmup.start()  # torch imports while the command reads headers and checks its inputs
+    warmup.start()  # torch imports meanwhile (:mod:`adapterhub_cli.warmup`)
     from adapterhub_cli import api
 
     with out.progress("analyzing") as update:

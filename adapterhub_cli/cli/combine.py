@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 import click
 
+from adapterhub_cli import warmup
 from adapterhub_cli.cli._output import out
 from adapterhub_cli.cli._params import (
     LazyHelpOption,
@@ -80,9 +81,7 @@ def combine_cmd(
     An option the method does not use (--rank or --density with cat, --seed without a random drop) is refused;
     a result whose weighted inputs cancel (A A --weights 1,-1) is written with a warning.
     """
-    from adapterhub_cli import warmup
-
-    warmup.start()  # torch imports while the command reads headers and checks its inputs
+    warmup.start()  # torch imports meanwhile (:mod:`adapterhub_cli.warmup`)
     from adapterhub_cli import api
 
     with out.progress("combining") as update:

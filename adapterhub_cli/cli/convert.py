@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from adapterhub_cli import warmup
 from adapterhub_cli.cli._output import out
 from adapterhub_cli.cli._params import (
     allow_pickle_option,
@@ -85,9 +86,7 @@ def convert_cmd(
     model's own tensor names, checked by shape. `--to kohya` writes one .safetensors file; `--to peft` and
     `--to diffusers` write a folder.
     """
-    from adapterhub_cli import warmup
-
-    warmup.start()  # torch imports while the command reads headers and checks its inputs
+    warmup.start()  # torch imports meanwhile (:mod:`adapterhub_cli.warmup`)
     from adapterhub_cli import api
 
     result = api.convert(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from adapterhub_cli import warmup
 from adapterhub_cli.cli._output import out, styled
 from adapterhub_cli.cli._params import base_option, complete_paths, json_option, token_option
 
@@ -35,9 +36,7 @@ def diff_cmd(a: str, b: str, top: int, exit_code: bool, base: str | None, token:
     ||dW_B||, cosine, rel. distance, overlap), and the verdict: identical (every update equal within the
     storage dtype's rounding), scaled copy (B's updates are one constant times A's) or different.
     """
-    from adapterhub_cli import warmup
-
-    warmup.start()  # torch imports while the command reads headers and checks its inputs
+    warmup.start()  # torch imports meanwhile (:mod:`adapterhub_cli.warmup`)
     from adapterhub_cli import api
 
     report = api.diff(a, b, token=token, base=base)

@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 import click
 
+from adapterhub_cli import warmup
 from adapterhub_cli.cli._output import out
 from adapterhub_cli.cli._params import complete_paths, json_option, output_options, rank_rule_options, token_option
 
@@ -85,9 +86,7 @@ def extract_cmd(
     estimated for randomized). Other changed tensors (norms, biases, embeddings) are listed. The output is a PEFT
     folder that loads in PeftModel.from_pretrained.
     """
-    from adapterhub_cli import warmup
-
-    warmup.start(device)  # torch imports while the command reads headers and checks its inputs
+    warmup.start(device)  # torch imports meanwhile (:mod:`adapterhub_cli.warmup`)
     from adapterhub_cli import api
 
     with out.progress("extracting") as update:

@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 import click
 
+from adapterhub_cli import warmup
 from adapterhub_cli.cli._output import out
 from adapterhub_cli.cli._params import complete_paths, json_option, output_options, token_option, weights_option
 
@@ -151,8 +152,6 @@ def merge_cmd(
     """
     if each and weights is not None:
         raise click.UsageError("--weights does not apply to --each: each output merges one adapter with weight 1")
-    from adapterhub_cli import warmup
-
     warmup.start(device)  # torch imports (CUDA starts) while the merge plans and copies what needs no torch
     from adapterhub_cli import api
 
@@ -227,8 +226,6 @@ def unmerge_cmd(
     """Subtract ADAPTERS from a merged checkpoint, giving the base back (exact up to the dtype's rounding).
 
     The output keeps the shard layout of --from unless --max-shard-size is given."""
-    from adapterhub_cli import warmup
-
     warmup.start(device)
     from adapterhub_cli import api
 

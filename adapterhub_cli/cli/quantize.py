@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 import click
 
+from adapterhub_cli import warmup
 from adapterhub_cli.cli._output import out
 from adapterhub_cli.cli._params import base_option, complete_paths, json_option, output_options, token_option
 
@@ -42,9 +43,7 @@ def quantize_cmd(
     as_json: bool,
 ) -> None:
     """Store ADAPTER's factors quantized; report the size and each module's relative update error."""
-    from adapterhub_cli import warmup
-
-    warmup.start()  # torch imports while the command reads headers and checks its inputs
+    warmup.start()  # torch imports meanwhile (:mod:`adapterhub_cli.warmup`)
     from adapterhub_cli import api
 
     with out.progress("quantizing") as update:
@@ -100,9 +99,7 @@ def dequantize_cmd(
 ) -> None:
     """Turn an ADAPTER that `adapters quantize` wrote (int8, fp8, nf4, or a bf16 / fp16 cast) back into a plain
     PEFT adapter (loads in PeftModel.from_pretrained)."""
-    from adapterhub_cli import warmup
-
-    warmup.start()  # torch imports while the command reads headers and checks its inputs
+    warmup.start()  # torch imports meanwhile (:mod:`adapterhub_cli.warmup`)
     from adapterhub_cli import api
 
     path = api.dequantize(adapter, output, overwrite=overwrite, dtype=dtype, token=token, base=base)

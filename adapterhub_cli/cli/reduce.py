@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 import click
 
+from adapterhub_cli import warmup
 from adapterhub_cli.cli._output import out
 from adapterhub_cli.cli._params import (
     base_option,
@@ -44,9 +45,7 @@ def reduce_cmd(
     ranks in rank_pattern) that loads in PeftModel.from_pretrained unchanged. A rule that keeps every rank says
     so (nothing was reduced); --rank not below any module's rank is refused.
     """
-    from adapterhub_cli import warmup
-
-    warmup.start()  # torch imports while the command reads headers and checks its inputs
+    warmup.start()  # torch imports meanwhile (:mod:`adapterhub_cli.warmup`)
     from adapterhub_cli import api
 
     with out.progress("reducing") as update:

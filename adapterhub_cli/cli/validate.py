@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from adapterhub_cli import warmup
 from adapterhub_cli.cli._output import out, styled
 from adapterhub_cli.cli._params import allow_pickle_option, complete_paths, json_option, token_option
 
@@ -68,9 +69,7 @@ def validate_cmd(
     Reads the base's config and tensor headers only. Exit status 0 when no error was found, 1 when
     errors were found, 2 for bad input.
     """
-    from adapterhub_cli import warmup
-
-    warmup.start()  # torch imports while the command reads headers and checks its inputs
+    warmup.start()  # torch imports meanwhile (:mod:`adapterhub_cli.warmup`)
     from adapterhub_cli import api
 
     lora = api.load(adapter, allow_pickle=allow_pickle, strict=False, token=token, base=base)
