@@ -8,7 +8,7 @@ from typing import Any
 
 from adapterhub_cli.artifact.adapter import Adapter
 from adapterhub_cli.artifact.checkpoint import BaseView, open_base
-from adapterhub_cli.artifact.safetensors import all_finite, computable
+from adapterhub_cli.artifact.safetensors import all_finite
 from adapterhub_cli.artifact.validate import (
     Finding,
     _check_factor_shapes,
@@ -16,6 +16,7 @@ from adapterhub_cli.artifact.validate import (
     _check_ranks,
     _check_weights,
     check_config,
+    largest_magnitude,
     validate_against,
 )
 from adapterhub_cli.errors import IncompatibleBaseError, InvalidAdapterError
@@ -57,7 +58,7 @@ def require_no_overflow(adapter: Adapter, tensors: dict[str, Any] | None = None)
                 continue
             t = tensors[key] if tensors is not None and key in tensors else adapter.source.load([key])[key]
             if t.is_floating_point() and t.numel():
-                largest = float(computable(t.detach()).abs().max())  # (8-bit floats as float32)
+                largest = largest_magnitude(t)
                 if math.isfinite(largest):
                     amax[key] = largest
     errors = _check_overflow(adapter, amax)

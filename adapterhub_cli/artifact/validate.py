@@ -15,10 +15,19 @@ from typing import TYPE_CHECKING, Any, Literal
 from adapterhub_cli.artifact.adapter import Adapter, LoraModule, conv1d_layer, factor_shape_problem
 from adapterhub_cli.artifact.checkpoint import BaseView
 from adapterhub_cli.artifact.config import MAX_ALPHA, MAX_RANK
-from adapterhub_cli.artifact.safetensors import COMPUTE_DTYPES, FLOAT_DTYPES, TensorInfo, all_finite, count_nonfinite
+from adapterhub_cli.artifact.safetensors import (
+    COMPUTE_DTYPES,
+    FLOAT_DTYPES,
+    TensorInfo,
+    all_finite,
+    computable,
+    count_nonfinite,
+)
 
 
 if TYPE_CHECKING:
+    import torch
+
     from lora_ops import LoraFactors
 
 
@@ -647,8 +656,6 @@ F32_MAX = 3.4028234663852886e38
 
 
 def _check_weights(adapter: Adapter) -> list[Finding]:
-    import torch
-
     out = []
     zero_b: set[str] = set()
     b_keys = {m.B.name for m in adapter.modules.values()}
@@ -660,9 +667,7 @@ def _check_weights(adapter: Adapter) -> list[Finding]:
         if key in b_keys and not bool(t.any()):
             zero_b.add(key)
         if key in factor_keys and t.is_floating_point() and t.numel():
-            # one pass gives both: NaN and inf survive aminmax, so its ends are finite exactly when every value is
-            lo, hi = (float(x) for x in torch.aminmax(t.detach()))
-            largest = max(abs(lo), abs(hi))
+            largest = largest_magnitude(t)  # (one pass: finite exactly when every value is)
             finite = math.isfinite(largest)
             if finite:
                 amax[key] = largest
@@ -690,6 +695,15 @@ def _check_weights(adapter: Adapter) -> list[Finding]:
     elif zero:
         out.append(Finding("zero-modules", "info", f"{len(zero)} modules have lora_B = 0 and change nothing", zero[0]))
     return out
+
+
+def largest_magnitude(t: torch.Tensor) -> float:
+    """max |value| of a non-empty floating tensor, from one ``aminmax`` pass: NaN and inf survive it, so the result
+    is finite exactly when every value is (8-bit floats measured as float32)."""
+    import torch
+
+    lo, hi = (float(x) for x in torch.aminmax(computable(t.detach())))
+    return max(abs(lo), abs(hi))
 
 
 def _check_overflow(adapter: Adapter, amax: dict[str, float]) -> list[Finding]:
