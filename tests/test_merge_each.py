@@ -119,6 +119,82 @@ def test_a_misfit_and_a_nan_fail_their_outputs_only(
         assert tensor_hashes(r.path) == tensor_hashes(alone.path)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("key", ["model.embed_tokens.weight", "model.norm.weight"])
+def test_a_base_holding_nan_in_an_untouched_tensor_fails_every_output(llama_base, llama_lora, tmp_path, key, dtype):
+    """The untouched tensors are checked for NaN / inf once, as stored bytes (numpy, before torch is in for the
+    first ones: the embeddings), and refused for every output: nothing is written."""
+    base = tmp_path / "base"
+    load_base(llama_base, "causal-lm", dtype).save_pretrained(base)
+    tensors = load_file(str(base / "model.safetensors"))
+    tensors[key].view(-1)[5] = float("nan")
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "each"
+    results = ah.merge_each([llama_lora, llama_lora], base=base, out_dir=out)
+    assert [r.ok for r in results] == [False, False]
+    assert all(f"the base's tensor {key} already holds NaN or inf" in (r.error or "") for r in results)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+ORDER_SCRIPT = r"""
+import importlib.abc, json, sys, threading
+events = []
+
+class Spy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and "torch" not in sys.modules:
+            events.append(["torch", threading.current_thread().name])
+        return None
+
+base, out, adapters = sys.argv[1], sys.argv[2], sys.argv[3:]
+import adapterhub_cli as ah
+from adapterhub_cli.merge import each
+for name in ("_write_bytes", "_write_placed"):
+    def spy(*args, real=getattr(each, name), name=name):
+        events.append(["write", name, args[-1].path.parent.name, threading.current_thread().name])
+        return real(*args)
+    setattr(each, name, spy)
+sys.meta_path.insert(0, Spy())
+results = ah.merge_each(adapters, base=base, out_dir=out)
+assert all(r.ok for r in results), results
+print(json.dumps(events))
+"""
+
+
+def test_each_writes_the_untouched_tensors_before_its_first_merge_without_torch(
+    llama_base, llama_lora, llama_rslora, tmp_path
+):
+    """In a fresh interpreter (no helper thread: torch is imported where it is first needed) the untouched tensors
+    ahead of the first merged one are checked and written to every output before torch is imported, from the one
+    buffer they were read into (the last output's write from that buffer itself): what runs while torch imports
+    on the helper thread the CLI starts."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = tmp_path / "each"
+    done = subprocess.run(
+        [sys.executable, "-c", ORDER_SCRIPT, str(llama_base), str(out), str(llama_lora), str(llama_rslora)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    events = json.loads(done.stdout.strip().splitlines()[-1])
+    kinds = [e[0] for e in events]
+    assert kinds.count("torch") == 1 and events[kinds.index("torch")][1] == "MainThread"
+    early = events[: kinds.index("torch")]
+    outputs = {f".{Path(a).name}." for a in (llama_lora, llama_rslora)}
+    for marker in outputs:  # every output got a first untouched tensor; one from the shared buffer itself
+        assert any(marker in e[2] for e in early), events[:6]
+    assert {e[1] for e in early} == {"_write_bytes", "_write_placed"}, early
+    for adapter in (llama_lora, llama_rslora):
+        alone = ah.merge(adapter, base=llama_base, out=tmp_path / f"alone-{Path(adapter).name}")
+        assert tensor_hashes(out / Path(adapter).name) == tensor_hashes(alone.path)
+
+
 def test_no_empty_output_folder_stays_when_no_output_is_made(bf16_base, llama_lora, nan_lora, tmp_path, monkeypatch):
     """-o OUT is made for the outputs; when none is made (each failed, or an interrupt), OUT goes too (it would
     block a later merge to OUT), but a folder that was there before stays."""
@@ -174,12 +250,12 @@ def test_a_failing_clean_up_fails_its_output_without_stopping_its_writer(
     assert tensor_hashes(good.path) == tensor_hashes(alone.path)
 
 
-@pytest.mark.parametrize("where", ["_write_tensor", "_write_placed"])
+@pytest.mark.parametrize("where", ["_write_bytes", "_write_placed"])
 def test_a_write_error_in_one_output_leaves_the_others(
     bf16_base, llama_lora, llama_rslora, llama_dora, tmp_path, monkeypatch, where
 ):
-    """A write that fails (a tensor copied into the staging chunks, or one the disk writes from its own buffer)
-    fails its output only; its staging buffers go back (the others would wait for them otherwise)."""
+    """A write that fails (an untouched tensor copied into the staging chunks, or a tensor the disk writes from its
+    own buffer) fails its output only; its staging buffers go back (the others would wait for them otherwise)."""
     real = getattr(each_module, where)
     victim = Path(llama_rslora).name
     calls = {"n": 0}

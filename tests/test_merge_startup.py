@@ -365,11 +365,15 @@ def _torch_importers(args: list[str], delay: float = 0.0) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def test_the_cli_merge_imports_torch_on_the_helper_thread_only(llama_base, llama_lora, tmp_path):
+@pytest.mark.parametrize("each", [False, True])
+def test_the_cli_merge_imports_torch_on_the_helper_thread_only(llama_base, llama_lora, tmp_path, each):
     """The main thread waits for the helper's import (:func:`adapterhub_cli.warmup.wait`) instead of importing torch
-    itself when it gets to its first merged tensor before the helper has begun."""
+    itself when it gets to its first merged tensor before the helper has begun (``--each`` too)."""
     out = tmp_path / "merged"
     args = ["merge", str(llama_lora), "--into", str(llama_base), "-o", str(out)]
+    if each:
+        args += ["--each"]
+        out = out / Path(llama_lora).name
     assert _torch_importers(args, delay=1.0) == "['adapters-import-torch']"
     reference = ah.merge([llama_lora], base=llama_base, out=tmp_path / "in-process")
     merged, expected = load_file(out / "model.safetensors"), load_file(reference.path / "model.safetensors")

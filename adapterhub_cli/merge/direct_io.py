@@ -141,7 +141,10 @@ class StagedFile:
     # ------------------------------------------------------------------ appending
 
     def write(self, data: bytes | memoryview) -> None:
-        """Append bytes."""
+        """Append bytes (copied into the staging chunks by numpy, which releases the GIL: a large copy made before
+        torch is imported does not hold up the import on the helper thread)."""
+        import numpy as np
+
         view = memoryview(data).cast("B")
         self.size += view.nbytes
         if not self.direct:
@@ -149,7 +152,8 @@ class StagedFile:
         else:
             while view:
                 n = min(len(view), self._chunk - self._fill)
-                self._chunks[self._current].view[self._fill : self._fill + n] = view[:n]
+                room = np.frombuffer(self._chunks[self._current].view, dtype=np.uint8, count=n, offset=self._fill)
+                room[:] = np.frombuffer(view, dtype=np.uint8, count=n)
                 view = view[n:]
                 self._advance(n)
 

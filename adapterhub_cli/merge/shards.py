@@ -169,6 +169,14 @@ class FiniteCheck:
     def wanted(dtype: str) -> bool:
         return dtype in _EXPONENT
 
+    @classmethod
+    def whole(cls, key: str, dtype: str, data: memoryview, piece: int = 1 << 20) -> None:
+        """Check a whole tensor's stored bytes ``data``, in pieces (numpy's temporaries stay small: 131 MB of bf16
+        took 10 ms in 1 MiB pieces, as long as torch's sum of it)."""
+        check = cls(key, dtype)
+        for i in range(0, len(data), piece):
+            check(data[i : i + piece])
+
 
 class _Inputs:
     """The tensor each planned output starts from: a ``modules_to_save`` copy from its adapter, a bitsandbytes
@@ -198,8 +206,8 @@ class _Inputs:
             return 0
         return placement(self.offsets[p.name], DTYPE_BITS[info.dtype] // 8)
 
-    def fetch(self, p: TensorPlan) -> Fetched | _Raw:
-        """What ``p`` starts from; a plain base tensor of an unpinned pool is read without torch (:class:`_Raw`,
+    def fetch(self, p: TensorPlan) -> Fetched | RawTensor:
+        """What ``p`` starts from; a plain base tensor of an unpinned pool is read without torch (:class:`RawTensor`,
         made a tensor by :meth:`tensor`), so the first reads can run while torch imports."""
         if p.replacement:
             return self.adapters[p.replacement[0]].tensor(p.replacement[1]), None
@@ -210,7 +218,7 @@ class _Inputs:
             pad = self.pad(p)
             raw = self.buffers.acquire_raw(pad + nbytes)
             try:
-                return _Raw(self.reader.read_raw(p.source, raw[pad:]), raw, pad)
+                return RawTensor(self.reader.read_raw(p.source, raw[pad:]), raw, pad)
             except BaseException:
                 self.buffers.release(raw)
                 raise
@@ -222,22 +230,30 @@ class _Inputs:
             raise
 
     @staticmethod
-    def tensor(fetched: Fetched | _Raw) -> Fetched:
-        """``fetched`` as a tensor and its buffer (a :class:`_Raw` viewed as its dtype and shape, no copy)."""
-        if not isinstance(fetched, _Raw):
+    def tensor(fetched: Fetched | RawTensor) -> Fetched:
+        """``fetched`` as a tensor and its buffer (a :class:`RawTensor` viewed as its dtype and shape, no copy)."""
+        if not isinstance(fetched, RawTensor):
             return fetched
-        info, buffer, pad = fetched.info, fetched.buffer, fetched.pad
-        t = as_tensor(buffer)[pad : pad + info.nbytes]
-        return t.view(torch_dtype(info.dtype)).reshape(info.shape), buffer
+        return fetched.tensor(), fetched.buffer
 
 
 @dataclass
-class _Raw:
+class RawTensor:
     """A base tensor's stored bytes (``info``) read into a staging ``buffer`` from byte ``pad`` on, without torch."""
 
     info: TensorInfo
     buffer: np.ndarray
     pad: int = 0
+
+    @property
+    def data(self) -> np.ndarray:
+        """The stored bytes (uint8, a view of the buffer)."""
+        return self.buffer[self.pad : self.pad + self.info.nbytes]
+
+    def tensor(self) -> torch.Tensor:
+        """The bytes viewed as the tensor's dtype and shape (no copy; imports torch)."""
+        t = as_tensor(self.buffer)[self.pad : self.pad + self.info.nbytes]
+        return t.view(torch_dtype(self.info.dtype)).reshape(self.info.shape)
 
 
 def output_offsets(shards: list[list[TensorPlan]], metadata: dict[str, str] | None) -> dict[str, int]:
