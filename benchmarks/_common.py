@@ -6,23 +6,48 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 
+#: runs a command as its own child and writes that child's wall seconds and ru_maxrss (KiB) to a file: a child
+#: forked from this (large) process would report this process's RSS as its own peak when that is higher (Linux
+#: keeps the forking process's high-water mark across exec), so the command is started from a small interpreter
+_LAUNCH = r"""
+import os, sys, time
+result, cmd = sys.argv[1], sys.argv[2:]
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(cmd[0], cmd)
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+with open(result, "w") as f:
+    f.write(f"{wall} {usage.ru_maxrss}")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run(cmd: list[str], stdout: str | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB, the child's ru_maxrss) of one child process; exits on failure.
+    """Wall seconds and peak RSS (MiB, the command's own ru_maxrss) of one child process; exits on failure.
+
+    The command is started by a small launcher (:data:`_LAUNCH`), which times it from its fork to its exit: its
+    peak RSS is its own, not this process's (about 10 MiB of the launcher's may show in a very small command).
 
     ``stdout``: a file to write the child's standard output to (else it is dropped).
     """
-    t0 = time.perf_counter()
-    with Path(stdout or os.devnull).open("wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 1024
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result"
+        with Path(stdout or os.devnull).open("wb") as sink:
+            done = subprocess.run([sys.executable, "-c", _LAUNCH, str(result), *cmd], stdout=sink)
+        if done.returncode != 0:
+            raise SystemExit(f"failed: {' '.join(cmd)}")
+        wall, maxrss = result.read_text().split()
+    return float(wall), int(maxrss) / 1024
 
 
 REPO = Path(__file__).resolve().parent.parent
