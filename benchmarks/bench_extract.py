@@ -6,7 +6,8 @@ small seeded dense noise (std ``--noise``, default 1e-4, next to update entries 
 written in a different shard layout (4 shards) so the two are matched by tensor name. ``--layers N`` keeps the
 first N decoder layers (with the embeddings, final norm and lm_head) of both, for a quicker run.
 
-Both run as whole processes in the same run; wall time and peak RSS (the child's ru_maxrss) are printed.
+Both run as whole processes in the same run; wall time and peak RSS (the command's own ru_maxrss:
+``_common.run``) are printed.
 
 - ``adapters extract --base BASE --tuned TUNED --rank 64 --json``: randomized SVD (sketch k + p, 2 power
   iterations, seeded) per module, one tensor pair in memory at a time.

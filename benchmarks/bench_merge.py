@@ -2,8 +2,8 @@
 """Merging the r=64 all-linear adapter into the 1.1B-shape bf16 base: `adapters merge` beside `cp -r` and PEFT.
 
 Whole processes in one run, alternated round by round (a first, uncounted round warms the page cache), with wall
-time and peak RSS (the child's ru_maxrss), on the base as generated (3 shards) and on the same base split into
-shards of 500 MB (5 shards):
+time and peak RSS (the command's own ru_maxrss: ``_common.run``), on the base as generated (3 shards) and on the
+same base split into shards of 500 MB (5 shards):
 
 - ``cp -r BASE OUT && sync``: the floor for reading and writing 2.2 GB.
 - ``adapters merge ADAPTER --into BASE -o OUT --json`` (its own fsync included); its ``seconds`` is the merge from

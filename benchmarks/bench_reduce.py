@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Rank reduction of the 1.1B-shape r=64 all-linear adapter to r=16: `adapters reduce` against the dense path.
 
-Both run as whole processes in the same run; wall time and peak RSS (the child's ru_maxrss) are printed.
+Both run as whole processes in the same run; wall time and peak RSS (the command's own ru_maxrss:
+``_common.run``) are printed.
 
 - ``adapters reduce A -o OUT --rank 16``: thin QR of B and Aᵀ + SVD of the 64 x 64 core, per module.
 - dense: what PEFT's ``add_weighted_adapter(..., combination_type="svd", svd_rank=16)`` does per module, forming
