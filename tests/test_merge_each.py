@@ -349,12 +349,14 @@ def test_each_on_cuda_equals_merging_each_adapter_alone_on_cuda(bf16_base, llama
         assert tensor_hashes(r.path) == tensor_hashes(alone.path)
 
 
+@pytest.mark.parametrize("last_merges_more", [True, False])
 def test_each_writes_merged_tensors_from_the_buffers_they_were_merged_in(
-    bf16_base, llama_lora, llama_all_linear, tmp_path, monkeypatch
+    bf16_base, llama_lora, llama_all_linear, tmp_path, monkeypatch, last_merges_more
 ):
     """The shared base tensor is read where its last output writes it from (merged there in place), the other
     outputs merge into their own buffers at their own offsets: every merged tensor is written by the disk from its
-    buffer, the last output's untouched tensors too; the outputs equal plain buffered ones."""
+    buffer, the last output's untouched tensors too (also those an output before it merged); the outputs equal
+    plain buffered ones."""
     from collections import Counter
 
     from adapterhub_cli.merge import direct_io
@@ -372,7 +374,7 @@ def test_each_writes_merged_tensors_from_the_buffers_they_were_merged_in(
 
     monkeypatch.setattr(direct_io.StagedFile, "write_placed", spy_placed)
     monkeypatch.setattr(direct_io.StagedFile, "write_tensor", spy_copied)
-    adapters = [llama_lora, llama_all_linear]
+    adapters = [llama_lora, llama_all_linear] if last_merges_more else [llama_all_linear, llama_lora]
     results = ah.merge_each(adapters, base=bf16_base, out_dir=tmp_path / "each")
     first, last = (Path(a).name for a in adapters)
     assert results[0].merge is not None and results[1].merge is not None

@@ -412,18 +412,21 @@ class _Shared:
     refs: int = 1
     finite: bool | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _tensor: torch.Tensor | None = field(default=None, init=False)
 
     @property
     def raw(self) -> RawTensor | None:
-        """The stored bytes, when read into an unpinned buffer."""
+        """The stored bytes, when read into an unpinned buffer (also once :attr:`tensor` has viewed them)."""
         return self.source if isinstance(self.source, RawTensor) else None
 
     @property
     def tensor(self) -> torch.Tensor:
-        """The tensor (made once from the stored bytes, without a copy: every caller gets the same object)."""
-        if isinstance(self.source, RawTensor):
-            self.source = self.source.tensor()
-        return self.source
+        """The tensor (viewed once from the stored bytes, without a copy: every caller gets the same object)."""
+        if not isinstance(self.source, RawTensor):
+            return self.source
+        if self._tensor is None:
+            self._tensor = self.source.tensor()
+        return self._tensor
 
     def take(self) -> Callable[[], None]:
         with self.lock:
