@@ -283,6 +283,18 @@ def test_a_write_error_in_one_output_leaves_the_others(
         assert tensor_hashes(r.path) == tensor_hashes(alone.path)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_each_on_cuda_without_a_gpu_is_refused_with_nothing_written(bf16_base, llama_lora, llama_rslora, tmp_path):
+    """The device's name is checked at once, whether the GPU is there once torch is in (before any output is
+    written): refused, no output folder, no temporary folder."""
+    out = tmp_path / "each"
+    with pytest.raises(UsageError, match="no CUDA device"):
+        ah.merge_each([llama_lora, llama_rslora], base=bf16_base, out_dir=out, device="cuda")
+    assert not out.exists() and leftovers(tmp_path) == []
+    with pytest.raises(UsageError, match="unknown device"):
+        ah.merge_each([llama_lora], base=bf16_base, out_dir=out, device="cuda-ish")
+
+
 def test_names_are_unique_plain_folder_names(tmp_path, llama_lora):
     bare = tmp_path / "x" / "adapter_model.safetensors"
     named = tmp_path / "y" / "style.safetensors"
