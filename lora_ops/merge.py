@@ -149,7 +149,8 @@ def merge_lora(
             block = (B @ A[:, i:j]).T
         else:
             block = torch.mm(B[i:j], A, out=buffer[: j - i])
-        block = block.mul_(scale)  # PEFT's `* scale`, in the block's own memory
+        if scale != 1.0:  # (x * 1.0 is x, bit for bit: PEFT's default lora_alpha == r skips a pass)
+            block = block.mul_(scale)  # PEFT's `* scale`, in the block's own memory
         if subtract:
             torch.sub(weight[i:j], block.to(weight.dtype), out=out[i:j])
         elif weight.dtype in _HALF and block.dtype == torch.float32 and block.is_contiguous():

@@ -19,7 +19,7 @@ def peft_merge(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, 
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("scale", [2.0, 0.5, 4.0, -1.0, 1.7, 0.25 * 3])
+@pytest.mark.parametrize("scale", [2.0, 0.5, 4.0, -1.0, 1.7, 0.25 * 3, 1.0])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 @pytest.mark.parametrize("d_out", [700, 257])
 def test_blocked_merge_equals_whole_tensor_merge(dtype, scale, fan_in_fan_out, d_out):
