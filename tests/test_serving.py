@@ -112,12 +112,26 @@ def test_vllm_plain_lora_is_clean(llama_lora, llama_base):
     assert _codes(llama_lora, llama_base, "vllm") == {}
 
 
-def test_vllm_refusals(llama_dora, llama_saved_embed, llama_patterns, llama_base, roberta_lora, roberta_base):
+def test_vllm_refusals(
+    llama_dora, llama_saved_embed, llama_patterns, llama_base, roberta_lora, roberta_base, copy_adapter
+):
     assert _codes(llama_dora, llama_base, "vllm")["vllm-dora"] == "error"
     assert _codes(llama_saved_embed, llama_base, "vllm")["vllm-modules-to-save"] == "error"
     assert _codes(llama_patterns, llama_base, "vllm") == {"vllm-pattern-ignored": "warning"}
-    # a classifier head is what vLLM does accept (on a classification model)
-    assert _codes(roberta_lora, roberta_base, "vllm") == {"vllm-classification-head": "info"}
+    # a classifier head is what vLLM does accept (on a classification model); PEFT 0.22 and later also list
+    # pre_classifier in every classification adapter's modules_to_save, which vLLM refuses as written
+    head = copy_adapter(roberta_lora)
+    for listed, want in (
+        (["classifier"], {"vllm-classification-head": "info"}),
+        (["classifier", "score", "pre_classifier"], {"vllm-modules-to-save": "error"}),
+    ):
+        cfg = json.loads((head / "adapter_config.json").read_text())
+        cfg["modules_to_save"] = listed
+        (head / "adapter_config.json").write_text(json.dumps(cfg))
+        assert _codes(head, roberta_base, "vllm") == want
+    report = ah.validate(head, base=roberta_base, target="vllm")
+    (f,) = [f for f in report.findings if f.code == "vllm-modules-to-save"]
+    assert "pre_classifier" in f.message and "remove it from adapter_config.json" in f.message
 
 
 def test_vllm_rank_limit(llama_base, tmp_path):

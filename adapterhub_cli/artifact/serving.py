@@ -421,7 +421,18 @@ def check_vllm(
     bad_saved = sorted({str(n) for n in listed} - _VLLM_SAVED) + [
         n for n in saved + norm if not set(n.split(".")) & _VLLM_SAVED
     ]
-    if bad_saved:
+    unsaved = [n for n in bad_saved if n in listed and not any(n in t.split(".") for t in saved + norm)]
+    if bad_saved and unsaved == bad_saved:
+        # PEFT >= 0.22 lists pre_classifier for every classification adapter, whether or not the model has one
+        add(
+            "vllm-modules-to-save",
+            "error",
+            'vLLM accepts modules_to_save only from ["classifier", "score"]; the config lists '
+            f"{', '.join(unsaved)} (PEFT 0.22 and later list pre_classifier for every classification adapter), "
+            "of which the adapter saved nothing: remove it from adapter_config.json and vLLM loads the adapter",
+            unsaved[0],
+        )
+    elif bad_saved:
         add(
             "vllm-modules-to-save",
             "error",
