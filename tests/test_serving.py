@@ -131,7 +131,7 @@ def test_vllm_refusals(
         assert _codes(head, roberta_base, "vllm") == want
     report = ah.validate(head, base=roberta_base, target="vllm")
     (f,) = [f for f in report.findings if f.code == "vllm-modules-to-save"]
-    assert "pre_classifier" in f.message and "remove it from adapter_config.json" in f.message
+    assert "pre_classifier" in f.message and "remove the entry from adapter_config.json" in f.message
 
 
 def test_vllm_rank_limit(llama_base, tmp_path):

@@ -422,14 +422,18 @@ def check_vllm(
         n for n in saved + norm if not set(n.split(".")) & _VLLM_SAVED
     ]
     unsaved = [n for n in bad_saved if n in listed and not any(n in t.split(".") for t in saved + norm)]
-    if bad_saved and unsaved == bad_saved:
-        # PEFT >= 0.22 lists pre_classifier for every classification adapter, whether or not the model has one
+    if bad_saved and unsaved == bad_saved:  # listed, nothing saved: the list alone is refused
+        why = (  # PEFT >= 0.22 lists it for every classification adapter, whether or not the model has one
+            " (PEFT 0.22 and later list pre_classifier for every classification adapter)"
+            if "pre_classifier" in unsaved
+            else ""
+        )
         add(
             "vllm-modules-to-save",
             "error",
-            'vLLM accepts modules_to_save only from ["classifier", "score"]; the config lists '
-            f"{', '.join(unsaved)} (PEFT 0.22 and later list pre_classifier for every classification adapter), "
-            "of which the adapter saved nothing: remove it from adapter_config.json and vLLM loads the adapter",
+            f'vLLM accepts modules_to_save only from ["classifier", "score"]; the config also lists '
+            f"{', '.join(unsaved)}{why}, for which the adapter saved nothing: vLLM refuses the list as written; "
+            "remove the entry from adapter_config.json",
             unsaved[0],
         )
     elif bad_saved:
