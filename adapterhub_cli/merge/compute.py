@@ -18,6 +18,7 @@ from adapterhub_cli import warmup
 from adapterhub_cli.artifact.adapter import Adapter, LoraModule, conv1d_layer, stored_transposed
 from adapterhub_cli.errors import InvalidAdapterError, UsageError
 from adapterhub_cli.merge.plan import TOKENS_SUFFIX, Contribution, TensorPlan, token_indices
+from adapterhub_cli.merge.shards import damaged_base
 from adapterhub_cli.parallel import default_workers
 
 
@@ -381,11 +382,7 @@ def require_finite(
     if p.replacement is not None:
         touched.append(str(adapters[p.replacement[0]].path))
     if not touched and base_dtype == p.dtype:
-        raise InvalidAdapterError(
-            f"refused to write the merge: the base's tensor {p.name} already holds NaN or inf; nothing was written",
-            module=p.name,
-            hint="the base checkpoint is damaged: download or copy it again",
-        )
+        raise damaged_base(p.name)
     cause = f"the updates of {', '.join(touched)}" if touched else f"conversion to {p.dtype}"
     raise InvalidAdapterError(
         f"refused to write the merge: tensor {p.name} holds NaN or inf after {cause}; nothing was written",

@@ -67,6 +67,7 @@ from adapterhub_cli.merge.shards import (
     _ReadAhead,
     _sync_and_close,
     copy_side_files,
+    damaged_base,
     output_offsets,
     shard_names,
     write_index,
@@ -446,11 +447,7 @@ class _Shared:
         if self.finite is None:
             self.finite = self._finite(name)
         if not self.finite:
-            raise InvalidAdapterError(
-                f"refused to write the merge: the base's tensor {name} already holds NaN or inf; nothing was written",
-                module=name,
-                hint="the base checkpoint is damaged: download or copy it again",
-            )
+            raise damaged_base(name)
 
     def _finite(self, name: str) -> bool:
         raw = self.raw

@@ -121,6 +121,15 @@ class _BaseReader:
 _EXPONENT = {"BF16": ("<u2", 0x7F80), "F16": ("<u2", 0x7C00), "F32": ("<u4", 0x7F800000), "F64": ("<u8", 0x7FF << 52)}
 
 
+def damaged_base(name: str) -> InvalidAdapterError:
+    """The merge's refusal of base tensor ``name`` that already holds NaN or inf (nothing is written)."""
+    return InvalidAdapterError(
+        f"refused to write the merge: the base's tensor {name} already holds NaN or inf; nothing was written",
+        module=name,
+        hint="the base checkpoint is damaged: download or copy it again",
+    )
+
+
 class FiniteCheck:
     """Checks the bytes of one stored floating tensor for NaN / inf as they are copied (:meth:`_BaseReader.copy_raw`),
     without torch: every value whose exponent bits are all set is NaN or inf (numpy, which releases the GIL, so
@@ -158,12 +167,7 @@ class FiniteCheck:
 
         mask = np.array(self.mask, dtype=self.kind)
         if int(np.bitwise_and(values, mask).max()) == self.mask:
-            raise InvalidAdapterError(
-                f"refused to write the merge: the base's tensor {self.key} already holds NaN or inf; "
-                "nothing was written",
-                module=self.key,
-                hint="the base checkpoint is damaged: download or copy it again",
-            )
+            raise damaged_base(self.key)
 
     @staticmethod
     def wanted(dtype: str) -> bool:

@@ -383,9 +383,8 @@ def extract_adapter(
                     why = f"stored as {stored}: extract computes on 16/32/64-bit float weights only"
                     unusable.append(f"{module} ({stored})")
                     warnings.append(
-                        f"{module} is stored as {stored}: extract computes on 16/32/64-bit float weights only (an "
-                        "8-bit or integer checkpoint keeps scales beside its weights); left out: dequantize the "
-                        "checkpoint to bf16 first"
+                        f"{module} is {why} (an 8-bit or integer checkpoint keeps scales beside its weights); left "
+                        "out: dequantize the checkpoint to bf16 first"
                     )
                 changed.append(ChangedTensor(name, shape, float("nan"), "reported", why))
                 continue
